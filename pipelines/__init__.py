@@ -1,0 +1,1 @@
+"""Entry points: the soundshard command and the pipelines it runs."""

@@ -1,0 +1,41 @@
+"""The ``soundshard`` command.
+
+Subcommands:
+    demo      synthesise a small labelled set (with broken files) and run the features pipeline on it
+    features  audio → log-mel windows → Parquet + TFRecord shards
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: soundshard {demo,features} [options]
+
+  demo       synthesise a small labelled dataset and run the pipeline on it (no data needed)
+  features   audio folders/globs/manifests -> log-mel windows -> Parquet + TFRecord shards
+
+Run 'soundshard COMMAND --help' for the options of a command."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``soundshard`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "features":
+        from soundshard.pipelines import features
+
+        return features.run(rest)
+    if command == "demo":
+        from soundshard.pipelines import demo
+
+        return demo.run(rest)
+    print(f"soundshard: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

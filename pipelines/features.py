@@ -1,0 +1,305 @@
+"""Features pipeline: audio folders, globs or manifests → log-mel windows → Parquet + TFRecord.
+
+Local run (FnApiRunner; no network needed)::
+
+    soundshard features --input ../shared/data/esc10/audio \\
+        --manifest ../shared/data/esc10/meta.csv --output out/esc10
+    soundshard features --input 'recordings/**/*.flac' --output out/night \\
+        --config features.toml --direct_num_workers 2
+
+Dataflow (workers need the soundshard package, see ``infra/``)::
+
+    soundshard features --input 'gs://bucket/audio/**/*.flac' --output gs://bucket/features/ \\
+        --runner DataflowRunner --project my-project --region europe-west1 \\
+        --temp_location gs://bucket/tmp --sdk_container_image IMAGE
+
+Output layout (``--output``)::
+
+    dataset.json                       config, fingerprint, label map, counts, run figures
+    dead_letters.parquet               every input that failed: source, stage, reason, message
+    parquet/windows-00000-of-0000N.parquet
+    tfrecord/windows-00000-of-0000N.tfrecord
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+import typing
+import uuid
+from collections.abc import Sequence
+from importlib import metadata
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from soundshard.pipelines import runner as runners
+from soundshard.schemas import fields
+from soundshard.schemas.config import FeatureConfig, load_feature_config
+from soundshard.schemas.errors import ConfigError
+from soundshard.transforms import shards, sources
+from soundshard.transforms.features import ComputeLogMel
+
+_LOG = logging.getLogger(__name__)
+
+
+class FeaturesOptions(PipelineOptions):
+    """Options of ``soundshard features`` (also usable from a Flex Template)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", help="Folder, glob ('**' allowed) or file; local, gs://, s3://...")
+        parser.add_argument("--manifest", help="CSV or Parquet manifest; relative paths resolve against --input.")
+        parser.add_argument("--output", help="Output folder (local or gs://, s3://...).")
+        parser.add_argument("--config", help="Feature config file (TOML or JSON); flags override it.")
+        parser.add_argument(
+            "--format", default="both", choices=("both", "parquet", "tfrecord"), help="Shard formats to write."
+        )
+        parser.add_argument("--num_shards", type=int, default=None, help="Fixed number of shards.")
+        parser.add_argument(
+            "--shard_size_mb", type=float, default=64.0, help="Target shard size when --num_shards is unset."
+        )
+        parser.add_argument("--filename_column", default=None, help="Manifest column with audio paths.")
+        parser.add_argument("--label_column", default=None, help="Manifest label column ('' for none).")
+        parser.add_argument("--fold_column", default=None, help="Manifest fold column ('' for none).")
+        parser.add_argument("--split_column", default=None, help="Manifest split column ('' for none).")
+        parser.add_argument(
+            "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
+        )
+
+
+def _parse_value(text: str, hint) -> typing.Any:
+    args = typing.get_args(hint) or (hint,)
+    if text.lower() in ("none", "null") and type(None) in args:
+        return None
+    for kind in (bool, int, float, str):
+        if kind in args:
+            if kind is bool:
+                if text.lower() in ("true", "1", "yes"):
+                    return True
+                if text.lower() in ("false", "0", "no"):
+                    return False
+                continue
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+    return text
+
+
+def add_feature_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per FeatureConfig field (``--n_mels 40``); given values override ``--config``."""
+    group = parser.add_argument_group("feature config (override --config)")
+    for field in dataclasses.fields(FeatureConfig):
+        group.add_argument(f"--{field.name}", dest=f"feature__{field.name}", default=None, metavar="VALUE")
+
+
+def feature_config_from_args(args: argparse.Namespace) -> FeatureConfig:
+    """The FeatureConfig from ``--config`` and the per-field flags (config errors name the value)."""
+    hints = typing.get_type_hints(FeatureConfig)
+    overrides = {}
+    for field in dataclasses.fields(FeatureConfig):
+        raw = getattr(args, f"feature__{field.name}", None)
+        if raw is not None:
+            overrides[field.name] = _parse_value(raw, hints[field.name])
+    if args.config:
+        return load_feature_config(args.config, **overrides)
+    return FeatureConfig.from_dict(overrides)
+
+
+def make_parser(prog: str = "soundshard features") -> argparse.ArgumentParser:
+    """Argument parser of the features command (Beam flags pass through)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Audio → log-mel windows → Parquet + TFRecord shards. Other flags go to Beam "
+        "(--runner, --direct_num_workers, --project, ...).",
+        allow_abbrev=False,
+    )
+    FeaturesOptions._add_argparse_args(parser)
+    add_feature_flags(parser)
+    parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
+    return parser
+
+
+def list_sources(args: argparse.Namespace) -> sources.SourceListing:
+    """Sources from ``--manifest`` or from listing ``--input``."""
+    if args.manifest:
+        columns = sources.ManifestColumns(
+            filename=args.filename_column, label=args.label_column, fold=args.fold_column, split=args.split_column
+        )
+        return sources.from_manifest(args.manifest, input_uri=args.input, columns=columns)
+    return sources.from_listing(args.input, label_from_parent=args.label_from_parent)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureRun:
+    """Everything ``build`` needs, resolved and validated on the launcher."""
+
+    listing: sources.SourceListing
+    config: FeatureConfig
+    spec: shards.ShardSpec
+    manifest: dict
+    progress_dir: str | None = None
+
+
+def build(p: beam.Pipeline, run: FeatureRun):
+    """Composes the features pipeline on ``p`` (does not run it).
+
+    Returns:
+        dict of PCollections: ``windows`` (WindowBatch), ``dead_letters`` (DeadLetter),
+        ``summaries`` (FileSummary), ``written`` (WrittenShard), ``dataset`` (dataset.json path).
+    """
+    listing = run.listing
+    items = (
+        p
+        | "ListSources" >> beam.Create(listing.items)
+        | "Distribute" >> beam.Reshuffle()
+    )
+    computed = items | "ComputeLogMel" >> ComputeLogMel(run.config, progress_dir=run.progress_dir)
+    listing_dead = p | "ListingDeadLetters" >> beam.Create(listing.dead_letters)
+    dead_letters = (listing_dead, computed.dead_letters) | "AllDeadLetters" >> beam.Flatten()
+    written, n_shards = computed.windows | "WriteShards" >> shards.WriteWindowShards(
+        config=run.config, spec=run.spec, label_map=listing.label_map, extra_columns=listing.extra_columns
+    )
+    dataset = p | "CommitDataset" >> shards.CommitDataset(
+        written=written,
+        n_shards=n_shards,
+        dead_letters=dead_letters,
+        summaries=computed.summaries,
+        config=run.config,
+        spec=run.spec,
+        label_map=listing.label_map,
+        extra_columns=listing.extra_columns,
+        n_inputs=listing.n_inputs,
+        manifest=run.manifest,
+    )
+    return {
+        "windows": computed.windows,
+        "dead_letters": dead_letters,
+        "summaries": computed.summaries,
+        "written": written,
+        "dataset": dataset,
+    }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("soundshard")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def prepare(args: argparse.Namespace) -> FeatureRun:
+    """Validates the arguments and lists the sources (raises ConfigError naming bad values)."""
+    if not args.input:
+        raise ConfigError("--input is required (folder, glob or file)")
+    if not args.output:
+        raise ConfigError("--output is required")
+    if args.num_shards is not None and args.num_shards < 1:
+        raise ConfigError(f"--num_shards={args.num_shards} must be at least 1")
+    if not args.shard_size_mb > 0:
+        raise ConfigError(f"--shard_size_mb={args.shard_size_mb} must be positive")
+    config = feature_config_from_args(args)
+    listing = list_sources(args)
+    if not listing.items and not listing.dead_letters:
+        raise ConfigError(f"no inputs found in --manifest {args.manifest!r}")
+    formats = shards.FORMATS if args.format == "both" else (args.format,)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    spec = shards.ShardSpec(
+        output=args.output.rstrip("/"),
+        formats=formats,
+        num_shards=args.num_shards,
+        shard_size_mb=args.shard_size_mb,
+        run_id=run_id,
+    )
+    manifest = {
+        "schema_version": fields.SCHEMA_VERSION,
+        "feature_fingerprint": config.fingerprint,
+        "feature_config": config.to_dict(),
+        "feature_shape": list(config.feature_shape),
+        "feature_column": fields.FEATURE_COLUMN,
+        "window_s": config.window_s,
+        "window_hop_s": config.window_hop_s,
+        "label_map": listing.label_map,
+        "extra_columns": [fields.EXTRA_PREFIX + c for c in listing.extra_columns],
+        "sources": {"input": args.input, "manifest": args.manifest},
+        "run": {
+            "run_id": run_id,
+            "started_unix_s": time.time(),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "soundshard_version": _version(),
+            "beam_version": beam.__version__,
+        },
+    }
+    return FeatureRun(listing=listing, config=config, spec=spec, manifest=manifest)
+
+
+def read_dataset_json(output: str) -> dict:
+    """Reads ``<output>/dataset.json`` through Beam's FileSystems."""
+    with FileSystems.open(shards.join(output, "dataset.json")) as f:
+        return json.loads(f.read())
+
+
+def summary_text(dataset: dict, output: str) -> str:
+    """A one-screen summary of a finished features run."""
+    fig = dataset["figures"]
+    lines = [
+        f"output           {output}",
+        f"inputs           {fig['inputs']}  processed {fig['files_processed']}  "
+        f"dead letters {fig['dead_letters']}  (all accounted for: {fig['accounted_for']})",
+        f"windows          {fig['windows']}  shape {dataset['feature_shape']}  "
+        f"fingerprint {dataset['feature_fingerprint']}",
+        f"audio            {fig['audio_s']:.1f} s in {fig['wall_s']:.1f} s "
+        f"({fig['speed_x_realtime']}x real time)",
+        f"shards           {len(dataset['shards'].get('parquet', dataset['shards'].get('tfrecord', [])))} "
+        f"per format: {', '.join(k for k in dataset['shards'] if k != 'rows_per_shard')}",
+    ]
+    if dataset["label_map"]:
+        per_label = dataset["counts"]["clips_by_label"]
+        lines.append("clips by label   " + ", ".join(f"{k} {v}" for k, v in per_label.items()))
+    if fig["dead_letters_by_reason"]:
+        lines.append(
+            "dead letters     " + ", ".join(f"{k} {v}" for k, v in fig["dead_letters_by_reason"].items())
+        )
+    return "\n".join(lines)
+
+
+def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard features") -> int:
+    """Runs the features command; returns the exit code.
+
+    Exit codes: 0 when at least one input produced windows; 1 when inputs were found but none
+    succeeded; 2 on a configuration error (nothing is processed).
+    """
+    parser = make_parser(prog)
+    args, beam_args = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        runners.check_beam_args(beam_args)
+        feature_run = prepare(args)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    options = PipelineOptions(beam_args, save_main_session=False)
+    input_bytes = sum(i.size_bytes or 0 for i in feature_run.listing.items)
+    workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
+    local = runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given)
+    if local:
+        with runners.progress(feature_run.listing.n_inputs, label="features") as progress_dir:
+            feature_run = dataclasses.replace(feature_run, progress_dir=progress_dir)
+            with runners.make_pipeline(options, local=True) as p:
+                build(p, feature_run)
+    else:
+        p = runners.make_pipeline(options, local=False)
+        build(p, feature_run)
+        p.run().wait_until_finish()
+    dataset = read_dataset_json(feature_run.spec.output)
+    print(summary_text(dataset, feature_run.spec.output))
+    if dataset["figures"]["files_processed"] == 0:
+        print(f"{prog}: error: no input could be processed; see dead_letters.parquet", file=sys.stderr)
+        return 1
+    return 0

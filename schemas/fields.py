@@ -1,0 +1,210 @@
+"""The window table, declared once: Arrow schema, TFRecord spec and readers come from FIELDS.
+
+Each row is one analysis window. Feature arrays are stored flat (row-major ``[n_mels, n_frames]``)
+as an Arrow fixed-size list / a TFRecord float list of ``n_mels * n_frames`` values; the shape is
+in the schema metadata and in ``dataset.json``, and the readers here reshape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from soundshard.schemas import tfexample
+from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.records import WindowBatch
+
+#: Version of the window table layout; bumped on any incompatible change.
+SCHEMA_VERSION = 1
+#: Prefix of columns copied from the manifest.
+EXTRA_PREFIX = "meta_"
+FEATURE_COLUMN = "log_mel"
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One column: ``kind`` is ``string``, ``int32``, ``int64``, ``float64`` or ``features``."""
+
+    name: str
+    kind: str
+    nullable: bool
+    doc: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("clip_id", "string", False, "Clip id: path relative to the input root, no extension."),
+    Field("source_uri", "string", False, "Path or URL of the audio file."),
+    Field("window_index", "int32", False, "Index of the window within its recording."),
+    Field("start_s", "float64", False, "Window start, seconds from the recording start."),
+    Field("end_s", "float64", False, "Window end, seconds from the recording start."),
+    Field("label", "string", True, "Class name (clip label copied to each window), or null."),
+    Field("label_index", "int32", False, "Index of label in dataset.json's label map; -1 if none."),
+    Field("fold", "int32", True, "Predefined fold, or null (-1 in TFRecords)."),
+    Field("split", "string", True, "Predefined split, or null (empty in TFRecords)."),
+    Field(FEATURE_COLUMN, "features", False, "Log-mel window, flat row-major [n_mels, n_frames]."),
+    Field("feature_fingerprint", "string", False, "FeatureConfig.fingerprint of the features."),
+)
+
+_ARROW_TYPES = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+}
+
+
+def extra_fields(extra_columns: Sequence[str]) -> tuple[Field, ...]:
+    """Fields for manifest columns kept as strings (``meta_<name>``)."""
+    return tuple(
+        Field(EXTRA_PREFIX + name, "string", True, f"Manifest column {name!r}.") for name in extra_columns
+    )
+
+
+def arrow_schema(config: FeatureConfig, extra_columns: Sequence[str] = ()) -> pa.Schema:
+    """Arrow schema of the window table for ``config`` (feature size fixed by the config)."""
+    n_values = config.n_mels * config.window_frames
+    columns = []
+    for field in FIELDS + extra_fields(extra_columns):
+        if field.kind == "features":
+            arrow_type = pa.list_(pa.float32(), n_values)
+        else:
+            arrow_type = _ARROW_TYPES[field.kind]
+        columns.append(pa.field(field.name, arrow_type, nullable=field.nullable))
+    metadata = {
+        "soundshard.schema_version": str(SCHEMA_VERSION),
+        "soundshard.feature_shape": json.dumps(list(config.feature_shape)),
+        "soundshard.feature_fingerprint": config.fingerprint,
+    }
+    return pa.schema(columns, metadata=metadata)
+
+
+def tf_feature_spec(config: FeatureConfig, extra_columns: Sequence[str] = ()) -> dict:
+    """``tf.io.parse_example`` spec for the TFRecord shards (imports TensorFlow)."""
+    import tensorflow as tf
+
+    spec = {}
+    for field in FIELDS + extra_fields(extra_columns):
+        if field.kind == "features":
+            spec[field.name] = tf.io.FixedLenFeature([config.n_mels * config.window_frames], tf.float32)
+        elif field.kind == "string":
+            spec[field.name] = tf.io.FixedLenFeature([], tf.string, default_value="")
+        elif field.kind in ("int32", "int64"):
+            spec[field.name] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+        else:
+            spec[field.name] = tf.io.FixedLenFeature([], tf.float32)
+    return spec
+
+
+def batch_to_table(
+    batch: WindowBatch,
+    *,
+    config: FeatureConfig,
+    label_map: dict[str, int],
+    extra_columns: Sequence[str] = (),
+) -> pa.Table:
+    """Arrow table (one row per window) of a :class:`WindowBatch`, in :func:`arrow_schema`."""
+    n = batch.n_windows
+    source = batch.source
+    extras = dict(source.extra)
+    flat = pa.array(batch.features.reshape(-1), type=pa.float32())
+    columns = {
+        "clip_id": pa.array([source.clip_id] * n, pa.string()),
+        "source_uri": pa.array([source.uri] * n, pa.string()),
+        "window_index": pa.array(np.arange(n, dtype=np.int32) + batch.first_window_index),
+        "start_s": pa.array(batch.start_s, pa.float64()),
+        "end_s": pa.array(batch.end_s, pa.float64()),
+        "label": pa.array([source.label] * n, pa.string()),
+        "label_index": pa.array(
+            np.full(n, label_map.get(source.label, -1) if source.label is not None else -1, np.int32)
+        ),
+        "fold": pa.array([source.fold] * n, pa.int32()),
+        "split": pa.array([source.split] * n, pa.string()),
+        FEATURE_COLUMN: pa.FixedSizeListArray.from_arrays(flat, config.n_mels * config.window_frames),
+        "feature_fingerprint": pa.array([config.fingerprint] * n, pa.string()),
+    }
+    for name in extra_columns:
+        columns[EXTRA_PREFIX + name] = pa.array([extras.get(name)] * n, pa.string())
+    schema = arrow_schema(config, extra_columns)
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def table_to_examples(table: pa.Table) -> Iterator[bytes]:
+    """Serialised ``tf.train.Example`` per row of a window table (nulls are left out)."""
+    kinds = {f.name: f.kind for f in FIELDS}
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if kinds.get(name) == "features":
+            width = column.type.list_size
+            columns[name] = column.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+        else:
+            columns[name] = column.to_pylist()
+    for row in range(table.num_rows):
+        encoded = {}
+        for name, values in columns.items():
+            kind = kinds.get(name, "string")
+            if kind == "features":
+                encoded[name] = tfexample.float_feature(values[row])
+                continue
+            value = values[row]
+            if value is None:
+                continue
+            if kind == "string":
+                encoded[name] = tfexample.bytes_feature([value.encode()])
+            elif kind in ("int32", "int64"):
+                encoded[name] = tfexample.int64_feature([value])
+            else:
+                encoded[name] = tfexample.float_feature(np.asarray([value]))
+        yield tfexample.encode_example(encoded)
+
+
+def feature_shape_of(schema: pa.Schema) -> tuple[int, int]:
+    """``(n_mels, n_frames)`` recorded in a window table's schema metadata."""
+    raw = (schema.metadata or {}).get(b"soundshard.feature_shape")
+    if raw is None:
+        raise ValueError("schema has no soundshard.feature_shape metadata: not a soundshard shard")
+    n_mels, n_frames = json.loads(raw)
+    return int(n_mels), int(n_frames)
+
+
+def read_parquet_windows(paths: str | Sequence[str]) -> tuple[pa.Table, np.ndarray]:
+    """Reads Parquet window shards.
+
+    Args:
+        paths: One shard path or several (local or any pyarrow filesystem URI).
+
+    Returns:
+        ``(table, features)``: the table without the feature column, and float32
+        ``[n_rows, n_mels, n_frames]`` features in the same row order.
+    """
+    import pyarrow.parquet as pq
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    tables = [pq.read_table(p) for p in paths]
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    n_mels, n_frames = feature_shape_of(tables[0].schema)
+    values = table.column(FEATURE_COLUMN).combine_chunks().values.to_numpy(zero_copy_only=False)
+    features = values.reshape(table.num_rows, n_mels, n_frames)
+    return table.drop_columns([FEATURE_COLUMN]), features
+
+
+def tfrecord_dataset(
+    paths: str | Sequence[str], config: FeatureConfig, extra_columns: Sequence[str] = ()
+):
+    """``tf.data.Dataset`` of parsed windows; ``log_mel`` is reshaped to ``[n_mels, n_frames]``."""
+    import tensorflow as tf
+
+    spec = tf_feature_spec(config, extra_columns)
+    shape = list(config.feature_shape)
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, spec)
+        example[FEATURE_COLUMN] = tf.reshape(example[FEATURE_COLUMN], shape)
+        return example
+
+    files = [paths] if isinstance(paths, str) else list(paths)
+    return tf.data.TFRecordDataset(files).map(parse)

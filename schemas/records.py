@@ -1,0 +1,99 @@
+"""Elements that flow between pipeline stages (frozen dataclasses)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceItem:
+    """One input recording and what the source listing or manifest says about it.
+
+    Attributes:
+        uri: Local path or fsspec URL of the audio file.
+        clip_id: Stable identifier, unique within a run (path relative to the input root, without
+            extension).
+        label: Class name, or ``None`` when unlabelled.
+        fold: Predefined cross-validation fold, or ``None``.
+        split: Predefined split name (``train``/``test``/...), or ``None``.
+        extra: Other manifest columns as ``(name, value)`` string pairs, in manifest order.
+        size_bytes: File size from the listing, when known.
+    """
+
+    uri: str
+    clip_id: str
+    label: str | None = None
+    fold: int | None = None
+    split: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()
+    size_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """An input that could not be processed, and why.
+
+    Attributes:
+        source_uri: The input (file path or URL; manifest location for bad manifest rows).
+        clip_id: Its clip id when known.
+        stage: Pipeline stage that failed (``source``, ``manifest``, ``decode``, ``features``).
+        reason: snake_case reason, also the name of the Beam counter that counts it.
+        error_type: Exception class name.
+        message: Human-readable message naming the offending value.
+    """
+
+    source_uri: str
+    clip_id: str | None
+    stage: str
+    reason: str
+    error_type: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WindowBatch:
+    """All analysis windows of one work unit, as arrays.
+
+    Attributes:
+        source: The recording the windows come from.
+        features: float32 ``[n_windows, n_mels, n_frames]``.
+        start_s: float64 ``[n_windows]`` window starts, seconds from the recording start.
+        end_s: float64 ``[n_windows]`` window ends.
+        first_window_index: Index of the first window within the recording.
+    """
+
+    source: SourceItem
+    features: np.ndarray
+    start_s: np.ndarray
+    end_s: np.ndarray
+    first_window_index: int = 0
+
+    @property
+    def n_windows(self) -> int:
+        """Number of windows in the batch."""
+        return int(self.features.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSummary:
+    """What one successfully processed recording contributed (for the run's figures).
+
+    Attributes:
+        clip_id: Clip id.
+        label: Label or ``None``.
+        fold: Fold or ``None``.
+        split: Split or ``None``.
+        n_windows: Windows written.
+        duration_s: Decoded duration in seconds.
+        silent: True when every sample is exactly zero (digital silence).
+    """
+
+    clip_id: str
+    label: str | None
+    fold: int | None
+    split: str | None
+    n_windows: int
+    duration_s: float
+    silent: bool

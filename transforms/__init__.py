@@ -1,0 +1,1 @@
+"""How data flows: pure numpy steps and the Beam transforms that adapt them."""

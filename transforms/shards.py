@@ -1,0 +1,338 @@
+"""Beam layer that writes window shards (Parquet, TFRecord), dead letters and dataset.json.
+
+Shards are assigned by a stable hash of the clip id, so which rows land in which shard, and in
+what order, does not depend on the runner or the number of workers. Every file is first written
+under ``<output>/_tmp-<run_id>/`` and moved into place by a single commit step that runs after all
+shards exist; ``dataset.json`` is written last and marks a complete dataset.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import math
+import time
+import zlib
+from collections.abc import Sequence
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from soundshard.schemas import fields
+from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.records import DeadLetter, FileSummary, WindowBatch
+from soundshard.schemas.tfexample import tfrecord_frame
+
+FORMATS = ("parquet", "tfrecord")
+_SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
+_ROW_GROUP_BYTES = 32 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """Where and how shards are written.
+
+    Attributes:
+        output: Output folder (local path or a Beam filesystem URI such as ``gs://...``).
+        formats: Subset of ``("parquet", "tfrecord")``.
+        num_shards: Fixed shard count, or ``None`` to derive it from ``shard_size_mb``.
+        shard_size_mb: Target size of one shard in MB (feature bytes) when ``num_shards`` is None.
+        run_id: Unique id of this run; names the temporary folder.
+    """
+
+    output: str
+    formats: tuple[str, ...] = FORMATS
+    num_shards: int | None = None
+    shard_size_mb: float = 64.0
+    run_id: str = "run"
+
+    @property
+    def temp_dir(self) -> str:
+        """Folder for files not yet committed."""
+        return join(self.output, f"_tmp-{self.run_id}")
+
+    def shard_name(self, fmt: str, index: int, n_shards: int) -> str:
+        """Relative path of one shard, e.g. ``parquet/windows-00000-of-00004.parquet``."""
+        return f"{fmt}/windows-{index:05d}-of-{n_shards:05d}{_SUFFIX[fmt]}"
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins path parts with ``/`` for local paths and URLs alike."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def shard_count(total_windows: int, *, config: FeatureConfig, spec: ShardSpec) -> int:
+    """Number of shards: ``spec.num_shards``, or enough to keep shards near the target size."""
+    if spec.num_shards:
+        return spec.num_shards
+    window_bytes = 4 * config.n_mels * config.window_frames + 200
+    return max(1, math.ceil(total_windows * window_bytes / (spec.shard_size_mb * 2**20)))
+
+
+def shard_of(clip_id: str, n_shards: int) -> int:
+    """Stable shard index of a clip (CRC32 of its id; same on every worker and run)."""
+    return zlib.crc32(clip_id.encode()) % n_shards
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through Beam's FileSystems (local, gs://, s3://...)."""
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    rows_per_group = max(1, _ROW_GROUP_BYTES // max(1, table.nbytes // max(1, table.num_rows)))
+    sink = io.BytesIO()
+    pq.write_table(table, sink, row_group_size=rows_per_group)
+    return sink.getvalue()
+
+
+def _records_bytes(table: pa.Table) -> bytes:
+    return b"".join(tfrecord_frame(example) for example in fields.table_to_examples(table))
+
+
+@dataclasses.dataclass(frozen=True)
+class WrittenShard:
+    """A shard written to the temporary folder, waiting for the commit."""
+
+    fmt: str
+    index: int
+    n_shards: int
+    temp_path: str
+    rows: int
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, *, config, spec, label_map, extra_columns):
+        self._config = config
+        self._spec = spec
+        self._label_map = label_map
+        self._extra_columns = tuple(extra_columns)
+
+    def process(self, keyed, n_shards):
+        index, batches = keyed
+        ordered = sorted(batches, key=lambda b: (b.source.clip_id, b.first_window_index))
+        table = pa.concat_tables(
+            fields.batch_to_table(
+                b, config=self._config, label_map=self._label_map, extra_columns=self._extra_columns
+            )
+            for b in ordered
+        )
+        for fmt in self._spec.formats:
+            yield _write_shard(self._spec, fmt, index, n_shards, table)
+
+
+def _write_shard(spec: ShardSpec, fmt: str, index: int, n_shards: int, table: pa.Table) -> WrittenShard:
+    temp_path = join(spec.temp_dir, spec.shard_name(fmt, index, n_shards))
+    write_bytes(temp_path, _table_bytes(table) if fmt == "parquet" else _records_bytes(table))
+    return WrittenShard(fmt, index, n_shards, temp_path, table.num_rows)
+
+
+class WriteWindowShards(beam.PTransform):
+    """WindowBatches → shards in the temporary folder.
+
+    ``expand`` returns ``(written, n_shards)``: a PCollection of :class:`WrittenShard` and a
+    one-element PCollection with the shard count.
+
+    Args:
+        config: Feature configuration of the batches.
+        spec: Output folder, formats and sharding.
+        label_map: Label name to index.
+        extra_columns: Manifest columns copied into each row.
+    """
+
+    def __init__(self, *, config: FeatureConfig, spec: ShardSpec, label_map, extra_columns=()):
+        super().__init__()
+        self._config = config
+        self._spec = spec
+        self._label_map = dict(label_map)
+        self._extra_columns = tuple(extra_columns)
+
+    def expand(self, batches):
+        config, spec = self._config, self._spec
+        n_shards = (
+            batches
+            | "CountWindows" >> beam.Map(lambda b: b.n_windows)
+            | "TotalWindows" >> beam.CombineGlobally(sum)
+            | "ShardCount" >> beam.Map(lambda total: shard_count(total, config=config, spec=spec))
+        )
+        n_side = beam.pvalue.AsSingleton(n_shards)
+        written = (
+            batches
+            | "AssignShard" >> beam.Map(lambda b, n: (shard_of(b.source.clip_id, n), b), n=n_side)
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard"
+            >> beam.ParDo(
+                _WriteShardFn(
+                    config=config, spec=spec, label_map=self._label_map, extra_columns=self._extra_columns
+                ),
+                n_shards=n_side,
+            )
+        )
+        return written, n_shards
+
+
+def summarize(
+    summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLetter], *, n_inputs: int
+) -> dict:
+    """Counts per label and fold and the run's figures (files, windows, audio seconds)."""
+    windows_by_label = collections.Counter()
+    clips_by_label = collections.Counter()
+    windows_by_fold = collections.Counter()
+    clips_by_fold = collections.Counter()
+    clips_by_split = collections.Counter()
+    for s in summaries:
+        label = s.label if s.label is not None else "<none>"
+        fold = str(s.fold) if s.fold is not None else "<none>"
+        windows_by_label[label] += s.n_windows
+        clips_by_label[label] += 1
+        windows_by_fold[fold] += s.n_windows
+        clips_by_fold[fold] += 1
+        if s.split is not None:
+            clips_by_split[s.split] += 1
+    by_reason = collections.Counter(d.reason for d in dead_letters)
+    return {
+        "counts": {
+            "clips_by_label": dict(sorted(clips_by_label.items())),
+            "windows_by_label": dict(sorted(windows_by_label.items())),
+            "clips_by_fold": dict(sorted(clips_by_fold.items())),
+            "windows_by_fold": dict(sorted(windows_by_fold.items())),
+            "clips_by_split": dict(sorted(clips_by_split.items())),
+        },
+        "figures": {
+            "inputs": n_inputs,
+            "files_processed": len(summaries),
+            "dead_letters": len(dead_letters),
+            "dead_letters_by_reason": dict(sorted(by_reason.items())),
+            "accounted_for": len(summaries) + len(dead_letters) == n_inputs,
+            "windows": sum(s.n_windows for s in summaries),
+            "audio_s": round(sum(s.duration_s for s in summaries), 3),
+            "digital_silence_files": sum(1 for s in summaries if s.silent),
+        },
+    }
+
+
+_DEAD_LETTER_SCHEMA = pa.schema(
+    [
+        pa.field(f.name, pa.string(), nullable=(f.name == "clip_id"))
+        for f in dataclasses.fields(DeadLetter)
+    ]
+)
+
+
+def dead_letter_table(dead_letters: Sequence[DeadLetter]) -> pa.Table:
+    """Dead letters as an Arrow table sorted by source (columns as in :class:`DeadLetter`)."""
+    rows = sorted((dataclasses.asdict(d) for d in dead_letters), key=lambda r: (r["source_uri"], r["stage"]))
+    return pa.Table.from_pylist(rows, schema=_DEAD_LETTER_SCHEMA)
+
+
+class _CommitFn(beam.DoFn):
+    def __init__(self, *, config, spec, label_map, extra_columns, n_inputs, manifest):
+        self._config = config
+        self._spec = spec
+        self._label_map = label_map
+        self._extra_columns = tuple(extra_columns)
+        self._n_inputs = n_inputs
+        self._manifest = manifest
+
+    def process(self, _, written, dead_letters, summaries, n_shards):
+        spec, config = self._spec, self._config
+        present = {(w.fmt, w.index) for w in written}
+        moves = [(w.temp_path, join(spec.output, spec.shard_name(w.fmt, w.index, n_shards))) for w in written]
+        rows = {w.index: w.rows for w in written}
+        empty = pa.Table.from_batches([], schema=fields.arrow_schema(config, self._extra_columns))
+        for fmt in spec.formats:
+            for index in range(n_shards):
+                if (fmt, index) not in present:  # keep the names complete: 00000..N-1 of N
+                    shard = _write_shard(spec, fmt, index, n_shards, empty)
+                    moves.append((shard.temp_path, join(spec.output, spec.shard_name(fmt, index, n_shards))))
+        dead_path = join(spec.temp_dir, "dead_letters.parquet")
+        write_bytes(dead_path, _table_bytes(dead_letter_table(dead_letters)))
+        moves.append((dead_path, join(spec.output, "dead_letters.parquet")))
+
+        finals = {dst for _, dst in moves}
+        for fmt in FORMATS:  # shards of an earlier run into the same folder must not mix in
+            stale = [m.path for m in _match(join(spec.output, fmt, "windows-*")) if m.path not in finals]
+            if stale:
+                FileSystems.delete(stale)
+        for folder in {dst.rsplit("/", 1)[0] for _, dst in moves}:
+            if not FileSystems.exists(folder):
+                FileSystems.mkdirs(folder)
+        existing = [dst for _, dst in moves if FileSystems.exists(dst)]
+        if existing:
+            FileSystems.delete(existing)
+        FileSystems.rename([src for src, _ in moves], [dst for _, dst in moves])
+
+        manifest = dict(self._manifest)
+        manifest.update(summarize(summaries, dead_letters, n_inputs=self._n_inputs))
+        figures = manifest["figures"]
+        wall_s = time.time() - manifest["run"]["started_unix_s"]
+        figures["wall_s"] = round(wall_s, 3)
+        figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
+        figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
+        manifest["shards"] = {
+            fmt: [spec.shard_name(fmt, i, n_shards) for i in range(n_shards)] for fmt in spec.formats
+        }
+        manifest["shards"]["rows_per_shard"] = [rows.get(i, 0) for i in range(n_shards)]
+        manifest["dead_letters_file"] = "dead_letters.parquet"
+        json_path = join(spec.temp_dir, "dataset.json")
+        write_bytes(json_path, json.dumps(manifest, indent=2, sort_keys=False).encode())
+        final_json = join(spec.output, "dataset.json")
+        if FileSystems.exists(final_json):
+            FileSystems.delete([final_json])
+        FileSystems.rename([json_path], [final_json])
+        FileSystems.delete([spec.temp_dir])
+        yield final_json
+
+
+def _match(pattern: str):
+    result = FileSystems.match([pattern])[0]
+    return result.metadata_list
+
+
+class CommitDataset(beam.PTransform):
+    """Moves shards and dead letters into place and writes ``dataset.json`` (runs once, last).
+
+    Applied to the pipeline root; takes the written shards, dead letters, summaries and shard
+    count as side inputs so that it runs only after all of them are complete. Returns a
+    PCollection with the path of ``dataset.json``.
+
+    Args:
+        written: PCollection of :class:`WrittenShard`.
+        n_shards: One-element PCollection with the shard count.
+        dead_letters: PCollection of :class:`DeadLetter`.
+        summaries: PCollection of :class:`FileSummary`.
+        config, spec, label_map, extra_columns: As for :class:`WriteWindowShards`.
+        n_inputs: Inputs seen by the listing (for the accounting check).
+        manifest: dataset.json fields known at launch (config, sources, run info); its
+            ``run.started_unix_s`` is used for the wall time.
+    """
+
+    def __init__(self, *, written, n_shards, dead_letters, summaries, config, spec, label_map,
+                 extra_columns, n_inputs, manifest):
+        super().__init__()
+        self._written = written
+        self._n_shards = n_shards
+        self._dead_letters = dead_letters
+        self._summaries = summaries
+        self._args = dict(config=config, spec=spec, label_map=dict(label_map),
+                          extra_columns=tuple(extra_columns), n_inputs=n_inputs, manifest=manifest)
+
+    def expand(self, root):
+        return (
+            root
+            | "CommitTrigger" >> beam.Create([None])
+            | "Commit"
+            >> beam.ParDo(
+                _CommitFn(**self._args),
+                written=beam.pvalue.AsList(self._written),
+                dead_letters=beam.pvalue.AsList(self._dead_letters),
+                summaries=beam.pvalue.AsList(self._summaries),
+                n_shards=beam.pvalue.AsSingleton(self._n_shards),
+            )
+        )

@@ -1,0 +1,277 @@
+"""Input listing: folders, globs and manifests become SourceItems and dead letters (no Beam).
+
+Listing runs once on the launcher (one recursive listing per input root, not one request per
+file); decoding and header probing happen on the workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from collections.abc import Sequence
+
+import fsspec
+import pyarrow as pa
+
+from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.records import DeadLetter, SourceItem
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".opus")
+_GLOB_CHARS = "*?["
+FILENAME_CANDIDATES = ("filename", "slice_file_name", "file", "path")
+LABEL_CANDIDATES = ("label", "category", "class")
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestColumns:
+    """Manifest column names; ``None`` picks the first present of the usual names.
+
+    Attributes:
+        filename: Column with the audio path (default: ``filename``, ``slice_file_name``, ...).
+        label: Label column (default: ``label``, ``category``, ``class``); ``""`` for none.
+        fold: Fold column (default ``fold`` when present); ``""`` for none.
+        split: Split column (default ``split`` when present); ``""`` for none.
+    """
+
+    filename: str | None = None
+    label: str | None = None
+    fold: str | None = None
+    split: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceListing:
+    """What the launcher found: inputs to process, inputs already failed, labels.
+
+    Attributes:
+        items: Inputs to decode.
+        dead_letters: Inputs rejected while listing (missing file, empty label, ...).
+        extra_columns: Manifest columns copied to every window as ``meta_<name>``.
+        label_map: Label name to index, sorted by name, over every labelled input.
+    """
+
+    items: tuple[SourceItem, ...]
+    dead_letters: tuple[DeadLetter, ...]
+    extra_columns: tuple[str, ...]
+    label_map: dict[str, int]
+
+    @property
+    def n_inputs(self) -> int:
+        """Every input seen: to process plus already dead-lettered."""
+        return len(self.items) + len(self.dead_letters)
+
+
+def _fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Full URI of a path returned by an fsspec listing (plain path for local files)."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol in ("file", "local"):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _is_audio(path: str, extensions: Sequence[str]) -> bool:
+    return path.lower().endswith(tuple(extensions))
+
+
+def list_audio(input_uri: str, *, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> dict[str, int | None]:
+    """Audio files under a folder, matching a glob (``**`` allowed), or a single file.
+
+    Returns:
+        ``{uri: size_bytes}`` sorted by URI.
+
+    Raises:
+        ConfigError: when the input does not exist.
+    """
+    fs, path = _fs_and_path(input_uri)
+    if any(ch in path for ch in _GLOB_CHARS):
+        found = fs.glob(path, detail=True)
+        entries = {p: info for p, info in found.items() if info.get("type") != "directory"}
+    elif fs.isdir(path):
+        entries = fs.find(path, detail=True)
+    elif fs.exists(path):
+        entries = {path: fs.info(path)}
+        extensions = ()  # an explicitly named file is taken whatever its extension
+    else:
+        raise ConfigError(f"--input {input_uri!r} does not exist")
+    return {
+        _unstrip(fs, p): info.get("size")
+        for p, info in sorted(entries.items())
+        if not extensions or _is_audio(p, extensions)
+    }
+
+
+def input_root(input_uri: str) -> str:
+    """The folder clip ids are relative to: the input folder, or a glob's fixed prefix."""
+    fs, path = _fs_and_path(input_uri)
+    if any(ch in path for ch in _GLOB_CHARS):
+        head = path
+        while any(ch in head for ch in _GLOB_CHARS):
+            head = posixpath.dirname(head)
+        return _unstrip(fs, head)
+    if fs.isdir(path):
+        return _unstrip(fs, path.rstrip("/"))
+    return _unstrip(fs, posixpath.dirname(path))
+
+
+def clip_id_for(uri: str, root: str) -> str:
+    """Path of ``uri`` relative to ``root``, without extension (``uri``'s stem if outside)."""
+    prefix = root.rstrip("/") + "/"
+    relative = uri[len(prefix) :] if uri.startswith(prefix) else posixpath.basename(uri)
+    stem, _ = posixpath.splitext(relative)
+    return stem
+
+
+def from_listing(input_uri: str, *, label_from_parent: bool = False) -> SourceListing:
+    """Sources for every audio file under ``input_uri``; labels from parent folders if asked."""
+    files = list_audio(input_uri)
+    if not files:
+        raise ConfigError(
+            f"--input {input_uri!r} matched no audio files (extensions {', '.join(AUDIO_EXTENSIONS)})"
+        )
+    root = input_root(input_uri)
+    items = []
+    for uri, size in files.items():
+        label = posixpath.basename(posixpath.dirname(uri)) if label_from_parent else None
+        items.append(SourceItem(uri=uri, clip_id=clip_id_for(uri, root), label=label, size_bytes=size))
+    return SourceListing(tuple(items), (), (), _label_map(i.label for i in items))
+
+
+def read_table(path: str) -> pa.Table:
+    """A manifest (CSV or Parquet) with every column as strings.
+
+    Raises:
+        ConfigError: missing or unreadable manifest.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            if path.lower().endswith(".parquet"):
+                table = pq.read_table(f)
+            else:
+                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--manifest {path!r} does not exist") from exc
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--manifest {path!r} cannot be read as CSV/Parquet: {exc}") from exc
+    return pa.table({name: pc.cast(table.column(name), pa.string()) for name in table.column_names})
+
+
+def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str | None:
+    if wanted == "":
+        return None
+    if wanted is not None:
+        if wanted not in columns:
+            raise ConfigError(f"--{what}_column {wanted!r} is not a manifest column; columns: {list(columns)}")
+        return wanted
+    return next((c for c in candidates if c in columns), None)
+
+
+def from_manifest(
+    manifest_uri: str,
+    *,
+    input_uri: str,
+    columns: ManifestColumns = ManifestColumns(),
+) -> SourceListing:
+    """Sources for each manifest row; bad rows become dead letters, never silent drops.
+
+    Relative paths resolve against ``input_uri``; a path not found there is looked up by file name
+    anywhere under it (UrbanSound8K keeps ``fold*/`` folders out of its manifest).
+
+    Raises:
+        ConfigError: unreadable manifest, no filename column, unknown column names.
+    """
+    table = read_table(manifest_uri)
+    names = table.column_names
+    filename_col = _pick(names, columns.filename, FILENAME_CANDIDATES, "filename")
+    if filename_col is None:
+        raise ConfigError(
+            f"--manifest {manifest_uri!r} has no filename column (looked for {FILENAME_CANDIDATES}); "
+            f"columns: {names}; set --filename_column"
+        )
+    label_col = _pick(names, columns.label, LABEL_CANDIDATES, "label")
+    fold_col = _pick(names, columns.fold, ("fold",), "fold")
+    split_col = _pick(names, columns.split, ("split",), "split")
+    used = {filename_col, label_col, fold_col, split_col}
+    extra_columns = tuple(n for n in names if n not in used)
+
+    root = input_uri.rstrip("/")
+    listed = list_audio(root, extensions=()) if _fs_and_path(root)[0].isdir(_fs_and_path(root)[1]) else {}
+    by_name: dict[str, list[str]] = {}
+    for uri in listed:
+        by_name.setdefault(posixpath.basename(uri), []).append(uri)
+
+    items: list[SourceItem] = []
+    dead: list[DeadLetter] = []
+    seen: set[str] = set()
+    all_labels = []
+    for row_number, row in enumerate(table.to_pylist(), start=2):  # line 1 is the header
+        where = f"{manifest_uri}:{row_number}"
+        filename = (row[filename_col] or "").strip()
+
+        def reject(reason: str, message: str, *, stage: str = "manifest", uri: str = where, clip=None):
+            dead.append(DeadLetter(uri, clip, stage, reason, "SourceError", message))
+
+        if not filename:
+            reject("empty_filename", f"row {row_number}: column {filename_col!r} is empty")
+            continue
+        uri = filename if "://" in filename or posixpath.isabs(filename) else f"{root}/{filename}"
+        clip_id = clip_id_for(uri, root)
+        if uri not in listed:
+            matches = by_name.get(posixpath.basename(filename), [])
+            if len(matches) == 1:
+                uri = matches[0]
+                clip_id = clip_id_for(uri, root)
+            elif not _exists(uri):
+                reject("missing_file", f"row {row_number}: file {filename!r} not found under {root!r}",
+                       stage="source", uri=uri, clip=clip_id)
+                continue
+        if clip_id in seen:
+            reject("duplicate_row", f"row {row_number}: {filename!r} is listed more than once", uri=uri,
+                   clip=clip_id)
+            continue
+        label = (row[label_col] or "").strip() if label_col else None
+        if label_col and not label:
+            reject("empty_label", f"row {row_number}: {filename!r} has an empty {label_col!r}", uri=uri,
+                   clip=clip_id)
+            continue
+        fold = None
+        if fold_col and (row[fold_col] or "").strip():
+            try:
+                fold = int(row[fold_col])
+            except ValueError:
+                reject("bad_fold", f"row {row_number}: {fold_col}={row[fold_col]!r} is not an integer",
+                       uri=uri, clip=clip_id)
+                continue
+        split = (row[split_col] or "").strip() or None if split_col else None
+        extra = tuple((c, row[c]) for c in extra_columns if row[c] is not None)
+        seen.add(clip_id)
+        all_labels.append(label)
+        items.append(SourceItem(uri, clip_id, label or None, fold, split, extra, listed.get(uri)))
+    return SourceListing(tuple(items), tuple(dead), extra_columns, _label_map(all_labels))
+
+
+def _exists(uri: str) -> bool:
+    fs, path = _fs_and_path(uri)
+    try:
+        return fs.isfile(path)
+    except OSError:
+        return False
+
+
+def _label_map(labels) -> dict[str, int]:
+    return {name: i for i, name in enumerate(sorted({lab for lab in labels if lab}))}
+
+
+def open_source(uri: str):
+    """Opens an input for reading: a local path as is, a URL through fsspec (read-ahead cache)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    return fsspec.open(uri, "rb", cache_type="readahead", block_size=4 * 2**20).open()
