@@ -274,7 +274,6 @@ def _check_values(c: FeatureConfig) -> None:
 
 
 def _empty_mel_bands(c: FeatureConfig) -> list[int]:
-    from soundshard.transforms.melspec import mel_filterbank
+    from soundshard.transforms.melspec import empty_mel_bands
 
-    bank = mel_filterbank(c)
-    return [int(i) for i in (bank.max(axis=1) <= 0).nonzero()[0]]
+    return empty_mel_bands(c)

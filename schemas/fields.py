@@ -135,31 +135,36 @@ def batch_to_table(
 def table_to_examples(table: pa.Table) -> Iterator[bytes]:
     """Serialised ``tf.train.Example`` per row of a window table (nulls are left out)."""
     kinds = {f.name: f.kind for f in FIELDS}
-    columns = {}
+    per_column = []
     for name in table.column_names:
         column = table.column(name).combine_chunks()
-        if kinds.get(name) == "features":
-            width = column.type.list_size
-            columns[name] = column.values.to_numpy(zero_copy_only=False).reshape(-1, width)
-        else:
-            columns[name] = column.to_pylist()
-    for row in range(table.num_rows):
-        encoded = {}
-        for name, values in columns.items():
-            kind = kinds.get(name, "string")
-            if kind == "features":
-                encoded[name] = tfexample.float_feature(values[row])
-                continue
-            value = values[row]
-            if value is None:
-                continue
-            if kind == "string":
-                encoded[name] = tfexample.bytes_feature([value.encode()])
-            elif kind in ("int32", "int64"):
-                encoded[name] = tfexample.int64_feature([value])
-            else:
-                encoded[name] = tfexample.float_feature(np.asarray([value]))
-        yield tfexample.encode_example(encoded)
+        kind = kinds.get(name, "string")
+        if kind == "features":
+            values = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+            per_column.append([tfexample.feature_entry(name, tfexample.float_feature(v)) for v in values])
+            continue
+        cache: dict = {}
+        entries = []
+        for value in column.to_pylist():
+            entry = cache.get(value)
+            if entry is None:
+                entry = cache[value] = _scalar_entry(name, kind, value)
+            entries.append(entry)
+        per_column.append(entries)
+    for row_entries in zip(*per_column):
+        yield tfexample.encode_entries(row_entries)
+
+
+def _scalar_entry(name: str, kind: str, value) -> bytes:
+    if value is None:
+        return b""
+    if kind == "string":
+        feature = tfexample.bytes_feature([value.encode()])
+    elif kind in ("int32", "int64"):
+        feature = tfexample.int64_feature([value])
+    else:
+        feature = tfexample.float_feature(np.asarray([value]))
+    return tfexample.feature_entry(name, feature)
 
 
 def feature_shape_of(schema: pa.Schema) -> tuple[int, int]:

@@ -49,13 +49,19 @@ def int64_feature(values: Iterable[int]) -> bytes:
     return _len_field(3, _len_field(1, packed))
 
 
+def feature_entry(name: str, feature: bytes) -> bytes:
+    """One encoded entry of the ``Features.feature`` map."""
+    return _len_field(1, _len_field(1, name.encode()) + _len_field(2, feature))
+
+
+def encode_entries(entries: Iterable[bytes]) -> bytes:
+    """Encoded ``Example`` from encoded map entries (see :func:`feature_entry`)."""
+    return _len_field(1, b"".join(entries))
+
+
 def encode_example(features: Mapping[str, bytes]) -> bytes:
     """Encoded ``Example`` from ``{name: encoded Feature}`` (entries in the given order)."""
-    entries = b"".join(
-        _len_field(1, _len_field(1, name.encode()) + _len_field(2, feature))
-        for name, feature in features.items()
-    )
-    return _len_field(1, entries)
+    return encode_entries(feature_entry(name, feature) for name, feature in features.items())
 
 
 def _masked_crc32c(data: bytes) -> int:

@@ -11,7 +11,6 @@ import functools
 
 import numpy as np
 import scipy.fft
-import scipy.signal
 
 from soundshard.schemas.config import FeatureConfig
 
@@ -31,32 +30,67 @@ def mel_filterbank(config: FeatureConfig) -> np.ndarray:
     )
 
 
+def hz_to_mel(hz: np.ndarray, *, htk: bool = False) -> np.ndarray:
+    """Hz to mels: HTK formula, or Slaney's (linear below 1 kHz, logarithmic above), as librosa."""
+    hz = np.asanyarray(hz, dtype=np.float64)
+    if htk:
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
+    mels = hz / f_sp
+    return np.where(hz >= min_log_hz, min_log_mel + np.log(np.maximum(hz, 1e-12) / min_log_hz) / logstep, mels)
+
+
+def mel_to_hz(mels: np.ndarray, *, htk: bool = False) -> np.ndarray:
+    """Inverse of :func:`hz_to_mel`."""
+    mels = np.asanyarray(mels, dtype=np.float64)
+    if htk:
+        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
+    return np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)), f_sp * mels)
+
+
+def mel_band_edges_hz(config: FeatureConfig) -> np.ndarray:
+    """The ``n_mels + 2`` band edge frequencies in Hz (``librosa.mel_frequencies``)."""
+    low, high = hz_to_mel(np.array([config.fmin_hz, config.fmax_resolved_hz]), htk=config.mel_htk)
+    return mel_to_hz(np.linspace(low, high, config.n_mels + 2), htk=config.mel_htk)
+
+
 @functools.lru_cache(maxsize=32)
 def _mel_filterbank(sr, n_fft, n_mels, fmin, fmax, htk, norm) -> np.ndarray:
-    import warnings
-
-    import librosa
-
-    with warnings.catch_warnings():
-        # Empty bands are reported by FeatureConfig with the values that cause them.
-        warnings.simplefilter("ignore", UserWarning)
-        bank = librosa.filters.mel(
-            sr=sr,
-            n_fft=n_fft,
-            n_mels=n_mels,
-            fmin=fmin,
-            fmax=fmax,
-            htk=htk,
-            norm="slaney" if norm == "slaney" else None,
-            dtype=np.float32,
-        )
+    # Same construction as librosa.filters.mel (checked by tests), without importing librosa on
+    # workers: triangular filters between consecutive band edges, optional Slaney area norm.
+    config = FeatureConfig.__new__(FeatureConfig)  # unvalidated carrier: called from validation
+    for name, value in (("sample_rate_hz", sr), ("fmin_hz", fmin), ("fmax_hz", fmax),
+                        ("mel_htk", htk), ("n_mels", n_mels)):
+        object.__setattr__(config, name, value)
+    edges = mel_band_edges_hz(config)
+    fft_hz = np.linspace(0.0, sr / 2.0, 1 + n_fft // 2)
+    widths = np.diff(edges)
+    ramps = np.subtract.outer(edges, fft_hz)
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    if norm == "slaney":
+        weights *= (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[:, None]
+    bank = weights.astype(np.float32)
     bank.setflags(write=False)
     return bank
 
 
+def empty_mel_bands(config: FeatureConfig) -> list[int]:
+    """Mel bands that no FFT bin falls into (librosa's "empty filters" condition)."""
+    bank = mel_filterbank(config)
+    edges = mel_band_edges_hz(config)
+    empty = (bank.max(axis=1) <= 0) & (edges[:-2] != 0)
+    return [int(i) for i in empty.nonzero()[0]]
+
+
 @functools.lru_cache(maxsize=8)
 def _hann(n_fft: int) -> np.ndarray:
-    window = scipy.signal.get_window("hann", n_fft, fftbins=True).astype(np.float32)
+    # Periodic Hann, as scipy.signal.get_window("hann", n_fft, fftbins=True) used by librosa.
+    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
     window.setflags(write=False)
     return window
 
