@@ -106,3 +106,9 @@ def test_digital_silence_gives_finite_constant_features():
         out = melspec.log_mel_windows(y, FeatureConfig(normalization=norm))
         assert np.isfinite(out).all()
         assert np.ptp(out) == 0
+
+
+def test_single_window_recording_is_writable_and_normalised():
+    out = melspec.log_mel_windows(tone(duration_s=0.3), FeatureConfig(normalization="standardize"))
+    assert out.shape == (1, 60, 41) and out.flags.writeable
+    assert abs(out.mean()) < 1e-4

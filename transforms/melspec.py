@@ -184,7 +184,7 @@ def log_mel_windows(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
     n_frames = (n_windows - 1) * wh + wf
     frames = compress(power_mel_frames(y, config, n_frames=n_frames), config)
     views = np.lib.stride_tricks.sliding_window_view(frames, wf, axis=1)[:, ::wh]
-    windows = np.ascontiguousarray(views.transpose(1, 0, 2))
+    windows = views.transpose(1, 0, 2).copy()  # owns its memory (a view would be read-only)
     if config.log_compression == "db" and config.top_db is not None:
         peak = windows.max(axis=(1, 2), keepdims=True)
         np.maximum(windows, peak - np.float32(config.top_db), out=windows)

@@ -1,0 +1,83 @@
+import pytest
+
+from soundshard.schemas.errors import ConfigError
+from soundshard.transforms import sources
+
+from .helpers import tone, write_audio
+
+
+@pytest.fixture
+def tree(tmp_path):
+    for rel in ("dog/a.wav", "dog/b.flac", "cat/c.wav", "fold1/d.wav", "notes.txt"):
+        path = tmp_path / "audio" / rel
+        if rel.endswith(".txt"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x")
+        else:
+            write_audio(path, tone(duration_s=0.1), 22050)
+    return tmp_path
+
+
+def test_folder_listing_with_parent_labels(tree):
+    listing = sources.from_listing(str(tree / "audio"), label_from_parent=True)
+    ids = [i.clip_id for i in listing.items]
+    assert ids == ["cat/c", "dog/a", "dog/b", "fold1/d"]
+    assert [i.label for i in listing.items] == ["cat", "dog", "dog", "fold1"]
+    assert listing.label_map == {"cat": 0, "dog": 1, "fold1": 2}
+    assert all(i.size_bytes and i.size_bytes > 44 for i in listing.items)
+
+
+def test_glob_listing(tree):
+    listing = sources.from_listing(str(tree / "audio" / "**" / "*.wav"))
+    assert [i.clip_id for i in listing.items] == ["cat/c", "dog/a", "fold1/d"]
+    assert all(i.label is None for i in listing.items)
+    with pytest.raises(ConfigError, match="matched no audio files"):
+        sources.from_listing(str(tree / "audio" / "*.mp3"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        sources.from_listing(str(tree / "nowhere"))
+
+
+def test_manifest_rows_become_items_or_dead_letters(tree):
+    manifest = tree / "meta.csv"
+    manifest.write_text(
+        "filename,fold,category,src_file\n"
+        "dog/a.wav,1,dog,111\n"
+        "d.wav,2,cat,222\n"          # found by name under fold1/ (UrbanSound8K style)
+        "cat/c.wav,3,,333\n"         # empty label
+        "dog/missing.wav,1,dog,444\n"
+        "dog/a.wav,1,dog,111\n"      # duplicate
+        "dog/b.flac,x,dog,555\n"     # bad fold
+    )
+    listing = sources.from_manifest(str(manifest), input_uri=str(tree / "audio"))
+    assert [(i.clip_id, i.label, i.fold) for i in listing.items] == [("dog/a", "dog", 1), ("fold1/d", "cat", 2)]
+    assert listing.items[0].extra == (("src_file", "111"),)
+    assert listing.extra_columns == ("src_file",)
+    reasons = sorted((d.reason, d.stage) for d in listing.dead_letters)
+    assert reasons == [("bad_fold", "manifest"), ("duplicate_row", "manifest"), ("empty_label", "manifest"),
+                       ("missing_file", "source")]
+    assert listing.n_inputs == 6
+    assert listing.label_map == {"cat": 0, "dog": 1}
+    missing = next(d for d in listing.dead_letters if d.reason == "missing_file")
+    assert "dog/missing.wav" in missing.message and missing.source_uri.endswith("dog/missing.wav")
+
+
+def test_manifest_column_errors(tree):
+    manifest = tree / "meta.csv"
+    manifest.write_text("name,label\nx.wav,dog\n")
+    with pytest.raises(ConfigError, match="no filename column"):
+        sources.from_manifest(str(manifest), input_uri=str(tree / "audio"))
+    with pytest.raises(ConfigError, match="--label_column 'klass' is not a manifest column"):
+        sources.from_manifest(str(manifest), input_uri=str(tree / "audio"),
+                              columns=sources.ManifestColumns(filename="name", label="klass"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        sources.from_manifest(str(tree / "nope.csv"), input_uri=str(tree / "audio"))
+
+
+def test_parquet_manifest(tree):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tree / "meta.parquet"
+    pq.write_table(pa.table({"filename": ["dog/b.flac"], "label": ["dog"], "split": ["train"]}), path)
+    listing = sources.from_manifest(str(path), input_uri=str(tree / "audio"))
+    assert [(i.clip_id, i.label, i.split) for i in listing.items] == [("dog/b", "dog", "train")]
