@@ -35,8 +35,11 @@ def make_dataset(workdir: str, *, seed: int = 0) -> str:
             rate = _RATES[(i + len(label)) % len(_RATES)]
             ext = "flac" if i % 2 else "wav"
             name = f"{label}-{i:02d}.{ext}"
-            soundfile.write(os.path.join(audio_dir, name), synth_clip(label, rng=rng, sample_rate_hz=rate,
-                                                                      duration_s=DURATION_S), rate)
+            soundfile.write(
+                os.path.join(audio_dir, name),
+                synth_clip(label, rng=rng, sample_rate_hz=rate, duration_s=DURATION_S),
+                rate,
+            )
             rows.append({"filename": name, "label": label, "fold": i % 4 + 1})
     open(os.path.join(audio_dir, "broken-empty.wav"), "wb").close()
     with open(os.path.join(audio_dir, "broken-text.wav"), "w") as f:
@@ -60,16 +63,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     manifest = make_dataset(args.workdir, seed=args.seed)
     audio = os.path.join(args.workdir, "audio")
     output = os.path.join(args.workdir, "features")
-    print(f"synthesised {len(CLASSES) * CLIPS_PER_CLASS} clips of {len(CLASSES)} classes "
-          f"(+2 broken files) in {audio}")
+    print(
+        f"synthesised {len(CLASSES) * CLIPS_PER_CLASS} clips of {len(CLASSES)} classes "
+        f"(+2 broken files) in {audio}"
+    )
     from soundshard.pipelines import features
 
     code = features.run(
         ["--input", audio, "--manifest", manifest, "--output", output, *beam_args], prog="soundshard demo"
     )
     if code == 0:
-        print(f"\nread it back:  python -c \"import pandas as pd; "
-              f"print(pd.read_parquet('{output}/parquet').head())\"")
+        print(
+            f'\nread it back:  python -c "import pandas as pd; '
+            f"print(pd.read_parquet('{output}/parquet').head())\""
+        )
     return code
 
 

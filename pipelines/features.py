@@ -54,11 +54,16 @@ class FeaturesOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", help="Folder, glob ('**' allowed) or file; local, gs://, s3://...")
-        parser.add_argument("--manifest", help="CSV or Parquet manifest; relative paths resolve against --input.")
+        parser.add_argument(
+            "--manifest", help="CSV or Parquet manifest; relative paths resolve against --input."
+        )
         parser.add_argument("--output", help="Output folder (local or gs://, s3://...).")
         parser.add_argument("--config", help="Feature config file (TOML or JSON); flags override it.")
         parser.add_argument(
-            "--format", default="both", choices=("both", "parquet", "tfrecord"), help="Shard formats to write."
+            "--format",
+            default="both",
+            choices=("both", "parquet", "tfrecord"),
+            help="Shard formats to write.",
         )
         parser.add_argument("--num_shards", type=int, default=None, help="Fixed number of shards.")
         parser.add_argument(
@@ -130,7 +135,10 @@ def list_sources(args: argparse.Namespace) -> sources.SourceListing:
     """Sources from ``--manifest`` or from listing ``--input``."""
     if args.manifest:
         columns = sources.ManifestColumns(
-            filename=args.filename_column, label=args.label_column, fold=args.fold_column, split=args.split_column
+            filename=args.filename_column,
+            label=args.label_column,
+            fold=args.fold_column,
+            split=args.split_column,
         )
         return sources.from_manifest(args.manifest, input_uri=args.input, columns=columns)
     return sources.from_listing(args.input, label_from_parent=args.label_from_parent)
@@ -155,11 +163,7 @@ def build(p: beam.Pipeline, run: FeatureRun):
         ``summaries`` (FileSummary), ``written`` (WrittenShard), ``dataset`` (dataset.json path).
     """
     listing = run.listing
-    items = (
-        p
-        | "ListSources" >> beam.Create(listing.items)
-        | "Distribute" >> beam.Reshuffle()
-    )
+    items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
     computed = items | "ComputeLogMel" >> ComputeLogMel(run.config, progress_dir=run.progress_dir)
     listing_dead = p | "ListingDeadLetters" >> beam.Create(listing.dead_letters)
     dead_letters = (listing_dead, computed.dead_letters) | "AllDeadLetters" >> beam.Flatten()

@@ -109,10 +109,7 @@ def progress(total_files: int, *, label: str) -> Iterator[str]:
 
     def line() -> str:
         files, windows = totals()
-        return (
-            f"[{label}] files {files}/{total_files}  windows {windows}  "
-            f"{time.monotonic() - started:.0f} s"
-        )
+        return f"[{label}] files {files}/{total_files}  windows {windows}  {time.monotonic() - started:.0f} s"
 
     def loop():
         last = time.monotonic()

@@ -18,11 +18,12 @@ import difflib
 import hashlib
 import json
 import math
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from soundshard.schemas.errors import ConfigError
 

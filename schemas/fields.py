@@ -151,7 +151,7 @@ def table_to_examples(table: pa.Table) -> Iterator[bytes]:
                 entry = cache[value] = _scalar_entry(name, kind, value)
             entries.append(entry)
         per_column.append(entries)
-    for row_entries in zip(*per_column):
+    for row_entries in zip(*per_column, strict=True):
         yield tfexample.encode_entries(row_entries)
 
 
@@ -197,9 +197,7 @@ def read_parquet_windows(paths: str | Sequence[str]) -> tuple[pa.Table, np.ndarr
     return table.drop_columns([FEATURE_COLUMN]), features
 
 
-def tfrecord_dataset(
-    paths: str | Sequence[str], config: FeatureConfig, extra_columns: Sequence[str] = ()
-):
+def tfrecord_dataset(paths: str | Sequence[str], config: FeatureConfig, extra_columns: Sequence[str] = ()):
     """``tf.data.Dataset`` of parsed windows; ``log_mel`` is reshaped to ``[n_mels, n_frames]``."""
     import tensorflow as tf
 

@@ -21,8 +21,14 @@ def require_esc10() -> Path:
     return ESC10
 
 
-def tone(*, sample_rate_hz: int = 22050, duration_s: float = 1.0, freq_hz: float = 440.0,
-         channels: int = 1, seed: int = 0) -> np.ndarray:
+def tone(
+    *,
+    sample_rate_hz: int = 22050,
+    duration_s: float = 1.0,
+    freq_hz: float = 440.0,
+    channels: int = 1,
+    seed: int = 0,
+) -> np.ndarray:
     """A sine plus a little noise, float32 ``[n]`` or ``[n, channels]``."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(round(sample_rate_hz * duration_s))) / sample_rate_hz

@@ -16,8 +16,9 @@ def test_multichannel_high_rate_24bit_is_mixed_down_and_resampled(tmp_path):
     assert audio.samples.ndim == 1 and audio.samples.dtype == np.float32
     assert len(audio.samples) == pytest.approx(0.5 * 22050, abs=2)
     # mixdown is the channel mean: the channels are scaled 1/8 .. 8/8 of the same tone
-    mono_ref = decode_audio(str(write_audio(tmp_path / "m.wav", y.mean(axis=1), 96000, "FLOAT")),
-                            sample_rate_hz=22050)
+    mono_ref = decode_audio(
+        str(write_audio(tmp_path / "m.wav", y.mean(axis=1), 96000, "FLOAT")), sample_rate_hz=22050
+    )
     np.testing.assert_allclose(audio.samples, mono_ref.samples, atol=1e-4)
 
 

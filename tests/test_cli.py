@@ -12,8 +12,14 @@ from soundshard.pipelines import cli
 def soundshard(*args, cwd):
     exe = Path(sys.executable).with_name("soundshard")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "soundshard.pipelines.cli"]
-    return subprocess.run([*command, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [*command, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def test_demo_runs_with_no_arguments(tmp_path):

@@ -16,9 +16,17 @@ def reference_windows(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
     padded = np.zeros(max(len(y), (needed_frames - 1) * config.hop_length), np.float32)
     padded[: len(y)] = y
     mel = librosa.feature.melspectrogram(
-        y=padded, sr=config.sample_rate_hz, n_fft=config.n_fft, hop_length=config.hop_length,
-        n_mels=config.n_mels, fmin=config.fmin_hz, fmax=config.fmax_resolved_hz, power=config.power,
-        htk=config.mel_htk, center=True, pad_mode="constant",
+        y=padded,
+        sr=config.sample_rate_hz,
+        n_fft=config.n_fft,
+        hop_length=config.hop_length,
+        n_mels=config.n_mels,
+        fmin=config.fmin_hz,
+        fmax=config.fmax_resolved_hz,
+        power=config.power,
+        htk=config.mel_htk,
+        center=True,
+        pad_mode="constant",
     )
     db = librosa.power_to_db(mel, ref=config.db_ref, amin=config.amin, top_db=None)
     windows = np.stack([db[:, k * wh : k * wh + wf] for k in range(n)])
@@ -29,8 +37,18 @@ def reference_windows(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"n_mels": 128, "n_fft": 2048, "hop_length": 256}, {"power": 1.0, "mel_htk": True},
-     {"sample_rate_hz": 16000, "fmin_hz": 50.0, "fmax_hz": 7000.0, "window_frames": 31, "window_hop_frames": 31}],
+    [
+        {},
+        {"n_mels": 128, "n_fft": 2048, "hop_length": 256},
+        {"power": 1.0, "mel_htk": True},
+        {
+            "sample_rate_hz": 16000,
+            "fmin_hz": 50.0,
+            "fmax_hz": 7000.0,
+            "window_frames": 31,
+            "window_hop_frames": 31,
+        },
+    ],
 )
 def test_log_mel_matches_librosa(changes):
     config = FeatureConfig(**changes)
@@ -44,9 +62,15 @@ def test_log_mel_matches_librosa(changes):
 
 def test_filterbank_matches_librosa():
     for config in (FeatureConfig(), FeatureConfig(mel_htk=True, mel_norm="none", fmax_hz=8000.0)):
-        ref = librosa.filters.mel(sr=config.sample_rate_hz, n_fft=config.n_fft, n_mels=config.n_mels,
-                                  fmin=config.fmin_hz, fmax=config.fmax_resolved_hz, htk=config.mel_htk,
-                                  norm="slaney" if config.mel_norm == "slaney" else None)
+        ref = librosa.filters.mel(
+            sr=config.sample_rate_hz,
+            n_fft=config.n_fft,
+            n_mels=config.n_mels,
+            fmin=config.fmin_hz,
+            fmax=config.fmax_resolved_hz,
+            htk=config.mel_htk,
+            norm="slaney" if config.mel_norm == "slaney" else None,
+        )
         np.testing.assert_allclose(melspec.mel_filterbank(config), ref, rtol=1e-5, atol=1e-8)
 
 

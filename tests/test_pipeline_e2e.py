@@ -23,7 +23,9 @@ def bad_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     audio = root / "audio"
     write_audio(audio / "good.wav", tone(duration_s=2.0), 22050)
-    write_audio(audio / "eight_ch.wav", tone(sample_rate_hz=96000, duration_s=1.5, channels=8), 96000, "PCM_24")
+    write_audio(
+        audio / "eight_ch.wav", tone(sample_rate_hz=96000, duration_s=1.5, channels=8), 96000, "PCM_24"
+    )
     write_audio(audio / "short.wav", tone(duration_s=0.3), 22050)
     write_audio(audio / "silence.flac", np.zeros(22050, np.float32), 22050)
     nan = tone(duration_s=1.0)
@@ -36,9 +38,16 @@ def bad_inputs(tmp_path_factory):
     (audio / "text.wav").write_text("this is not a wav file\n")
     write_audio(audio / "no_label.wav", tone(duration_s=1.0), 22050)
     rows = [
-        ("good.wav", "tone", 1), ("eight_ch.wav", "tone", 2), ("short.wav", "tone", 3),
-        ("silence.flac", "quiet", 1), ("nan.wav", "tone", 2), ("truncated.flac", "tone", 3),
-        ("zero.wav", "tone", 1), ("text.wav", "tone", 2), ("no_label.wav", "", 3), ("missing.wav", "tone", 1),
+        ("good.wav", "tone", 1),
+        ("eight_ch.wav", "tone", 2),
+        ("short.wav", "tone", 3),
+        ("silence.flac", "quiet", 1),
+        ("nan.wav", "tone", 2),
+        ("truncated.flac", "tone", 3),
+        ("zero.wav", "tone", 1),
+        ("text.wav", "tone", 2),
+        ("no_label.wav", "", 3),
+        ("missing.wav", "tone", 1),
     ]
     manifest = root / "meta.csv"
     manifest.write_text("filename,label,fold\n" + "".join(f"{f},{lab},{fold}\n" for f, lab, fold in rows))
@@ -61,7 +70,9 @@ EXPECTED_DEAD = {
 
 def test_bad_inputs_are_accounted_for(bad_inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    code = run_features("--input", bad_inputs / "audio", "--manifest", bad_inputs / "meta.csv", "--output", out)
+    code = run_features(
+        "--input", bad_inputs / "audio", "--manifest", bad_inputs / "meta.csv", "--output", out
+    )
     assert code == 0
     dataset = json.loads((out / "dataset.json").read_text())
     fig = dataset["figures"]
@@ -77,7 +88,7 @@ def test_bad_inputs_are_accounted_for(bad_inputs, tmp_path, capsys):
     assert all(d["message"] and d["error_type"] for d in dead)
     table, feats = fields.read_parquet_windows(sorted(str(p) for p in (out / "parquet").glob("*.parquet")))
     per_clip = table.group_by("clip_id").aggregate([("window_index", "count")]).to_pydict()
-    counts = dict(zip(per_clip["clip_id"], per_clip["window_index_count"]))
+    counts = dict(zip(per_clip["clip_id"], per_clip["window_index_count"], strict=True))
     # 2 s -> 4 windows, 1.5 s -> 3, 0.3 s -> 1 padded, 1 s -> 2 (41-frame windows every 20 frames)
     assert counts == {"good": 4, "eight_ch": 3, "short": 1, "silence": 2}
     assert np.isfinite(feats).all()
@@ -87,8 +98,18 @@ def test_bad_inputs_are_accounted_for(bad_inputs, tmp_path, capsys):
 
 def test_drop_config_dead_letters_short_file(bad_inputs, tmp_path):
     out = tmp_path / "out"
-    code = run_features("--input", bad_inputs / "audio", "--manifest", bad_inputs / "meta.csv", "--output", out,
-                        "--last_window", "drop", "--format", "parquet")
+    code = run_features(
+        "--input",
+        bad_inputs / "audio",
+        "--manifest",
+        bad_inputs / "meta.csv",
+        "--output",
+        out,
+        "--last_window",
+        "drop",
+        "--format",
+        "parquet",
+    )
     assert code == 0
     dead = pq.read_table(out / "dead_letters.parquet").to_pylist()
     short = [d for d in dead if d["source_uri"].endswith("short.wav")]
@@ -150,8 +171,11 @@ def test_tfrecords_read_with_tf_data(tmp_path):
     out = tmp_path / "out"
     assert run_features("--input", data / "audio", "--manifest", manifest, "--output", out) == 0
     files = sorted(str(p) for p in (out / "tfrecord").glob("*.tfrecord"))
-    spec = {"log_mel": tf.io.FixedLenFeature([60 * 41], tf.float32),
-            "label": tf.io.FixedLenFeature([], tf.string), "fold": tf.io.FixedLenFeature([], tf.int64)}
+    spec = {
+        "log_mel": tf.io.FixedLenFeature([60 * 41], tf.float32),
+        "label": tf.io.FixedLenFeature([], tf.string),
+        "fold": tf.io.FixedLenFeature([], tf.int64),
+    }
     ds = tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, spec))
     rows = list(ds.as_numpy_iterator())
     assert len(rows) == 32 * 6
@@ -161,9 +185,14 @@ def test_tfrecords_read_with_tf_data(tmp_path):
     first = next(iter(fields.tfrecord_dataset(files, FeatureConfig()).take(1)))
     assert first["log_mel"].shape == (60, 41)
     table, feats = fields.read_parquet_windows(sorted(str(p) for p in (out / "parquet").glob("*.parquet")))
-    row = table.to_pylist().index(next(r for r in table.to_pylist()
-                                       if r["clip_id"] == first["clip_id"].numpy().decode()
-                                       and r["window_index"] == int(first["window_index"])))
+    row = table.to_pylist().index(
+        next(
+            r
+            for r in table.to_pylist()
+            if r["clip_id"] == first["clip_id"].numpy().decode()
+            and r["window_index"] == int(first["window_index"])
+        )
+    )
     np.testing.assert_array_equal(feats[row], first["log_mel"].numpy())
 
 
@@ -174,11 +203,28 @@ def test_one_and_two_workers_write_identical_shards(tmp_path):
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
-        assert run_features("--input", data / "audio", "--manifest", manifest, "--output", out,
-                            "--num_shards", "2", "--direct_num_workers", workers) == 0
+        assert (
+            run_features(
+                "--input",
+                data / "audio",
+                "--manifest",
+                manifest,
+                "--output",
+                out,
+                "--num_shards",
+                "2",
+                "--direct_num_workers",
+                workers,
+            )
+            == 0
+        )
         outs.append(out)
-    for name in ("parquet/windows-00000-of-00002.parquet", "parquet/windows-00001-of-00002.parquet",
-                 "tfrecord/windows-00000-of-00002.tfrecord", "tfrecord/windows-00001-of-00002.tfrecord"):
+    for name in (
+        "parquet/windows-00000-of-00002.parquet",
+        "parquet/windows-00001-of-00002.parquet",
+        "tfrecord/windows-00000-of-00002.tfrecord",
+        "tfrecord/windows-00001-of-00002.tfrecord",
+    ):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
@@ -197,8 +243,9 @@ def test_esc10_command(tmp_path):
     assert dataset["counts"]["clips_by_fold"] == {str(f): 80 for f in range(1, 6)}
     assert dataset["feature_fingerprint"] == FeatureConfig().fingerprint
     con = duckdb.connect()
-    folds = con.sql(f"SELECT fold, count(DISTINCT clip_id) FROM '{out}/parquet/*.parquet' GROUP BY fold "
-                    "ORDER BY fold").fetchall()
+    folds = con.sql(
+        f"SELECT fold, count(DISTINCT clip_id) FROM '{out}/parquet/*.parquet' GROUP BY fold ORDER BY fold"
+    ).fetchall()
     assert folds == [(f, 80) for f in range(1, 6)]
     frame = pd.read_parquet(out / "parquet", columns=["clip_id", "label", "meta_target", "start_s"])
     dogs = frame[frame.label == "dog"]

@@ -16,8 +16,11 @@ GOLDEN = Path(__file__).parent / "golden"
 
 def tf_spec_description(spec) -> dict:
     return {
-        name: {"dtype": f.dtype.name, "shape": list(f.shape),
-               "default": f.default_value.decode() if isinstance(f.default_value, bytes) else f.default_value}
+        name: {
+            "dtype": f.dtype.name,
+            "shape": list(f.shape),
+            "default": f.default_value.decode() if isinstance(f.default_value, bytes) else f.default_value,
+        }
         for name, f in spec.items()
     }
 
@@ -45,7 +48,9 @@ def make_batch(n: int = 3) -> WindowBatch:
 def test_batch_to_table_and_back():
     config = FeatureConfig()
     batch = make_batch()
-    table = fields.batch_to_table(batch, config=config, label_map={"cat": 0, "dog": 1}, extra_columns=("src_file",))
+    table = fields.batch_to_table(
+        batch, config=config, label_map={"cat": 0, "dog": 1}, extra_columns=("src_file",)
+    )
     assert table.schema.equals(fields.arrow_schema(config, ("src_file",)), check_metadata=True)
     assert table.column("label_index").to_pylist() == [1, 1, 1]
     assert table.column("window_index").to_pylist() == [0, 1, 2]

@@ -42,19 +42,26 @@ def test_manifest_rows_become_items_or_dead_letters(tree):
     manifest.write_text(
         "filename,fold,category,src_file\n"
         "dog/a.wav,1,dog,111\n"
-        "d.wav,2,cat,222\n"          # found by name under fold1/ (UrbanSound8K style)
-        "cat/c.wav,3,,333\n"         # empty label
+        "d.wav,2,cat,222\n"  # found by name under fold1/ (UrbanSound8K style)
+        "cat/c.wav,3,,333\n"  # empty label
         "dog/missing.wav,1,dog,444\n"
-        "dog/a.wav,1,dog,111\n"      # duplicate
-        "dog/b.flac,x,dog,555\n"     # bad fold
+        "dog/a.wav,1,dog,111\n"  # duplicate
+        "dog/b.flac,x,dog,555\n"  # bad fold
     )
     listing = sources.from_manifest(str(manifest), input_uri=str(tree / "audio"))
-    assert [(i.clip_id, i.label, i.fold) for i in listing.items] == [("dog/a", "dog", 1), ("fold1/d", "cat", 2)]
+    assert [(i.clip_id, i.label, i.fold) for i in listing.items] == [
+        ("dog/a", "dog", 1),
+        ("fold1/d", "cat", 2),
+    ]
     assert listing.items[0].extra == (("src_file", "111"),)
     assert listing.extra_columns == ("src_file",)
     reasons = sorted((d.reason, d.stage) for d in listing.dead_letters)
-    assert reasons == [("bad_fold", "manifest"), ("duplicate_row", "manifest"), ("empty_label", "manifest"),
-                       ("missing_file", "source")]
+    assert reasons == [
+        ("bad_fold", "manifest"),
+        ("duplicate_row", "manifest"),
+        ("empty_label", "manifest"),
+        ("missing_file", "source"),
+    ]
     assert listing.n_inputs == 6
     assert listing.label_map == {"cat": 0, "dog": 1}
     missing = next(d for d in listing.dead_letters if d.reason == "missing_file")
@@ -67,8 +74,11 @@ def test_manifest_column_errors(tree):
     with pytest.raises(ConfigError, match="no filename column"):
         sources.from_manifest(str(manifest), input_uri=str(tree / "audio"))
     with pytest.raises(ConfigError, match="--label_column 'klass' is not a manifest column"):
-        sources.from_manifest(str(manifest), input_uri=str(tree / "audio"),
-                              columns=sources.ManifestColumns(filename="name", label="klass"))
+        sources.from_manifest(
+            str(manifest),
+            input_uri=str(tree / "audio"),
+            columns=sources.ManifestColumns(filename="name", label="klass"),
+        )
     with pytest.raises(ConfigError, match="does not exist"):
         sources.from_manifest(str(tree / "nope.csv"), input_uri=str(tree / "audio"))
 

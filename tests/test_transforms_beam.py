@@ -1,10 +1,10 @@
 """ComputeLogMel on a TestPipeline: main output, dead letters and counters."""
 
+import apache_beam as beam
 import numpy as np
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
 
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.records import SourceItem
@@ -35,12 +35,18 @@ def test_compute_log_mel_outputs_and_counters(tmp_path, beam_runner):
     )
     assert_that(
         out.dead_letters | "Why" >> beam.Map(lambda d: (d.clip_id, d.stage, d.reason)),
-        equal_to([("short", "features", "audio_too_short"), ("text", "decode", "decode_error"),
-                  ("empty", "decode", "empty_file")]),
+        equal_to(
+            [
+                ("short", "features", "audio_too_short"),
+                ("text", "decode", "decode_error"),
+                ("empty", "decode", "empty_file"),
+            ]
+        ),
         label="dead_letters",
     )
     assert_that(
-        out.summaries | "Sum" >> beam.Map(lambda s: (s.clip_id, s.n_windows, round(s.duration_s, 3), s.silent)),
+        out.summaries
+        | "Sum" >> beam.Map(lambda s: (s.clip_id, s.n_windows, round(s.duration_s, 3), s.silent)),
         equal_to([("good", 3, 2.0, False)]),
         label="summaries",
     )
@@ -67,5 +73,6 @@ def test_window_batch_values_equal_the_pure_function(tmp_path, beam_runner):
     expected = melspec.log_mel_windows(decode_audio(str(path), sample_rate_hz=22050).samples, config)
     with BeamTestPipeline(runner=beam_runner) as p:
         out = p | beam.Create([SourceItem(str(path), "a")]) | ComputeLogMel(config)
-        assert_that(out.windows | beam.Map(lambda b: bool(np.array_equal(b.features, expected))),
-                    equal_to([True]))
+        assert_that(
+            out.windows | beam.Map(lambda b: bool(np.array_equal(b.features, expected))), equal_to([True])
+        )

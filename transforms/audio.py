@@ -97,7 +97,9 @@ def decode_audio(
     mono = data[:, channel] if channel is not None else (data[:, 0] if channels == 1 else data.mean(axis=1))
     mono = np.ascontiguousarray(mono, dtype=np.float32)
     if rate != sample_rate_hz:
-        mono = soxr.resample(mono, rate, sample_rate_hz, quality=resample_quality).astype(np.float32, copy=False)
+        mono = soxr.resample(mono, rate, sample_rate_hz, quality=resample_quality).astype(
+            np.float32, copy=False
+        )
     return DecodedAudio(
         samples=mono,
         sample_rate_hz=sample_rate_hz,

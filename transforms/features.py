@@ -112,7 +112,9 @@ class _LogMelFn(beam.DoFn):
                 )
             features = melspec.log_mel_windows(audio.samples, config)
             if not np.isfinite(features).all():
-                raise DataError(f"{item.uri}: features contain non-finite values", reason="non_finite_features")
+                raise DataError(
+                    f"{item.uri}: features contain non-finite values", reason="non_finite_features"
+                )
         except Exception as exc:  # noqa: BLE001
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "features", exc))
             self._progress.add(files=1, windows=0)

@@ -38,7 +38,9 @@ def hz_to_mel(hz: np.ndarray, *, htk: bool = False) -> np.ndarray:
     f_sp, min_log_hz = 200.0 / 3, 1000.0
     min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
     mels = hz / f_sp
-    return np.where(hz >= min_log_hz, min_log_mel + np.log(np.maximum(hz, 1e-12) / min_log_hz) / logstep, mels)
+    return np.where(
+        hz >= min_log_hz, min_log_mel + np.log(np.maximum(hz, 1e-12) / min_log_hz) / logstep, mels
+    )
 
 
 def mel_to_hz(mels: np.ndarray, *, htk: bool = False) -> np.ndarray:
@@ -62,8 +64,13 @@ def _mel_filterbank(sr, n_fft, n_mels, fmin, fmax, htk, norm) -> np.ndarray:
     # Same construction as librosa.filters.mel (checked by tests), without importing librosa on
     # workers: triangular filters between consecutive band edges, optional Slaney area norm.
     config = FeatureConfig.__new__(FeatureConfig)  # unvalidated carrier: called from validation
-    for name, value in (("sample_rate_hz", sr), ("fmin_hz", fmin), ("fmax_hz", fmax),
-                        ("mel_htk", htk), ("n_mels", n_mels)):
+    for name, value in (
+        ("sample_rate_hz", sr),
+        ("fmin_hz", fmin),
+        ("fmax_hz", fmax),
+        ("mel_htk", htk),
+        ("n_mels", n_mels),
+    ):
         object.__setattr__(config, name, value)
     edges = mel_band_edges_hz(config)
     fft_hz = np.linspace(0.0, sr / 2.0, 1 + n_fft // 2)

@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
-from soundshard.schemas.records import DeadLetter, FileSummary, WindowBatch
+from soundshard.schemas.records import DeadLetter, FileSummary
 from soundshard.schemas.tfexample import tfrecord_frame
 
 FORMATS = ("parquet", "tfrecord")
@@ -177,9 +177,7 @@ class WriteWindowShards(beam.PTransform):
         return written, n_shards
 
 
-def summarize(
-    summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLetter], *, n_inputs: int
-) -> dict:
+def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLetter], *, n_inputs: int) -> dict:
     """Counts per label and fold and the run's figures (files, windows, audio seconds)."""
     windows_by_label = collections.Counter()
     clips_by_label = collections.Counter()
@@ -218,10 +216,7 @@ def summarize(
 
 
 _DEAD_LETTER_SCHEMA = pa.schema(
-    [
-        pa.field(f.name, pa.string(), nullable=(f.name == "clip_id"))
-        for f in dataclasses.fields(DeadLetter)
-    ]
+    [pa.field(f.name, pa.string(), nullable=(f.name == "clip_id")) for f in dataclasses.fields(DeadLetter)]
 )
 
 
@@ -313,15 +308,33 @@ class CommitDataset(beam.PTransform):
             ``run.started_unix_s`` is used for the wall time.
     """
 
-    def __init__(self, *, written, n_shards, dead_letters, summaries, config, spec, label_map,
-                 extra_columns, n_inputs, manifest):
+    def __init__(
+        self,
+        *,
+        written,
+        n_shards,
+        dead_letters,
+        summaries,
+        config,
+        spec,
+        label_map,
+        extra_columns,
+        n_inputs,
+        manifest,
+    ):
         super().__init__()
         self._written = written
         self._n_shards = n_shards
         self._dead_letters = dead_letters
         self._summaries = summaries
-        self._args = dict(config=config, spec=spec, label_map=dict(label_map),
-                          extra_columns=tuple(extra_columns), n_inputs=n_inputs, manifest=manifest)
+        self._args = dict(
+            config=config,
+            spec=spec,
+            label_map=dict(label_map),
+            extra_columns=tuple(extra_columns),
+            n_inputs=n_inputs,
+            manifest=manifest,
+        )
 
     def expand(self, root):
         return (

@@ -169,7 +169,9 @@ def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str],
         return None
     if wanted is not None:
         if wanted not in columns:
-            raise ConfigError(f"--{what}_column {wanted!r} is not a manifest column; columns: {list(columns)}")
+            raise ConfigError(
+                f"--{what}_column {wanted!r} is not a manifest column; columns: {list(columns)}"
+            )
         return wanted
     return next((c for c in candidates if c in columns), None)
 
@@ -230,25 +232,42 @@ def from_manifest(
                 uri = matches[0]
                 clip_id = clip_id_for(uri, root)
             elif not _exists(uri):
-                reject("missing_file", f"row {row_number}: file {filename!r} not found under {root!r}",
-                       stage="source", uri=uri, clip=clip_id)
+                reject(
+                    "missing_file",
+                    f"row {row_number}: file {filename!r} not found under {root!r}",
+                    stage="source",
+                    uri=uri,
+                    clip=clip_id,
+                )
                 continue
         if clip_id in seen:
-            reject("duplicate_row", f"row {row_number}: {filename!r} is listed more than once", uri=uri,
-                   clip=clip_id)
+            reject(
+                "duplicate_row",
+                f"row {row_number}: {filename!r} is listed more than once",
+                uri=uri,
+                clip=clip_id,
+            )
             continue
         label = (row[label_col] or "").strip() if label_col else None
         if label_col and not label:
-            reject("empty_label", f"row {row_number}: {filename!r} has an empty {label_col!r}", uri=uri,
-                   clip=clip_id)
+            reject(
+                "empty_label",
+                f"row {row_number}: {filename!r} has an empty {label_col!r}",
+                uri=uri,
+                clip=clip_id,
+            )
             continue
         fold = None
         if fold_col and (row[fold_col] or "").strip():
             try:
                 fold = int(row[fold_col])
             except ValueError:
-                reject("bad_fold", f"row {row_number}: {fold_col}={row[fold_col]!r} is not an integer",
-                       uri=uri, clip=clip_id)
+                reject(
+                    "bad_fold",
+                    f"row {row_number}: {fold_col}={row[fold_col]!r} is not an integer",
+                    uri=uri,
+                    clip=clip_id,
+                )
                 continue
         split = (row[split_col] or "").strip() or None if split_col else None
         extra = tuple((c, row[c]) for c in extra_columns if row[c] is not None)

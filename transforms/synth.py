@@ -24,7 +24,9 @@ def synth_clip(label: str, *, rng: np.random.Generator, sample_rate_hz: int, dur
         y = np.sin(2 * np.pi * np.cumsum(freq) / sample_rate_hz) * np.hanning(64).max()
     elif label == "click_train":
         interval = int(sample_rate_hz * rng.uniform(0.15, 0.3))
-        click = np.exp(-np.arange(200) / 25.0) * np.sin(2 * np.pi * rng.uniform(2000, 4000) * np.arange(200) / sample_rate_hz)
+        click = np.exp(-np.arange(200) / 25.0) * np.sin(
+            2 * np.pi * rng.uniform(2000, 4000) * np.arange(200) / sample_rate_hz
+        )
         for start in range(int(rng.integers(0, interval)), n - 200, interval):
             y[start : start + 200] += click
     elif label == "hum":
