@@ -43,7 +43,7 @@ from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig, load_feature_config
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms import shards, sources
-from soundshard.transforms.features import ComputeLogMel
+from soundshard.transforms.features import ComputeLogMel, PlanUnits
 
 _LOG = logging.getLogger(__name__)
 
@@ -159,16 +159,34 @@ def build(p: beam.Pipeline, run: FeatureRun):
     """Composes the features pipeline on ``p`` (does not run it).
 
     Returns:
-        dict of PCollections: ``windows`` (WindowBatch), ``dead_letters`` (DeadLetter),
-        ``summaries`` (FileSummary), ``written`` (WrittenShard), ``dataset`` (dataset.json path).
+        dict of PCollections: ``units`` (WorkUnit), ``windows`` (WindowBatch), ``dead_letters``
+        (DeadLetter), ``summaries`` (FileSummary), ``written`` (WrittenShard), ``dataset``
+        (dataset.json path).
     """
     listing = run.listing
     items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
-    computed = items | "ComputeLogMel" >> ComputeLogMel(run.config, progress_dir=run.progress_dir)
+    planned = items | "PlanUnits" >> PlanUnits(run.config, progress_dir=run.progress_dir)
+    n_shards = (
+        planned.units
+        | "ExpectedWindows" >> beam.Map(lambda unit: unit.expected_windows)
+        | "CountShards" >> shards.ShardCount(config=run.config, spec=run.spec)
+    )
+    # Units are redistributed after planning (a long recording becomes many units), and the
+    # shard count is then known before features exist, so shard assignment fuses with them.
+    units = planned.units | "DistributeUnits" >> beam.Reshuffle()
+    computed = units | "ComputeLogMel" >> ComputeLogMel(run.config, progress_dir=run.progress_dir)
     listing_dead = p | "ListingDeadLetters" >> beam.Create(listing.dead_letters)
-    dead_letters = (listing_dead, computed.dead_letters) | "AllDeadLetters" >> beam.Flatten()
-    written, n_shards = computed.windows | "WriteShards" >> shards.WriteWindowShards(
-        config=run.config, spec=run.spec, label_map=listing.label_map, extra_columns=listing.extra_columns
+    dead_letters = (
+        listing_dead,
+        planned.dead_letters,
+        computed.dead_letters,
+    ) | "AllDeadLetters" >> beam.Flatten()
+    written = computed.windows | "WriteShards" >> shards.WriteWindowShards(
+        config=run.config,
+        spec=run.spec,
+        label_map=listing.label_map,
+        extra_columns=listing.extra_columns,
+        n_shards=n_shards,
     )
     dataset = p | "CommitDataset" >> shards.CommitDataset(
         written=written,
@@ -183,6 +201,7 @@ def build(p: beam.Pipeline, run: FeatureRun):
         manifest=run.manifest,
     )
     return {
+        "units": planned.units,
         "windows": computed.windows,
         "dead_letters": dead_letters,
         "summaries": computed.summaries,
@@ -293,7 +312,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard features")
     workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
     local = runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given)
     if local:
-        with runners.progress(feature_run.listing.n_inputs, label="features") as progress_dir:
+        with runners.progress(len(feature_run.listing.items), label="features") as progress_dir:
             feature_run = dataclasses.replace(feature_run, progress_dir=progress_dir)
             with runners.make_pipeline(options, local=True) as p:
                 build(p, feature_run)

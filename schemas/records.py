@@ -32,6 +32,24 @@ class SourceItem:
 
 
 @dataclasses.dataclass(frozen=True)
+class WorkUnit:
+    """A recording (or, for long recordings, a time range of it) planned for decoding.
+
+    Attributes:
+        source: The recording.
+        source_sample_rate_hz: Rate in the file header.
+        source_frames: Frames in the file header (0 when the header does not say).
+        expected_windows: Windows the unit should yield, from the header (used to size shards
+            before any audio is decoded; the actual count comes from the decoded audio).
+    """
+
+    source: SourceItem
+    source_sample_rate_hz: int
+    source_frames: int
+    expected_windows: int
+
+
+@dataclasses.dataclass(frozen=True)
 class DeadLetter:
     """An input that could not be processed, and why.
 

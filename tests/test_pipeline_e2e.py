@@ -61,8 +61,8 @@ def run_features(*argv) -> int:
 EXPECTED_DEAD = {
     "nan.wav": ("decode", "non_finite_audio"),
     "truncated.flac": ("decode", "corrupt_audio"),
-    "zero.wav": ("decode", "empty_file"),
-    "text.wav": ("decode", "decode_error"),
+    "zero.wav": ("plan", "empty_file"),
+    "text.wav": ("plan", "decode_error"),
     "no_label.wav": ("manifest", "empty_label"),
     "missing.wav": ("source", "missing_file"),
 }
