@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import io
 import json
 import math
+import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -25,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
-from soundshard.schemas.records import DeadLetter, FileSummary
+from soundshard.schemas.records import DeadLetter, FileSummary, WindowBatch
 from soundshard.schemas.tfexample import tfrecord_frame
 
 FORMATS = ("parquet", "tfrecord")
@@ -85,18 +88,35 @@ def write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _table_bytes(table: pa.Table) -> bytes:
+def _parquet_options(schema: pa.Schema) -> dict:
     # zstd halves the size of float features against snappy at about the same speed (measured);
     # dictionary encoding helps the repeated strings only and costs time on the feature column.
-    rows_per_group = max(1, _ROW_GROUP_BYTES // max(1, table.nbytes // max(1, table.num_rows)))
-    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    return {"compression": "zstd", "use_dictionary": strings}
+
+
+def _table_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=rows_per_group, compression="zstd", use_dictionary=strings)
+    pq.write_table(table, sink, **_parquet_options(table.schema))
     return sink.getvalue()
 
 
 def _records_bytes(table: pa.Table) -> bytes:
     return b"".join(tfrecord_frame(example) for example in fields.table_to_examples(table))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fragment:
+    """The windows of one work unit, spilled as an Arrow IPC file next to the shards.
+
+    Only this small record travels through the shuffle that groups windows into shards; the
+    feature arrays stay in the fragment file until the shard writer streams them.
+    """
+
+    clip_id: str
+    first_window_index: int
+    path: str
+    rows: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,30 +130,97 @@ class WrittenShard:
     rows: int
 
 
-class _WriteShardFn(beam.DoFn):
+class _SpillFn(beam.DoFn):
+    """WindowBatch → fragment file; emits ``(shard index, Fragment)``."""
+
     def __init__(self, *, config, spec, label_map, extra_columns):
         self._config = config
         self._spec = spec
         self._label_map = label_map
         self._extra_columns = tuple(extra_columns)
 
-    def process(self, keyed, n_shards):
-        index, batches = keyed
-        ordered = sorted(batches, key=lambda b: (b.source.clip_id, b.first_window_index))
-        table = pa.concat_tables(
-            fields.batch_to_table(
-                b, config=self._config, label_map=self._label_map, extra_columns=self._extra_columns
-            )
-            for b in ordered
+    def process(self, batch: WindowBatch, n_shards: int):
+        table = fields.batch_to_table(
+            batch, config=self._config, label_map=self._label_map, extra_columns=self._extra_columns
         )
-        for fmt in self._spec.formats:
-            yield _write_shard(self._spec, fmt, index, n_shards, table)
+        key = hashlib.sha1(batch.source.clip_id.encode()).hexdigest()[:20]
+        path = join(self._spec.temp_dir, "fragments", f"{key}-{batch.first_window_index:09d}.arrow")
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        write_bytes(path, sink.getvalue().to_pybytes())
+        fragment = Fragment(batch.source.clip_id, batch.first_window_index, path, table.num_rows)
+        yield shard_of(batch.source.clip_id, n_shards), fragment
 
 
-def _write_shard(spec: ShardSpec, fmt: str, index: int, n_shards: int, table: pa.Table) -> WrittenShard:
-    temp_path = join(spec.temp_dir, spec.shard_name(fmt, index, n_shards))
-    write_bytes(temp_path, _table_bytes(table) if fmt == "parquet" else _records_bytes(table))
-    return WrittenShard(fmt, index, n_shards, temp_path, table.num_rows)
+def _read_fragment(fragment: Fragment) -> pa.Table:
+    with FileSystems.open(fragment.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        data = f.read()
+    return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+
+
+def write_shard_files(
+    spec: ShardSpec, index: int, n_shards: int, schema: pa.Schema, tables
+) -> list[WrittenShard]:
+    """Streams ``tables`` into one shard per format in the temporary folder.
+
+    Memory stays near one row group (``_ROW_GROUP_BYTES``), whatever the shard size. Each file is
+    built in a local temporary file and then copied, so any Beam filesystem works as output.
+    """
+    locals_ = {fmt: tempfile.TemporaryFile() for fmt in spec.formats}
+    parquet = (
+        pq.ParquetWriter(locals_["parquet"], schema, **_parquet_options(schema))
+        if "parquet" in locals_
+        else None
+    )
+    pending: list[pa.Table] = []
+    pending_bytes = 0
+    rows = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        group = pa.concat_tables(pending)
+        if parquet is not None:
+            parquet.write_table(group)
+        if "tfrecord" in locals_:
+            locals_["tfrecord"].write(_records_bytes(group))
+        pending, pending_bytes = [], 0
+
+    try:
+        for table in tables:
+            pending.append(table)
+            pending_bytes += table.nbytes
+            rows += table.num_rows
+            if pending_bytes >= _ROW_GROUP_BYTES:
+                flush()
+        flush()
+        if parquet is not None:
+            parquet.close()
+        written = []
+        for fmt, local in locals_.items():
+            temp_path = join(spec.temp_dir, spec.shard_name(fmt, index, n_shards))
+            local.seek(0)
+            with FileSystems.create(temp_path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
+                shutil.copyfileobj(local, out, length=4 * 2**20)
+            written.append(WrittenShard(fmt, index, n_shards, temp_path, rows))
+        return written
+    finally:
+        for local in locals_.values():
+            local.close()
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, *, config, spec, extra_columns):
+        self._spec = spec
+        self._schema = fields.arrow_schema(config, extra_columns)
+
+    def process(self, keyed, n_shards):
+        index, fragments = keyed
+        ordered = sorted(fragments, key=lambda f: (f.clip_id, f.first_window_index))
+        tables = (_read_fragment(f) for f in ordered)
+        yield from write_shard_files(self._spec, index, n_shards, self._schema, tables)
 
 
 class WriteWindowShards(beam.PTransform):
@@ -161,16 +248,16 @@ class WriteWindowShards(beam.PTransform):
     def expand(self, batches):
         config, spec = self._config, self._spec
         n_side = beam.pvalue.AsSingleton(self._n_shards)
+        spill = _SpillFn(
+            config=config, spec=spec, label_map=self._label_map, extra_columns=self._extra_columns
+        )
         return (
             batches
-            | "AssignShard" >> beam.Map(lambda b, n: (shard_of(b.source.clip_id, n), b), n=n_side)
+            | "SpillFragments" >> beam.ParDo(spill, n_shards=n_side)
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard"
             >> beam.ParDo(
-                _WriteShardFn(
-                    config=config, spec=spec, label_map=self._label_map, extra_columns=self._extra_columns
-                ),
-                n_shards=n_side,
+                _WriteShardFn(config=config, spec=spec, extra_columns=self._extra_columns), n_shards=n_side
             )
         )
 
@@ -255,12 +342,13 @@ class _CommitFn(beam.DoFn):
         present = {(w.fmt, w.index) for w in written}
         moves = [(w.temp_path, join(spec.output, spec.shard_name(w.fmt, w.index, n_shards))) for w in written]
         rows = {w.index: w.rows for w in written}
-        empty = pa.Table.from_batches([], schema=fields.arrow_schema(config, self._extra_columns))
-        for fmt in spec.formats:
-            for index in range(n_shards):
-                if (fmt, index) not in present:  # keep the names complete: 00000..N-1 of N
-                    shard = _write_shard(spec, fmt, index, n_shards, empty)
-                    moves.append((shard.temp_path, join(spec.output, spec.shard_name(fmt, index, n_shards))))
+        schema = fields.arrow_schema(config, self._extra_columns)
+        for index in range(n_shards):
+            if any((fmt, index) not in present for fmt in spec.formats):  # names stay 00000..N-1 of N
+                for shard in write_shard_files(spec, index, n_shards, schema, []):
+                    moves.append(
+                        (shard.temp_path, join(spec.output, spec.shard_name(shard.fmt, index, n_shards)))
+                    )
         dead_path = join(spec.temp_dir, "dead_letters.parquet")
         write_bytes(dead_path, _table_bytes(dead_letter_table(dead_letters)))
         moves.append((dead_path, join(spec.output, "dead_letters.parquet")))
