@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -151,7 +152,7 @@ class FeatureConfig:
         """A validated copy with ``changes`` applied."""
         return self.from_dict({**self.to_dict(), **changes})
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Stable 16-hex-digit digest of every field and the feature-maths version."""
         payload = json.dumps({"feature_version": FEATURE_VERSION, **self.to_dict()}, sort_keys=True)

@@ -8,6 +8,7 @@ in the schema metadata and in ``dataset.json``, and the readers here reshape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator, Sequence
 
@@ -66,6 +67,11 @@ def extra_fields(extra_columns: Sequence[str]) -> tuple[Field, ...]:
 
 def arrow_schema(config: FeatureConfig, extra_columns: Sequence[str] = ()) -> pa.Schema:
     """Arrow schema of the window table for ``config`` (feature size fixed by the config)."""
+    return _arrow_schema(config, tuple(extra_columns))
+
+
+@functools.lru_cache(maxsize=16)
+def _arrow_schema(config: FeatureConfig, extra_columns: tuple[str, ...]) -> pa.Schema:
     n_values = config.n_mels * config.window_frames
     columns = []
     for field in FIELDS + extra_fields(extra_columns):

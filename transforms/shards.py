@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import io
 import json
 import math
 import shutil
 import tempfile
 import time
+import uuid
 import zlib
 from collections.abc import Sequence
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
@@ -34,6 +38,7 @@ from soundshard.schemas.tfexample import tfrecord_frame
 FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
 _ROW_GROUP_BYTES = 32 * 2**20
+_FRAGMENT_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +112,14 @@ def _records_bytes(table: pa.Table) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Fragment:
-    """The windows of one work unit, spilled as an Arrow IPC file next to the shards.
+    """Windows of one shard from one bundle, spilled as an Arrow IPC file next to the shards.
 
     Only this small record travels through the shuffle that groups windows into shards; the
-    feature arrays stay in the fragment file until the shard writer streams them.
+    feature arrays stay in fragment files until the shard writer reads them. A retried bundle
+    writes new fragments under new names; only fragments named by records of a successful
+    bundle are read, and the whole temporary folder is removed by the commit.
     """
 
-    clip_id: str
-    first_window_index: int
     path: str
     rows: int
 
@@ -131,7 +136,11 @@ class WrittenShard:
 
 
 class _SpillFn(beam.DoFn):
-    """WindowBatch → fragment file; emits ``(shard index, Fragment)``."""
+    """WindowBatches → one fragment file per shard and bundle; emits ``(shard index, Fragment)``.
+
+    Tables are buffered per shard and written when a buffer reaches ``_FRAGMENT_BYTES`` or the
+    bundle ends, so a dataset of many short clips does not become as many small files.
+    """
 
     def __init__(self, *, config, spec, label_map, extra_columns):
         self._config = config
@@ -139,18 +148,34 @@ class _SpillFn(beam.DoFn):
         self._label_map = label_map
         self._extra_columns = tuple(extra_columns)
 
+    def start_bundle(self):
+        self._buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
+        self._sizes: dict[int, int] = collections.defaultdict(int)
+
     def process(self, batch: WindowBatch, n_shards: int):
         table = fields.batch_to_table(
             batch, config=self._config, label_map=self._label_map, extra_columns=self._extra_columns
         )
-        key = hashlib.sha1(batch.source.clip_id.encode()).hexdigest()[:20]
-        path = join(self._spec.temp_dir, "fragments", f"{key}-{batch.first_window_index:09d}.arrow")
+        index = shard_of(batch.source.clip_id, n_shards)
+        self._buffers[index].append(table)
+        self._sizes[index] += table.nbytes
+        if self._sizes[index] >= _FRAGMENT_BYTES:
+            yield index, self._spill(index)
+
+    def finish_bundle(self):
+        for index in sorted(self._buffers):
+            yield WindowedValue((index, self._spill(index)), MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _spill(self, index: int) -> Fragment:
+        tables = self._buffers.pop(index)
+        self._sizes.pop(index)
+        path = join(self._spec.temp_dir, "fragments", f"{index:05d}-{uuid.uuid4().hex}.arrow")
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+        with pa.ipc.new_file(sink, tables[0].schema) as writer:
+            for table in tables:
+                writer.write_table(table)
         write_bytes(path, sink.getvalue().to_pybytes())
-        fragment = Fragment(batch.source.clip_id, batch.first_window_index, path, table.num_rows)
-        yield shard_of(batch.source.clip_id, n_shards), fragment
+        return Fragment(path, sum(t.num_rows for t in tables))
 
 
 def _read_fragment(fragment: Fragment) -> pa.Table:
@@ -190,6 +215,7 @@ def write_shard_files(
 
     try:
         for table in tables:
+            table = pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table
             pending.append(table)
             pending_bytes += table.nbytes
             rows += table.num_rows
@@ -218,9 +244,14 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, keyed, n_shards):
         index, fragments = keyed
-        ordered = sorted(fragments, key=lambda f: (f.clip_id, f.first_window_index))
-        tables = (_read_fragment(f) for f in ordered)
-        yield from write_shard_files(self._spec, index, n_shards, self._schema, tables)
+        # Rows sorted by clip and window: shard bytes do not depend on how bundles were cut.
+        table = pa.concat_tables(_read_fragment(f) for f in fragments)
+        table = table.take(
+            pa.compute.sort_indices(table, [("clip_id", "ascending"), ("window_index", "ascending")])
+        )
+        yield from write_shard_files(
+            self._spec, index, n_shards, self._schema, table.to_batches(max_chunksize=256)
+        )
 
 
 class WriteWindowShards(beam.PTransform):
