@@ -76,6 +76,13 @@ class FeaturesOptions(PipelineOptions):
         parser.add_argument(
             "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
         )
+        parser.add_argument(
+            "--unit_s",
+            type=float,
+            default=60.0,
+            help="Split recordings into work units of about this many seconds (0: never split). "
+            "Units decode in parallel and bound memory; values do not depend on the split.",
+        )
 
 
 def _parse_value(text: str, hint) -> typing.Any:
@@ -152,6 +159,7 @@ class FeatureRun:
     config: FeatureConfig
     spec: shards.ShardSpec
     manifest: dict
+    unit_s: float | None = 60.0
     progress_dir: str | None = None
 
 
@@ -165,10 +173,10 @@ def build(p: beam.Pipeline, run: FeatureRun):
     """
     listing = run.listing
     items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
-    planned = items | "PlanUnits" >> PlanUnits(run.config, progress_dir=run.progress_dir)
+    planned = items | "PlanUnits" >> PlanUnits(run.config, unit_s=run.unit_s, progress_dir=run.progress_dir)
     n_shards = (
         planned.units
-        | "ExpectedWindows" >> beam.Map(lambda unit: unit.expected_windows)
+        | "ExpectedWindows" >> beam.Map(lambda unit: unit.n_windows)
         | "CountShards" >> shards.ShardCount(config=run.config, spec=run.spec)
     )
     # Units are redistributed after planning (a long recording becomes many units), and the
@@ -227,6 +235,8 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
         raise ConfigError(f"--num_shards={args.num_shards} must be at least 1")
     if not args.shard_size_mb > 0:
         raise ConfigError(f"--shard_size_mb={args.shard_size_mb} must be positive")
+    if args.unit_s < 0:
+        raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
     config = feature_config_from_args(args)
     listing = list_sources(args)
     if not listing.items and not listing.dead_letters:
@@ -259,7 +269,9 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
             "beam_version": beam.__version__,
         },
     }
-    return FeatureRun(listing=listing, config=config, spec=spec, manifest=manifest)
+    return FeatureRun(
+        listing=listing, config=config, spec=spec, manifest=manifest, unit_s=args.unit_s or None
+    )
 
 
 def read_dataset_json(output: str) -> dict:
@@ -275,6 +287,7 @@ def summary_text(dataset: dict, output: str) -> str:
         f"output           {output}",
         f"inputs           {fig['inputs']}  processed {fig['files_processed']}  "
         f"dead letters {fig['dead_letters']}  (all accounted for: {fig['accounted_for']})",
+        f"work units       {fig['work_units']}  (partially failed files: {fig['partial_files']})",
         f"windows          {fig['windows']}  shape {dataset['feature_shape']}  "
         f"fingerprint {dataset['feature_fingerprint']}",
         f"audio            {fig['audio_s']:.1f} s in {fig['wall_s']:.1f} s "

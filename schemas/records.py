@@ -33,20 +33,32 @@ class SourceItem:
 
 @dataclasses.dataclass(frozen=True)
 class WorkUnit:
-    """A recording (or, for long recordings, a time range of it) planned for decoding.
+    """A range of analysis windows of one recording, planned from its header.
+
+    Long recordings are split into several units that decode independently (only their source
+    range plus a resampling margin is read); a short one is a single unit.
 
     Attributes:
         source: The recording.
         source_sample_rate_hz: Rate in the file header.
-        source_frames: Frames in the file header (0 when the header does not say).
-        expected_windows: Windows the unit should yield, from the header (used to size shards
-            before any audio is decoded; the actual count comes from the decoded audio).
+        source_frames: Frames in the file header.
+        output_samples: Samples of the whole recording at the analysis rate.
+        total_windows: Windows of the whole recording.
+        first_window: Index of the unit's first window on the recording's window grid.
+        n_windows: Windows in this unit.
+        unit_index: Index of the unit within the recording.
+        n_units: Units of the recording.
     """
 
     source: SourceItem
     source_sample_rate_hz: int
     source_frames: int
-    expected_windows: int
+    output_samples: int
+    total_windows: int
+    first_window: int
+    n_windows: int
+    unit_index: int = 0
+    n_units: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,22 +108,30 @@ class WindowBatch:
 
 @dataclasses.dataclass(frozen=True)
 class FileSummary:
-    """What one successfully processed recording contributed (for the run's figures).
+    """What one successfully processed work unit contributed (for the run's figures).
+
+    One summary per work unit; a recording's figures are the sum over its units.
 
     Attributes:
         clip_id: Clip id.
+        source_uri: The recording.
         label: Label or ``None``.
         fold: Fold or ``None``.
         split: Split or ``None``.
-        n_windows: Windows written.
-        duration_s: Decoded duration in seconds.
-        silent: True when every sample is exactly zero (digital silence).
+        n_windows: Windows written for the unit.
+        duration_s: Seconds of the recording the unit accounts for (its share of the duration).
+        silent: True when every decoded sample of the unit is exactly zero (digital silence).
+        unit_index: Index of the unit within the recording.
+        n_units: Units of the recording.
     """
 
     clip_id: str
+    source_uri: str
     label: str | None
     fold: int | None
     split: str | None
     n_windows: int
     duration_s: float
     silent: bool
+    unit_index: int = 0
+    n_units: int = 1

@@ -113,7 +113,8 @@ def test_drop_config_dead_letters_short_file(bad_inputs, tmp_path):
     assert code == 0
     dead = pq.read_table(out / "dead_letters.parquet").to_pylist()
     short = [d for d in dead if d["source_uri"].endswith("short.wav")]
-    assert [(d["stage"], d["reason"]) for d in short] == [("features", "audio_too_short")]
+    assert [(d["stage"], d["reason"]) for d in short] == [("plan", "audio_too_short")]
+    assert "shorter than one window" in short[0]["message"]
     assert not (out / "tfrecord").exists()
 
 
@@ -252,3 +253,60 @@ def test_esc10_command(tmp_path):
     assert set(dogs.meta_target) == {"0"} and dogs.clip_id.nunique() == 40
     assert frame.start_s.max() == pytest.approx(9 * 20 * 512 / 22050)
     shutil.rmtree(out)
+
+
+def test_long_recording_split_into_units_matches_unsplit(tmp_path):
+    rng = np.random.default_rng(3)
+    y = (tone(sample_rate_hz=44100, duration_s=20.0) + 0.05 * rng.standard_normal(20 * 44100)).astype(
+        np.float32
+    )
+    write_audio(tmp_path / "in" / "long.flac", y, 44100)
+    tables = {}
+    for unit_s in ("0", "3"):
+        out = tmp_path / f"out{unit_s}"
+        assert (
+            run_features(
+                "--input", tmp_path / "in", "--output", out, "--unit_s", unit_s, "--format", "parquet"
+            )
+            == 0
+        )
+        dataset = json.loads((out / "dataset.json").read_text())
+        assert dataset["figures"]["files_processed"] == 1
+        assert dataset["figures"]["audio_s"] == pytest.approx(20.0, abs=1e-3)
+        tables[unit_s] = (
+            dataset,
+            fields.read_parquet_windows(str(out / "parquet" / "windows-00000-of-00001.parquet")),
+        )
+    assert tables["0"][0]["figures"]["work_units"] == 1
+    assert tables["3"][0]["figures"]["work_units"] == 8  # 43 windows, 6 per unit
+    (whole_table, whole), (split_table, split) = tables["0"][1], tables["3"][1]
+    assert whole_table.column("window_index").to_pylist() == list(range(43))
+    assert split_table.select(["window_index", "start_s", "end_s"]).equals(
+        whole_table.select(["window_index", "start_s", "end_s"])
+    )
+    np.testing.assert_allclose(split, whole, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_longform_recording_in_units(tmp_path):
+    from .helpers import SHARED_DATA
+
+    longform = SHARED_DATA / "longform"
+    wavs = sorted(longform.glob("*.wav")) + sorted(longform.glob("*.flac"))
+    if not wavs:
+        pytest.skip(f"longform recording not found in {longform}")
+    out = tmp_path / "out"
+    assert run_features("--input", wavs[0], "--output", out, "--format", "parquet") == 0
+    dataset = json.loads((out / "dataset.json").read_text())
+    fig = dataset["figures"]
+    assert fig["files_processed"] == 1 and fig["work_units"] >= 10  # 10 minutes in 60 s units
+    assert fig["audio_s"] == pytest.approx(600, abs=1.0)
+    expected = melspec_windows_for(fig["audio_s"])
+    assert fig["windows"] == expected
+
+
+def melspec_windows_for(duration_s: float) -> int:
+    from soundshard.transforms.melspec import window_count
+
+    return window_count(round(duration_s * 22050), FeatureConfig())

@@ -33,8 +33,8 @@ def test_compute_log_mel_outputs_and_counters(tmp_path, beam_runner):
     out = planned.units | ComputeLogMel(config)
     assert_that(
         planned.units
-        | "Planned" >> beam.Map(lambda u: (u.source.clip_id, u.source_frames, u.expected_windows)),
-        equal_to([("good", 44100, 3), ("short", int(0.3 * 22050), 0)]),
+        | "Planned" >> beam.Map(lambda u: (u.source.clip_id, u.source_frames, u.n_windows, u.n_units)),
+        equal_to([("good", 44100, 3, 1)]),
         label="units",
     )
     assert_that(
@@ -44,12 +44,18 @@ def test_compute_log_mel_outputs_and_counters(tmp_path, beam_runner):
     )
     assert_that(
         out.dead_letters | "Why" >> beam.Map(lambda d: (d.clip_id, d.stage, d.reason)),
-        equal_to([("short", "features", "audio_too_short")]),
+        equal_to([]),
         label="dead_letters",
     )
     assert_that(
         planned.dead_letters | "PlanWhy" >> beam.Map(lambda d: (d.clip_id, d.stage, d.reason)),
-        equal_to([("text", "plan", "decode_error"), ("empty", "plan", "empty_file")]),
+        equal_to(
+            [
+                ("short", "plan", "audio_too_short"),
+                ("text", "plan", "decode_error"),
+                ("empty", "plan", "empty_file"),
+            ]
+        ),
         label="plan_dead_letters",
     )
     assert_that(

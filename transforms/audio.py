@@ -43,6 +43,8 @@ def decode_audio(
     channel: int | None = None,
     resample_quality: str = "HQ",
     name: str | None = None,
+    start_frame: int = 0,
+    n_frames: int | None = None,
 ) -> DecodedAudio:
     """Decodes a file with libsndfile, mixes down (or picks ``channel``), resamples with soxr.
 
@@ -52,6 +54,8 @@ def decode_audio(
         channel: ``None`` for the mean of all channels, else the index of the channel to keep.
         resample_quality: soxr preset.
         name: Name used in error messages (defaults to ``source`` when it is a path).
+        start_frame: First frame to read (seeks; only that range is decoded and held).
+        n_frames: Frames to read from ``start_frame`` (default: to the end).
 
     Returns:
         The mono float32 signal at ``sample_rate_hz``.
@@ -70,16 +74,19 @@ def decode_audio(
         declared = f.frames
         rate, channels = f.samplerate, f.channels
         fmt = f"{f.format}/{f.subtype}"
+        wanted = declared - start_frame if n_frames is None else n_frames
         try:
-            data = f.read(dtype="float32", always_2d=True)
+            if start_frame:
+                f.seek(start_frame)
+            data = f.read(frames=wanted if n_frames is not None else -1, dtype="float32", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError, EOFError) as exc:
             raise AudioDecodeError(
                 f"{label} ({fmt}, header declares {declared} frames) is truncated or corrupt: {exc}",
                 reason="corrupt_audio",
             ) from exc
-    if declared > 0 and len(data) < declared:
+    if declared > 0 and len(data) < wanted:
         raise AudioDecodeError(
-            f"{label} is truncated: header declares {declared} frames, decoded {len(data)}",
+            f"{label} is truncated: header declares {declared} frames, decoded {start_frame + len(data)}",
             reason="truncated_audio",
         )
     if len(data) == 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 
@@ -18,7 +17,7 @@ from apache_beam.metrics import Metrics
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, DataError
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
-from soundshard.transforms import melspec
+from soundshard.transforms import melspec, units
 from soundshard.transforms.audio import decode_audio
 from soundshard.transforms.sources import open_source
 
@@ -33,14 +32,18 @@ def count(reason: str, n: int = 1) -> None:
     Metrics.counter(NAMESPACE, reason).inc(n)
 
 
-def dead_letter(item: SourceItem, stage: str, exc: BaseException) -> DeadLetter:
-    """A dead letter for ``item`` failing at ``stage``; counts it under its reason."""
+def dead_letter(item: SourceItem, stage: str, exc: BaseException, *, where: str | None = None) -> DeadLetter:
+    """A dead letter for ``item`` failing at ``stage``; counts it under its reason.
+
+    ``where`` names the part that failed (e.g. a unit's window range) when not the whole file.
+    """
     reason = exc.reason if isinstance(exc, DataError) else "unexpected_error"
     if not isinstance(exc, DataError):
         _LOG.warning("unexpected %s in stage %s for %s", type(exc).__name__, stage, item.uri, exc_info=exc)
     count(reason)
     count("dead_letters")
-    return DeadLetter(item.uri, item.clip_id, stage, reason, type(exc).__name__, str(exc))
+    message = str(exc) if where is None or where in str(exc) else f"{where}: {exc}"
+    return DeadLetter(item.uri, item.clip_id, stage, reason, type(exc).__name__, message)
 
 
 class ProgressReporter:
@@ -84,12 +87,18 @@ def _open_checked(item: SourceItem, stack: contextlib.ExitStack):
     return source
 
 
-def probe(item: SourceItem, config: FeatureConfig) -> WorkUnit:
-    """Reads the header of ``item`` (no samples) and plans its work unit.
+def plan(item: SourceItem, config: FeatureConfig, *, unit_s: float | None = None) -> list[WorkUnit]:
+    """Reads the header of ``item`` (no samples) and splits it into work units.
+
+    Args:
+        item: The recording.
+        config: Feature configuration.
+        unit_s: Approximate unit length in seconds; ``None`` or 0 keeps every recording whole.
+            Recording-scope normalisation needs a whole recording, so it is never split then.
 
     Raises:
         AudioDecodeError: unreadable header or empty file.
-        AudioValidationError: a header that declares no samples.
+        AudioValidationError: a header that declares no samples, or too few for one window.
     """
     with contextlib.ExitStack() as stack:
         source = _open_checked(item, stack)
@@ -97,18 +106,33 @@ def probe(item: SourceItem, config: FeatureConfig) -> WorkUnit:
             info = soundfile.info(source)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, EOFError) as exc:
             raise AudioDecodeError(f"cannot decode {item.uri}: {exc}", reason="decode_error") from exc
-    if info.frames == 0:
+    if info.frames <= 0:
         raise AudioValidationError(f"{item.uri} holds no samples ({info.format})", reason="empty_audio")
-    frames = max(info.frames, 0)
-    expected_samples = math.ceil(frames * config.sample_rate_hz / info.samplerate)
-    return WorkUnit(item, info.samplerate, frames, melspec.window_count(expected_samples, config))
+    output_samples, total = units.recording_windows(
+        source_frames=info.frames, source_rate_hz=info.samplerate, config=config
+    )
+    if total == 0:
+        raise AudioValidationError(
+            f"{item.uri} lasts {info.frames / info.samplerate:.3f} s, shorter than one window "
+            f"({config.window_s:.3f} s) and last_window='drop'",
+            reason="audio_too_short",
+        )
+    per_unit = None
+    if unit_s and config.normalization_scope == "window":
+        per_unit = units.windows_per_unit(unit_s, config)
+    ranges = units.split_windows(total, per_unit)
+    return [
+        WorkUnit(item, info.samplerate, info.frames, output_samples, total, first, n, index, len(ranges))
+        for index, (first, n) in enumerate(ranges)
+    ]
 
 
 class _ProbeFn(beam.DoFn):
     """Plans work units from file headers, on the workers (dead letters for unreadable files)."""
 
-    def __init__(self, config: FeatureConfig, progress_dir: str | None = None):
+    def __init__(self, config: FeatureConfig, unit_s: float | None, progress_dir: str | None = None):
         self._config = config
+        self._unit_s = unit_s
         self._progress_dir = progress_dir
 
     def setup(self):
@@ -116,7 +140,7 @@ class _ProbeFn(beam.DoFn):
 
     def process(self, item: SourceItem):
         try:
-            yield probe(item, self._config)
+            yield from plan(item, self._config, unit_s=self._unit_s)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "plan", exc))
             self._progress.add(files=1, windows=0)
@@ -131,19 +155,22 @@ class PlanUnits(beam.PTransform):
     ``expand`` returns Beam's outputs tuple: ``.units`` (WorkUnit) and ``.dead_letters``.
 
     Args:
-        config: Feature configuration (for the expected window count).
+        config: Feature configuration (for the window grid).
+        unit_s: Split recordings into units of about this many seconds; ``None`` never splits.
         progress_dir: Local folder for progress files of local runs, or ``None``.
     """
 
-    def __init__(self, config: FeatureConfig, *, progress_dir: str | None = None):
+    def __init__(
+        self, config: FeatureConfig, *, unit_s: float | None = 60.0, progress_dir: str | None = None
+    ):
         super().__init__()
         self._config = config
+        self._unit_s = unit_s
         self._progress_dir = progress_dir
 
     def expand(self, items):
-        return items | "ProbeHeaders" >> beam.ParDo(_ProbeFn(self._config, self._progress_dir)).with_outputs(
-            DEAD_LETTERS, main="units"
-        )
+        planner = _ProbeFn(self._config, self._unit_s, self._progress_dir)
+        return items | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
 
 
 class _LogMelFn(beam.DoFn):
@@ -169,6 +196,24 @@ class _LogMelFn(beam.DoFn):
     def process(self, unit: WorkUnit):
         config = self._config
         item = unit.source
+        last_unit = unit.unit_index == unit.n_units - 1
+        where = (
+            item.uri
+            if unit.n_units == 1
+            else (
+                f"{item.uri} (windows {unit.first_window}..{unit.first_window + unit.n_windows - 1} "
+                f"of {unit.total_windows})"
+            )
+        )
+        whole = unit.n_units == 1
+        span = units.source_range(
+            first_window=unit.first_window,
+            n_windows=unit.n_windows,
+            config=config,
+            source_rate_hz=unit.source_sample_rate_hz,
+            source_frames=unit.source_frames,
+            output_samples=unit.output_samples,
+        )
         try:
             with contextlib.ExitStack() as stack:
                 source = _open_checked(item, stack)
@@ -177,45 +222,72 @@ class _LogMelFn(beam.DoFn):
                     sample_rate_hz=config.sample_rate_hz,
                     channel=config.channel,
                     resample_quality=config.resample_quality,
-                    name=item.uri,
+                    name=where,
+                    start_frame=0 if whole else span.start_frame,
+                    n_frames=None if whole else span.n_frames,
                 )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "decode", exc))
-            self._progress.add(files=1, windows=0)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "decode", exc, where=where))
+            self._progress.add(files=int(last_unit), windows=0)
             return
         try:
-            n_windows = melspec.window_count(len(audio.samples), config)
-            if n_windows == 0:
-                raise DataError(
-                    f"{item.uri} lasts {audio.duration_s:.3f} s, shorter than one window "
-                    f"({config.window_s:.3f} s) and last_window='drop'",
-                    reason="audio_too_short",
+            if whole:
+                features = melspec.log_mel_windows(audio.samples, config)
+            else:
+                features = melspec.log_mel_windows(
+                    audio.samples,
+                    config,
+                    first_window=unit.first_window,
+                    n_windows=unit.n_windows,
+                    y_offset=span.output_offset,
+                    total_samples=unit.output_samples,
                 )
-            features = melspec.log_mel_windows(audio.samples, config)
             if not np.isfinite(features).all():
-                raise DataError(
-                    f"{item.uri}: features contain non-finite values", reason="non_finite_features"
-                )
+                raise DataError(f"{where}: features contain non-finite values", reason="non_finite_features")
         except Exception as exc:  # noqa: BLE001
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "features", exc))
-            self._progress.add(files=1, windows=0)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "features", exc, where=where))
+            self._progress.add(files=int(last_unit), windows=0)
             return
-        starts, ends = melspec.window_bounds_s(n_windows, config)
+        n_windows = features.shape[0]
+        starts, ends = melspec.window_bounds_s(n_windows, config, first_window=unit.first_window)
+        duration_s = audio.duration_s if whole else unit_duration_s(unit, config)
         silent = not audio.samples.any()
-        count("files_processed")
+        if last_unit:
+            count("files_processed")
         count("windows", n_windows)
-        count("audio_ms", round(audio.duration_s * 1000))
+        count("audio_ms", round(duration_s * 1000))
         if silent:
             count("digital_silence")
-        self._progress.add(files=1, windows=n_windows)
-        yield WindowBatch(item, features, starts, ends)
+        self._progress.add(files=int(last_unit), windows=n_windows)
+        yield WindowBatch(item, features, starts, ends, first_window_index=unit.first_window)
         yield beam.pvalue.TaggedOutput(
             SUMMARIES,
-            FileSummary(item.clip_id, item.label, item.fold, item.split, n_windows, audio.duration_s, silent),
+            FileSummary(
+                item.clip_id,
+                item.uri,
+                item.label,
+                item.fold,
+                item.split,
+                n_windows,
+                duration_s,
+                silent,
+                unit.unit_index,
+                unit.n_units,
+            ),
         )
 
     def finish_bundle(self):
         self._progress.flush()
+
+
+def unit_duration_s(unit: WorkUnit, config: FeatureConfig) -> float:
+    """Seconds of the recording a unit accounts for: from its first window's start to the next
+    unit's (the last unit ends at the recording's end), so units add up to the duration."""
+    start = unit.first_window * config.window_hop_s
+    recording_s = unit.output_samples / config.sample_rate_hz
+    if unit.unit_index == unit.n_units - 1:
+        return recording_s - start
+    return (unit.first_window + unit.n_windows) * config.window_hop_s - start
 
 
 class ComputeLogMel(beam.PTransform):

@@ -124,24 +124,41 @@ def window_count(n_samples: int, config: FeatureConfig) -> int:
     return full
 
 
-def power_mel_frames(y: np.ndarray, config: FeatureConfig, *, n_frames: int) -> np.ndarray:
-    """Mel power spectrogram of the first ``n_frames`` frames of ``y``.
+def power_mel_frames(
+    y: np.ndarray,
+    config: FeatureConfig,
+    *,
+    n_frames: int,
+    first_frame: int = 0,
+    y_offset: int = 0,
+    total_samples: int | None = None,
+) -> np.ndarray:
+    """Mel power spectrogram of frames ``[first_frame, first_frame + n_frames)`` of a recording.
 
-    Samples beyond ``y`` count as zeros (librosa's constant padding), so asking for more frames
-    than ``frame_count(len(y))`` pads the recording with silence.
+    Frame ``j`` is centred on sample ``j * hop_length`` of the recording. ``y`` holds the
+    recording's samples from index ``y_offset`` on (all of it by default); samples outside the
+    recording, ``[0, total_samples)``, count as zeros (librosa's constant padding), so asking for
+    frames past the end pads the recording with silence.
 
     Args:
-        y: Mono float32 signal ``[n_samples]`` at ``config.sample_rate_hz``.
+        y: Mono float32 samples at ``config.sample_rate_hz``.
         config: Feature configuration.
         n_frames: Frames to compute.
+        first_frame: Index of the first frame on the recording's frame grid.
+        y_offset: Recording sample index of ``y[0]``.
+        total_samples: Length of the recording (default: ``y_offset + len(y)``).
 
     Returns:
         float32 ``[n_mels, n_frames]``.
     """
     n_fft, hop = config.n_fft, config.hop_length
+    total = y_offset + len(y) if total_samples is None else total_samples
+    start = first_frame * hop - n_fft // 2  # recording index of buffer[0]
     buffer = np.zeros((n_frames - 1) * hop + n_fft, dtype=np.float32)
-    usable = min(len(y), len(buffer) - n_fft // 2)
-    buffer[n_fft // 2 : n_fft // 2 + usable] = y[:usable]
+    lo = max(start, y_offset, 0)
+    hi = min(start + len(buffer), y_offset + len(y), total)
+    if hi > lo:
+        buffer[lo - start : hi - start] = y[lo - y_offset : hi - y_offset]
     frames = np.lib.stride_tricks.sliding_window_view(buffer, n_fft)[::hop]
     spectrum = scipy.fft.rfft(frames * _hann(n_fft), axis=-1)
     power = spectrum.real**2 + spectrum.imag**2
@@ -173,23 +190,44 @@ def normalize(windows: np.ndarray, config: FeatureConfig) -> np.ndarray:
     return windows
 
 
-def log_mel_windows(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
-    """Log-mel features of every analysis window of one recording.
+def log_mel_windows(
+    y: np.ndarray,
+    config: FeatureConfig,
+    *,
+    first_window: int = 0,
+    n_windows: int | None = None,
+    y_offset: int = 0,
+    total_samples: int | None = None,
+) -> np.ndarray:
+    """Log-mel features of analysis windows of one recording.
+
+    By default all windows of ``y`` (a whole recording); with ``first_window``/``n_windows`` and
+    ``y_offset``/``total_samples`` the windows of a work unit, from the part of the recording
+    that ``y`` holds (see :func:`power_mel_frames`). Values equal those of the whole recording.
 
     Args:
-        y: Mono float32 signal ``[n_samples]`` at ``config.sample_rate_hz``.
+        y: Mono float32 samples at ``config.sample_rate_hz``.
         config: Feature configuration.
+        first_window: Index of the first window on the recording's window grid.
+        n_windows: Windows to compute (default: all, ``window_count(total_samples)``).
+        y_offset: Recording sample index of ``y[0]``.
+        total_samples: Length of the recording (default: ``y_offset + len(y)``).
 
     Returns:
-        float32 ``[n_windows, n_mels, window_frames]`` with ``n_windows = window_count(len(y))``;
-        window ``k`` starts at frame ``k * window_hop_frames``.
+        float32 ``[n_windows, n_mels, window_frames]``; window ``k`` starts at frame
+        ``k * window_hop_frames``.
     """
-    n_windows = window_count(len(y), config)
+    total = y_offset + len(y) if total_samples is None else total_samples
+    if n_windows is None:
+        n_windows = window_count(total, config) - first_window
     wf, wh = config.window_frames, config.window_hop_frames
-    if n_windows == 0:
+    if n_windows <= 0:
         return np.zeros((0, config.n_mels, wf), dtype=np.float32)
     n_frames = (n_windows - 1) * wh + wf
-    frames = compress(power_mel_frames(y, config, n_frames=n_frames), config)
+    power = power_mel_frames(
+        y, config, n_frames=n_frames, first_frame=first_window * wh, y_offset=y_offset, total_samples=total
+    )
+    frames = compress(power, config)
     views = np.lib.stride_tricks.sliding_window_view(frames, wf, axis=1)[:, ::wh]
     windows = views.transpose(1, 0, 2).copy()  # owns its memory (a view would be read-only)
     if config.log_compression == "db" and config.top_db is not None:
@@ -198,7 +236,9 @@ def log_mel_windows(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
     return normalize(windows, config)
 
 
-def window_bounds_s(n_windows: int, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end seconds (float64 ``[n_windows]`` each) of the first ``n_windows`` windows."""
-    starts = np.arange(n_windows, dtype=np.float64) * config.window_hop_s
+def window_bounds_s(
+    n_windows: int, config: FeatureConfig, first_window: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end seconds (float64 ``[n_windows]`` each) of windows ``first_window`` on."""
+    starts = (np.arange(n_windows, dtype=np.float64) + first_window) * config.window_hop_s
     return starts, starts + config.window_s

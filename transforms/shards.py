@@ -303,31 +303,49 @@ class ShardCount(beam.PTransform):
         self._config = config
         self._spec = spec
 
-    def expand(self, expected_windows):
+    def expand(self, windows_per_unit):
         config, spec = self._config, self._spec
         return (
-            expected_windows
+            windows_per_unit
             | "TotalWindows" >> beam.CombineGlobally(sum)
             | "ShardCount" >> beam.Map(lambda total: shard_count(total, config=config, spec=spec))
         )
 
 
+#: Stages that fail one work unit of a recording (other units of it may succeed).
+UNIT_STAGES = ("decode", "features")
+
+
 def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLetter], *, n_inputs: int) -> dict:
-    """Counts per label and fold and the run's figures (files, windows, audio seconds)."""
+    """Counts per label, fold and split and the run's figures (files, windows, audio seconds).
+
+    Summaries come per work unit. A recording counts as processed when none of its units
+    failed; one with a failed unit counts as dead-lettered (its other units' windows are still
+    written: ``partial_files``). So ``files_processed + dead_letter_inputs == inputs``.
+    """
+    unit_failed = {d.clip_id for d in dead_letters if d.stage in UNIT_STAGES}
+    other_dead = sum(1 for d in dead_letters if d.stage not in UNIT_STAGES)
+    clips: dict[str, list[FileSummary]] = collections.defaultdict(list)
+    for s in summaries:
+        clips[s.clip_id].append(s)
     windows_by_label = collections.Counter()
     clips_by_label = collections.Counter()
     windows_by_fold = collections.Counter()
     clips_by_fold = collections.Counter()
     clips_by_split = collections.Counter()
-    for s in summaries:
-        label = s.label if s.label is not None else "<none>"
-        fold = str(s.fold) if s.fold is not None else "<none>"
-        windows_by_label[label] += s.n_windows
+    for parts in clips.values():
+        first = parts[0]
+        label = first.label if first.label is not None else "<none>"
+        fold = str(first.fold) if first.fold is not None else "<none>"
+        n_windows = sum(p.n_windows for p in parts)
+        windows_by_label[label] += n_windows
         clips_by_label[label] += 1
-        windows_by_fold[fold] += s.n_windows
+        windows_by_fold[fold] += n_windows
         clips_by_fold[fold] += 1
-        if s.split is not None:
-            clips_by_split[s.split] += 1
+        if first.split is not None:
+            clips_by_split[first.split] += 1
+    processed = [c for c in clips if c not in unit_failed]
+    dead_inputs = other_dead + len(unit_failed)
     by_reason = collections.Counter(d.reason for d in dead_letters)
     return {
         "counts": {
@@ -339,13 +357,16 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
         },
         "figures": {
             "inputs": n_inputs,
-            "files_processed": len(summaries),
+            "files_processed": len(processed),
             "dead_letters": len(dead_letters),
+            "dead_letter_inputs": dead_inputs,
+            "partial_files": sum(1 for c in clips if c in unit_failed),
             "dead_letters_by_reason": dict(sorted(by_reason.items())),
-            "accounted_for": len(summaries) + len(dead_letters) == n_inputs,
+            "accounted_for": len(processed) + dead_inputs == n_inputs,
+            "work_units": len(summaries),
             "windows": sum(s.n_windows for s in summaries),
             "audio_s": round(sum(s.duration_s for s in summaries), 3),
-            "digital_silence_files": sum(1 for s in summaries if s.silent),
+            "digital_silence_files": sum(1 for parts in clips.values() if all(p.silent for p in parts)),
         },
     }
 
