@@ -11,3 +11,54 @@ def beam_runner():
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     return FnApiRunner()
+
+
+def _use_env(env: dict) -> dict:
+    """Sets ``env`` in os.environ and in fsspec's config (read from FSSPEC_* at import time)."""
+    import os
+
+    import fsspec.config
+
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    return saved
+
+
+def _restore_env(saved: dict) -> None:
+    import os
+
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def gcs_env(tmp_path_factory):
+    """A GCS emulator (and token endpoint) on 127.0.0.1 for the whole session; yields its env.
+
+    One per session: gcsfs caches filesystem instances and Beam caches credentials per process.
+    """
+    from .emulators import gcs_emulator
+
+    with gcs_emulator(tmp_path_factory.mktemp("gcs")) as env:
+        saved = _use_env(env)
+        try:
+            yield env
+        finally:
+            _restore_env(saved)
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for the whole session; yields its env."""
+    from .emulators import s3_emulator
+
+    with s3_emulator(tmp_path_factory.mktemp("s3")) as env:
+        saved = _use_env(env)
+        try:
+            yield env
+        finally:
+            _restore_env(saved)

@@ -79,11 +79,16 @@ class ProgressReporter:
 
 def _open_checked(item: SourceItem, stack: contextlib.ExitStack):
     """Opens an input for libsndfile; a zero-byte file is an ``empty_file`` error."""
+    empty = AudioDecodeError(f"{item.uri} is empty (0 bytes)", reason="empty_file")
+    if item.size_bytes == 0:
+        raise empty
     source = open_source(item.uri)
     if not isinstance(source, str):
         stack.enter_context(source)
-    elif item.size_bytes == 0 or (item.size_bytes is None and os.path.getsize(source) == 0):
-        raise AudioDecodeError(f"{item.uri} is empty (0 bytes)", reason="empty_file")
+        if item.size_bytes is None and getattr(source, "size", None) == 0:
+            raise empty
+    elif item.size_bytes is None and os.path.getsize(source) == 0:
+        raise empty
     return source
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -89,6 +90,13 @@ def shard_of(clip_id: str, n_shards: int) -> int:
 
 def write_bytes(path: str, data: bytes) -> None:
     """Writes ``data`` to ``path`` through Beam's FileSystems (local, gs://, s3://...)."""
+    if not data and path.startswith("s3://"):
+        # Beam's S3 writer always completes a multipart upload, which S3 rejects without parts.
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(path)
+        fs.pipe_file(key, b"")
+        return
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(data)
 
@@ -229,9 +237,13 @@ def write_shard_files(
         written = []
         for fmt, local in locals_.items():
             temp_path = join(spec.temp_dir, spec.shard_name(fmt, index, n_shards))
+            size = local.seek(0, os.SEEK_END)
             local.seek(0)
-            with FileSystems.create(temp_path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
-                shutil.copyfileobj(local, out, length=4 * 2**20)
+            if size == 0:
+                write_bytes(temp_path, b"")
+            else:
+                with FileSystems.create(temp_path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
+                    shutil.copyfileobj(local, out, length=4 * 2**20)
             written.append(WrittenShard(fmt, index, n_shards, temp_path, rows))
         return written
     finally:
@@ -438,7 +450,7 @@ class _CommitFn(beam.DoFn):
         if FileSystems.exists(final_json):
             FileSystems.delete([final_json])
         FileSystems.rename([json_path], [final_json])
-        FileSystems.delete([spec.temp_dir])
+        FileSystems.delete([spec.temp_dir + "/"])  # a trailing slash: the whole prefix on object stores
         yield final_json
 
 
