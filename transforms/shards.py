@@ -450,8 +450,18 @@ class _CommitFn(beam.DoFn):
         if FileSystems.exists(final_json):
             FileSystems.delete([final_json])
         FileSystems.rename([json_path], [final_json])
-        FileSystems.delete([spec.temp_dir + "/"])  # a trailing slash: the whole prefix on object stores
+        remove_tree(spec.temp_dir)
         yield final_json
+
+
+def remove_tree(path: str) -> None:
+    """Deletes a folder and everything under it (a local tree, or every object under a prefix)."""
+    if "://" not in path or path.startswith("file://"):
+        shutil.rmtree(path.removeprefix("file://"), ignore_errors=True)
+        return
+    objects = [m.path for m in _match(join(path, "**"))]
+    if objects:
+        FileSystems.delete(objects)
 
 
 def _match(pattern: str):
