@@ -77,6 +77,11 @@ class FeaturesOptions(PipelineOptions):
             "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
         )
         parser.add_argument(
+            "--archive_glob",
+            default=None,
+            help="Members of tar/zip inputs to read (fnmatch on the member path); default: audio files.",
+        )
+        parser.add_argument(
             "--unit_s",
             type=float,
             default=60.0,
@@ -148,7 +153,9 @@ def list_sources(args: argparse.Namespace) -> sources.SourceListing:
             split=args.split_column,
         )
         return sources.from_manifest(args.manifest, input_uri=args.input, columns=columns)
-    return sources.from_listing(args.input, label_from_parent=args.label_from_parent)
+    return sources.from_listing(
+        args.input, label_from_parent=args.label_from_parent, member_glob=args.archive_glob
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.records import WindowBatch
 
 #: Version of the window table layout; bumped on any incompatible change.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Prefix of columns copied from the manifest.
 EXTRA_PREFIX = "meta_"
 FEATURE_COLUMN = "log_mel"
@@ -38,7 +38,8 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     Field("clip_id", "string", False, "Clip id: path relative to the input root, no extension."),
-    Field("source_uri", "string", False, "Path or URL of the audio file."),
+    Field("source_uri", "string", False, "Path or URL of the audio file (fsspec chained URL for members)."),
+    Field("archive_member", "string", True, "Member path inside a tar/zip archive, or null."),
     Field("window_index", "int32", False, "Index of the window within its recording."),
     Field("start_s", "float64", False, "Window start, seconds from the recording start."),
     Field("end_s", "float64", False, "Window end, seconds from the recording start."),
@@ -120,6 +121,7 @@ def batch_to_table(
     columns = {
         "clip_id": pa.array([source.clip_id] * n, pa.string()),
         "source_uri": pa.array([source.uri] * n, pa.string()),
+        "archive_member": pa.array([source.archive_member] * n, pa.string()),
         "window_index": pa.array(np.arange(n, dtype=np.int32) + batch.first_window_index),
         "start_s": pa.array(batch.start_s, pa.float64()),
         "end_s": pa.array(batch.end_s, pa.float64()),

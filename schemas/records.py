@@ -20,6 +20,8 @@ class SourceItem:
         split: Predefined split name (``train``/``test``/...), or ``None``.
         extra: Other manifest columns as ``(name, value)`` string pairs, in manifest order.
         size_bytes: File size from the listing, when known.
+        archive_member: Path of the member inside a tar/zip archive (``uri`` is then an fsspec
+            chained URL such as ``zip://dog/a.wav::gs://bucket/batch.zip``), else ``None``.
     """
 
     uri: str
@@ -29,6 +31,7 @@ class SourceItem:
     split: str | None = None
     extra: tuple[tuple[str, str], ...] = ()
     size_bytes: int | None = None
+    archive_member: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

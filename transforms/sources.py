@@ -7,6 +7,7 @@ file); decoding and header probing happen on the workers.
 from __future__ import annotations
 
 import dataclasses
+import io
 import posixpath
 from collections.abc import Sequence
 
@@ -17,7 +18,17 @@ from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import DeadLetter, SourceItem
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".opus")
+#: Archive suffixes and the fsspec filesystem (and options) that opens their members.
+ARCHIVES = {
+    ".zip": ("zip", {}),
+    ".tar": ("tar", {}),
+    ".tar.gz": ("tar", {"compression": "gzip"}),
+    ".tgz": ("tar", {"compression": "gzip"}),
+    ".tar.bz2": ("tar", {"compression": "bz2"}),
+    ".tar.xz": ("tar", {"compression": "xz"}),
+}
 _GLOB_CHARS = "*?["
+_MEMBER_IN_MEMORY_BYTES = 256 * 2**20
 FILENAME_CANDIDATES = ("filename", "slice_file_name", "file", "path")
 LABEL_CANDIDATES = ("label", "category", "class")
 
@@ -126,19 +137,147 @@ def clip_id_for(uri: str, root: str) -> str:
     return stem
 
 
-def from_listing(input_uri: str, *, label_from_parent: bool = False) -> SourceListing:
-    """Sources for every audio file under ``input_uri``; labels from parent folders if asked."""
-    files = list_audio(input_uri)
+def archive_kind(uri: str) -> tuple[str, dict] | None:
+    """``(fsspec protocol, options)`` for an archive path, or ``None`` when ``uri`` is no archive."""
+    lower = uri.lower()
+    for suffix in sorted(ARCHIVES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return ARCHIVES[suffix]
+    return None
+
+
+def _strip_archive_suffix(path: str) -> str:
+    lower = path.lower()
+    for suffix in sorted(ARCHIVES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+def _member_problem(name: str, kind: str) -> str | None:
+    if kind != "file":
+        return f"member {name!r} is a {kind}, not a regular file"
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts:
+        return f"member name {name!r} points outside the archive"
+    return None
+
+
+def list_archive(uri: str) -> list[tuple[str, str, int | None]]:
+    """Members of a tar/zip archive as ``(name, kind, size)``; kind is file/directory/link/other.
+
+    Reads the zip central directory, or scans the tar headers (a compressed tar is decompressed
+    once for that).
+    """
+    import stat
+    import tarfile
+    import zipfile
+
+    protocol, options = archive_kind(uri)
+    members = []
+    fs, path = _fs_and_path(uri)
+    with fs.open(path, "rb", cache_type="readahead", block_size=4 * 2**20) as f:
+        if protocol == "zip":
+            with zipfile.ZipFile(f) as archive:
+                for info in archive.infolist():
+                    mode = info.external_attr >> 16
+                    if info.is_dir():
+                        kind = "directory"
+                    elif stat.S_ISLNK(mode):
+                        kind = "link"
+                    else:
+                        kind = "file"
+                    members.append((info.filename, kind, info.file_size))
+        else:
+            compression = {"gzip": "gz", "bz2": "bz2", "xz": "xz"}.get(options.get("compression"), "")
+            with tarfile.open(fileobj=f, mode=f"r|{compression}") as archive:
+                for info in archive:
+                    if info.isfile():
+                        kind = "file"
+                    elif info.isdir():
+                        kind = "directory"
+                    elif info.issym() or info.islnk():
+                        kind = "link"
+                    else:
+                        kind = "other"
+                    members.append((info.name, kind, info.size))
+    return members
+
+
+def expand_archive(
+    uri: str, *, root: str, member_glob: str | None = None, label_from_parent: bool = False
+) -> tuple[list[SourceItem], list[DeadLetter]]:
+    """SourceItems for the audio members of an archive; unsafe members become dead letters.
+
+    Member names never become output paths, but names that point outside the archive
+    (absolute, ``..``) and links are refused all the same, as an extractor would have to.
+
+    Args:
+        uri: The archive.
+        root: Folder clip ids are relative to.
+        member_glob: ``fnmatch`` pattern on member paths; default: audio extensions.
+        label_from_parent: Label = the member's parent folder name.
+    """
+    import fnmatch
+
+    protocol, _ = archive_kind(uri)
+    prefix = _strip_archive_suffix(clip_id_for(uri, root) + posixpath.splitext(uri)[1])
+    items, dead = [], []
+    try:
+        members = list_archive(uri)
+    except Exception as exc:  # noqa: BLE001 - a bad archive is a dead letter, not a stop
+        dead.append(
+            DeadLetter(
+                uri, prefix, "source", "bad_archive", type(exc).__name__, f"cannot list archive {uri}: {exc}"
+            )
+        )
+        return items, dead
+    for name, kind, size in members:
+        if kind == "directory":
+            continue
+        selected = fnmatch.fnmatch(name, member_glob) if member_glob else _is_audio(name, AUDIO_EXTENSIONS)
+        if not selected:
+            continue
+        member_uri = f"{protocol}://{name}::{uri}"
+        problem = _member_problem(name, kind)
+        clip_id = f"{prefix}/{posixpath.splitext(name.lstrip('/'))[0]}"
+        if problem:
+            dead.append(
+                DeadLetter(member_uri, clip_id, "source", "unsafe_member", "SourceError", f"{uri}: {problem}")
+            )
+            continue
+        label = posixpath.basename(posixpath.dirname(name)) or None if label_from_parent else None
+        items.append(SourceItem(member_uri, clip_id, label, size_bytes=size, archive_member=name))
+    return items, dead
+
+
+def from_listing(
+    input_uri: str, *, label_from_parent: bool = False, member_glob: str | None = None
+) -> SourceListing:
+    """Sources for every audio file under ``input_uri`` and every audio member of its archives.
+
+    Labels come from parent folders if asked.
+    """
+    files = list_audio(input_uri, extensions=AUDIO_EXTENSIONS + tuple(ARCHIVES))
     if not files:
         raise ConfigError(
-            f"--input {input_uri!r} matched no audio files (extensions {', '.join(AUDIO_EXTENSIONS)})"
+            f"--input {input_uri!r} matched no audio files or archives "
+            f"(extensions {', '.join(AUDIO_EXTENSIONS + tuple(ARCHIVES))})"
         )
     root = input_root(input_uri)
-    items = []
+    items: list[SourceItem] = []
+    dead: list[DeadLetter] = []
     for uri, size in files.items():
+        if archive_kind(uri):
+            members, rejected = expand_archive(
+                uri, root=root, member_glob=member_glob, label_from_parent=label_from_parent
+            )
+            items += members
+            dead += rejected
+            continue
         label = posixpath.basename(posixpath.dirname(uri)) if label_from_parent else None
         items.append(SourceItem(uri=uri, clip_id=clip_id_for(uri, root), label=label, size_bytes=size))
-    return SourceListing(tuple(items), (), (), _label_map(i.label for i in items))
+    return SourceListing(tuple(items), tuple(dead), (), _label_map(i.label for i in items))
 
 
 def read_table(path: str) -> pa.Table:
@@ -293,6 +432,16 @@ def open_source(uri: str):
     """Opens an input for reading: a local path as is, a URL through fsspec (read-ahead cache)."""
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
+    if "::" in uri:  # an archive member: zip://name::archive or tar://name::archive
+        kind = archive_kind(uri.rsplit("::", 1)[1])
+        options = {kind[0]: kind[1]} if kind and kind[1] else {}
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+        member = fs.open(path, "rb")
+        if (fs.size(path) or 0) <= _MEMBER_IN_MEMORY_BYTES:
+            # Decompressing members seek by re-reading; a small member is faster read once.
+            with member:
+                return io.BytesIO(member.read())
+        return member
     # libsndfile reads in small pieces; a read-ahead cache of a few MB turns them into few
     # requests (gcsfs's default would issue one request per 8 KB read).
     fs, path = fsspec.core.url_to_fs(uri)
