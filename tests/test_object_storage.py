@@ -64,3 +64,35 @@ def test_s3_input_and_output(s3_env, tmp_path):
     assert features.run([*argv, "--num_shards", "1"]) == 0
     fs.invalidate_cache()
     check_outputs(fs, out)
+
+
+def test_gcs_esc10_clips_and_tar_archive(gcs_env, tmp_path):
+    import tarfile
+
+    from .helpers import require_esc10
+
+    esc10 = require_esc10()
+    clips = sorted((esc10 / "audio").glob("*.flac"))
+    fs, _ = fsspec.core.url_to_fs("gs://")
+    bucket = f"esc10-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    for clip in clips[:30]:
+        fs.put(str(clip), f"{bucket}/in/clips/{clip.name}")
+    archive = tmp_path / "night.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for clip in clips[30:40]:
+            tar.add(clip, arcname=f"recorder1/{clip.name}")
+    fs.put(str(archive), f"{bucket}/in/night.tar.gz")
+    out = f"gs://{bucket}/features"
+    assert features.run(["--input", f"gs://{bucket}/in", "--output", out, "--format", "parquet"]) == 0
+    fs.invalidate_cache()
+    dataset = json.loads(fs.cat_file(f"{out}/dataset.json"))
+    assert (dataset["figures"]["files_processed"], dataset["figures"]["dead_letters"]) == (40, 0)
+    table = pq.read_table(
+        io.BytesIO(fs.cat_file(f"{out}/parquet/windows-00000-of-00001.parquet"))
+    ).to_pydict()
+    members = {m for m in table["archive_member"] if m is not None}
+    assert members == {f"recorder1/{clip.name}" for clip in clips[30:40]}
+    assert table["window_index"].count(0) == 40
+    archived = [u for u in table["source_uri"] if u.startswith("tar://")]
+    assert archived and all(u.endswith(f"::gs://{bucket}/in/night.tar.gz") for u in archived)

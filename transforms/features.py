@@ -19,7 +19,7 @@ from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, Da
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
 from soundshard.transforms import melspec, units
 from soundshard.transforms.audio import decode_audio
-from soundshard.transforms.sources import open_source
+from soundshard.transforms.sources import close_archives, open_source
 
 NAMESPACE = "soundshard"
 DEAD_LETTERS = "dead_letters"
@@ -153,6 +153,9 @@ class _ProbeFn(beam.DoFn):
     def finish_bundle(self):
         self._progress.flush()
 
+    def teardown(self):
+        close_archives()
+
 
 class PlanUnits(beam.PTransform):
     """SourceItems → WorkUnits (header probed on the workers) and dead letters.
@@ -197,6 +200,7 @@ class _LogMelFn(beam.DoFn):
         limits = getattr(self, "_blas_limits", None)
         if limits is not None:
             limits.restore_original_limits()
+        close_archives()
 
     def process(self, unit: WorkUnit):
         config = self._config

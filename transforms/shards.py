@@ -1,6 +1,7 @@
 """Beam layer that writes window shards (Parquet, TFRecord), dead letters and dataset.json.
 
-Shards are assigned by a stable hash of the clip id, so which rows land in which shard, and in
+Shards are assigned by a stable hash of the clip id (and, for a recording split into work units,
+of each unit's first window), so which rows land in which shard, and in
 what order, does not depend on the runner or the number of workers. Every file is first written
 under ``<output>/_tmp-<run_id>/`` and moved into place by a single commit step that runs after all
 shards exist; ``dataset.json`` is written last and marks a complete dataset.
@@ -83,9 +84,15 @@ def shard_count(total_windows: int, *, config: FeatureConfig, spec: ShardSpec) -
     return max(1, math.ceil(total_windows * window_bytes / (spec.shard_size_mb * 2**20)))
 
 
-def shard_of(clip_id: str, n_shards: int) -> int:
-    """Stable shard index of a clip (CRC32 of its id; same on every worker and run)."""
-    return zlib.crc32(clip_id.encode()) % n_shards
+def shard_of(clip_id: str, n_shards: int, *, first_window: int = 0) -> int:
+    """Stable shard index of a work unit's windows (CRC32; same on every worker and run).
+
+    A whole recording (``first_window`` 0) goes to the shard of its clip id; the units of a
+    split recording are spread over shards by their first window, so one long recording never
+    makes one oversized shard, and a shard stays near the target size however long its inputs.
+    """
+    key = clip_id if first_window == 0 else f"{clip_id}@{first_window}"
+    return zlib.crc32(key.encode()) % n_shards
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -148,8 +155,9 @@ class WrittenShard:
 class _SpillFn(beam.DoFn):
     """WindowBatches → one fragment file per shard and bundle; emits ``(shard index, Fragment)``.
 
-    Tables are buffered per shard and written when a buffer reaches ``_FRAGMENT_BYTES`` or the
-    bundle ends, so a dataset of many short clips does not become as many small files.
+    Tables are buffered per shard and all buffers are written when together they reach
+    ``_FRAGMENT_BYTES`` or the bundle ends, so a dataset of many short clips does not become as
+    many small files.
     """
 
     def __init__(self, *, config, spec, label_map, extra_columns):
@@ -166,11 +174,14 @@ class _SpillFn(beam.DoFn):
         table = fields.batch_to_table(
             batch, config=self._config, label_map=self._label_map, extra_columns=self._extra_columns
         )
-        index = shard_of(batch.source.clip_id, n_shards)
+        index = shard_of(batch.source.clip_id, n_shards, first_window=batch.first_window_index)
         self._buffers[index].append(table)
         self._sizes[index] += table.nbytes
-        if self._sizes[index] >= _FRAGMENT_BYTES:
-            yield index, self._spill(index)
+        # Bound what the bundle holds in all buffers together, not per shard: a long recording
+        # spreads over many shards, and per-shard buffers would grow with their count.
+        if sum(self._sizes.values()) >= _FRAGMENT_BYTES:
+            for full in sorted(self._buffers):
+                yield full, self._spill(full)
 
     def finish_bundle(self):
         for index in sorted(self._buffers):

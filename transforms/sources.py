@@ -7,8 +7,10 @@ file); decoding and header probing happen on the workers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import posixpath
+import threading
 from collections.abc import Sequence
 
 import fsspec
@@ -176,7 +178,7 @@ def list_archive(uri: str) -> list[tuple[str, str, int | None]]:
     protocol, options = archive_kind(uri)
     members = []
     fs, path = _fs_and_path(uri)
-    with fs.open(path, "rb", cache_type="readahead", block_size=4 * 2**20) as f:
+    with fs.open(path, "rb", cache_type="readahead", block_size=READ_BLOCK_BYTES) as f:
         if protocol == "zip":
             with zipfile.ZipFile(f) as archive:
                 for info in archive.infolist():
@@ -428,21 +430,66 @@ def _label_map(labels) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted({lab for lab in labels if lab}))}
 
 
+#: Block size of the read-ahead cache for object-store reads (libsndfile reads in small pieces).
+READ_BLOCK_BYTES = 4 * 2**20
+#: Archives kept open (with their member index) per process.
+_OPEN_ARCHIVES = 4
+
+
+def _open_remote(uri: str):
+    """Opens a URL through fsspec with a read-ahead cache of ``READ_BLOCK_BYTES``.
+
+    libsndfile and tarfile read in small pieces; the read-ahead cache turns them into few requests
+    (gcsfs's default would issue one request per 8 KB read, and its adaptive background cache has
+    been seen to hang when tarfile seeks through a gzip stream).
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.open(path, "rb", cache_type="readahead", block_size=READ_BLOCK_BYTES)
+
+
+class _OpenArchive:
+    """An archive opened once per process: its member index and a lock for reads from it."""
+
+    def __init__(self, archive_uri: str):
+        protocol, options = archive_kind(archive_uri)
+        local = "://" not in archive_uri or archive_uri.startswith("file://")
+        self.file = open(archive_uri.removeprefix("file://"), "rb") if local else _open_remote(archive_uri)
+        self.fs = fsspec.filesystem(protocol, fo=self.file, skip_instance_cache=True, **options)
+        self.lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=_OPEN_ARCHIVES)
+def _open_archive(archive_uri: str) -> _OpenArchive:
+    return _OpenArchive(archive_uri)
+
+
+def close_archives() -> None:
+    """Forgets the archives this process keeps open (called when a worker's DoFns tear down)."""
+    _open_archive.cache_clear()
+
+
 def open_source(uri: str):
-    """Opens an input for reading: a local path as is, a URL through fsspec (read-ahead cache)."""
+    """Opens an input for reading: a local path as is, a URL through fsspec (read-ahead cache).
+
+    Archive members (``tar://name::archive``, ``zip://name::archive``) are read from an archive
+    opened once per process, so a tar's member index is built once, not once per member. A member
+    up to ``_MEMBER_IN_MEMORY_BYTES`` is returned as bytes in memory (compressed tars seek by
+    re-reading, and the shared archive must not be read by two threads at once); a larger one
+    streams from its own handle on the archive.
+    """
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
-    if "::" in uri:  # an archive member: zip://name::archive or tar://name::archive
-        kind = archive_kind(uri.rsplit("::", 1)[1])
-        options = {kind[0]: kind[1]} if kind and kind[1] else {}
-        fs, path = fsspec.core.url_to_fs(uri, **options)
-        member = fs.open(path, "rb")
-        if (fs.size(path) or 0) <= _MEMBER_IN_MEMORY_BYTES:
-            # Decompressing members seek by re-reading; a small member is faster read once.
-            with member:
-                return io.BytesIO(member.read())
-        return member
-    # libsndfile reads in small pieces; a read-ahead cache of a few MB turns them into few
-    # requests (gcsfs's default would issue one request per 8 KB read).
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.open(path, "rb", cache_type="readahead", block_size=4 * 2**20)
+    if "::" in uri:
+        member_url, archive_uri = uri.split("::", 1)
+        member = member_url.split("://", 1)[1]
+        archive = _open_archive(archive_uri)
+        with archive.lock:
+            size = archive.fs.size(member)
+            if size is not None and size <= _MEMBER_IN_MEMORY_BYTES:
+                with archive.fs.open(member, "rb") as f:
+                    return io.BytesIO(f.read())
+        own = _OpenArchive(archive_uri)
+        stream = own.fs.open(member, "rb")
+        stream.archive = own  # keeps the archive's file open as long as the stream
+        return stream
+    return _open_remote(uri)
