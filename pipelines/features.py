@@ -40,7 +40,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from soundshard.pipelines import runner as runners
 from soundshard.schemas import fields
-from soundshard.schemas.config import FeatureConfig, load_feature_config
+from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms import shards, sources
 from soundshard.transforms.features import ComputeLogMel, PlanUnits
@@ -75,6 +75,30 @@ class FeaturesOptions(PipelineOptions):
         parser.add_argument("--split_column", default=None, help="Manifest split column ('' for none).")
         parser.add_argument(
             "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
+        )
+        parser.add_argument(
+            "--start_time_column",
+            default=None,
+            help="Manifest column with each recording's start (ISO 8601; default: 'start_time' or "
+            "'recording_start' when present; '' for none).",
+        )
+        parser.add_argument(
+            "--timezone",
+            default="UTC",
+            help="IANA zone of start times given without an offset (file names, manifest).",
+        )
+        parser.add_argument(
+            "--no_time_from_filename",
+            dest="time_from_filename",
+            action="store_false",
+            help="Do not read start times from recorder file names (AudioMoth YYYYMMDD_HHMMSS.WAV, "
+            "Song Meter PREFIX_YYYYMMDD_HHMMSS.wav).",
+        )
+        parser.add_argument(
+            "--site_pattern",
+            default=None,
+            help="Regular expression searched in each input path; named groups 'site' and "
+            "'deployment' fill those columns, e.g. 'sites/(?P<site>[^/]+)/(?P<deployment>[^/]+)/'.",
         )
         parser.add_argument(
             "--archive_glob",
@@ -143,7 +167,14 @@ def make_parser(prog: str = "soundshard features") -> argparse.ArgumentParser:
     return parser
 
 
-def list_sources(args: argparse.Namespace) -> sources.SourceListing:
+def recording_config_from_args(args: argparse.Namespace) -> RecordingConfig:
+    """Where start times and sites come from (raises ConfigError naming a bad value)."""
+    return RecordingConfig(
+        timezone=args.timezone, time_from_filename=args.time_from_filename, site_pattern=args.site_pattern
+    )
+
+
+def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> sources.SourceListing:
     """Sources from ``--manifest`` or from listing ``--input``."""
     if args.manifest:
         columns = sources.ManifestColumns(
@@ -151,10 +182,16 @@ def list_sources(args: argparse.Namespace) -> sources.SourceListing:
             label=args.label_column,
             fold=args.fold_column,
             split=args.split_column,
+            start_time=args.start_time_column,
         )
-        return sources.from_manifest(args.manifest, input_uri=args.input, columns=columns)
+        return sources.from_manifest(
+            args.manifest, input_uri=args.input, columns=columns, recording=recording
+        )
     return sources.from_listing(
-        args.input, label_from_parent=args.label_from_parent, member_glob=args.archive_glob
+        args.input,
+        label_from_parent=args.label_from_parent,
+        member_glob=args.archive_glob,
+        recording=recording,
     )
 
 
@@ -245,7 +282,8 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
     if args.unit_s < 0:
         raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
     config = feature_config_from_args(args)
-    listing = list_sources(args)
+    recording = recording_config_from_args(args)
+    listing = list_sources(args, recording)
     if not listing.items and not listing.dead_letters:
         raise ConfigError(f"no inputs found in --manifest {args.manifest!r}")
     formats = shards.FORMATS if args.format == "both" else (args.format,)
@@ -265,6 +303,7 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
         "feature_column": fields.FEATURE_COLUMN,
         "window_s": config.window_s,
         "window_hop_s": config.window_hop_s,
+        "recording_config": recording.to_dict(),
         "label_map": listing.label_map,
         "extra_columns": [fields.EXTRA_PREFIX + c for c in listing.extra_columns],
         "sources": {"input": args.input, "manifest": args.manifest},

@@ -279,3 +279,48 @@ def _empty_mel_bands(c: FeatureConfig) -> list[int]:
     from soundshard.transforms.melspec import empty_mel_bands
 
     return empty_mel_bands(c)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingConfig:
+    """Where a recording's start time and site come from. Validated on construction.
+
+    Attributes:
+        timezone: IANA zone of times written without an offset (in file names and manifest
+            columns): AudioMoth names are UTC by default, Song Meter names are the recorder's
+            local time.
+        time_from_filename: Read the start time from recorder file names (AudioMoth
+            ``YYYYMMDD_HHMMSS.WAV``, Song Meter ``PREFIX_YYYYMMDD_HHMMSS.wav``) when no manifest
+            column gives it.
+        site_pattern: Regular expression searched in each source URI; its named groups ``site``
+            and/or ``deployment`` fill those columns (e.g. ``site=(?P<site>[^/]+)/``).
+    """
+
+    timezone: str = "UTC"
+    time_from_filename: bool = True
+    site_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        import re
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(f"timezone={self.timezone!r} is not an IANA time zone (e.g. 'UTC')") from exc
+        if self.site_pattern is not None:
+            try:
+                groups = re.compile(self.site_pattern).groupindex
+            except re.error as exc:
+                raise ConfigError(
+                    f"site_pattern={self.site_pattern!r} is not a regular expression: {exc}"
+                ) from exc
+            if not {"site", "deployment"} & set(groups):
+                raise ConfigError(
+                    f"site_pattern={self.site_pattern!r} has no named group 'site' or 'deployment' "
+                    "(write e.g. 'site=(?P<site>[^/]+)/')"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON-serialisable)."""
+        return dataclasses.asdict(self)

@@ -20,7 +20,7 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.records import WindowBatch
 
 #: Version of the window table layout; bumped on any incompatible change.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Prefix of columns copied from the manifest.
 EXTRA_PREFIX = "meta_"
 FEATURE_COLUMN = "log_mel"
@@ -28,7 +28,8 @@ FEATURE_COLUMN = "log_mel"
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """One column: ``kind`` is ``string``, ``int32``, ``int64``, ``float64`` or ``features``."""
+    """One column: ``kind`` is ``string``, ``int32``, ``int64``, ``float64``, ``timestamp`` (UTC,
+    microseconds; int64 microseconds since the epoch in TFRecords, -1 when null) or ``features``."""
 
     name: str
     kind: str
@@ -47,6 +48,10 @@ FIELDS: tuple[Field, ...] = (
     Field("label_index", "int32", False, "Index of label in dataset.json's label map; -1 if none."),
     Field("fold", "int32", True, "Predefined fold, or null (-1 in TFRecords)."),
     Field("split", "string", True, "Predefined split, or null (empty in TFRecords)."),
+    Field("site", "string", True, "Site from the configured path pattern, or null."),
+    Field("deployment", "string", True, "Deployment from the configured path pattern, or null."),
+    Field("start_utc", "timestamp", True, "Absolute window start (UTC) when the recording start is known."),
+    Field("end_utc", "timestamp", True, "Absolute window end (UTC) when the recording start is known."),
     Field(FEATURE_COLUMN, "features", False, "Log-mel window, flat row-major [n_mels, n_frames]."),
     Field("feature_fingerprint", "string", False, "FeatureConfig.fingerprint of the features."),
 )
@@ -56,6 +61,7 @@ _ARROW_TYPES = {
     "int32": pa.int32(),
     "int64": pa.int64(),
     "float64": pa.float64(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
 }
 
 
@@ -99,7 +105,7 @@ def tf_feature_spec(config: FeatureConfig, extra_columns: Sequence[str] = ()) ->
             spec[field.name] = tf.io.FixedLenFeature([config.n_mels * config.window_frames], tf.float32)
         elif field.kind == "string":
             spec[field.name] = tf.io.FixedLenFeature([], tf.string, default_value="")
-        elif field.kind in ("int32", "int64"):
+        elif field.kind in ("int32", "int64", "timestamp"):
             spec[field.name] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
         else:
             spec[field.name] = tf.io.FixedLenFeature([], tf.float32)
@@ -131,6 +137,10 @@ def batch_to_table(
         ),
         "fold": pa.array([source.fold] * n, pa.int32()),
         "split": pa.array([source.split] * n, pa.string()),
+        "site": pa.array([source.site] * n, pa.string()),
+        "deployment": pa.array([source.deployment] * n, pa.string()),
+        "start_utc": _utc_column(source.recording_start_us, batch.start_s),
+        "end_utc": _utc_column(source.recording_start_us, batch.end_s),
         FEATURE_COLUMN: pa.FixedSizeListArray.from_arrays(flat, config.n_mels * config.window_frames),
         "feature_fingerprint": pa.array([config.fingerprint] * n, pa.string()),
     }
@@ -138,6 +148,14 @@ def batch_to_table(
         columns[EXTRA_PREFIX + name] = pa.array([extras.get(name)] * n, pa.string())
     schema = arrow_schema(config, extra_columns)
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _utc_column(recording_start_us: int | None, offsets_s: np.ndarray) -> pa.Array:
+    timestamp = _ARROW_TYPES["timestamp"]
+    if recording_start_us is None:
+        return pa.nulls(len(offsets_s), timestamp)
+    micros = recording_start_us + np.round(np.asarray(offsets_s) * 1e6).astype(np.int64)
+    return pa.array(micros, pa.int64()).cast(timestamp)
 
 
 def table_to_examples(table: pa.Table) -> Iterator[bytes]:
@@ -151,6 +169,8 @@ def table_to_examples(table: pa.Table) -> Iterator[bytes]:
             values = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
             per_column.append([tfexample.feature_entry(name, tfexample.float_feature(v)) for v in values])
             continue
+        if kind == "timestamp":
+            column, kind = column.cast(pa.int64()), "int64"
         cache: dict = {}
         entries = []
         for value in column.to_pylist():

@@ -22,6 +22,12 @@ class SourceItem:
         size_bytes: File size from the listing, when known.
         archive_member: Path of the member inside a tar/zip archive (``uri`` is then an fsspec
             chained URL such as ``zip://dog/a.wav::gs://bucket/batch.zip``), else ``None``.
+        version: What identifies this content of ``uri`` in the store (object generation,
+            ETag or modification time), for incremental runs; ``None`` when unknown.
+        recording_start_us: Start of the recording, microseconds since the Unix epoch (UTC),
+            when known (manifest column or recorder file name).
+        site: Site the recording comes from (from a path pattern), or ``None``.
+        deployment: Deployment (recorder placement) within the site, or ``None``.
     """
 
     uri: str
@@ -32,6 +38,10 @@ class SourceItem:
     extra: tuple[tuple[str, str], ...] = ()
     size_bytes: int | None = None
     archive_member: str | None = None
+    version: str | None = None
+    recording_start_us: int | None = None
+    site: str | None = None
+    deployment: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 import fsspec
 import pyarrow as pa
 
+from soundshard.schemas.config import RecordingConfig
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import DeadLetter, SourceItem
+from soundshard.transforms import recordings
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".opus")
 #: Archive suffixes and the fsspec filesystem (and options) that opens their members.
@@ -33,6 +35,8 @@ _GLOB_CHARS = "*?["
 _MEMBER_IN_MEMORY_BYTES = 256 * 2**20
 FILENAME_CANDIDATES = ("filename", "slice_file_name", "file", "path")
 LABEL_CANDIDATES = ("label", "category", "class")
+START_TIME_CANDIDATES = ("start_time", "recording_start")
+DEFAULT_RECORDING = RecordingConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +48,15 @@ class ManifestColumns:
         label: Label column (default: ``label``, ``category``, ``class``); ``""`` for none.
         fold: Fold column (default ``fold`` when present); ``""`` for none.
         split: Split column (default ``split`` when present); ``""`` for none.
+        start_time: Recording start column, ISO 8601 (default ``start_time`` or
+            ``recording_start`` when present); ``""`` for none.
     """
 
     filename: str | None = None
     label: str | None = None
     fold: str | None = None
     split: str | None = None
+    start_time: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +98,34 @@ def _is_audio(path: str, extensions: Sequence[str]) -> bool:
     return path.lower().endswith(tuple(extensions))
 
 
-def list_audio(input_uri: str, *, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> dict[str, int | None]:
+@dataclasses.dataclass(frozen=True)
+class Listed:
+    """What a listing says about one object: its size and what identifies this content."""
+
+    size_bytes: int | None
+    version: str | None
+
+
+def object_version(info: dict) -> str | None:
+    """What identifies an object's content in an fsspec listing entry, without reading it.
+
+    GCS object generation, S3 ETag, else the modification time (local files and other stores).
+    """
+    for key, tag in (("generation", "generation"), ("ETag", "etag"), ("etag", "etag")):
+        if info.get(key):
+            return f"{tag}:{str(info[key]).strip(chr(34))}"
+    for key in ("mtime", "LastModified", "updated", "last_modified", "modified"):
+        if info.get(key) is not None:
+            value = info[key]
+            return f"mtime:{value.isoformat() if hasattr(value, 'isoformat') else value}"
+    return None
+
+
+def list_audio(input_uri: str, *, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> dict[str, Listed]:
     """Audio files under a folder, matching a glob (``**`` allowed), or a single file.
 
     Returns:
-        ``{uri: size_bytes}`` sorted by URI.
+        ``{uri: Listed}`` sorted by URI.
 
     Raises:
         ConfigError: when the input does not exist.
@@ -112,7 +142,7 @@ def list_audio(input_uri: str, *, extensions: Sequence[str] = AUDIO_EXTENSIONS) 
     else:
         raise ConfigError(f"--input {input_uri!r} does not exist")
     return {
-        _unstrip(fs, p): info.get("size")
+        _unstrip(fs, p): Listed(info.get("size"), object_version(info))
         for p, info in sorted(entries.items())
         if not extensions or _is_audio(p, extensions)
     }
@@ -207,7 +237,12 @@ def list_archive(uri: str) -> list[tuple[str, str, int | None]]:
 
 
 def expand_archive(
-    uri: str, *, root: str, member_glob: str | None = None, label_from_parent: bool = False
+    uri: str,
+    *,
+    root: str,
+    member_glob: str | None = None,
+    label_from_parent: bool = False,
+    version: str | None = None,
 ) -> tuple[list[SourceItem], list[DeadLetter]]:
     """SourceItems for the audio members of an archive; unsafe members become dead letters.
 
@@ -219,6 +254,7 @@ def expand_archive(
         root: Folder clip ids are relative to.
         member_glob: ``fnmatch`` pattern on member paths; default: audio extensions.
         label_from_parent: Label = the member's parent folder name.
+        version: The archive's version (from its listing); members inherit it.
     """
     import fnmatch
 
@@ -249,16 +285,23 @@ def expand_archive(
             )
             continue
         label = posixpath.basename(posixpath.dirname(name)) or None if label_from_parent else None
-        items.append(SourceItem(member_uri, clip_id, label, size_bytes=size, archive_member=name))
+        items.append(
+            SourceItem(member_uri, clip_id, label, size_bytes=size, archive_member=name, version=version)
+        )
     return items, dead
 
 
 def from_listing(
-    input_uri: str, *, label_from_parent: bool = False, member_glob: str | None = None
+    input_uri: str,
+    *,
+    label_from_parent: bool = False,
+    member_glob: str | None = None,
+    recording: RecordingConfig = DEFAULT_RECORDING,
 ) -> SourceListing:
     """Sources for every audio file under ``input_uri`` and every audio member of its archives.
 
-    Labels come from parent folders if asked.
+    Labels come from parent folders if asked; start times from recorder file names and sites
+    from the path as ``recording`` says.
     """
     files = list_audio(input_uri, extensions=AUDIO_EXTENSIONS + tuple(ARCHIVES))
     if not files:
@@ -269,16 +312,29 @@ def from_listing(
     root = input_root(input_uri)
     items: list[SourceItem] = []
     dead: list[DeadLetter] = []
-    for uri, size in files.items():
+    for uri, listed in files.items():
         if archive_kind(uri):
             members, rejected = expand_archive(
-                uri, root=root, member_glob=member_glob, label_from_parent=label_from_parent
+                uri,
+                root=root,
+                member_glob=member_glob,
+                label_from_parent=label_from_parent,
+                version=listed.version,
             )
             items += members
             dead += rejected
             continue
         label = posixpath.basename(posixpath.dirname(uri)) if label_from_parent else None
-        items.append(SourceItem(uri=uri, clip_id=clip_id_for(uri, root), label=label, size_bytes=size))
+        items.append(
+            SourceItem(
+                uri=uri,
+                clip_id=clip_id_for(uri, root),
+                label=label,
+                size_bytes=listed.size_bytes,
+                version=listed.version,
+            )
+        )
+    items = [recordings.annotate(item, recording) for item in items]
     return SourceListing(tuple(items), tuple(dead), (), _label_map(i.label for i in items))
 
 
@@ -322,11 +378,13 @@ def from_manifest(
     *,
     input_uri: str,
     columns: ManifestColumns = ManifestColumns(),
+    recording: RecordingConfig = DEFAULT_RECORDING,
 ) -> SourceListing:
     """Sources for each manifest row; bad rows become dead letters, never silent drops.
 
     Relative paths resolve against ``input_uri``; a path not found there is looked up by file name
-    anywhere under it (UrbanSound8K keeps ``fold*/`` folders out of its manifest).
+    anywhere under it (UrbanSound8K keeps ``fold*/`` folders out of its manifest). Start times
+    come from the start-time column, else (as ``recording`` says) from recorder file names.
 
     Raises:
         ConfigError: unreadable manifest, no filename column, unknown column names.
@@ -342,7 +400,8 @@ def from_manifest(
     label_col = _pick(names, columns.label, LABEL_CANDIDATES, "label")
     fold_col = _pick(names, columns.fold, ("fold",), "fold")
     split_col = _pick(names, columns.split, ("split",), "split")
-    used = {filename_col, label_col, fold_col, split_col}
+    start_col = _pick(names, columns.start_time, START_TIME_CANDIDATES, "start_time")
+    used = {filename_col, label_col, fold_col, split_col, start_col}
     extra_columns = tuple(n for n in names if n not in used)
 
     root = input_uri.rstrip("/")
@@ -412,9 +471,25 @@ def from_manifest(
                 continue
         split = (row[split_col] or "").strip() or None if split_col else None
         extra = tuple((c, row[c]) for c in extra_columns if row[c] is not None)
+        found = listed.get(uri)
+        item = SourceItem(
+            uri,
+            clip_id,
+            label or None,
+            fold,
+            split,
+            extra,
+            found.size_bytes if found else None,
+            version=found.version if found else None,
+        )
+        try:
+            item = recordings.annotate(item, recording, start_time=row[start_col] if start_col else None)
+        except ValueError as exc:
+            reject("bad_start_time", f"row {row_number}: {start_col}: {exc}", uri=uri, clip=clip_id)
+            continue
         seen.add(clip_id)
         all_labels.append(label)
-        items.append(SourceItem(uri, clip_id, label or None, fold, split, extra, listed.get(uri)))
+        items.append(item)
     return SourceListing(tuple(items), tuple(dead), extra_columns, _label_map(all_labels))
 
 
