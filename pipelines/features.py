@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import sys
@@ -42,7 +43,7 @@ from soundshard.pipelines import runner as runners
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import shards, sources
+from soundshard.transforms import ledger, shards, sources
 from soundshard.transforms.features import ComputeLogMel, PlanUnits
 
 _LOG = logging.getLogger(__name__)
@@ -104,6 +105,24 @@ class FeaturesOptions(PipelineOptions):
             "--archive_glob",
             default=None,
             help="Members of tar/zip inputs to read (fnmatch on the member path); default: audio files.",
+        )
+        parser.add_argument(
+            "--incremental",
+            action="store_true",
+            help="Nightly mode: take on only inputs that no earlier run processed with the same "
+            "config (ledger in <output>/ledger/), add this run's shards under "
+            "<format>/run_date=<date>/[site=<site>/] instead of replacing the dataset.",
+        )
+        parser.add_argument(
+            "--run_date",
+            default=None,
+            help="Incremental runs: the partition date, YYYY-MM-DD (default: today, UTC).",
+        )
+        parser.add_argument(
+            "--retry_dead_letters",
+            action="store_true",
+            help="Incremental runs: take on again inputs that earlier runs dead-lettered "
+            "(by default only those that failed for a transient reason, or changed).",
         )
         parser.add_argument(
             "--unit_s",
@@ -205,6 +224,7 @@ class FeatureRun:
     manifest: dict
     unit_s: float | None = 60.0
     progress_dir: str | None = None
+    committed_runs: frozenset[str] = frozenset()
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -241,6 +261,7 @@ def build(p: beam.Pipeline, run: FeatureRun):
         n_shards=n_shards,
     )
     dataset = p | "CommitDataset" >> shards.CommitDataset(
+        items=items,
         written=written,
         n_shards=n_shards,
         dead_letters=dead_letters,
@@ -281,19 +302,32 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
         raise ConfigError(f"--shard_size_mb={args.shard_size_mb} must be positive")
     if args.unit_s < 0:
         raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
+    run_date = _run_date(args)
     config = feature_config_from_args(args)
     recording = recording_config_from_args(args)
     listing = list_sources(args, recording)
     if not listing.items and not listing.dead_letters:
         raise ConfigError(f"no inputs found in --manifest {args.manifest!r}")
+    output = args.output.rstrip("/")
+    committed: set[str] = set()
+    unchanged: list = []
+    if run_date is not None:
+        earlier = ledger.read_ledger(output)
+        committed = ledger.committed_runs(earlier)
+        new, unchanged = ledger.split_new(
+            listing.items, earlier, fingerprint=config.fingerprint, retry_dead_letters=args.retry_dead_letters
+        )
+        listing = dataclasses.replace(listing, items=tuple(new))
     formats = shards.FORMATS if args.format == "both" else (args.format,)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     spec = shards.ShardSpec(
-        output=args.output.rstrip("/"),
+        output=output,
         formats=formats,
         num_shards=args.num_shards,
         shard_size_mb=args.shard_size_mb,
         run_id=run_id,
+        run_date=run_date,
+        by_site=run_date is not None and recording.site_pattern is not None,
     )
     manifest = {
         "schema_version": fields.SCHEMA_VERSION,
@@ -307,6 +341,11 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
         "label_map": listing.label_map,
         "extra_columns": [fields.EXTRA_PREFIX + c for c in listing.extra_columns],
         "sources": {"input": args.input, "manifest": args.manifest},
+        "incremental": (
+            {"run_date": run_date, "unchanged_skipped": len(unchanged), "earlier_runs": len(committed)}
+            if run_date is not None
+            else None
+        ),
         "run": {
             "run_id": run_id,
             "started_unix_s": time.time(),
@@ -316,8 +355,27 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
         },
     }
     return FeatureRun(
-        listing=listing, config=config, spec=spec, manifest=manifest, unit_s=args.unit_s or None
+        listing=listing,
+        config=config,
+        spec=spec,
+        manifest=manifest,
+        unit_s=args.unit_s or None,
+        committed_runs=frozenset(committed),
     )
+
+
+def _run_date(args: argparse.Namespace) -> str | None:
+    """The partition date of an incremental run (``None`` otherwise); a bad date is a ConfigError."""
+    if not args.incremental:
+        if args.run_date is not None or args.retry_dead_letters:
+            raise ConfigError("--run_date and --retry_dead_letters need --incremental")
+        return None
+    if args.run_date is None:
+        return time.strftime("%Y-%m-%d", time.gmtime())
+    try:
+        return datetime.date.fromisoformat(args.run_date).isoformat()
+    except ValueError as exc:
+        raise ConfigError(f"--run_date={args.run_date!r} is not a date YYYY-MM-DD") from exc
 
 
 def read_dataset_json(output: str) -> dict:
@@ -366,6 +424,17 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard features")
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    if feature_run.spec.incremental:
+        removed = ledger.recover(feature_run.spec.output, set(feature_run.committed_runs))
+        if removed:
+            print(
+                f"removed {len(removed)} file(s) left by runs that never committed, e.g. {removed[0]}",
+                file=sys.stderr,
+            )
+        if not feature_run.listing.items and not feature_run.listing.dead_letters:
+            skipped = feature_run.manifest["incremental"]["unchanged_skipped"]
+            print(f"nothing new: all {skipped} input(s) were processed by earlier runs with this config")
+            return 0
     options = PipelineOptions(beam_args, save_main_session=False)
     input_bytes = sum(i.size_bytes or 0 for i in feature_run.listing.items)
     workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)

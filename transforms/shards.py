@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.parse
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -34,13 +35,16 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
-from soundshard.schemas.records import DeadLetter, FileSummary, WindowBatch
+from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch
 from soundshard.schemas.tfexample import tfrecord_frame
+from soundshard.transforms import ledger
 
 FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
 _ROW_GROUP_BYTES = 32 * 2**20
 _FRAGMENT_BYTES = 64 * 2**20
+#: Hive's folder value for a null partition key (pyarrow and DuckDB read it as null).
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,12 @@ class ShardSpec:
         formats: Subset of ``("parquet", "tfrecord")``.
         num_shards: Fixed shard count, or ``None`` to derive it from ``shard_size_mb``.
         shard_size_mb: Target size of one shard in MB (feature bytes) when ``num_shards`` is None.
-        run_id: Unique id of this run; names the temporary folder.
+        run_id: Unique id of this run; names the temporary folder (and, in incremental runs,
+            every file the run adds).
+        run_date: Incremental runs only: the night's date (``YYYY-MM-DD``); shards go to
+            ``<fmt>/run_date=<date>/`` and are named after the run, so runs add files and never
+            replace those of earlier runs.
+        by_site: Incremental runs only: partition further by site (``site=<site>/``).
     """
 
     output: str
@@ -60,15 +69,36 @@ class ShardSpec:
     num_shards: int | None = None
     shard_size_mb: float = 64.0
     run_id: str = "run"
+    run_date: str | None = None
+    by_site: bool = False
+
+    @property
+    def incremental(self) -> bool:
+        """True when runs add date-partitioned files instead of replacing the dataset."""
+        return self.run_date is not None
 
     @property
     def temp_dir(self) -> str:
         """Folder for files not yet committed."""
         return join(self.output, f"_tmp-{self.run_id}")
 
-    def shard_name(self, fmt: str, index: int, n_shards: int) -> str:
-        """Relative path of one shard, e.g. ``parquet/windows-00000-of-00004.parquet``."""
-        return f"{fmt}/windows-{index:05d}-of-{n_shards:05d}{_SUFFIX[fmt]}"
+    def partition_of(self, source: SourceItem) -> str:
+        """Partition folder of a source's windows: ``""``, or ``run_date=D[/site=S]``."""
+        if not self.incremental:
+            return ""
+        partition = f"run_date={self.run_date}"
+        if self.by_site:
+            # Hive-style value: URI-encoded (no '/'), null as Hive's default partition name.
+            site = urllib.parse.quote(source.site, safe="") if source.site else HIVE_NULL
+            partition += f"/site={site}"
+        return partition
+
+    def shard_name(self, fmt: str, index: int, n_shards: int, partition: str = "") -> str:
+        """Relative path of one shard, e.g. ``parquet/windows-00000-of-00004.parquet``, or in an
+        incremental run ``parquet/run_date=2026-11-25/windows-<run_id>-00000-of-00004.parquet``."""
+        if not self.incremental:
+            return f"{fmt}/windows-{index:05d}-of-{n_shards:05d}{_SUFFIX[fmt]}"
+        return f"{fmt}/{partition}/windows-{self.run_id}-{index:05d}-of-{n_shards:05d}{_SUFFIX[fmt]}"
 
 
 def join(base: str, *parts: str) -> str:
@@ -150,6 +180,7 @@ class WrittenShard:
     n_shards: int
     temp_path: str
     rows: int
+    partition: str = ""
 
 
 class _SpillFn(beam.DoFn):
@@ -167,16 +198,17 @@ class _SpillFn(beam.DoFn):
         self._extra_columns = tuple(extra_columns)
 
     def start_bundle(self):
-        self._buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
-        self._sizes: dict[int, int] = collections.defaultdict(int)
+        self._buffers: dict[tuple[str, int], list[pa.Table]] = collections.defaultdict(list)
+        self._sizes: dict[tuple[str, int], int] = collections.defaultdict(int)
 
     def process(self, batch: WindowBatch, n_shards: int):
         table = fields.batch_to_table(
             batch, config=self._config, label_map=self._label_map, extra_columns=self._extra_columns
         )
         index = shard_of(batch.source.clip_id, n_shards, first_window=batch.first_window_index)
-        self._buffers[index].append(table)
-        self._sizes[index] += table.nbytes
+        key = (self._spec.partition_of(batch.source), index)
+        self._buffers[key].append(table)
+        self._sizes[key] += table.nbytes
         # Bound what the bundle holds in all buffers together, not per shard: a long recording
         # spreads over many shards, and per-shard buffers would grow with their count.
         if sum(self._sizes.values()) >= _FRAGMENT_BYTES:
@@ -184,13 +216,13 @@ class _SpillFn(beam.DoFn):
                 yield full, self._spill(full)
 
     def finish_bundle(self):
-        for index in sorted(self._buffers):
-            yield WindowedValue((index, self._spill(index)), MIN_TIMESTAMP, [GlobalWindow()])
+        for key in sorted(self._buffers):
+            yield WindowedValue((key, self._spill(key)), MIN_TIMESTAMP, [GlobalWindow()])
 
-    def _spill(self, index: int) -> Fragment:
-        tables = self._buffers.pop(index)
-        self._sizes.pop(index)
-        path = join(self._spec.temp_dir, "fragments", f"{index:05d}-{uuid.uuid4().hex}.arrow")
+    def _spill(self, key: tuple[str, int]) -> Fragment:
+        tables = self._buffers.pop(key)
+        self._sizes.pop(key)
+        path = join(self._spec.temp_dir, "fragments", f"{key[1]:05d}-{uuid.uuid4().hex}.arrow")
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, tables[0].schema) as writer:
             for table in tables:
@@ -206,7 +238,7 @@ def _read_fragment(fragment: Fragment) -> pa.Table:
 
 
 def write_shard_files(
-    spec: ShardSpec, index: int, n_shards: int, schema: pa.Schema, tables
+    spec: ShardSpec, index: int, n_shards: int, schema: pa.Schema, tables, partition: str = ""
 ) -> list[WrittenShard]:
     """Streams ``tables`` into one shard per format in the temporary folder.
 
@@ -247,7 +279,7 @@ def write_shard_files(
             parquet.close()
         written = []
         for fmt, local in locals_.items():
-            temp_path = join(spec.temp_dir, spec.shard_name(fmt, index, n_shards))
+            temp_path = join(spec.temp_dir, spec.shard_name(fmt, index, n_shards, partition))
             size = local.seek(0, os.SEEK_END)
             local.seek(0)
             if size == 0:
@@ -255,7 +287,7 @@ def write_shard_files(
             else:
                 with FileSystems.create(temp_path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
                     shutil.copyfileobj(local, out, length=4 * 2**20)
-            written.append(WrittenShard(fmt, index, n_shards, temp_path, rows))
+            written.append(WrittenShard(fmt, index, n_shards, temp_path, rows, partition))
         return written
     finally:
         for local in locals_.values():
@@ -268,14 +300,14 @@ class _WriteShardFn(beam.DoFn):
         self._schema = fields.arrow_schema(config, extra_columns)
 
     def process(self, keyed, n_shards):
-        index, fragments = keyed
+        (partition, index), fragments = keyed
         # Rows sorted by clip and window: shard bytes do not depend on how bundles were cut.
         table = pa.concat_tables(_read_fragment(f) for f in fragments)
         table = table.take(
             pa.compute.sort_indices(table, [("clip_id", "ascending"), ("window_index", "ascending")])
         )
         yield from write_shard_files(
-            self._spec, index, n_shards, self._schema, table.to_batches(max_chunksize=256)
+            self._spec, index, n_shards, self._schema, table.to_batches(max_chunksize=256), partition
         )
 
 
@@ -414,7 +446,50 @@ class _CommitFn(beam.DoFn):
         self._n_inputs = n_inputs
         self._manifest = manifest
 
-    def process(self, _, written, dead_letters, summaries, n_shards):
+    def process(self, _, written, dead_letters, summaries, n_shards, items=()):
+        spec = self._spec
+        manifest = dict(self._manifest)
+        manifest.update(summarize(summaries, dead_letters, n_inputs=self._n_inputs))
+        if spec.incremental:
+            moves = self._incremental_files(written, dead_letters, summaries, items, manifest)
+        else:
+            moves = self._replacing_files(written, dead_letters, n_shards, manifest)
+        figures = manifest["figures"]
+        wall_s = time.time() - manifest["run"]["started_unix_s"]
+        figures["wall_s"] = round(wall_s, 3)
+        figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
+        figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=False).encode()
+        if spec.incremental:
+            moves.append(self._temp_file(join(ledger.RUNS_DIR, f"{spec.run_id}.json"), manifest_bytes))
+        move_into_place(moves)
+        if spec.incremental:
+            # The ledger file is the run's commit point: written once all its other files are in
+            # place (see transforms/ledger.py).
+            rows = ledger.ledger_table(
+                items,
+                summaries,
+                dead_letters,
+                fingerprint=self._config.fingerprint,
+                run_id=spec.run_id,
+                run_date=spec.run_date,
+            )
+            relative = join(ledger.LEDGER_DIR, f"{spec.run_id}.parquet")
+            move_into_place([self._temp_file(relative, ledger.table_bytes(rows))])
+        # dataset.json last: it marks a complete dataset (in incremental runs: the latest run).
+        move_into_place([self._temp_file("dataset.json", manifest_bytes)])
+        remove_tree(spec.temp_dir)
+        yield join(spec.output, "dataset.json")
+
+    def _temp_file(self, relative: str, data: bytes) -> tuple[str, str]:
+        """Writes ``data`` to the temporary folder; returns its move to ``<output>/<relative>``."""
+        temp = join(self._spec.temp_dir, "files", relative)
+        write_bytes(temp, data)
+        return temp, join(self._spec.output, relative)
+
+    def _replacing_files(self, written, dead_letters, n_shards, manifest) -> list[tuple[str, str]]:
+        """Moves of a run that replaces the dataset: shards 0..N-1 of N (empty ones included),
+        dead letters; earlier shards that are not replaced are deleted."""
         spec, config = self._spec, self._config
         present = {(w.fmt, w.index) for w in written}
         moves = [(w.temp_path, join(spec.output, spec.shard_name(w.fmt, w.index, n_shards))) for w in written]
@@ -426,43 +501,50 @@ class _CommitFn(beam.DoFn):
                     moves.append(
                         (shard.temp_path, join(spec.output, spec.shard_name(shard.fmt, index, n_shards)))
                     )
-        dead_path = join(spec.temp_dir, "dead_letters.parquet")
-        write_bytes(dead_path, _table_bytes(dead_letter_table(dead_letters)))
-        moves.append((dead_path, join(spec.output, "dead_letters.parquet")))
-
+        moves.append(self._temp_file("dead_letters.parquet", _table_bytes(dead_letter_table(dead_letters))))
         finals = {dst for _, dst in moves}
         for fmt in FORMATS:  # shards of an earlier run into the same folder must not mix in
             stale = [m.path for m in _match(join(spec.output, fmt, "windows-*")) if m.path not in finals]
             if stale:
                 FileSystems.delete(stale)
-        for folder in {dst.rsplit("/", 1)[0] for _, dst in moves}:
-            if not FileSystems.exists(folder):
-                FileSystems.mkdirs(folder)
-        existing = [dst for _, dst in moves if FileSystems.exists(dst)]
-        if existing:
-            FileSystems.delete(existing)
-        FileSystems.rename([src for src, _ in moves], [dst for _, dst in moves])
-
-        manifest = dict(self._manifest)
-        manifest.update(summarize(summaries, dead_letters, n_inputs=self._n_inputs))
-        figures = manifest["figures"]
-        wall_s = time.time() - manifest["run"]["started_unix_s"]
-        figures["wall_s"] = round(wall_s, 3)
-        figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
-        figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
         manifest["shards"] = {
             fmt: [spec.shard_name(fmt, i, n_shards) for i in range(n_shards)] for fmt in spec.formats
         }
         manifest["shards"]["rows_per_shard"] = [rows.get(i, 0) for i in range(n_shards)]
         manifest["dead_letters_file"] = "dead_letters.parquet"
-        json_path = join(spec.temp_dir, "dataset.json")
-        write_bytes(json_path, json.dumps(manifest, indent=2, sort_keys=False).encode())
-        final_json = join(spec.output, "dataset.json")
-        if FileSystems.exists(final_json):
-            FileSystems.delete([final_json])
-        FileSystems.rename([json_path], [final_json])
-        remove_tree(spec.temp_dir)
-        yield final_json
+        return moves
+
+    def _incremental_files(self, written, dead_letters, summaries, items, manifest) -> list[tuple[str, str]]:
+        """Moves of an incremental run: its own shards (non-empty only) and dead letters, all named
+        after the run, into the run date's partition; nothing of earlier runs is touched."""
+        spec = self._spec
+        moves, shard_files = [], collections.defaultdict(list)
+        for w in sorted(written, key=lambda w: (w.fmt, w.partition, w.index)):
+            if w.rows:
+                name = spec.shard_name(w.fmt, w.index, w.n_shards, w.partition)
+                moves.append((w.temp_path, join(spec.output, name)))
+                shard_files[w.fmt].append({"path": name, "rows": w.rows})
+        dead_name = f"dead_letters/run_date={spec.run_date}/dead_letters-{spec.run_id}.parquet"
+        moves.append(self._temp_file(dead_name, _table_bytes(dead_letter_table(dead_letters))))
+        manifest["shards"] = dict(shard_files)
+        manifest["dead_letters_file"] = dead_name
+        return moves
+
+
+def move_into_place(moves: Sequence[tuple[str, str]]) -> None:
+    """Renames temporary files to their final paths (replacing files already there).
+
+    A retried commit finds some sources already moved: those are skipped.
+    """
+    pending = [(src, dst) for src, dst in moves if FileSystems.exists(src)]
+    for folder in {dst.rsplit("/", 1)[0] for _, dst in pending}:
+        if not FileSystems.exists(folder):
+            FileSystems.mkdirs(folder)
+    existing = [dst for _, dst in pending if FileSystems.exists(dst)]
+    if existing:
+        FileSystems.delete(existing)
+    if pending:
+        FileSystems.rename([src for src, _ in pending], [dst for _, dst in pending])
 
 
 def remove_tree(path: str) -> None:
@@ -496,6 +578,7 @@ class CommitDataset(beam.PTransform):
         n_inputs: Inputs seen by the listing (for the accounting check).
         manifest: dataset.json fields known at launch (config, sources, run info); its
             ``run.started_unix_s`` is used for the wall time.
+        items: PCollection of the run's :class:`SourceItem` (incremental runs: for the ledger).
     """
 
     def __init__(
@@ -511,12 +594,14 @@ class CommitDataset(beam.PTransform):
         extra_columns,
         n_inputs,
         manifest,
+        items=None,
     ):
         super().__init__()
         self._written = written
         self._n_shards = n_shards
         self._dead_letters = dead_letters
         self._summaries = summaries
+        self._items = items
         self._args = dict(
             config=config,
             spec=spec,
@@ -527,15 +612,18 @@ class CommitDataset(beam.PTransform):
         )
 
     def expand(self, root):
+        side_inputs = dict(
+            written=beam.pvalue.AsList(self._written),
+            dead_letters=beam.pvalue.AsList(self._dead_letters),
+            summaries=beam.pvalue.AsList(self._summaries),
+            n_shards=beam.pvalue.AsSingleton(self._n_shards),
+        )
+        if self._args["spec"].incremental:
+            if self._items is None:
+                raise ValueError("an incremental commit needs the run's items (for its ledger)")
+            side_inputs["items"] = beam.pvalue.AsList(self._items)
         return (
             root
             | "CommitTrigger" >> beam.Create([None])
-            | "Commit"
-            >> beam.ParDo(
-                _CommitFn(**self._args),
-                written=beam.pvalue.AsList(self._written),
-                dead_letters=beam.pvalue.AsList(self._dead_letters),
-                summaries=beam.pvalue.AsList(self._summaries),
-                n_shards=beam.pvalue.AsSingleton(self._n_shards),
-            )
+            | "Commit" >> beam.ParDo(_CommitFn(**self._args), **side_inputs)
         )

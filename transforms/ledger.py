@@ -1,0 +1,202 @@
+"""The ledger of incremental runs: which inputs were processed, with which config (no Beam).
+
+An incremental output folder holds, next to the date-partitioned shards, one ledger file per
+committed run (``ledger/<run_id>.parquet``), with a row per input the run took on: its URI, size,
+version (object generation, ETag or modification time), feature fingerprint and outcome. The
+ledger file is the run's commit point: it is written after every other file of the run is in
+place, and files named after a run that has no ledger file are leftovers of a run that was killed
+before it committed, removed by :func:`recover` before the next run starts. So a killed run,
+restarted, processes its inputs again, and a repeated run finds nothing new: rows are never
+duplicated or lost.
+
+Only one run may write to an output folder at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem
+
+LEDGER_DIR = "ledger"
+RUNS_DIR = "runs"
+#: Run ids: ``YYYYMMDDTHHMMSS-<8 hex>``; every file an incremental run adds carries its id.
+RUN_ID = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")
+_RUN_FILE = re.compile(rf"(?:^|[-/])(?P<run>{RUN_ID.pattern})(?:[-.]|$)")
+#: Dead-letter reasons worth another try on the next run even if the file has not changed.
+RETRY_REASONS = frozenset({"storage_error", "unexpected_error"})
+
+PROCESSED, PARTIAL, DEAD_LETTER = "processed", "partial", "dead_letter"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("version", pa.string()),
+        pa.field("feature_fingerprint", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("windows", pa.int64(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("run_date", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """What makes an input the same input for the ledger."""
+
+    source_uri: str
+    size_bytes: int | None
+    version: str | None
+    feature_fingerprint: str
+
+
+def key_of(item: SourceItem, fingerprint: str) -> Key:
+    """The ledger key of a source under a feature config."""
+    return Key(item.uri, item.size_bytes, item.version, fingerprint)
+
+
+def ledger_table(
+    items: Iterable[SourceItem],
+    summaries: Iterable[FileSummary],
+    dead_letters: Iterable[DeadLetter],
+    *,
+    fingerprint: str,
+    run_id: str,
+    run_date: str,
+) -> pa.Table:
+    """One ledger row per input the run took on, with its outcome.
+
+    ``processed``: every unit succeeded; ``partial``: a long recording with a failed unit (its
+    other units' windows are written, so it is not taken on again); ``dead_letter``: nothing of it
+    was written.
+    """
+    windows = collections.Counter()
+    for summary in summaries:
+        windows[summary.clip_id] += summary.n_windows
+    reasons: dict[str, str] = {}
+    for dead in dead_letters:
+        if dead.clip_id is not None:
+            reasons.setdefault(dead.clip_id, dead.reason)
+    rows = []
+    for item in sorted(items, key=lambda i: i.uri):
+        reason = reasons.get(item.clip_id)
+        if reason is None:
+            status = PROCESSED
+        else:
+            status = PARTIAL if windows[item.clip_id] else DEAD_LETTER
+        rows.append(
+            {
+                "source_uri": item.uri,
+                "clip_id": item.clip_id,
+                "size_bytes": item.size_bytes,
+                "version": item.version,
+                "feature_fingerprint": fingerprint,
+                "status": status,
+                "reason": reason,
+                "windows": windows[item.clip_id],
+                "run_id": run_id,
+                "run_date": run_date,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """A ledger table as Parquet bytes."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(output)
+
+
+def read_ledger(output: str) -> pa.Table:
+    """Every committed run's ledger rows under ``output`` (empty when there are none)."""
+    fs, root = _fs(output)
+    folder = posixpath.join(root.rstrip("/"), LEDGER_DIR)
+    if not fs.exists(folder):
+        return SCHEMA.empty_table()
+    tables = []
+    for path in sorted(fs.find(folder)):
+        if RUN_ID.fullmatch(posixpath.basename(path).removesuffix(".parquet")):
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f).cast(SCHEMA))
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def committed_runs(ledger: pa.Table) -> set[str]:
+    """Run ids that committed (have a ledger file)."""
+    return set(ledger.column("run_id").to_pylist())
+
+
+def done_keys(ledger: pa.Table, *, retry_dead_letters: bool = False) -> set[Key]:
+    """Keys of inputs not to take on again.
+
+    Processed and partial inputs are done; dead-lettered ones too, unless their reason is a
+    transient one (:data:`RETRY_REASONS`) or ``retry_dead_letters`` is set.
+    """
+    done = set()
+    for row in ledger.to_pylist():
+        if row["status"] == DEAD_LETTER and (retry_dead_letters or row["reason"] in RETRY_REASONS):
+            continue
+        done.add(Key(row["source_uri"], row["size_bytes"], row["version"], row["feature_fingerprint"]))
+    return done
+
+
+def split_new(
+    items: Sequence[SourceItem], ledger: pa.Table, *, fingerprint: str, retry_dead_letters: bool = False
+) -> tuple[list[SourceItem], list[SourceItem]]:
+    """``(new, unchanged)``: inputs to take on, and inputs an earlier run already took on."""
+    done = done_keys(ledger, retry_dead_letters=retry_dead_letters)
+    new, unchanged = [], []
+    for item in items:
+        (unchanged if key_of(item, fingerprint) in done else new).append(item)
+    return new, unchanged
+
+
+def recover(output: str, committed: set[str]) -> list[str]:
+    """Removes what runs that never committed left under ``output``; returns the removed paths.
+
+    That is every temporary folder (``_tmp-<run_id>/``) and every file named after a run id that
+    is not in ``committed`` (shards, dead letters and run manifests moved into place by a run
+    killed before it wrote its ledger file).
+    """
+    fs, root = _fs(output)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return []
+    removed = []
+    for entry in fs.ls(root, detail=False):
+        if posixpath.basename(entry.rstrip("/")).startswith("_tmp-"):
+            removed += fs.find(entry) or [entry]
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(entry, recursive=True)
+    orphans = []
+    for path in sorted(fs.find(root)):
+        relative = path[len(root) + 1 :]
+        if relative.split("/", 1)[0] == LEDGER_DIR:
+            continue
+        match = _RUN_FILE.search(posixpath.basename(relative))
+        if match and match["run"] not in committed:
+            orphans.append(path)
+    if orphans:
+        fs.rm(orphans)
+    removed += orphans
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return removed if protocol in ("file", "local") else [fs.unstrip_protocol(p) for p in removed]
