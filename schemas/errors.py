@@ -46,3 +46,14 @@ class AudioValidationError(DataError):
     """Decoded audio is unusable (no samples, non-finite values, too short for a window)."""
 
     default_reason = "invalid_audio"
+
+
+class StorageError(DataError):
+    """An input cannot be read from its object store.
+
+    Transient errors (connection resets, timeouts, HTTP 408/429/5xx) outlasted the retries, or the
+    store refused the read (reason ``missing_file`` for an object that no longer exists). The
+    message names the URI, what was read, the attempts made and the last error.
+    """
+
+    default_reason = "storage_error"

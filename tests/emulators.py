@@ -6,6 +6,8 @@
   chain (``google.auth.default()`` with a service-account file of a throwaway key) works offline;
   no credential ever leaves the machine.
 - S3: ``moto`` in server mode.
+- A fault proxy: an HTTP proxy in front of an emulator that answers chosen requests with errors,
+  resets their connections or stalls them, by deterministic rules (``FaultProxy``, ``Fault``).
 
 Each server runs in its own process group (or thread) on a free port and is stopped at the end.
 """
@@ -13,11 +15,13 @@ Each server runs in its own process group (or thread) on a free port and is stop
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -152,3 +156,188 @@ def s3_emulator(workdir: Path) -> Iterator[dict[str, str]]:
             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
             "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
         }
+
+
+@dataclasses.dataclass
+class Fault:
+    """A rule of ``FaultProxy``: which requests fail, and how.
+
+    Attributes:
+        path_contains: Substrings that must all occur in the request's URL-decoded path and query
+            (e.g. ``"/o/in/flaky.wav"`` for an object's metadata and media requests, not listings).
+        action: ``"status"``: answer ``status`` with a JSON error body; ``"reset"``: close the
+            connection with a TCP reset, no answer; ``"stall"``: answer nothing for ``stall_s``,
+            then close.
+        times: Fail this many matching requests (``None``: all of them).
+        skip: Let this many matching requests through before failing any.
+        method: HTTP method to match (``None``: any).
+        status: Status of ``"status"`` answers.
+        stall_s: How long a ``"stall"`` holds the connection.
+        hits: Matching requests seen so far (passed through or failed).
+    """
+
+    path_contains: str | tuple[str, ...]
+    action: str = "status"
+    times: int | None = None
+    skip: int = 0
+    method: str | None = "GET"
+    status: int = 503
+    stall_s: float = 60.0
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        needles = (self.path_contains,) if isinstance(self.path_contains, str) else self.path_contains
+        return (self.method is None or method == self.method) and all(n in path for n in needles)
+
+    @property
+    def failed(self) -> int:
+        """Matching requests this rule failed."""
+        done = max(0, self.hits - self.skip)
+        return done if self.times is None else min(done, self.times)
+
+
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+
+
+class _FaultProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as clients pool connections to a real store
+
+    def handle(self):
+        try:
+            super().handle()
+        except OSError:
+            pass  # the client hung up (its timeout, or a request it cancelled)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _handle(self):
+        import urllib.parse
+
+        proxy: FaultProxy = self.server.proxy
+        body = self._read_body()
+        fault = proxy.fault_for(self.command, urllib.parse.unquote(self.path))
+        if fault is None:
+            self._forward(body)
+        elif fault.action == "status":
+            payload = json.dumps({"error": {"code": fault.status, "message": "injected fault"}}).encode()
+            self.send_response(fault.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        elif fault.action == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.rfile.close()
+            self.connection.close()
+            self.close_connection = True
+        elif fault.action == "stall":
+            proxy.stopping.wait(fault.stall_s)
+            self.close_connection = True
+        else:
+            raise ValueError(f"unknown fault action {fault.action!r}")
+
+    def _forward(self, body: bytes) -> None:
+        import http.client
+
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+            upstream.request(self.command, self.path, body=body or None, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        self.send_response(response.status, response.reason)
+        for key, value in response.getheaders():
+            if key.lower() not in _HOP_HEADERS:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815 - http.server's names
+
+    def log_message(self, *args):
+        pass
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an emulator that fails requests by rules.
+
+    Requests that match a ``Fault`` (the first matching rule with failures left) are failed as it
+    says; all others are forwarded. Rules can be added and removed while it runs.
+
+    Attributes:
+        url: ``http://127.0.0.1:<port>``, to use in place of the emulator's URL.
+        faults: The rules, in order.
+        requests: ``(method, path, outcome)`` of every request, outcome ``"forwarded"`` or the
+            action taken.
+        stopping: Set when the proxy stops (ends stalls early).
+    """
+
+    def __init__(self, upstream_url: str):
+        import urllib.parse
+
+        parsed = urllib.parse.urlsplit(upstream_url)
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str, str]] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FaultProxyHandler)
+        self._server.daemon_threads = True
+        self._server.proxy = self
+        self._server.upstream = (parsed.hostname, parsed.port or 80)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def add(self, fault: Fault) -> Fault:
+        """Adds a rule; returns it (its ``hits`` and ``failed`` count what it matched)."""
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def fault_for(self, method: str, path: str) -> Fault | None:
+        """The rule that fails this request, if any (counts the hit)."""
+        with self._lock:
+            chosen = None
+            for fault in self.faults:
+                if not fault.matches(method, path):
+                    continue
+                fault.hits += 1
+                failing = fault.hits > fault.skip and (
+                    fault.times is None or fault.hits - fault.skip <= fault.times
+                )
+                if failing and chosen is None:
+                    chosen = fault
+            self.requests.append((method, path, chosen.action if chosen else "forwarded"))
+            return chosen
+
+    def start(self) -> None:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@contextlib.contextmanager
+def fault_proxy(upstream_url: str) -> Iterator[FaultProxy]:
+    """Runs a ``FaultProxy`` in front of ``upstream_url`` until the block ends."""
+    proxy = FaultProxy(upstream_url)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

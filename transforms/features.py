@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -15,11 +16,11 @@ import threadpoolctl
 from apache_beam.metrics import Metrics
 
 from soundshard.schemas.config import FeatureConfig
-from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, DataError
+from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, DataError, StorageError
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
 from soundshard.transforms import melspec, units
 from soundshard.transforms.audio import decode_audio
-from soundshard.transforms.sources import close_archives, open_source
+from soundshard.transforms.sources import close_archives, open_source, storage_error
 
 NAMESPACE = "soundshard"
 DEAD_LETTERS = "dead_letters"
@@ -77,19 +78,87 @@ class ProgressReporter:
         self._last = time.monotonic()
 
 
+def _count_retry(exc: BaseException) -> None:
+    count("storage_retries")
+
+
 def _open_checked(item: SourceItem, stack: contextlib.ExitStack):
-    """Opens an input for libsndfile; a zero-byte file is an ``empty_file`` error."""
+    """Opens an input for libsndfile; a zero-byte file is an ``empty_file`` error.
+
+    Remote reads retry transient storage errors (each retry counted as ``storage_retries``).
+
+    Raises:
+        AudioDecodeError: an empty file.
+        StorageError: the object cannot be read (retries ran out, or it is missing).
+    """
     empty = AudioDecodeError(f"{item.uri} is empty (0 bytes)", reason="empty_file")
     if item.size_bytes == 0:
         raise empty
-    source = open_source(item.uri)
+    source = open_source(item.uri, size_bytes=item.size_bytes, on_retry=_count_retry)
     if not isinstance(source, str):
         stack.enter_context(source)
         if item.size_bytes is None and getattr(source, "size", None) == 0:
             raise empty
-    elif item.size_bytes is None and os.path.getsize(source) == 0:
+        return _DecoderReads(source)
+    if item.size_bytes is None and os.path.getsize(source) == 0:
         raise empty
     return source
+
+
+class _DecoderReads:
+    """``source`` as libsndfile reads it: a read that gives up returns no bytes instead of raising.
+
+    An exception cannot cross libsndfile's read callback (cffi prints it and returns 0 bytes); the
+    error stays in ``storage_error`` and ``_storage_checked`` raises it after the decoder returns.
+    """
+
+    def __init__(self, source):
+        self._source = source
+
+    @property
+    def storage_error(self) -> StorageError | None:
+        return storage_error(self._source)
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._source.readinto(buffer)
+        except StorageError:
+            return 0
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._source.read(size)
+        except StorageError:
+            return b""
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return self._source.seek(offset, whence)
+        except StorageError:
+            return self._source.tell()
+
+    def tell(self) -> int:
+        return self._source.tell()
+
+    def __repr__(self) -> str:
+        return repr(self._source)
+
+
+@contextlib.contextmanager
+def _storage_checked(source):
+    """Raises the ``StorageError`` a read of ``source`` gave up with, instead of what the decoder
+    made of it: libsndfile turns an exception in its read callback into a generic error or a short
+    read, which would read as ``decode_error``, ``corrupt_audio`` or ``truncated_audio``."""
+    try:
+        yield
+    except Exception:
+        failure = storage_error(source)
+        if failure is None:
+            raise
+        raise failure from failure.__cause__
+    failure = storage_error(source)
+    if failure is not None:
+        raise failure from failure.__cause__
 
 
 def plan(item: SourceItem, config: FeatureConfig, *, unit_s: float | None = None) -> list[WorkUnit]:
@@ -104,11 +173,13 @@ def plan(item: SourceItem, config: FeatureConfig, *, unit_s: float | None = None
     Raises:
         AudioDecodeError: unreadable header or empty file.
         AudioValidationError: a header that declares no samples, or too few for one window.
+        StorageError: the object cannot be read from its store.
     """
     with contextlib.ExitStack() as stack:
         source = _open_checked(item, stack)
         try:
-            info = soundfile.info(source)
+            with _storage_checked(source):
+                info = soundfile.info(source)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, EOFError) as exc:
             raise AudioDecodeError(f"cannot decode {item.uri}: {exc}", reason="decode_error") from exc
     if info.frames <= 0:
@@ -226,15 +297,16 @@ class _LogMelFn(beam.DoFn):
         try:
             with contextlib.ExitStack() as stack:
                 source = _open_checked(item, stack)
-                audio = decode_audio(
-                    source,
-                    sample_rate_hz=config.sample_rate_hz,
-                    channel=config.channel,
-                    resample_quality=config.resample_quality,
-                    name=where,
-                    start_frame=0 if whole else span.start_frame,
-                    n_frames=None if whole else span.n_frames,
-                )
+                with _storage_checked(source):
+                    audio = decode_audio(
+                        source,
+                        sample_rate_hz=config.sample_rate_hz,
+                        channel=config.channel,
+                        resample_quality=config.resample_quality,
+                        name=where,
+                        start_frame=0 if whole else span.start_frame,
+                        n_frames=None if whole else span.n_frames,
+                    )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "decode", exc, where=where))
             self._progress.add(files=int(last_unit), windows=0)

@@ -6,18 +6,25 @@ file); decoding and header probing happen on the workers.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
 import functools
+import inspect
 import io
+import logging
+import os
 import posixpath
+import random
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import fsspec
 import pyarrow as pa
 
 from soundshard.schemas.config import RecordingConfig
-from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.errors import ConfigError, StorageError
 from soundshard.schemas.records import DeadLetter, SourceItem
 from soundshard.transforms import recordings
 
@@ -505,30 +512,398 @@ def _label_map(labels) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted({lab for lab in labels if lab}))}
 
 
-#: Block size of the read-ahead cache for object-store reads (libsndfile reads in small pieces).
+#: Block size of the read-ahead buffer for object-store reads (libsndfile reads in small pieces).
 READ_BLOCK_BYTES = 4 * 2**20
+#: Largest range asked for in one request (larger reads take several), so that a request's time
+#: limit stays meaningful.
+_MAX_REQUEST_BYTES = 4 * READ_BLOCK_BYTES
 #: Archives kept open (with their member index) per process.
 _OPEN_ARCHIVES = 4
+#: Environment variables that override the ``StorageRetry`` defaults: prefix + upper-case field name.
+STORAGE_ENV_PREFIX = "SOUNDSHARD_STORAGE_"
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EAGAIN,
+        errno.EBUSY,  # s3fs: SlowDown, ServiceUnavailable (503)
+        getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: InternalError (500)
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.EPIPE,
+    }
+)
+_LOG = logging.getLogger(__name__)
 
 
-def _open_remote(uri: str):
-    """Opens a URL through fsspec with a read-ahead cache of ``READ_BLOCK_BYTES``.
+@dataclasses.dataclass(frozen=True)
+class StorageRetry:
+    """How reads from object stores retry transient errors.
 
-    libsndfile and tarfile read in small pieces; the read-ahead cache turns them into few requests
-    (gcsfs's default would issue one request per 8 KB read, and its adaptive background cache has
-    been seen to hang when tarfile seeks through a gzip stream).
+    Every request gets at most ``attempt_timeout_s``. A request that fails with a transient error
+    (connection reset or refused, timeout, HTTP 408/429/5xx) is sent again after an exponential
+    backoff with jitter: ``min(max_backoff_s, backoff_s * 2**k)`` times a random factor in
+    [0.5, 1] before the k-th retry. It gives up after ``attempts`` requests or when ``deadline_s``
+    has passed since the first, whichever comes first; the store's error is then a ``StorageError``.
+    The defaults let a short outage pass (about 1 to 2 s of backoff in all) and keep an object that
+    never answers from holding a worker for more than ``deadline_s``.
+
+    Each field can be set in the environment of the processes that read (workers):
+    ``SOUNDSHARD_STORAGE_ATTEMPTS``, ``SOUNDSHARD_STORAGE_ATTEMPT_TIMEOUT_S``, ...
+
+    Attributes:
+        attempts: Requests per read, the first included (1: no retries).
+        attempt_timeout_s: Limit of one request, in seconds.
+        deadline_s: Limit of one read with all its retries, in seconds.
+        backoff_s: Pause before the first retry (before jitter), in seconds.
+        max_backoff_s: Longest pause between two attempts, in seconds.
+
+    Raises:
+        ConfigError: a value out of range (the message names it).
     """
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.open(path, "rb", cache_type="readahead", block_size=READ_BLOCK_BYTES)
+
+    attempts: int = 4
+    attempt_timeout_s: float = 10.0
+    deadline_s: float = 30.0
+    backoff_s: float = 0.25
+    max_backoff_s: float = 2.0
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ConfigError(f"storage retry attempts={self.attempts} must be at least 1")
+        for name in ("attempt_timeout_s", "deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"storage retry {name}={getattr(self, name)} must be positive")
+        for name in ("backoff_s", "max_backoff_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"storage retry {name}={getattr(self, name)} must not be negative")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageRetry:
+        """The defaults, overridden by ``SOUNDSHARD_STORAGE_<FIELD>`` variables.
+
+        Raises:
+            ConfigError: a variable that is not a number, or out of range; the message names it.
+        """
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in dataclasses.fields(cls):
+            name = STORAGE_ENV_PREFIX + field.name.upper()
+            if environ.get(name, "").strip():
+                kind = int if field.type in (int, "int") else float
+                try:
+                    values[field.name] = kind(environ[name])
+                except ValueError as exc:
+                    raise ConfigError(f"{name}={environ[name]!r} is not {kind.__name__}") from exc
+        return cls(**values)
+
+    def pause_s(self, retry: int) -> float:
+        """Backoff before retry number ``retry`` (0 for the first), with jitter."""
+        return min(self.max_backoff_s, self.backoff_s * 2**retry) * random.uniform(0.5, 1.0)
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 8:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: a timeout, a dropped or refused connection, or
+    an HTTP 408/429/5xx answer, as gcsfs, s3fs (botocore), aiohttp or requests raise them."""
+    import aiohttp
+    import botocore.exceptions
+    import gcsfs.retry
+    import requests
+
+    for cause in _causes(exc):
+        if isinstance(cause, gcsfs.retry.HttpError):
+            return gcsfs.retry.is_retriable(cause)  # its rule: 408, 429, 5xx, expired credentials
+        status = None
+        if isinstance(cause, aiohttp.ClientResponseError):
+            status = cause.status
+        elif isinstance(cause, botocore.exceptions.ClientError):
+            status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        elif isinstance(cause, requests.HTTPError) and cause.response is not None:
+            status = cause.response.status_code
+        if status is not None:
+            return status in (408, 429) or status >= 500
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    transient = (
+        TimeoutError,
+        asyncio.TimeoutError,
+        ConnectionError,
+        aiohttp.ClientConnectionError,
+        aiohttp.ClientPayloadError,
+        botocore.exceptions.HTTPClientError,
+        botocore.exceptions.ConnectionError,
+        requests.ConnectionError,
+        requests.Timeout,
+    )
+    return isinstance(exc, transient) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS)
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not str(exc):
+        return f"{type(exc).__name__}: no answer within {timeout_s:.3g} s"
+    return f"{type(exc).__name__}: {exc}"
+
+
+@functools.cache
+def _single_attempt_class(cls: type) -> type:
+    """``cls`` without its own retry loop, so that ``StorageRetry`` alone decides (and counts).
+
+    gcsfs retries HTTP 408/429/5xx and connection errors up to 6 times per request, sleeping
+    1, 2, 4, 8 and 16 s plus up to 1 s of jitter each (31 to 36 s per request); the subclass keeps
+    its request method without the retry decorator. s3fs retries up to 5 times (0.1 to 0.8 s
+    apart) around each botocore call, nested twice for file reads, and botocore retries up to 4
+    more times itself with exponential backoff; the subclass sets ``retries`` to 1 and
+    ``_single_attempt`` turns botocore's retries off and its timeouts down. Other
+    filesystems are used as they are; a layout of gcsfs this does not know keeps its retry loop,
+    and each attempt is still cut off at ``StorageRetry.attempt_timeout_s``.
+    """
+    import gcsfs
+    import s3fs
+
+    if issubclass(cls, gcsfs.GCSFileSystem):
+        request = getattr(cls._request, "__wrapped__", None)
+        if request is None or not inspect.iscoroutinefunction(request):
+            return cls
+
+        class SingleAttemptGCSFileSystem(cls):
+            _request = request
+
+        return SingleAttemptGCSFileSystem
+    if issubclass(cls, s3fs.S3FileSystem):
+
+        class SingleAttemptS3FileSystem(cls):
+            retries = 1
+
+        return SingleAttemptS3FileSystem
+    return cls
+
+
+def _single_attempt(fs: fsspec.AbstractFileSystem, retry: StorageRetry) -> fsspec.AbstractFileSystem:
+    """A filesystem like ``fs`` (same options) whose requests are not retried inside it."""
+    cls = _single_attempt_class(type(fs))
+    if cls is type(fs):
+        return fs
+    options = dict(fs.storage_options)
+    import s3fs
+
+    if isinstance(fs, s3fs.S3FileSystem):
+        options["config_kwargs"] = {
+            **options.get("config_kwargs", {}),
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+            "connect_timeout": retry.attempt_timeout_s,
+            "read_timeout": retry.attempt_timeout_s,
+        }
+    return cls(*fs.storage_args, **options)
+
+
+class RemoteFile(io.RawIOBase):
+    """An object in a store, read by byte ranges with a read-ahead block and retried requests.
+
+    libsndfile and tarfile read in small pieces and seek back and forth near them; the block (the
+    last range fetched, at least ``READ_BLOCK_BYTES``) turns that into few range requests. Each
+    request retries transient errors (``StorageRetry``). A read that gives up raises a
+    ``StorageError`` and keeps it in ``storage_error``; every later read raises it again at once,
+    so a decoder that swallows exceptions (libsndfile turns an error in its read callback into its
+    own generic error or a short read) cannot hide the cause, and a dead object costs one retry
+    budget, not one per read.
+
+    Args:
+        uri: The object's URL.
+        retry: Retry limits.
+        size_bytes: The object's size when known; otherwise it is asked for (one request).
+        on_retry: Called with the error before each retry (e.g. to count it).
+
+    Attributes:
+        size: Object size in bytes.
+        storage_error: The ``StorageError`` a read gave up with, or ``None``.
+        on_retry: As above; may be replaced while the file is open.
+
+    Raises:
+        StorageError: the size could not be read.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        retry: StorageRetry,
+        size_bytes: int | None = None,
+        on_retry: Callable[[BaseException], None] | None = None,
+    ):
+        super().__init__()
+        self.uri = uri
+        self.retry = retry
+        self.on_retry = on_retry
+        self.storage_error: StorageError | None = None
+        fs, self._path = fsspec.core.url_to_fs(uri)
+        self._fs = _single_attempt(fs, retry)
+        self._pos = 0
+        self._block_start = 0
+        self._block = b""
+        if size_bytes is None:
+            size_bytes = int(self._retried("reading its size", "info", self._path)["size"])
+        self.size = size_bytes
+
+    @property
+    def name(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"<RemoteFile name={self.uri!r}>"
+
+    def _call(self, method: str, *args, timeout_s: float, **kwargs):
+        """``fs.<method>``; on an async filesystem cancelled after ``timeout_s`` (with any retry
+        loop of its own)."""
+        if getattr(self._fs, "async_impl", False):
+            from fsspec.asyn import sync
+
+            return sync(self._fs.loop, getattr(self._fs, "_" + method), *args, timeout=timeout_s, **kwargs)
+        return getattr(self._fs, method)(*args, **kwargs)
+
+    def _retried(self, what: str, method: str, *args, **kwargs):
+        if self.storage_error is not None:
+            raise self.storage_error
+        retry = self.retry
+        started = time.monotonic()
+        deadline = started + retry.deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            timeout_s = max(0.001, min(retry.attempt_timeout_s, deadline - time.monotonic()))
+            try:
+                return self._call(method, *args, timeout_s=timeout_s, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified below; the cause is kept
+                failed = exc
+                description = _describe(exc, timeout_s)
+            pause_s = retry.pause_s(attempt - 1)
+            transient = is_transient(failed)
+            if transient and attempt < retry.attempts and time.monotonic() + pause_s < deadline:
+                _LOG.info(
+                    "%s: %s: attempt %d failed, retry in %.2f s: %s",
+                    self.uri,
+                    what,
+                    attempt,
+                    pause_s,
+                    description,
+                )
+                if self.on_retry is not None:
+                    self.on_retry(failed)
+                time.sleep(pause_s)
+                continue
+            elapsed_s = time.monotonic() - started
+            if transient:
+                why = f"gave up after {attempt} attempt(s) in {elapsed_s:.1f} s"
+            else:
+                why = "failed (not retried: not a transient error)"
+            reason = "missing_file" if isinstance(failed, FileNotFoundError) else "storage_error"
+            error = StorageError(f"{self.uri}: {what} {why}: {description}", reason=reason)
+            error.__cause__ = failed
+            self.storage_error = error
+            raise error
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset} in {self.uri}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        """Fills ``buffer`` from the current position (short only at the end of the object)."""
+        if self.storage_error is not None:
+            raise self.storage_error
+        out = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(out) and self._pos < self.size:
+            offset = self._pos - self._block_start
+            if not 0 <= offset < len(self._block):
+                self._fetch(len(out) - done)
+                offset = 0
+                if not self._block:  # shorter than its listed size (replaced since): its end
+                    break
+            n = min(len(out) - done, len(self._block) - offset)
+            out[done : done + n] = self._block[offset : offset + n]
+            done += n
+            self._pos += n
+        return done
+
+    def _fetch(self, wanted: int) -> None:
+        start = self._pos
+        end = min(self.size, start + min(max(wanted, READ_BLOCK_BYTES), _MAX_REQUEST_BYTES))
+        what = f"reading bytes {start}..{end - 1}"
+        self._block_start = start
+        self._block = self._retried(what, "cat_file", self._path, start=start, end=end)
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left when negative); fewer only at the end."""
+        left = max(0, self.size - self._pos)
+        buffer = bytearray(left if size is None or size < 0 else min(size, left))
+        return bytes(memoryview(buffer)[: self.readinto(buffer)])
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def close(self) -> None:
+        self._block = b""
+        super().close()
+
+
+def _open_remote(
+    uri: str,
+    *,
+    size_bytes: int | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> RemoteFile:
+    """Opens a URL for reading with a read-ahead buffer and retried requests (``StorageRetry``
+    from the environment). Without ``size_bytes`` the object's size is asked first.
+
+    Raises:
+        StorageError: the size could not be read.
+        ConfigError: a bad ``SOUNDSHARD_STORAGE_*`` variable.
+    """
+    return RemoteFile(uri, retry=StorageRetry.from_env(), size_bytes=size_bytes, on_retry=on_retry)
+
+
+def storage_error(source) -> StorageError | None:
+    """The ``StorageError`` a read of ``source`` (from ``open_source``) gave up with, if any.
+
+    libsndfile turns an exception raised in its read callback into its own generic error (or a
+    short read); the pipeline asks here for the real cause before it classifies a failure.
+    """
+    for candidate in (source, getattr(getattr(source, "archive", None), "file", None)):
+        error = getattr(candidate, "storage_error", None)
+        if error is not None:
+            return error
+    return None
 
 
 class _OpenArchive:
     """An archive opened once per process: its member index and a lock for reads from it."""
 
-    def __init__(self, archive_uri: str):
+    def __init__(self, archive_uri: str, on_retry: Callable[[BaseException], None] | None = None):
         protocol, options = archive_kind(archive_uri)
         local = "://" not in archive_uri or archive_uri.startswith("file://")
-        self.file = open(archive_uri.removeprefix("file://"), "rb") if local else _open_remote(archive_uri)
+        if local:
+            self.file = open(archive_uri.removeprefix("file://"), "rb")
+        else:
+            self.file = _open_remote(archive_uri, on_retry=on_retry)
         self.fs = fsspec.filesystem(protocol, fo=self.file, skip_instance_cache=True, **options)
         self.lock = threading.Lock()
 
@@ -543,14 +918,29 @@ def close_archives() -> None:
     _open_archive.cache_clear()
 
 
-def open_source(uri: str):
-    """Opens an input for reading: a local path as is, a URL through fsspec (read-ahead cache).
+def open_source(
+    uri: str,
+    *,
+    size_bytes: int | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
+):
+    """Opens an input for reading: a local path as is, a URL as a ``RemoteFile``.
 
-    Archive members (``tar://name::archive``, ``zip://name::archive``) are read from an archive
-    opened once per process, so a tar's member index is built once, not once per member. A member
-    up to ``_MEMBER_IN_MEMORY_BYTES`` is returned as bytes in memory (compressed tars seek by
-    re-reading, and the shared archive must not be read by two threads at once); a larger one
-    streams from its own handle on the archive.
+    Remote reads retry transient errors (``StorageRetry``); one that gives up raises a
+    ``StorageError``, which ``storage_error(source)`` also returns afterwards. Archive members
+    (``tar://name::archive``, ``zip://name::archive``) are read from an archive opened once per
+    process, so a tar's member index is built once, not once per member. A member up to
+    ``_MEMBER_IN_MEMORY_BYTES`` is returned as bytes in memory (compressed tars seek by re-reading,
+    and the shared archive must not be read by two threads at once); a larger one streams from its
+    own handle on the archive. An archive whose reads gave up is opened afresh for the next member.
+
+    Args:
+        uri: Local path, URL or archive member URL.
+        size_bytes: The object's size when known (saves a request); not used for members.
+        on_retry: Called with the error before each retry of a remote request.
+
+    Raises:
+        StorageError: a remote read gave up (or the object is missing: ``missing_file``).
     """
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
@@ -558,13 +948,24 @@ def open_source(uri: str):
         member_url, archive_uri = uri.split("::", 1)
         member = member_url.split("://", 1)[1]
         archive = _open_archive(archive_uri)
-        with archive.lock:
-            size = archive.fs.size(member)
-            if size is not None and size <= _MEMBER_IN_MEMORY_BYTES:
-                with archive.fs.open(member, "rb") as f:
-                    return io.BytesIO(f.read())
-        own = _OpenArchive(archive_uri)
+        try:
+            with archive.lock:
+                if isinstance(archive.file, RemoteFile):
+                    archive.file.on_retry = on_retry
+                size = archive.fs.size(member)
+                if size is not None and size <= _MEMBER_IN_MEMORY_BYTES:
+                    with archive.fs.open(member, "rb") as f:
+                        return io.BytesIO(f.read())
+        except Exception as exc:
+            failure = getattr(archive.file, "storage_error", None)
+            if failure is None:
+                raise
+            close_archives()
+            if failure is exc:
+                raise
+            raise failure from failure.__cause__  # the store's error, not what tarfile made of it
+        own = _OpenArchive(archive_uri, on_retry)
         stream = own.fs.open(member, "rb")
         stream.archive = own  # keeps the archive's file open as long as the stream
         return stream
-    return _open_remote(uri)
+    return _open_remote(uri, size_bytes=size_bytes, on_retry=on_retry)
