@@ -3,6 +3,8 @@
 Subcommands:
     demo      synthesise a small labelled set (with broken files) and run the features pipeline on it
     features  audio → log-mel windows → Parquet + TFRecord shards
+    train     train a classifier on feature shards (predefined folds, cross-validation)
+    evaluate  evaluate a trained model on a fold or split
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: soundshard {demo,features} [options]
+USAGE = """usage: soundshard {demo,features,train,evaluate} [options]
 
   demo       synthesise a small labelled dataset and run the pipeline on it (no data needed)
   features   audio folders/globs/manifests -> log-mel windows -> Parquet + TFRecord shards
+  train      train a classifier on feature shards (predefined folds, cross-validation)
+  evaluate   evaluate a trained model on a fold or split
 
 Run 'soundshard COMMAND --help' for the options of a command."""
 
@@ -29,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from soundshard.pipelines import features
 
         return features.run(rest)
+    if command in ("train", "evaluate"):
+        from soundshard.pipelines import train
+
+        return train.run(rest) if command == "train" else train.run_evaluate(rest)
     if command == "demo":
         from soundshard.pipelines import demo
 

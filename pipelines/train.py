@@ -1,0 +1,420 @@
+"""Train and evaluate classifiers on feature shards, by the dataset's predefined folds.
+
+Examples::
+
+    soundshard train --data out/esc10 --model sbcnn --test-fold 1 --output models/esc10-f1
+    soundshard train --data out/esc10 --model sbcnn --cv --output models/esc10-cv
+    soundshard evaluate --model models/esc10-f1 --data out/esc10 --fold 1
+
+A model folder holds ``model.keras`` (Keras 3 format; loads in safe mode), ``saved_model/`` (a TF
+SavedModel for serving), ``model.json`` (labels, feature config and fingerprint, training config,
+split), ``metrics.json`` (window and clip metrics on the test fold), ``history.json``, and the
+plots ``confusion_matrix.png`` and ``learning_curves.png``. With ``--cv`` there is one such folder
+per fold (``fold-1/``...) and a ``metrics.json`` with the mean and standard deviation over folds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from soundshard.schemas.errors import ConfigError
+from soundshard.transforms import models, training
+
+MODEL_FILE = "model.keras"
+MODEL_JSON = "model.json"
+
+
+def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
+    """Argument parser of ``soundshard train``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--data", required=True, help="Output folder of `soundshard features`.")
+    parser.add_argument("--model", default="sbcnn", choices=models.MODEL_NAMES, help="Architecture.")
+    parser.add_argument("--output", required=True, help="Model folder to write.")
+    parser.add_argument(
+        "--test-fold", "--test_fold", dest="test_fold", type=int, help="Fold held out for testing."
+    )
+    parser.add_argument(
+        "--validation-fold",
+        "--validation_fold",
+        dest="validation_fold",
+        type=int,
+        help="Fold for early stopping (default: the fold after the test fold).",
+    )
+    parser.add_argument(
+        "--cv", action="store_true", help="Cross-validate: each predefined fold is the test fold once."
+    )
+    parser.add_argument(
+        "--splits",
+        action="store_true",
+        help="Use the dataset's split column (train/validation/test) instead of folds.",
+    )
+    parser.add_argument("--epochs", type=int, default=80, help="Maximum epochs.")
+    parser.add_argument(
+        "--patience", type=int, default=15, help="Early stopping: epochs without improvement."
+    )
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
+    parser.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--aggregation",
+        default="mean",
+        choices=training.AGGREGATIONS,
+        help="Clip aggregation for early stopping.",
+    )
+    parser.add_argument("--no-augment", "--no_augment", dest="augment", action="store_false")
+    parser.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=None)
+    parser.add_argument(
+        "--no-class-weights",
+        "--no_class_weights",
+        dest="class_weights",
+        action="store_false",
+        help="Do not weight classes by inverse frequency.",
+    )
+    parser.add_argument("--quiet", action="store_true", help="No per-epoch progress.")
+    return parser
+
+
+def _augmentation(args: argparse.Namespace) -> training.Augmentation:
+    aug = training.Augmentation() if args.augment else training.Augmentation.none()
+    if args.mixup_alpha is not None:
+        if args.mixup_alpha < 0:
+            raise ConfigError(f"--mixup-alpha={args.mixup_alpha} must be 0 (off) or positive")
+        aug = dataclasses.replace(aug, mixup_alpha=args.mixup_alpha)
+    return aug
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    chosen = [
+        name
+        for name, on in (
+            ("--test-fold", args.test_fold is not None),
+            ("--cv", args.cv),
+            ("--splits", args.splits),
+        )
+        if on
+    ]
+    if len(chosen) != 1:
+        raise ConfigError(f"give exactly one of --test-fold N, --cv or --splits (got {chosen or 'none'})")
+    for name in ("epochs", "batch_size", "patience"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if not args.learning_rate > 0:
+        raise ConfigError(f"--learning-rate={args.learning_rate} must be positive")
+
+
+class ClipEarlyStopping(keras.callbacks.Callback):
+    """Clip-level validation accuracy after each epoch; stops after ``patience`` epochs without
+    improvement and restores the best weights."""
+
+    def __init__(self, validation: training.WindowSet, *, patience: int, aggregation: str):
+        super().__init__()
+        self.validation = validation
+        self.patience = patience
+        self.aggregation = aggregation
+        self.best = -1.0
+        self.best_epoch = 0
+        self.best_weights = None
+        self.clips, self.truth = training.clip_labels(validation.labels, validation.clip_ids)
+
+    def on_epoch_end(self, epoch, logs=None):
+        probs = self.model.predict(self.validation.features, batch_size=256, verbose=0)
+        _, clip_probs = training.aggregate(probs, self.validation.clip_ids, method=self.aggregation)
+        accuracy = float((clip_probs.argmax(axis=1) == self.truth).mean())
+        if logs is not None:
+            logs["val_clip_accuracy"] = accuracy
+        if accuracy > self.best:
+            self.best, self.best_epoch = accuracy, epoch
+            self.best_weights = self.model.get_weights()
+        elif epoch - self.best_epoch >= self.patience:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+def train_split(
+    split: training.Split,
+    *,
+    dataset: dict,
+    args: argparse.Namespace,
+    output: str,
+) -> dict:
+    """Trains one model on ``split`` and writes its folder; returns its test metrics."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(args.seed)
+    tf.config.experimental.enable_op_determinism()
+    label_names = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
+    n_classes = len(label_names)
+    train = split.train
+    mean, variance = float(train.features.mean()), float(train.features.var())
+    model = models.build_model(
+        args.model, input_shape=train.features.shape[1:], n_classes=n_classes, normalization=(mean, variance)
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    aug = _augmentation(args)
+    weights = training.balanced_class_weights(train.labels, n_classes) if args.class_weights else None
+    data = training.training_dataset(
+        train, n_classes=n_classes, batch_size=args.batch_size, seed=args.seed, aug=aug, class_weights=weights
+    )
+    validation = split.validation
+    val_onehot = np.eye(n_classes, dtype=np.float32)[validation.labels]
+    stopper = ClipEarlyStopping(validation, patience=args.patience, aggregation=args.aggregation)
+    started = time.process_time(), time.monotonic()
+    history = model.fit(
+        data,
+        epochs=args.epochs,
+        validation_data=(validation.features, val_onehot),
+        callbacks=[stopper],
+        shuffle=False,  # the dataset shuffles itself, seeded
+        verbose=0 if args.quiet else 2,
+    )
+    cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
+    probabilities = model.predict(split.test.features, batch_size=256, verbose=0)
+    metrics = training.evaluate_predictions(probabilities, split.test, label_names)
+    metrics["split"] = split.description
+    metrics["epochs_run"] = len(history.history["loss"])
+    metrics["best_epoch"] = stopper.best_epoch + 1
+    metrics["best_validation_clip_accuracy"] = round(stopper.best, 4)
+    metrics["train_cpu_s"] = round(cpu_s, 1)
+    metrics["train_wall_s"] = round(wall_s, 1)
+    metrics["parameters"] = int(model.count_params())
+    metrics["macs_per_window"] = models.count_macs(model)
+    training_config = {
+        "model": args.model,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "aggregation": args.aggregation,
+        "class_weights": weights.tolist() if weights is not None else None,
+        "augmentation": dataclasses.asdict(aug),
+        "normalization": {"mean": mean, "variance": variance},
+    }
+    write_model_folder(
+        output,
+        model=model,
+        dataset=dataset,
+        data_dir=args.data,
+        label_names=label_names,
+        training_config=training_config,
+        split=split.description,
+        metrics=metrics,
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+    )
+    return metrics
+
+
+def write_model_folder(
+    output: str, *, model, dataset, data_dir, label_names, training_config, split, metrics, history
+) -> None:
+    """Writes a model folder (see the module docstring)."""
+    os.makedirs(output, exist_ok=True)
+    model.save(os.path.join(output, MODEL_FILE))
+    model.export(os.path.join(output, "saved_model"), verbose=False)
+    description = {
+        "format": "soundshard-model/1",
+        "model_file": MODEL_FILE,
+        "saved_model": "saved_model",
+        "label_names": label_names,
+        "label_map": dataset["label_map"],
+        "input": {"kind": "log_mel", "shape": list(model.input_shape[1:]), "dtype": "float32"},
+        "feature_fingerprint": dataset["feature_fingerprint"],
+        "feature_config": dataset["feature_config"],
+        "training": training_config,
+        "split": split,
+        "data": {"path": data_dir, "schema_version": dataset.get("schema_version")},
+    }
+    _write_json(os.path.join(output, MODEL_JSON), description)
+    _write_json(os.path.join(output, "metrics.json"), metrics)
+    _write_json(os.path.join(output, "history.json"), history)
+    plot_confusion(
+        metrics["clip_mean"]["confusion_matrix"], label_names, os.path.join(output, "confusion_matrix.png")
+    )
+    plot_history(history, os.path.join(output, "learning_curves.png"))
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+
+
+def plot_confusion(matrix, label_names, path: str) -> None:
+    """Clip-level confusion matrix as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    size = max(4.0, 0.6 * len(label_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(label_names)), label_names, rotation=60, ha="right")
+    ax.set_yticks(range(len(label_names)), label_names)
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(
+            j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black"
+        )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"clip accuracy {np.trace(matrix) / max(1, matrix.sum()):.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_history(history: dict, path: str) -> None:
+    """Loss and accuracy per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("loss", "val_loss"):
+        if key in history:
+            left.plot(history[key], label=key)
+    for key in ("accuracy", "val_accuracy", "val_clip_accuracy"):
+        if key in history:
+            right.plot(history[key], label=key)
+    left.set_xlabel("epoch")
+    right.set_xlabel("epoch")
+    for axes in (left, right):
+        if axes.lines:
+            axes.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarize_cv(per_fold: dict[int, dict]) -> dict:
+    """Mean and standard deviation over folds of the headline figures."""
+    keys = ("window", "clip_mean", "clip_max", "clip_majority")
+    summary = {}
+    for key in keys:
+        accuracies = np.array([m[key]["accuracy"] for m in per_fold.values()])
+        summary[key] = {
+            "accuracy_mean": round(float(accuracies.mean()), 4),
+            "accuracy_std": round(float(accuracies.std()), 4),
+        }
+    summary["train_cpu_s_per_fold"] = round(float(np.mean([m["train_cpu_s"] for m in per_fold.values()])), 1)
+    summary["per_fold"] = {str(k): {key: v[key]["accuracy"] for key in keys} for k, v in per_fold.items()}
+    return summary
+
+
+def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") -> int:
+    """Runs ``soundshard train``; returns the exit code (2 on a configuration error)."""
+    args = make_parser(prog).parse_args(argv)
+    try:
+        _check_args(args)
+        _augmentation(args)
+        dataset = training.read_dataset_json(args.data)
+        if len(dataset.get("label_map", {})) < 2:
+            raise ConfigError(
+                f"--data {args.data!r} has {len(dataset.get('label_map', {}))} label(s); need 2 or more"
+            )
+        windows = training.load_windows(args.data, dataset)
+        if args.cv:
+            folds = sorted(set(windows.folds.tolist()) - {-1})
+            if len(folds) < 3:
+                raise ConfigError(f"--cv needs at least 3 folds (test, validation, training); folds: {folds}")
+            splits = {f: training.split_by_fold(windows, test_fold=f) for f in folds}
+        elif args.splits:
+            splits = {None: training.split_by_name(windows)}
+        else:
+            splits = {
+                args.test_fold: training.split_by_fold(
+                    windows, test_fold=args.test_fold, validation_fold=args.validation_fold
+                )
+            }
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    per_fold = {}
+    for fold, split in splits.items():
+        folder = os.path.join(args.output, f"fold-{fold}") if args.cv else args.output
+        if not args.quiet:
+            print(
+                f"[train] {args.model}: {split.description}, {len(split.train)} training windows", flush=True
+            )
+        metrics = train_split(split, dataset=dataset, args=args, output=folder)
+        per_fold[fold] = metrics
+        print(
+            f"[train] {split.description.get('test_fold', 'test')}: clip accuracy (mean) "
+            f"{metrics['clip_mean']['accuracy']:.3f}, window accuracy {metrics['window']['accuracy']:.3f}, "
+            f"{metrics['epochs_run']} epochs, {metrics['train_cpu_s']:.0f} CPU s -> {folder}",
+            flush=True,
+        )
+    if args.cv:
+        summary = summarize_cv(per_fold)
+        _write_json(os.path.join(args.output, "metrics.json"), summary)
+        clip = summary["clip_mean"]
+        print(
+            f"[train] cross-validation: clip accuracy {clip['accuracy_mean']:.3f} "
+            f"± {clip['accuracy_std']:.3f}"
+        )
+    return 0
+
+
+def make_evaluate_parser(prog: str = "soundshard evaluate") -> argparse.ArgumentParser:
+    """Argument parser of ``soundshard evaluate``."""
+    parser = argparse.ArgumentParser(prog=prog, description="Evaluate a trained model on a fold or split.")
+    parser.add_argument("--model", required=True, help="Model folder written by `soundshard train`.")
+    parser.add_argument("--data", required=True, help="Output folder of `soundshard features`.")
+    parser.add_argument("--fold", type=int, help="Evaluate on this fold.")
+    parser.add_argument("--split", help="Evaluate on this split name.")
+    parser.add_argument("--output", help="Write the metrics as JSON here.")
+    return parser
+
+
+def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard evaluate") -> int:
+    """Runs ``soundshard evaluate``; returns the exit code (2 on a configuration error)."""
+    args = make_evaluate_parser(prog).parse_args(argv)
+    try:
+        if (args.fold is None) == (args.split is None):
+            raise ConfigError("give exactly one of --fold N or --split NAME")
+        model, description = models.load_classifier(args.model)
+        dataset = training.read_dataset_json(args.data)
+        models.check_fingerprint(description, dataset, what=f"--data {args.data!r}")
+        if dataset["label_map"] != description["label_map"]:
+            raise ConfigError(
+                f"--data {args.data!r} labels {sorted(dataset['label_map'])} differ from the model's "
+                f"{description['label_names']}"
+            )
+        windows = training.load_windows(args.data, dataset)
+        labelled = windows.labels >= 0
+        if args.fold is not None:
+            folds = sorted(set(windows.folds.tolist()) - {-1})
+            if args.fold not in folds:
+                raise ConfigError(f"--fold {args.fold} is not a fold of the dataset; folds: {folds}")
+            part = windows.take(labelled & (windows.folds == args.fold))
+        else:
+            part = windows.take(labelled & (windows.splits == args.split))
+            if not len(part):
+                raise ConfigError(f"--split {args.split!r} has no labelled windows")
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    probabilities = model.predict(part.features, batch_size=256, verbose=0)
+    metrics = training.evaluate_predictions(probabilities, part, description["label_names"])
+    for key in ("window", "clip_mean", "clip_max", "clip_majority"):
+        print(f"{key:<14} accuracy {metrics[key]['accuracy']:.3f}  macro F1 {metrics[key]['macro_f1']:.3f}")
+    if args.output:
+        _write_json(args.output, metrics)
+    return 0

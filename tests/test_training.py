@@ -1,0 +1,218 @@
+"""Training: model builders, fold splits, augmentation, aggregation, metrics, train/evaluate CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from soundshard.pipelines import features, train
+from soundshard.pipelines.demo import make_dataset
+from soundshard.schemas.errors import ConfigError
+from soundshard.transforms import models, training
+
+
+def test_sbcnn_architecture_and_size():
+    model = models.build_model("sbcnn", input_shape=(60, 41), n_classes=10)
+    convs = [layer for layer in model.layers if layer.name.startswith("conv") and layer.name[-1].isdigit()]
+    assert [(c.filters, c.kernel_size) for c in convs] == [(24, (5, 5)), (48, (5, 5)), (48, (5, 5))]
+    assert model.output_shape == (None, 10)
+    # 60×41 → pool (3, 3) 'same' → 20×14 → 7×5. conv 624 + 28,848 + 57,648; BN 4×(24+48+48);
+    # dense 7·5·48·64+64 = 107,584; output 650
+    assert model.count_params() == 624 + 28848 + 57648 + 4 * 120 + 107584 + 650
+    assert models.count_macs(model) == 60 * 41 * 24 * 25 + 20 * 14 * 48 * 24 * 25 + 7 * 5 * 48 * 48 * 25 + (
+        7 * 5 * 48 * 64 + 64 * 10
+    )
+
+
+def test_edgecnn_fits_a_microcontroller_budget():
+    model = models.build_model("edgecnn", input_shape=(60, 41), n_classes=10)
+    assert 10_000 <= model.count_params() <= 60_000
+    assert 100_000 <= models.count_macs(model) <= 1_000_000
+
+
+def test_mlp_and_linear_on_embeddings_and_bad_names():
+    mlp = models.build_model("mlp", input_shape=(512,), n_classes=5)
+    assert mlp.output_shape == (None, 5) and mlp.count_params() == 512 * 256 + 256 + 256 * 5 + 5
+    linear = models.build_model("linear", input_shape=(512,), n_classes=5, normalization=(0.0, 1.0))
+    assert linear.count_params() == 512 * 5 + 5
+    with pytest.raises(ConfigError, match="model='resnet' is not one of"):
+        models.build_model("resnet", input_shape=(60, 41), n_classes=5)
+    with pytest.raises(ConfigError, match=r"needs \[n_mels, n_frames\] inputs, got shape \[512\]"):
+        models.build_model("sbcnn", input_shape=(512,), n_classes=5)
+
+
+def test_aggregation_mean_max_majority():
+    probs = np.array([[0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.9, 0.1]])
+    clips = ["b", "b", "b", "a"]
+    names, mean = training.aggregate(probs, clips, method="mean")
+    assert list(names) == ["a", "b"]
+    np.testing.assert_allclose(mean, [[0.9, 0.1], [1.1 / 3, 1.9 / 3]])
+    _, majority = training.aggregate(probs, clips, method="majority")
+    np.testing.assert_allclose(majority, [[1, 0], [1 / 3, 2 / 3]])
+    _, peak = training.aggregate(probs, clips, method="max")
+    np.testing.assert_allclose(peak, [[0.9, 0.1], [0.6 / 1.4, 0.8 / 1.4]])
+    with pytest.raises(ConfigError, match="aggregation='median'"):
+        training.aggregate(probs, clips, method="median")
+
+
+def test_classification_metrics_by_hand():
+    got = training.classification_metrics(
+        np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), ["a", "b", "c"]
+    )
+    assert got["accuracy"] == 0.6
+    assert got["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert got["per_class"]["b"] == {"precision": 0.6667, "recall": 1.0, "f1": 0.8, "support": 2}
+    assert got["per_class"]["c"]["f1"] == 0.0
+    assert got["macro_f1"] == round((0.5 + 0.8 + 0.0) / 3, 4)
+
+
+def window_set(folds, windows_per_clip=3, n_classes=3):
+    rng = np.random.default_rng(0)
+    clip_folds = np.repeat(np.asarray(folds), windows_per_clip)
+    n = len(clip_folds)
+    clip_ids = np.repeat([f"clip{i}" for i in range(len(folds))], windows_per_clip).astype(object)
+    labels = np.repeat(np.arange(len(folds)) % n_classes, windows_per_clip).astype(np.int32)
+    return training.WindowSet(
+        rng.standard_normal((n, 6, 5)).astype(np.float32),
+        labels,
+        clip_ids,
+        clip_folds.astype(np.int32),
+        np.full(n, "", dtype=object),
+    )
+
+
+def test_fold_split_keeps_clips_apart_and_names_bad_folds():
+    windows = window_set([1, 2, 3, 4, 5] * 3)
+    split = training.split_by_fold(windows, test_fold=5)
+    assert split.description == {"by": "fold", "test_fold": 5, "validation_fold": 1, "train_folds": [2, 3, 4]}
+    assert set(split.test.folds) == {5} and set(split.validation.folds) == {1}
+    assert not set(split.train.clip_ids) & set(split.test.clip_ids)
+    assert len(split.train) + len(split.validation) + len(split.test) == len(windows)
+    with pytest.raises(
+        ConfigError, match=r"--test-fold 7 is not a fold of the dataset; folds: \[1, 2, 3, 4, 5\]"
+    ):
+        training.split_by_fold(windows, test_fold=7)
+    with pytest.raises(ConfigError, match="--validation-fold 5 must be a fold"):
+        training.split_by_fold(windows, test_fold=5, validation_fold=5)
+    with pytest.raises(ConfigError, match="the dataset has no folds"):
+        training.split_by_fold(window_set([-1, -1, -1]), test_fold=1)
+    with pytest.raises(ConfigError, match=r"split 'train' is not in the dataset; splits: \[\]"):
+        training.split_by_name(windows)
+
+
+def test_augmentation_is_seeded_and_keeps_shape():
+    import tensorflow as tf
+
+    x = np.linspace(-80, 0, 60 * 41, dtype=np.float32).reshape(60, 41)
+    aug = training.Augmentation(noise_prob=1.0)
+    a = training.augment_window(tf.constant(x), aug=aug, seed=tf.constant([1, 2], tf.int64)).numpy()
+    b = training.augment_window(tf.constant(x), aug=aug, seed=tf.constant([1, 2], tf.int64)).numpy()
+    c = training.augment_window(tf.constant(x), aug=aug, seed=tf.constant([3, 4], tf.int64)).numpy()
+    assert a.shape == x.shape and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.isfinite(a).all() and a.max() <= x.max() + 1.0  # noise at >= 10 dB SNR adds < 0.5 dB
+    none = training.augment_window(tf.constant(x), aug=training.Augmentation.none(), seed=tf.constant([1, 2]))
+    assert np.array_equal(none.numpy(), x)
+
+
+def test_training_dataset_mixup_and_weights():
+    windows = window_set([1, 2, 3, 4] * 2)
+    weights = training.balanced_class_weights(windows.labels, 3)
+    np.testing.assert_allclose(weights, [24 / (3 * 9), 24 / (3 * 9), 24 / (3 * 6)])
+    data = training.training_dataset(
+        windows, n_classes=3, batch_size=8, seed=0, aug=training.Augmentation(), class_weights=weights
+    )
+    x, y, w = next(iter(data))
+    assert x.shape == (8, 6, 5) and y.shape == (8, 3) and w.shape == (8,)
+    np.testing.assert_allclose(y.numpy().sum(axis=1), 1.0, rtol=1e-5)
+    assert ((y.numpy() > 0) & (y.numpy() < 1)).any()  # mixed labels
+
+
+@pytest.fixture(scope="module")
+def demo_features(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    manifest = make_dataset(str(root))
+    out = root / "features"
+    argv = [
+        "--input",
+        str(root / "audio"),
+        "--manifest",
+        manifest,
+        "--output",
+        str(out),
+        "--format",
+        "parquet",
+    ]
+    assert features.run(argv) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_on_the_demo_set(demo_features, tmp_path, capsys):
+    out = tmp_path / "model"
+    argv = ["--data", demo_features, "--model", "edgecnn", "--test-fold", 1, "--output", out]
+    assert (
+        train.run([str(a) for a in [*argv, "--epochs", 25, "--patience", 25, "--batch-size", 16, "--quiet"]])
+        == 0
+    )
+    for name in ("model.keras", "model.json", "metrics.json", "history.json", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    assert (out / "learning_curves.png").stat().st_size > 1000 and (
+        out / "saved_model" / "saved_model.pb"
+    ).is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == {"by": "fold", "test_fold": 1, "validation_fold": 2, "train_folds": [3, 4]}
+    assert metrics["clip_mean"]["n"] == 8  # fold 1: two clips of each of the 4 classes
+    assert metrics["clip_mean"]["accuracy"] >= 0.75  # chance is 0.25
+    description = json.loads((out / "model.json").read_text())
+    dataset = json.loads((demo_features / "dataset.json").read_text())
+    assert description["feature_fingerprint"] == dataset["feature_fingerprint"]
+    assert description["label_names"] == sorted(dataset["label_map"])
+
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    assert (
+        train.run_evaluate(
+            ["--model", str(out), "--data", str(demo_features), "--fold", "1", "--output", str(report)]
+        )
+        == 0
+    )
+    assert json.loads(report.read_text())["clip_mean"] == metrics["clip_mean"]
+    assert "clip_mean" in capsys.readouterr().out
+
+
+def test_train_refuses_bad_requests(demo_features, tmp_path, capsys):
+    base = ["--data", str(demo_features), "--output", str(tmp_path / "m")]
+    assert train.run([*base, "--test-fold", "9"]) == 2
+    assert "--test-fold 9 is not a fold of the dataset; folds: [1, 2, 3, 4]" in capsys.readouterr().err
+    assert train.run([*base, "--test-fold", "1", "--cv"]) == 2
+    assert "give exactly one of --test-fold N, --cv or --splits" in capsys.readouterr().err
+    assert train.run([*base, "--splits"]) == 2
+    assert "split 'train' is not in the dataset" in capsys.readouterr().err
+    assert train.run(["--data", str(tmp_path), "--output", str(tmp_path / "m"), "--cv"]) == 2
+    assert "has no dataset.json" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_refuses_other_features(demo_features, tmp_path, capsys):
+    model = models.build_model("linear", input_shape=(60, 41), n_classes=4)
+    dataset = json.loads((demo_features / "dataset.json").read_text())
+    other = dict(
+        dataset,
+        feature_fingerprint="0000000000000000",
+        feature_config=dict(dataset["feature_config"], n_mels=40),
+    )
+    folder = tmp_path / "m"
+    train.write_model_folder(
+        str(folder),
+        model=model,
+        dataset=other,
+        data_dir="x",
+        label_names=sorted(dataset["label_map"]),
+        training_config={},
+        split={},
+        metrics={"clip_mean": {"confusion_matrix": [[1]]}},
+        history={"loss": [1.0]},
+    )
+    assert train.run_evaluate(["--model", str(folder), "--data", str(demo_features), "--fold", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on features 0000000000000000" in err and "n_mels: model 40 vs" in err

@@ -1,0 +1,373 @@
+"""Training data, augmentation, clip aggregation and metrics (numpy and tf.data; no Beam).
+
+Windows are the training examples and carry their clip's label (weak labels); predictions are
+judged per window and per clip, a clip's probabilities being the mean (or max, or the majority
+vote) of its windows'. Splits follow the dataset's predefined folds or split column, never a
+random split of windows, so no clip (and no recording) is on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from soundshard.schemas import fields
+from soundshard.schemas.errors import ConfigError
+
+AGGREGATIONS = ("mean", "max", "majority")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WindowSet:
+    """Windows with their labels and clip identity.
+
+    Attributes:
+        features: float32 ``[n_windows, n_mels, n_frames]`` (or ``[n_windows, dim]``).
+        labels: int32 ``[n_windows]`` label indices (``-1`` for unlabelled windows).
+        clip_ids: ``[n_windows]`` clip id of each window.
+        folds: int32 ``[n_windows]`` predefined fold (``-1`` when none).
+        splits: ``[n_windows]`` predefined split name (``""`` when none).
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    clip_ids: np.ndarray
+    folds: np.ndarray
+    splits: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, mask: np.ndarray) -> WindowSet:
+        """The windows where ``mask`` is true."""
+        return WindowSet(
+            self.features[mask], self.labels[mask], self.clip_ids[mask], self.folds[mask], self.splits[mask]
+        )
+
+
+def read_dataset_json(data_dir: str) -> dict:
+    """``<data_dir>/dataset.json`` (raises ConfigError naming the path when missing)."""
+    import fsspec
+
+    path = data_dir.rstrip("/") + "/dataset.json"
+    try:
+        with fsspec.open(path, "rt") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"--data {data_dir!r} has no dataset.json: not a soundshard features output"
+        ) from exc
+
+
+def load_windows(data_dir: str, dataset: dict) -> WindowSet:
+    """Every window of a features output, from its Parquet shards (all in memory).
+
+    Raises:
+        ConfigError: no Parquet shards (the TFRecord-only layout is read by ``tfrecord_dataset``).
+    """
+    shard_names = dataset.get("shards", {}).get("parquet")
+    if not shard_names:
+        raise ConfigError(
+            f"--data {data_dir!r} has no Parquet shards (write them with --format parquet or both)"
+        )
+    paths = [
+        data_dir.rstrip("/") + "/" + (name["path"] if isinstance(name, dict) else name)
+        for name in shard_names
+    ]
+    table, features = fields.read_parquet_windows(paths)
+    folds = table.column("fold").to_numpy(zero_copy_only=False)
+    splits = table.column("split").to_pylist()
+    return WindowSet(
+        features=np.ascontiguousarray(features, dtype=np.float32),
+        labels=table.column("label_index").to_numpy().astype(np.int32),
+        clip_ids=np.asarray(table.column("clip_id").to_pylist(), dtype=object),
+        folds=np.nan_to_num(folds.astype(np.float64), nan=-1).astype(np.int32),
+        splits=np.asarray([s or "" for s in splits], dtype=object),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Which windows train, validate and test a model, by predefined fold or split name."""
+
+    train: WindowSet
+    validation: WindowSet
+    test: WindowSet
+    description: dict
+
+
+def split_by_fold(windows: WindowSet, *, test_fold: int, validation_fold: int | None = None) -> Split:
+    """Test on ``test_fold``, validate on ``validation_fold`` (default: the next fold, cyclically),
+    train on the other folds.
+
+    Raises:
+        ConfigError: the dataset has no folds, or a named fold is not in it, or a part is empty.
+    """
+    folds = sorted(set(windows.folds.tolist()) - {-1})
+    if not folds:
+        raise ConfigError("the dataset has no folds (no fold column in its manifest); use --split-column")
+    if test_fold not in folds:
+        raise ConfigError(f"--test-fold {test_fold} is not a fold of the dataset; folds: {folds}")
+    if validation_fold is None:
+        validation_fold = folds[(folds.index(test_fold) + 1) % len(folds)]
+    if validation_fold not in folds or validation_fold == test_fold:
+        raise ConfigError(
+            f"--validation-fold {validation_fold} must be a fold of the dataset other than the test fold; "
+            f"folds: {folds}"
+        )
+    labelled = windows.labels >= 0
+    train_mask = labelled & ~np.isin(windows.folds, [test_fold, validation_fold, -1])
+    parts = Split(
+        train=windows.take(train_mask),
+        validation=windows.take(labelled & (windows.folds == validation_fold)),
+        test=windows.take(labelled & (windows.folds == test_fold)),
+        description={
+            "by": "fold",
+            "test_fold": test_fold,
+            "validation_fold": validation_fold,
+            "train_folds": [f for f in folds if f not in (test_fold, validation_fold)],
+        },
+    )
+    _check_split(parts)
+    return parts
+
+
+def split_by_name(
+    windows: WindowSet, *, train: str = "train", validation: str = "validation", test: str = "test"
+):
+    """Train, validate and test on the windows of the named splits.
+
+    Raises:
+        ConfigError: a named split is absent or empty.
+    """
+    present = sorted(set(windows.splits.tolist()) - {""})
+    for name in (train, validation, test):
+        if name not in present:
+            raise ConfigError(f"split {name!r} is not in the dataset; splits: {present}")
+    labelled = windows.labels >= 0
+    parts = Split(
+        train=windows.take(labelled & (windows.splits == train)),
+        validation=windows.take(labelled & (windows.splits == validation)),
+        test=windows.take(labelled & (windows.splits == test)),
+        description={"by": "split", "train": train, "validation": validation, "test": test},
+    )
+    _check_split(parts)
+    return parts
+
+
+def _check_split(parts: Split) -> None:
+    for name in ("train", "validation", "test"):
+        if len(getattr(parts, name)) == 0:
+            raise ConfigError(f"the {name} part of {parts.description} has no labelled windows")
+    overlap = set(parts.train.clip_ids) & (set(parts.test.clip_ids) | set(parts.validation.clip_ids))
+    if overlap:  # folds come from the manifest: a clip in two folds is a manifest error
+        raise ConfigError(f"clips in both training and held-out data: {sorted(overlap)[:5]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """On-the-fly augmentation of training windows (log-mel ``[n_mels, n_frames]``).
+
+    Attributes:
+        time_shift_frames: Shift each window by up to this many frames either way (the frames
+            shifted in repeat the edge frame): the window position varies.
+        noise_prob: Probability of adding noise to a window.
+        noise_snr_db: ``(low, high)`` signal-to-noise ratio of the added noise, in dB relative to
+            the window's peak power, drawn uniformly.
+        spec_augment_masks: Frequency masks and time masks per window (SpecAugment).
+        freq_mask_bands: Maximum width of a frequency mask in mel bands.
+        time_mask_frames: Maximum width of a time mask in frames.
+        mixup_alpha: Beta(alpha, alpha) mixing of pairs of windows and their labels; 0 is off.
+    """
+
+    time_shift_frames: int = 4
+    noise_prob: float = 0.3
+    noise_snr_db: tuple[float, float] = (10.0, 40.0)
+    spec_augment_masks: int = 1
+    freq_mask_bands: int = 8
+    time_mask_frames: int = 6
+    mixup_alpha: float = 0.2
+
+    @classmethod
+    def none(cls) -> Augmentation:
+        """No augmentation at all."""
+        return cls(0, 0.0, (10.0, 40.0), 0, 0, 0, 0.0)
+
+
+def augment_window(x, *, aug: Augmentation, seed):
+    """One log-mel window ``[n_mels, n_frames]`` (dB), augmented (TensorFlow ops; stateless RNG)."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 8)
+    n_mels, n_frames = x.shape
+    if aug.time_shift_frames:
+        shift = tf.random.stateless_uniform(
+            [], seeds[0], -aug.time_shift_frames, aug.time_shift_frames + 1, dtype=tf.int32
+        )
+        index = tf.clip_by_value(tf.range(n_frames) - shift, 0, n_frames - 1)
+        x = tf.gather(x, index, axis=1)
+    if aug.noise_prob > 0:
+        power = tf.pow(10.0, x / 10.0)
+        low, high = aug.noise_snr_db
+        snr_db = tf.random.stateless_uniform([], seeds[1], low, high)
+        noise = tf.reduce_max(power) * tf.pow(10.0, -snr_db / 10.0)
+        noise = noise * tf.random.stateless_gamma([n_mels, n_frames], seeds[2], alpha=1.0)  # |white|^2
+        noisy = 10.0 * tf.math.log(power + noise) / tf.math.log(10.0)
+        apply = tf.random.stateless_uniform([], seeds[3]) < aug.noise_prob
+        x = tf.where(apply, noisy, x)
+    for m in range(aug.spec_augment_masks):
+        fill = tf.reduce_mean(x)
+        s = tf.random.experimental.stateless_split(seeds[4 + (m % 4)], 4)
+        width = tf.random.stateless_uniform([], s[0], 0, aug.freq_mask_bands + 1, dtype=tf.int32)
+        start = tf.random.stateless_uniform([], s[1], 0, n_mels, dtype=tf.int32)
+        bands = tf.range(n_mels)[:, None]
+        x = tf.where((bands >= start) & (bands < start + width), fill, x)
+        width = tf.random.stateless_uniform([], s[2], 0, aug.time_mask_frames + 1, dtype=tf.int32)
+        start = tf.random.stateless_uniform([], s[3], 0, n_frames, dtype=tf.int32)
+        frames = tf.range(n_frames)[None, :]
+        x = tf.where((frames >= start) & (frames < start + width), fill, x)
+    return x
+
+
+def training_dataset(
+    windows: WindowSet,
+    *,
+    n_classes: int,
+    batch_size: int,
+    seed: int,
+    aug: Augmentation,
+    class_weights: np.ndarray | None = None,
+):
+    """Shuffled, augmented, batched ``(features, one-hot labels[, sample weights])`` for ``fit``.
+
+    Mixup mixes each batch with a shuffled copy of itself (labels mixed alike), so one-hot
+    targets and a categorical cross-entropy are used throughout.
+    """
+    import tensorflow as tf
+
+    onehot = np.eye(n_classes, dtype=np.float32)[windows.labels]
+    data = tf.data.Dataset.from_tensor_slices((windows.features, onehot))
+    data = data.shuffle(len(windows), seed=seed, reshuffle_each_iteration=True)
+    counter = tf.data.Dataset.counter(start=seed * 1_000_003).map(lambda i: tf.stack([i, i * 7 + 1]))
+    data = tf.data.Dataset.zip((data, counter))
+    spectral = windows.features.ndim == 3
+
+    def per_window(pair, s):
+        x, y = pair
+        if spectral:
+            x = augment_window(x, aug=aug, seed=s)
+        return x, y
+
+    data = data.map(per_window, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    data = data.batch(batch_size, drop_remainder=len(windows) >= batch_size)
+    if aug.mixup_alpha > 0:
+        alpha = aug.mixup_alpha
+
+        def mixup(x, y, s):
+            n = tf.shape(x)[0]
+            g1 = tf.random.stateless_gamma([n], s, alpha=alpha)
+            g2 = tf.random.stateless_gamma([n], s + 1, alpha=alpha)
+            lam = g1 / (g1 + g2 + 1e-12)
+            order = tf.argsort(tf.random.stateless_uniform([n], s + 2))
+            lam_x = tf.reshape(lam, [-1] + [1] * (len(x.shape) - 1))
+            x = lam_x * x + (1 - lam_x) * tf.gather(x, order)
+            y = lam[:, None] * y + (1 - lam[:, None]) * tf.gather(y, order)
+            return x, y
+
+        batch_seeds = tf.data.Dataset.counter(start=seed * 7_000_003).map(lambda i: tf.stack([i, i + 3]))
+        data = tf.data.Dataset.zip((data, batch_seeds)).map(lambda xy, s: mixup(xy[0], xy[1], s))
+    if class_weights is not None:
+        weights = tf.constant(class_weights, tf.float32)
+        data = data.map(lambda x, y: (x, y, tf.reduce_sum(y * weights, axis=1)))
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``n / (k * count_c)`` per class (1.0 for classes without windows)."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return weights.astype(np.float32)
+
+
+def aggregate(probabilities: np.ndarray, clip_ids: Sequence[str], *, method: str = "mean"):
+    """Clip-level probabilities from window probabilities.
+
+    Args:
+        probabilities: float ``[n_windows, n_classes]``.
+        clip_ids: ``[n_windows]`` clip of each window.
+        method: ``mean`` (average), ``max`` (per class maximum, renormalised) or ``majority``
+            (share of the clip's windows whose top class is each class).
+
+    Returns:
+        ``(clips, clip_probabilities)``: sorted unique clip ids and ``[n_clips, n_classes]``.
+    """
+    if method not in AGGREGATIONS:
+        raise ConfigError(f"aggregation={method!r} is not one of {AGGREGATIONS}")
+    clips, inverse = np.unique(np.asarray(clip_ids, dtype=object).astype(str), return_inverse=True)
+    n_classes = probabilities.shape[1]
+    if method == "majority":
+        values = np.eye(n_classes)[probabilities.argmax(axis=1)]
+    else:
+        values = probabilities.astype(np.float64)
+    counts = np.bincount(inverse, minlength=len(clips))[:, None]
+    if method == "max":
+        out = np.full((len(clips), n_classes), -np.inf)
+        np.maximum.at(out, inverse, values)
+        out = out / out.sum(axis=1, keepdims=True)
+    else:
+        out = np.zeros((len(clips), n_classes))
+        np.add.at(out, inverse, values)
+        out = out / counts
+    return clips, out
+
+
+def clip_labels(labels: np.ndarray, clip_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(clips, labels)`` per clip (a clip's windows share its label)."""
+    clips, first = np.unique(np.asarray(clip_ids, dtype=object).astype(str), return_index=True)
+    return clips, labels[first]
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, macro F1 and the confusion matrix."""
+    n = len(label_names)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    true_pos = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0)
+    actual = confusion.sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros(n), where=predicted > 0)
+    recall = np.divide(true_pos, actual, out=np.zeros(n), where=actual > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(n), where=(precision + recall) > 0
+    )
+    per_class = {
+        name: {
+            "precision": round(float(precision[i]), 4),
+            "recall": round(float(recall[i]), 4),
+            "f1": round(float(f1[i]), 4),
+            "support": int(actual[i]),
+        }
+        for i, name in enumerate(label_names)
+    }
+    present = actual > 0
+    return {
+        "accuracy": round(float(true_pos.sum() / max(1, confusion.sum())), 4),
+        "macro_f1": round(float(f1[present].mean()) if present.any() else 0.0, 4),
+        "n": int(confusion.sum()),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def evaluate_predictions(probabilities: np.ndarray, windows: WindowSet, label_names: Sequence[str]) -> dict:
+    """Window metrics and clip metrics for every aggregation method."""
+    result = {"window": classification_metrics(windows.labels, probabilities.argmax(axis=1), label_names)}
+    clips, truth = clip_labels(windows.labels, windows.clip_ids)
+    for method in AGGREGATIONS:
+        agg_clips, clip_probs = aggregate(probabilities, windows.clip_ids, method=method)
+        assert np.array_equal(agg_clips, clips)
+        result[f"clip_{method}"] = classification_metrics(truth, clip_probs.argmax(axis=1), label_names)
+    return result
