@@ -23,11 +23,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-import keras
-import numpy as np
+# TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) is noise for a CLI user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import models, training
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from soundshard.schemas.errors import ConfigError  # noqa: E402
+from soundshard.transforms import models, training  # noqa: E402
 
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
