@@ -11,11 +11,18 @@ SavedModel for serving), ``model.json`` (labels, feature config and fingerprint,
 split), ``metrics.json`` (window and clip metrics on the test fold), ``history.json``, and the
 plots ``confusion_matrix.png`` and ``learning_curves.png``. With ``--cv`` there is one such folder
 per fold (``fold-1/``...) and a ``metrics.json`` with the mean and standard deviation over folds.
+
+Multi-worker training (``tf.distribute.MultiWorkerMirroredStrategy``; see
+``soundshard.transforms.distributed``): run the same command on every worker with
+``--workers host0:port,host1:port --worker-index i`` (or with ``TF_CONFIG`` set and no such flags).
+Each worker trains on every k-th training window from its index; worker 0 writes the model folder,
+the others their ``metrics.json`` to ``<output>-worker-<i>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,7 +37,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from soundshard.schemas.errors import ConfigError  # noqa: E402
-from soundshard.transforms import models, training  # noqa: E402
+from soundshard.transforms import distributed, models, training  # noqa: E402
 
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
@@ -66,6 +73,14 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
     parser.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--lr-schedule",
+        "--lr_schedule",
+        dest="lr_schedule",
+        default="cosine",
+        choices=("cosine", "constant"),
+        help="Learning-rate schedule over --epochs.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--aggregation",
@@ -83,6 +98,18 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         help="Do not weight classes by inverse frequency.",
     )
     parser.add_argument("--quiet", action="store_true", help="No per-epoch progress.")
+    parser.add_argument(
+        "--workers",
+        help="Multi-worker training: host:port of every worker, comma-separated, worker 0 (the chief) "
+        "first. Default: TF_CONFIG when it is set, else one worker.",
+    )
+    parser.add_argument(
+        "--worker-index",
+        "--worker_index",
+        dest="worker_index",
+        type=int,
+        help="This process's position in --workers.",
+    )
     return parser
 
 
@@ -93,6 +120,14 @@ def _augmentation(args: argparse.Namespace) -> training.Augmentation:
             raise ConfigError(f"--mixup-alpha={args.mixup_alpha} must be 0 (off) or positive")
         aug = dataclasses.replace(aug, mixup_alpha=args.mixup_alpha)
     return aug
+
+
+def _learning_rate(args: argparse.Namespace, n_train: int):
+    """Constant, or cosine decay from ``--learning-rate`` to 5 % of it over ``--epochs``."""
+    if args.lr_schedule == "constant":
+        return args.learning_rate
+    steps = max(1, args.epochs * max(1, n_train // args.batch_size))
+    return keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=steps, alpha=0.05)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -151,8 +186,15 @@ def train_split(
     dataset: dict,
     args: argparse.Namespace,
     output: str,
+    cluster: distributed.ClusterConfig | None = None,
+    strategy=None,
 ) -> dict:
-    """Trains one model on ``split`` and writes its folder; returns its test metrics."""
+    """Trains one model on ``split`` and writes its folder; returns its test metrics.
+
+    With ``strategy`` (a ``MultiWorkerMirroredStrategy`` for ``cluster``) this worker trains on
+    its share of the training windows in step with the other workers; the chief writes the model
+    folder at ``output``, any other worker only its ``metrics.json`` and ``history.json``.
+    """
     import tensorflow as tf
 
     keras.utils.set_random_seed(args.seed)
@@ -161,38 +203,83 @@ def train_split(
     n_classes = len(label_names)
     train = split.train
     mean, variance = float(train.features.mean()), float(train.features.var())
-    model = models.build_model(
-        args.model, input_shape=train.features.shape[1:], n_classes=n_classes, normalization=(mean, variance)
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-    )
+    # under a multi-worker strategy, variables are mirrored on every worker and kept in step
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = models.build_model(
+            args.model,
+            input_shape=train.features.shape[1:],
+            n_classes=n_classes,
+            normalization=(mean, variance),
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(args, len(train))),
+            loss=keras.losses.CategoricalCrossentropy(),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        )
     aug = _augmentation(args)
     weights = training.balanced_class_weights(train.labels, n_classes) if args.class_weights else None
-    data = training.training_dataset(
-        train, n_classes=n_classes, batch_size=args.batch_size, seed=args.seed, aug=aug, class_weights=weights
-    )
     validation = split.validation
-    val_onehot = np.eye(n_classes, dtype=np.float32)[validation.labels]
-    stopper = ClipEarlyStopping(validation, patience=args.patience, aggregation=args.aggregation)
     started = time.process_time(), time.monotonic()
-    history = model.fit(
-        data,
-        epochs=args.epochs,
-        validation_data=(validation.features, val_onehot),
-        callbacks=[stopper],
-        shuffle=False,  # the dataset shuffles itself, seeded
-        verbose=0 if args.quiet else 2,
-    )
+    if strategy is None:
+        data = training.training_dataset(
+            train,
+            n_classes=n_classes,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            aug=aug,
+            class_weights=weights,
+        )
+        val_onehot = np.eye(n_classes, dtype=np.float32)[validation.labels]
+        stopper = ClipEarlyStopping(validation, patience=args.patience, aggregation=args.aggregation)
+        history = model.fit(
+            data,
+            epochs=args.epochs,
+            validation_data=(validation.features, val_onehot),
+            callbacks=[stopper],
+            shuffle=False,  # the dataset shuffles itself, seeded
+            verbose=0 if args.quiet else 2,
+        ).history
+        best_epoch, best = stopper.best_epoch, stopper.best
+        share = distributed.share_summary(train, np.arange(len(train)), worker_index=0, n_workers=1)
+    else:
+        # Keras 3's fit() does not run under MultiWorkerMirroredStrategy: a custom loop, same model
+        result = distributed.fit(
+            model,
+            strategy=strategy,
+            cluster=cluster,
+            train=train,
+            validation=validation,
+            n_classes=n_classes,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            aug=aug,
+            class_weights=weights,
+            epochs=args.epochs,
+            patience=args.patience,
+            aggregation=args.aggregation,
+            verbose=not args.quiet,
+        )
+        history, best_epoch, best, share = result.history, result.best_epoch, result.best, result.share
+        model = distributed.local_copy(model)
     cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
     probabilities = model.predict(split.test.features, batch_size=256, verbose=0)
     metrics = training.evaluate_predictions(probabilities, split.test, label_names)
     metrics["split"] = split.description
-    metrics["epochs_run"] = len(history.history["loss"])
-    metrics["best_epoch"] = stopper.best_epoch + 1
-    metrics["best_validation_clip_accuracy"] = round(stopper.best, 4)
+    metrics["epochs_run"] = len(history["loss"])
+    metrics["best_epoch"] = best_epoch + 1
+    metrics["best_validation_clip_accuracy"] = round(best, 4)
+    metrics["training_share"] = share
+    if strategy is not None:
+        metrics["distributed"] = {
+            "strategy": "MultiWorkerMirroredStrategy",
+            "training_loop": "custom (strategy.run per step)",
+            "cluster": cluster.to_dict(),
+            "global_batch_size": args.batch_size,
+            "per_worker_batch_size": result.per_worker_batch_size,
+            "steps_per_epoch": result.steps_per_epoch,
+            "shares": result.shares,
+            "validation_clip_accuracy_spread": result.validation_spread,
+        }
     metrics["train_cpu_s"] = round(cpu_s, 1)
     metrics["train_wall_s"] = round(wall_s, 1)
     metrics["parameters"] = int(model.count_params())
@@ -203,12 +290,21 @@ def train_split(
         "patience": args.patience,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
+        "lr_schedule": args.lr_schedule,
         "seed": args.seed,
         "aggregation": args.aggregation,
         "class_weights": weights.tolist() if weights is not None else None,
         "augmentation": dataclasses.asdict(aug),
         "normalization": {"mean": mean, "variance": variance},
     }
+    history = {k: [float(v) for v in vs] for k, vs in history.items()}
+    if strategy is not None:
+        training_config["workers"] = cluster.n_workers
+        if not cluster.is_chief:
+            os.makedirs(output, exist_ok=True)
+            _write_json(os.path.join(output, "metrics.json"), metrics)
+            _write_json(os.path.join(output, "history.json"), history)
+            return metrics
     write_model_folder(
         output,
         model=model,
@@ -218,7 +314,7 @@ def train_split(
         training_config=training_config,
         split=split.description,
         metrics=metrics,
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        history=history,
     )
     return metrics
 
@@ -327,6 +423,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
     try:
         _check_args(args)
         _augmentation(args)
+        cluster = distributed.resolve_cluster(workers=args.workers, worker_index=args.worker_index)
         dataset = training.read_dataset_json(args.data)
         if len(dataset.get("label_map", {})) < 2:
             raise ConfigError(
@@ -346,17 +443,36 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                     windows, test_fold=args.test_fold, validation_fold=args.validation_fold
                 )
             }
+        strategy = None
+        if cluster is not None and cluster.n_workers > 1:
+            for split in splits.values():
+                distributed.check_batch(
+                    len(split.train), batch_size=args.batch_size, n_workers=cluster.n_workers
+                )
+            # before any other TensorFlow op: collective ops are configured at start-up
+            strategy = distributed.make_strategy(cluster)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    root = args.output
+    if strategy is not None:
+        root = args.output if cluster.is_chief else distributed.side_folder(args.output, cluster)
+        if not args.quiet:
+            print(
+                f"[train] worker {cluster.worker_index} of {cluster.n_workers} ({cluster.source}: "
+                f"{','.join(cluster.workers)}), writing to {root}",
+                flush=True,
+            )
     per_fold = {}
     for fold, split in splits.items():
-        folder = os.path.join(args.output, f"fold-{fold}") if args.cv else args.output
+        folder = os.path.join(root, f"fold-{fold}") if args.cv else root
         if not args.quiet:
             print(
                 f"[train] {args.model}: {split.description}, {len(split.train)} training windows", flush=True
             )
-        metrics = train_split(split, dataset=dataset, args=args, output=folder)
+        metrics = train_split(
+            split, dataset=dataset, args=args, output=folder, cluster=cluster, strategy=strategy
+        )
         per_fold[fold] = metrics
         print(
             f"[train] {split.description.get('test_fold', 'test')}: clip accuracy (mean) "
@@ -366,7 +482,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         )
     if args.cv:
         summary = summarize_cv(per_fold)
-        _write_json(os.path.join(args.output, "metrics.json"), summary)
+        _write_json(os.path.join(root, "metrics.json"), summary)
         clip = summary["clip_mean"]
         print(
             f"[train] cross-validation: clip accuracy {clip['accuracy_mean']:.3f} "
