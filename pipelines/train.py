@@ -67,7 +67,7 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         action="store_true",
         help="Use the dataset's split column (train/validation/test) instead of folds.",
     )
-    parser.add_argument("--epochs", type=int, default=80, help="Maximum epochs.")
+    parser.add_argument("--epochs", type=int, default=100, help="Maximum epochs.")
     parser.add_argument(
         "--patience", type=int, default=15, help="Early stopping: epochs without improvement."
     )
