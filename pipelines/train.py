@@ -69,7 +69,7 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
     )
     parser.add_argument("--epochs", type=int, default=100, help="Maximum epochs.")
     parser.add_argument(
-        "--patience", type=int, default=15, help="Early stopping: epochs without improvement."
+        "--patience", type=int, default=30, help="Early stopping: epochs without improvement."
     )
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
     parser.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=2e-3)
