@@ -3,6 +3,7 @@
 Subcommands:
     demo      synthesise a small labelled set (with broken files) and run the features pipeline on it
     features  audio → log-mel windows → Parquet + TFRecord shards
+    embed     audio → pretrained embeddings (OpenL3, SavedModel, TFLite) → Parquet + TFRecord shards
     train     train a classifier on feature shards (predefined folds, cross-validation)
     evaluate  evaluate a trained model on a fold or split
 """
@@ -12,10 +13,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: soundshard {demo,features,train,evaluate} [options]
+USAGE = """usage: soundshard {demo,features,embed,train,evaluate} [options]
 
   demo       synthesise a small labelled dataset and run the pipeline on it (no data needed)
   features   audio folders/globs/manifests -> log-mel windows -> Parquet + TFRecord shards
+  embed      audio -> pretrained embeddings (OpenL3, SavedModel, TFLite) -> Parquet + TFRecord shards
   train      train a classifier on feature shards (predefined folds, cross-validation)
   evaluate   evaluate a trained model on a fold or split
 
@@ -33,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from soundshard.pipelines import features
 
         return features.run(rest)
+    if command == "embed":
+        from soundshard.pipelines import embed
+
+        return embed.run(rest)
     if command in ("train", "evaluate"):
         from soundshard.pipelines import train
 

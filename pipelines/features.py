@@ -42,6 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from soundshard.pipelines import runner as runners
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
+from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms import ledger, shards, sources
 from soundshard.transforms.features import ComputeLogMel, PlanUnits
@@ -216,10 +217,14 @@ def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> source
 
 @dataclasses.dataclass(frozen=True)
 class FeatureRun:
-    """Everything ``build`` needs, resolved and validated on the launcher."""
+    """Everything ``build`` needs, resolved and validated on the launcher.
+
+    ``config`` is a FeatureConfig (``soundshard features``) or an EmbeddingConfig
+    (``soundshard embed``, see ``pipelines/embed.py``): both plan, decode, shard and commit alike.
+    """
 
     listing: sources.SourceListing
-    config: FeatureConfig
+    config: FeatureConfig | EmbeddingConfig
     spec: shards.ShardSpec
     manifest: dict
     unit_s: float | None = 60.0
@@ -235,6 +240,22 @@ def build(p: beam.Pipeline, run: FeatureRun):
         (DeadLetter), ``summaries`` (FileSummary), ``written`` (WrittenShard), ``dataset``
         (dataset.json path).
     """
+    compute = ComputeLogMel(run.config, progress_dir=run.progress_dir)
+    return compose(p, run, label="ComputeLogMel", compute=compute)
+
+
+def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTransform):
+    """Sources → plan → ``compute`` → shards → commit, on ``p`` (does not run it).
+
+    Args:
+        p: The pipeline.
+        run: The resolved run.
+        label: Stable step label of the compute stage (``ComputeLogMel``, ``ComputeEmbeddings``).
+        compute: WorkUnits → outputs ``windows`` (WindowBatch), ``dead_letters`` and ``summaries``.
+
+    Returns:
+        dict of PCollections as :func:`build`.
+    """
     listing = run.listing
     items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
     planned = items | "PlanUnits" >> PlanUnits(run.config, unit_s=run.unit_s, progress_dir=run.progress_dir)
@@ -246,14 +267,15 @@ def build(p: beam.Pipeline, run: FeatureRun):
     # Units are redistributed after planning (a long recording becomes many units), and the
     # shard count is then known before features exist, so shard assignment fuses with them.
     units = planned.units | "DistributeUnits" >> beam.Reshuffle()
-    computed = units | "ComputeLogMel" >> ComputeLogMel(run.config, progress_dir=run.progress_dir)
+    computed = units | label >> compute
+    windows, summaries = computed["windows"], computed["summaries"]
     listing_dead = p | "ListingDeadLetters" >> beam.Create(listing.dead_letters)
     dead_letters = (
         listing_dead,
         planned.dead_letters,
-        computed.dead_letters,
+        computed["dead_letters"],
     ) | "AllDeadLetters" >> beam.Flatten()
-    written = computed.windows | "WriteShards" >> shards.WriteWindowShards(
+    written = windows | "WriteShards" >> shards.WriteWindowShards(
         config=run.config,
         spec=run.spec,
         label_map=listing.label_map,
@@ -265,7 +287,7 @@ def build(p: beam.Pipeline, run: FeatureRun):
         written=written,
         n_shards=n_shards,
         dead_letters=dead_letters,
-        summaries=computed.summaries,
+        summaries=summaries,
         config=run.config,
         spec=run.spec,
         label_map=listing.label_map,
@@ -275,9 +297,9 @@ def build(p: beam.Pipeline, run: FeatureRun):
     )
     return {
         "units": planned.units,
-        "windows": computed.windows,
+        "windows": windows,
         "dead_letters": dead_letters,
-        "summaries": computed.summaries,
+        "summaries": summaries,
         "written": written,
         "dataset": dataset,
     }
@@ -290,8 +312,13 @@ def _version() -> str:
         return "unknown"
 
 
-def prepare(args: argparse.Namespace) -> FeatureRun:
-    """Validates the arguments and lists the sources (raises ConfigError naming bad values)."""
+def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig | None = None) -> FeatureRun:
+    """Validates the arguments and lists the sources (raises ConfigError naming bad values).
+
+    Args:
+        args: Parsed arguments of the command.
+        config: The resolved config; default: the FeatureConfig of ``--config`` and the flags.
+    """
     if not args.input:
         raise ConfigError("--input is required (folder, glob or file)")
     if not args.output:
@@ -303,7 +330,8 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
     if args.unit_s < 0:
         raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
     run_date = _run_date(args)
-    config = feature_config_from_args(args)
+    if config is None:
+        config = feature_config_from_args(args)
     recording = recording_config_from_args(args)
     listing = list_sources(args, recording)
     if not listing.items and not listing.dead_letters:
@@ -334,7 +362,7 @@ def prepare(args: argparse.Namespace) -> FeatureRun:
         "feature_fingerprint": config.fingerprint,
         "feature_config": config.to_dict(),
         "feature_shape": list(config.feature_shape),
-        "feature_column": fields.FEATURE_COLUMN,
+        "feature_column": fields.feature_column_of(config),
         "window_s": config.window_s,
         "window_hop_s": config.window_hop_s,
         "recording_config": recording.to_dict(),
@@ -417,6 +445,28 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard features")
     """
     parser = make_parser(prog)
     args, beam_args = parser.parse_known_args(argv)
+    return execute(args, beam_args, prog=prog, label="features", prepare=prepare, build=build)
+
+
+def execute(
+    args: argparse.Namespace,
+    beam_args: Sequence[str],
+    *,
+    prog: str,
+    label: str,
+    prepare: typing.Callable[[argparse.Namespace], FeatureRun],
+    build: typing.Callable[[beam.Pipeline, FeatureRun], dict],
+) -> int:
+    """Prepares, runs and summarises a run of a command built on :func:`compose`; the exit code.
+
+    Args:
+        args: The command's parsed arguments.
+        beam_args: The remaining (Beam) flags.
+        prog: Command name for messages.
+        label: Name on the progress line.
+        prepare: Arguments → :class:`FeatureRun` (raises ConfigError).
+        build: Composes the pipeline (see :func:`build`).
+    """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         runners.check_beam_args(beam_args)
@@ -440,7 +490,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard features")
     workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
     local = runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given)
     if local:
-        with runners.progress(len(feature_run.listing.items), label="features") as progress_dir:
+        with runners.progress(len(feature_run.listing.items), label=label) as progress_dir:
             feature_run = dataclasses.replace(feature_run, progress_dir=progress_dir)
             with runners.make_pipeline(options, local=True) as p:
                 build(p, feature_run)

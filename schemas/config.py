@@ -188,8 +188,9 @@ def load_feature_config(path: str | Path, **overrides: Any) -> FeatureConfig:
     return FeatureConfig.from_dict({**values, **overrides})
 
 
-def _check_types(config: FeatureConfig) -> None:
-    hints = typing.get_type_hints(FeatureConfig)
+def _check_types(config) -> None:
+    """Checks every field of a config dataclass against its type hint (ConfigError naming it)."""
+    hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         allowed = _allowed_types(hints[field.name])

@@ -3,6 +3,11 @@
 Each row is one analysis window. Feature arrays are stored flat (row-major ``[n_mels, n_frames]``)
 as an Arrow fixed-size list / a TFRecord float list of ``n_mels * n_frames`` values; the shape is
 in the schema metadata and in ``dataset.json``, and the readers here reshape.
+
+Embedding tables (``soundshard embed``) come from the same field list with the feature column
+replaced by ``embedding`` (float32, ``[embedding_size]``); their schema metadata also names the
+feature column (``soundshard.feature_column``), so the readers find it. A config says which
+table it makes: :func:`feature_column_of` and its ``feature_shape``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -56,6 +62,30 @@ FIELDS: tuple[Field, ...] = (
     Field("feature_fingerprint", "string", False, "FeatureConfig.fingerprint of the features."),
 )
 
+
+def feature_column_of(config) -> str:
+    """Name of the feature column of ``config``'s table: ``log_mel``, or ``embedding``."""
+    return getattr(config, "feature_column", FEATURE_COLUMN)
+
+
+def fields_of(config) -> tuple[Field, ...]:
+    """FIELDS of ``config``'s table: the feature column named and described for its config."""
+    column = feature_column_of(config)
+    if column == FEATURE_COLUMN:
+        return FIELDS
+    shape = ", ".join(str(n) for n in config.feature_shape)
+    feature = Field(column, "features", False, f"Embedding of the window, [{shape}].")
+    fingerprint = Field(
+        "feature_fingerprint", "string", False, "EmbeddingConfig.fingerprint of the embedding."
+    )
+    replaced = {"features": feature, "feature_fingerprint": fingerprint}
+    return tuple(replaced.get(f.kind if f.kind == "features" else f.name, f) for f in FIELDS)
+
+
+def _feature_size(config) -> int:
+    return math.prod(config.feature_shape)
+
+
 _ARROW_TYPES = {
     "string": pa.string(),
     "int32": pa.int32(),
@@ -73,15 +103,16 @@ def extra_fields(extra_columns: Sequence[str]) -> tuple[Field, ...]:
 
 
 def arrow_schema(config: FeatureConfig, extra_columns: Sequence[str] = ()) -> pa.Schema:
-    """Arrow schema of the window table for ``config`` (feature size fixed by the config)."""
+    """Arrow schema of the window table for ``config`` (FeatureConfig or EmbeddingConfig; the
+    feature size is fixed by the config)."""
     return _arrow_schema(config, tuple(extra_columns))
 
 
 @functools.lru_cache(maxsize=16)
 def _arrow_schema(config: FeatureConfig, extra_columns: tuple[str, ...]) -> pa.Schema:
-    n_values = config.n_mels * config.window_frames
+    n_values = _feature_size(config)
     columns = []
-    for field in FIELDS + extra_fields(extra_columns):
+    for field in fields_of(config) + extra_fields(extra_columns):
         if field.kind == "features":
             arrow_type = pa.list_(pa.float32(), n_values)
         else:
@@ -92,6 +123,9 @@ def _arrow_schema(config: FeatureConfig, extra_columns: tuple[str, ...]) -> pa.S
         "soundshard.feature_shape": json.dumps(list(config.feature_shape)),
         "soundshard.feature_fingerprint": config.fingerprint,
     }
+    column = feature_column_of(config)
+    if column != FEATURE_COLUMN:  # log-mel tables keep their metadata as it always was
+        metadata["soundshard.feature_column"] = column
     return pa.schema(columns, metadata=metadata)
 
 
@@ -100,9 +134,9 @@ def tf_feature_spec(config: FeatureConfig, extra_columns: Sequence[str] = ()) ->
     import tensorflow as tf
 
     spec = {}
-    for field in FIELDS + extra_fields(extra_columns):
+    for field in fields_of(config) + extra_fields(extra_columns):
         if field.kind == "features":
-            spec[field.name] = tf.io.FixedLenFeature([config.n_mels * config.window_frames], tf.float32)
+            spec[field.name] = tf.io.FixedLenFeature([_feature_size(config)], tf.float32)
         elif field.kind == "string":
             spec[field.name] = tf.io.FixedLenFeature([], tf.string, default_value="")
         elif field.kind in ("int32", "int64", "timestamp"):
@@ -119,7 +153,10 @@ def batch_to_table(
     label_map: dict[str, int],
     extra_columns: Sequence[str] = (),
 ) -> pa.Table:
-    """Arrow table (one row per window) of a :class:`WindowBatch`, in :func:`arrow_schema`."""
+    """Arrow table (one row per window) of a :class:`WindowBatch`, in :func:`arrow_schema`.
+
+    ``batch.features`` is ``[n_windows, *config.feature_shape]`` (log-mel windows or embeddings).
+    """
     n = batch.n_windows
     source = batch.source
     extras = dict(source.extra)
@@ -141,7 +178,7 @@ def batch_to_table(
         "deployment": pa.array([source.deployment] * n, pa.string()),
         "start_utc": _utc_column(source.recording_start_us, batch.start_s),
         "end_utc": _utc_column(source.recording_start_us, batch.end_s),
-        FEATURE_COLUMN: pa.FixedSizeListArray.from_arrays(flat, config.n_mels * config.window_frames),
+        feature_column_of(config): pa.FixedSizeListArray.from_arrays(flat, _feature_size(config)),
         "feature_fingerprint": pa.array([config.fingerprint] * n, pa.string()),
     }
     for name in extra_columns:
@@ -164,7 +201,7 @@ def table_to_examples(table: pa.Table) -> Iterator[bytes]:
     per_column = []
     for name in table.column_names:
         column = table.column(name).combine_chunks()
-        kind = kinds.get(name, "string")
+        kind = "features" if pa.types.is_fixed_size_list(column.type) else kinds.get(name, "string")
         if kind == "features":
             values = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
             per_column.append([tfexample.feature_entry(name, tfexample.float_feature(v)) for v in values])
@@ -195,13 +232,19 @@ def _scalar_entry(name: str, kind: str, value) -> bytes:
     return tfexample.feature_entry(name, feature)
 
 
-def feature_shape_of(schema: pa.Schema) -> tuple[int, int]:
-    """``(n_mels, n_frames)`` recorded in a window table's schema metadata."""
+def feature_shape_of(schema: pa.Schema) -> tuple[int, ...]:
+    """Feature shape recorded in a window table's schema metadata: ``(n_mels, n_frames)`` for
+    log-mel tables, ``(embedding_size,)`` for embedding tables."""
     raw = (schema.metadata or {}).get(b"soundshard.feature_shape")
     if raw is None:
         raise ValueError("schema has no soundshard.feature_shape metadata: not a soundshard shard")
-    n_mels, n_frames = json.loads(raw)
-    return int(n_mels), int(n_frames)
+    return tuple(int(n) for n in json.loads(raw))
+
+
+def feature_column_in(schema: pa.Schema) -> str:
+    """Feature column named in a window table's schema metadata (``log_mel`` when not named)."""
+    raw = (schema.metadata or {}).get(b"soundshard.feature_column")
+    return raw.decode() if raw else FEATURE_COLUMN
 
 
 def read_parquet_windows(paths: str | Sequence[str]) -> tuple[pa.Table, np.ndarray]:
@@ -211,30 +254,35 @@ def read_parquet_windows(paths: str | Sequence[str]) -> tuple[pa.Table, np.ndarr
         paths: One shard path or several (local or any pyarrow filesystem URI).
 
     Returns:
-        ``(table, features)``: the table without the feature column, and float32
-        ``[n_rows, n_mels, n_frames]`` features in the same row order.
+        ``(table, features)``: the table without the feature column, and float32 features in
+        the same row order: ``[n_rows, n_mels, n_frames]`` (log-mel shards) or
+        ``[n_rows, embedding_size]`` (embedding shards); the column and shape come from the
+        schema metadata.
     """
     import pyarrow.parquet as pq
 
     paths = [paths] if isinstance(paths, str) else list(paths)
     tables = [pq.read_table(p) for p in paths]
     table = pa.concat_tables(tables) if tables else pa.table({})
-    n_mels, n_frames = feature_shape_of(tables[0].schema)
-    values = table.column(FEATURE_COLUMN).combine_chunks().values.to_numpy(zero_copy_only=False)
-    features = values.reshape(table.num_rows, n_mels, n_frames)
-    return table.drop_columns([FEATURE_COLUMN]), features
+    shape = feature_shape_of(tables[0].schema)
+    column = feature_column_in(tables[0].schema)
+    values = table.column(column).combine_chunks().values.to_numpy(zero_copy_only=False)
+    features = values.reshape(table.num_rows, *shape)
+    return table.drop_columns([column]), features
 
 
 def tfrecord_dataset(paths: str | Sequence[str], config: FeatureConfig, extra_columns: Sequence[str] = ()):
-    """``tf.data.Dataset`` of parsed windows; ``log_mel`` is reshaped to ``[n_mels, n_frames]``."""
+    """``tf.data.Dataset`` of parsed windows; ``log_mel`` is reshaped to ``[n_mels, n_frames]``
+    (``embedding`` of an EmbeddingConfig's shards to ``[embedding_size]``)."""
     import tensorflow as tf
 
     spec = tf_feature_spec(config, extra_columns)
     shape = list(config.feature_shape)
+    column = feature_column_of(config)
 
     def parse(record):
         example = tf.io.parse_single_example(record, spec)
-        example[FEATURE_COLUMN] = tf.reshape(example[FEATURE_COLUMN], shape)
+        example[column] = tf.reshape(example[column], shape)
         return example
 
     files = [paths] if isinstance(paths, str) else list(paths)

@@ -1,13 +1,20 @@
-"""Beam layer of the log-mel stage: decode → window → features per work unit, with dead letters."""
+"""Beam layer of the log-mel stage: decode → window → features per work unit, with dead letters.
+
+Planning (:class:`PlanUnits`) and decoding a work unit (:func:`decode_unit`,
+:class:`DecodeUnitFn`) are shared with the embedding stage (``transforms/embeddings.py``): both
+run on a :class:`WindowGrid`, the log-mel one (:class:`LogMelGrid`) or an embedding model's.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import os
 import time
+from typing import Protocol
 
 import apache_beam as beam
 import numpy as np
@@ -16,6 +23,7 @@ import threadpoolctl
 from apache_beam.metrics import Metrics
 
 from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, DataError, StorageError
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
 from soundshard.transforms import melspec, units
@@ -161,12 +169,99 @@ def _storage_checked(source):
         raise failure from failure.__cause__
 
 
-def plan(item: SourceItem, config: FeatureConfig, *, unit_s: float | None = None) -> list[WorkUnit]:
+class WindowGrid(Protocol):
+    """The window grid work units are planned and decoded on (log-mel windows, embedding windows).
+
+    Attributes:
+        sample_rate_hz: Rate the audio is resampled to.
+        channel: Channel to keep, or ``None`` for the mean of all channels.
+        resample_quality: soxr preset.
+        window_s: Seconds per window (for messages).
+    """
+
+    sample_rate_hz: int
+    channel: int | None
+    resample_quality: str
+    window_s: float
+
+    def recording_windows(self, *, source_frames: int, source_rate_hz: int) -> tuple[int, int]:
+        """``(output_samples, total_windows)`` of a recording from its header."""
+
+    def windows_per_unit(self, unit_s: float) -> int | None:
+        """Windows in a unit of about ``unit_s`` seconds; ``None``: never split."""
+
+    def source_range(self, unit: WorkUnit) -> units.SourceRange:
+        """Source frames a unit decodes (its samples plus a resampling margin)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogMelGrid:
+    """The log-mel window grid of a :class:`FeatureConfig` (see ``transforms/units.py``)."""
+
+    config: FeatureConfig
+
+    @property
+    def sample_rate_hz(self) -> int:
+        """Analysis rate."""
+        return self.config.sample_rate_hz
+
+    @property
+    def channel(self) -> int | None:
+        """Channel to keep, or ``None`` for the mean of all."""
+        return self.config.channel
+
+    @property
+    def resample_quality(self) -> str:
+        """soxr preset."""
+        return self.config.resample_quality
+
+    @property
+    def window_s(self) -> float:
+        """Seconds a window stands for."""
+        return self.config.window_s
+
+    def recording_windows(self, *, source_frames: int, source_rate_hz: int) -> tuple[int, int]:
+        """``(output_samples, total_windows)`` from a header (``units.recording_windows``)."""
+        return units.recording_windows(
+            source_frames=source_frames, source_rate_hz=source_rate_hz, config=self.config
+        )
+
+    def windows_per_unit(self, unit_s: float) -> int | None:
+        """Windows per unit of about ``unit_s`` s; ``None`` with recording-scope normalisation."""
+        # Recording-scope normalisation needs a whole recording: never split then.
+        if self.config.normalization_scope != "window":
+            return None
+        return units.windows_per_unit(unit_s, self.config)
+
+    def source_range(self, unit: WorkUnit) -> units.SourceRange:
+        """Source frames a unit decodes (``units.source_range``)."""
+        return units.source_range(
+            first_window=unit.first_window,
+            n_windows=unit.n_windows,
+            config=self.config,
+            source_rate_hz=unit.source_sample_rate_hz,
+            source_frames=unit.source_frames,
+            output_samples=unit.output_samples,
+        )
+
+
+def as_grid(config) -> WindowGrid:
+    """The window grid of a FeatureConfig or EmbeddingConfig (a grid is returned as it is)."""
+    if isinstance(config, FeatureConfig):
+        return LogMelGrid(config)
+    if isinstance(config, EmbeddingConfig):
+        from soundshard.transforms.framing import FrameGrid
+
+        return FrameGrid.from_config(config)
+    return config
+
+
+def plan(item: SourceItem, config, *, unit_s: float | None = None) -> list[WorkUnit]:
     """Reads the header of ``item`` (no samples) and splits it into work units.
 
     Args:
         item: The recording.
-        config: Feature configuration.
+        config: Feature or embedding configuration, or a :class:`WindowGrid`.
         unit_s: Approximate unit length in seconds; ``None`` or 0 keeps every recording whole.
             Recording-scope normalisation needs a whole recording, so it is never split then.
 
@@ -175,6 +270,7 @@ def plan(item: SourceItem, config: FeatureConfig, *, unit_s: float | None = None
         AudioValidationError: a header that declares no samples, or too few for one window.
         StorageError: the object cannot be read from its store.
     """
+    grid = as_grid(config)
     with contextlib.ExitStack() as stack:
         source = _open_checked(item, stack)
         try:
@@ -184,18 +280,14 @@ def plan(item: SourceItem, config: FeatureConfig, *, unit_s: float | None = None
             raise AudioDecodeError(f"cannot decode {item.uri}: {exc}", reason="decode_error") from exc
     if info.frames <= 0:
         raise AudioValidationError(f"{item.uri} holds no samples ({info.format})", reason="empty_audio")
-    output_samples, total = units.recording_windows(
-        source_frames=info.frames, source_rate_hz=info.samplerate, config=config
-    )
+    output_samples, total = grid.recording_windows(source_frames=info.frames, source_rate_hz=info.samplerate)
     if total == 0:
         raise AudioValidationError(
             f"{item.uri} lasts {info.frames / info.samplerate:.3f} s, shorter than one window "
-            f"({config.window_s:.3f} s) and last_window='drop'",
+            f"({grid.window_s:.3f} s) and last_window='drop'",
             reason="audio_too_short",
         )
-    per_unit = None
-    if unit_s and config.normalization_scope == "window":
-        per_unit = units.windows_per_unit(unit_s, config)
+    per_unit = grid.windows_per_unit(unit_s) if unit_s else None
     ranges = units.split_windows(total, per_unit)
     return [
         WorkUnit(item, info.samplerate, info.frames, output_samples, total, first, n, index, len(ranges))
@@ -206,7 +298,7 @@ def plan(item: SourceItem, config: FeatureConfig, *, unit_s: float | None = None
 class _ProbeFn(beam.DoFn):
     """Plans work units from file headers, on the workers (dead letters for unreadable files)."""
 
-    def __init__(self, config: FeatureConfig, unit_s: float | None, progress_dir: str | None = None):
+    def __init__(self, config, unit_s: float | None, progress_dir: str | None = None):
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
@@ -234,14 +326,12 @@ class PlanUnits(beam.PTransform):
     ``expand`` returns Beam's outputs tuple: ``.units`` (WorkUnit) and ``.dead_letters``.
 
     Args:
-        config: Feature configuration (for the window grid).
+        config: Feature or embedding configuration (for the window grid), or a WindowGrid.
         unit_s: Split recordings into units of about this many seconds; ``None`` never splits.
         progress_dir: Local folder for progress files of local runs, or ``None``.
     """
 
-    def __init__(
-        self, config: FeatureConfig, *, unit_s: float | None = 60.0, progress_dir: str | None = None
-    ):
+    def __init__(self, config, *, unit_s: float | None = 60.0, progress_dir: str | None = None):
         super().__init__()
         self._config = config
         self._unit_s = unit_s
@@ -252,16 +342,101 @@ class PlanUnits(beam.PTransform):
         return items | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
 
 
-class _LogMelFn(beam.DoFn):
-    """Decodes one recording and emits all its windows as one vectorised WindowBatch."""
+def unit_where(unit: WorkUnit) -> str:
+    """How messages name a unit: the URI, plus its window range when the recording is split."""
+    item = unit.source
+    if unit.n_units == 1:
+        return item.uri
+    last = unit.first_window + unit.n_windows - 1
+    return f"{item.uri} (windows {unit.first_window}..{last} of {unit.total_windows})"
 
-    def __init__(self, config: FeatureConfig, progress_dir: str | None = None):
-        self._config = config
+
+def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None):
+    """Decodes what a work unit needs: the whole recording, or its source range with a margin.
+
+    Args:
+        unit: The work unit.
+        grid: Its window grid (rate, channel, resampler, source range).
+        where: Name of the unit in messages (default :func:`unit_where`).
+
+    Returns:
+        ``(audio, span)``: the :class:`DecodedAudio` (mono, at ``grid.sample_rate_hz``) and the
+        decoded :class:`units.SourceRange`, or ``None`` when the whole recording was decoded
+        (its samples then start at recording sample 0).
+
+    Raises:
+        AudioDecodeError, AudioValidationError, StorageError: as :func:`decode_audio` and
+        :func:`_open_checked`.
+    """
+    where = where or unit_where(unit)
+    span = None if unit.n_units == 1 else grid.source_range(unit)
+    with contextlib.ExitStack() as stack:
+        source = _open_checked(unit.source, stack)
+        with _storage_checked(source):
+            audio = decode_audio(
+                source,
+                sample_rate_hz=grid.sample_rate_hz,
+                channel=grid.channel,
+                resample_quality=grid.resample_quality,
+                name=where,
+                start_frame=0 if span is None else span.start_frame,
+                n_frames=None if span is None else span.n_frames,
+            )
+    return audio, span
+
+
+class DecodeUnitFn(beam.DoFn):
+    """Base of the DoFns that decode one work unit and turn its audio into windows.
+
+    Decoding (open, read the unit's range with its margin, mix down, resample, validate) is the
+    same for every kind of window; a failure is a ``decode`` dead letter. Subclasses implement
+    :meth:`process_audio`.
+
+    Args:
+        grid: The window grid units were planned on.
+        progress_dir: Local folder for progress files of local runs, or ``None``.
+        role: Name of this stage's progress file.
+    """
+
+    def __init__(self, grid: WindowGrid, progress_dir: str | None = None, role: str = "features"):
+        self._grid = grid
         self._progress_dir = progress_dir
+        self._role = role
 
     def setup(self):
+        self._progress = ProgressReporter(self._progress_dir, role=self._role)
+
+    def teardown(self):
+        close_archives()
+
+    def process(self, unit: WorkUnit):
+        where = unit_where(unit)
+        try:
+            audio, span = decode_unit(unit, self._grid, where=where)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(unit.source, "decode", exc, where=where))
+            self._progress.add(files=int(unit.unit_index == unit.n_units - 1), windows=0)
+            return
+        yield from self.process_audio(unit, audio, span, where)
+
+    def process_audio(self, unit: WorkUnit, audio, span: units.SourceRange | None, where: str):
+        """Outputs of one decoded unit (``span`` is ``None`` for a whole recording)."""
+        raise NotImplementedError
+
+    def finish_bundle(self):
+        self._progress.flush()
+
+
+class _LogMelFn(DecodeUnitFn):
+    """Decodes one work unit and emits all its windows as one vectorised WindowBatch."""
+
+    def __init__(self, config: FeatureConfig, progress_dir: str | None = None):
+        super().__init__(LogMelGrid(config), progress_dir, role="features")
+        self._config = config
+
+    def setup(self):
+        super().setup()
         melspec.mel_filterbank(self._config)  # build the filterbank once per worker
-        self._progress = ProgressReporter(self._progress_dir)
         # One BLAS thread: parallelism comes from Beam's workers, and a fixed thread count keeps
         # the mel projection's float summation order, so values are bit-identical whatever the
         # runner or worker count (a multi-threaded BLAS changed ~0.1 % of values by <1e-5 dB).
@@ -271,46 +446,13 @@ class _LogMelFn(beam.DoFn):
         limits = getattr(self, "_blas_limits", None)
         if limits is not None:
             limits.restore_original_limits()
-        close_archives()
+        super().teardown()
 
-    def process(self, unit: WorkUnit):
+    def process_audio(self, unit: WorkUnit, audio, span, where: str):
         config = self._config
         item = unit.source
         last_unit = unit.unit_index == unit.n_units - 1
-        where = (
-            item.uri
-            if unit.n_units == 1
-            else (
-                f"{item.uri} (windows {unit.first_window}..{unit.first_window + unit.n_windows - 1} "
-                f"of {unit.total_windows})"
-            )
-        )
-        whole = unit.n_units == 1
-        span = units.source_range(
-            first_window=unit.first_window,
-            n_windows=unit.n_windows,
-            config=config,
-            source_rate_hz=unit.source_sample_rate_hz,
-            source_frames=unit.source_frames,
-            output_samples=unit.output_samples,
-        )
-        try:
-            with contextlib.ExitStack() as stack:
-                source = _open_checked(item, stack)
-                with _storage_checked(source):
-                    audio = decode_audio(
-                        source,
-                        sample_rate_hz=config.sample_rate_hz,
-                        channel=config.channel,
-                        resample_quality=config.resample_quality,
-                        name=where,
-                        start_frame=0 if whole else span.start_frame,
-                        n_frames=None if whole else span.n_frames,
-                    )
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "decode", exc, where=where))
-            self._progress.add(files=int(last_unit), windows=0)
-            return
+        whole = span is None
         try:
             if whole:
                 features = melspec.log_mel_windows(audio.samples, config)
@@ -356,9 +498,6 @@ class _LogMelFn(beam.DoFn):
                 unit.n_units,
             ),
         )
-
-    def finish_bundle(self):
-        self._progress.flush()
 
 
 def unit_duration_s(unit: WorkUnit, config: FeatureConfig) -> float:

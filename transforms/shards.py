@@ -35,6 +35,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.embedding import EmbeddingConfig, unit_source
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch
 from soundshard.schemas.tfexample import tfrecord_frame
 from soundshard.transforms import ledger
@@ -106,11 +107,11 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def shard_count(total_windows: int, *, config: FeatureConfig, spec: ShardSpec) -> int:
+def shard_count(total_windows: int, *, config: FeatureConfig | EmbeddingConfig, spec: ShardSpec) -> int:
     """Number of shards: ``spec.num_shards``, or enough to keep shards near the target size."""
     if spec.num_shards:
         return spec.num_shards
-    window_bytes = 4 * config.n_mels * config.window_frames + 200
+    window_bytes = 4 * math.prod(config.feature_shape) + 200
     return max(1, math.ceil(total_windows * window_bytes / (spec.shard_size_mb * 2**20)))
 
 
@@ -143,7 +144,7 @@ def _parquet_options(schema: pa.Schema) -> dict:
     # dictionary encoding helps the repeated strings only and costs time on the feature column.
     # Statistics on the feature column (min/max of every float) cost time and prune nothing.
     strings = [f.name for f in schema if pa.types.is_string(f.type)]
-    scalars = [f.name for f in schema if f.name != fields.FEATURE_COLUMN]
+    scalars = [f.name for f in schema if not pa.types.is_fixed_size_list(f.type)]
     return {"compression": "zstd", "use_dictionary": strings, "write_statistics": scalars}
 
 
@@ -205,7 +206,8 @@ class _SpillFn(beam.DoFn):
         table = fields.batch_to_table(
             batch, config=self._config, label_map=self._label_map, extra_columns=self._extra_columns
         )
-        index = shard_of(batch.source.clip_id, n_shards, first_window=batch.first_window_index)
+        source, unit_first_window = unit_source(batch)
+        index = shard_of(source.clip_id, n_shards, first_window=unit_first_window)
         key = (self._spec.partition_of(batch.source), index)
         self._buffers[key].append(table)
         self._sizes[key] += table.nbytes
@@ -325,7 +327,15 @@ class WriteWindowShards(beam.PTransform):
             before the batches exist, so shard assignment fuses with the feature step.
     """
 
-    def __init__(self, *, config: FeatureConfig, spec: ShardSpec, label_map, extra_columns=(), n_shards):
+    def __init__(
+        self,
+        *,
+        config: FeatureConfig | EmbeddingConfig,
+        spec: ShardSpec,
+        label_map,
+        extra_columns=(),
+        n_shards,
+    ):
         super().__init__()
         self._n_shards = n_shards
         self._config = config
@@ -353,7 +363,7 @@ class WriteWindowShards(beam.PTransform):
 class ShardCount(beam.PTransform):
     """Expected windows per unit → one-element PCollection with the number of shards."""
 
-    def __init__(self, *, config: FeatureConfig, spec: ShardSpec):
+    def __init__(self, *, config: FeatureConfig | EmbeddingConfig, spec: ShardSpec):
         super().__init__()
         self._config = config
         self._spec = spec
@@ -368,13 +378,14 @@ class ShardCount(beam.PTransform):
 
 
 #: Stages that fail one work unit of a recording (other units of it may succeed).
-UNIT_STAGES = ("decode", "features")
+UNIT_STAGES = ("decode", "features", "embed")
 
 
 def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLetter], *, n_inputs: int) -> dict:
     """Counts per label, fold and split and the run's figures (files, windows, audio seconds).
 
-    Summaries come per work unit. A recording counts as processed when none of its units
+    Summaries come per work unit (embedding runs: per batch of a unit's windows, so
+    ``work_units`` counts distinct units). A recording counts as processed when none of its units
     failed; one with a failed unit counts as dead-lettered (its other units' windows are still
     written: ``partial_files``). So ``files_processed + dead_letter_inputs == inputs``.
     """
@@ -418,7 +429,7 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
             "partial_files": sum(1 for c in clips if c in unit_failed),
             "dead_letters_by_reason": dict(sorted(by_reason.items())),
             "accounted_for": len(processed) + dead_inputs == n_inputs,
-            "work_units": len(summaries),
+            "work_units": len({(s.clip_id, s.unit_index) for s in summaries}),
             "windows": sum(s.n_windows for s in summaries),
             "audio_s": round(sum(s.duration_s for s in summaries), 3),
             "digital_silence_files": sum(1 for parts in clips.values() if all(p.silent for p in parts)),

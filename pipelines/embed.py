@@ -1,0 +1,235 @@
+"""Embed pipeline: audio folders, globs or manifests → pretrained embeddings → Parquet + TFRecord.
+
+Same sources, planning, decoding, dead letters, shards and ``dataset.json`` as ``soundshard
+features`` (``pipelines/features.py``); the compute stage runs an embedding model through Beam's
+RunInference (``transforms/embeddings.py``): OpenL3 from its official weight files, or any TF
+SavedModel / TFLite model with a declared config.
+
+Local run (FnApiRunner; no network needed)::
+
+    soundshard embed --input ../shared/data/esc10/audio --manifest ../shared/data/esc10/meta.csv \\
+        --output out/esc10-l3 --model openl3 --input-repr mel256 --content-type env \\
+        --embedding-size 512 --weights models/openl3_audio_mel256_env.h5
+    soundshard embed --input 'recordings/**/*.flac' --output out/yamnet \\
+        --model saved_model:models/yamnet --model-config yamnet.toml
+
+Dataflow (workers need the soundshard package, see ``infra/``)::
+
+    soundshard embed --input 'gs://bucket/audio/**/*.flac' --output gs://bucket/emb/ \\
+        --weights gs://models/openl3_audio_mel256_env.h5 --content-type env \\
+        --runner DataflowRunner --project my-project --region europe-west1 \\
+        --temp_location gs://bucket/tmp --sdk_container_image IMAGE
+
+Output layout (``--output``): as ``soundshard features``, with an ``embedding`` column (float32,
+``[embedding_size]``) instead of ``log_mel``::
+
+    dataset.json                       embedding config, fingerprint, label map, counts, figures
+    dead_letters.parquet               every input that failed: source, stage, reason, message
+    parquet/windows-00000-of-0000N.parquet
+    tfrecord/windows-00000-of-0000N.tfrecord
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Sequence
+
+import apache_beam as beam
+
+from soundshard.pipelines import features
+from soundshard.schemas.embedding import EmbeddingConfig, load_embedding_config
+from soundshard.schemas.errors import ConfigError
+from soundshard.transforms.embeddings import ComputeEmbeddings, check_model
+
+PROG = "soundshard embed"
+#: EmbeddingConfig fields and their flags (both spellings, ``--input-repr`` and ``--input_repr``).
+#: ``model`` and ``model_uri`` come from ``--model`` / ``--weights``.
+_CONFIG_FLAGS = {
+    "input_repr": ("--input-repr", "--input_repr"),
+    "content_type": ("--content-type", "--content_type"),
+    "embedding_size": ("--embedding-size", "--embedding_size"),
+    "frontend": ("--frontend",),
+    "sample_rate_hz": ("--sample-rate-hz", "--sample_rate_hz"),
+    "window_s": ("--window-s", "--window_s"),
+    "hop_s": ("--hop-s", "--hop_s"),
+    "center": ("--center",),
+    "output": ("--model-output", "--model_output"),
+    "signature": ("--signature",),
+    "model_sha256": ("--model-sha256", "--model_sha256", "--weights-sha256", "--weights_sha256"),
+    "channel": ("--channel",),
+    "resample_quality": ("--resample-quality", "--resample_quality"),
+}
+_HELP = {
+    "input_repr": "OpenL3 spectrogram: linear, mel128 or mel256 (default).",
+    "content_type": "OpenL3 training content: env or music (default).",
+    "embedding_size": "Values per embedding (OpenL3: 512 or 6144, default 6144).",
+    "frontend": "OpenL3 front-end of openl3 0.4 (default) or 0.3 (the one the weights were trained with).",
+    "sample_rate_hz": "Rate the model takes (OpenL3: 48000).",
+    "window_s": "Seconds of audio per embedding (OpenL3: 1).",
+    "hop_s": "Seconds between windows (0.1).",
+    "center": "true: pad half a window before the start, as openl3 (default for OpenL3).",
+    "output": "Output name or index of a SavedModel/TFLite model.",
+    "signature": "SavedModel signature (serving_default).",
+    "model_sha256": "Expected SHA-256 of the weight/model file (checked before the run).",
+    "channel": "Keep this channel (default: mix all down).",
+    "resample_quality": "soxr preset: QQ, LQ, MQ, HQ (default), VHQ.",
+}
+_MODEL_KINDS = ("saved_model", "tflite")
+#: Windows per model call by default: on a CPU, larger batches are no faster per window, and
+#: memory grows with the batch (OpenL3 mel256: ~33 MB of activations per window of a batch).
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedRun(features.FeatureRun):
+    """A :class:`FeatureRun` with an EmbeddingConfig and how RunInference batches."""
+
+    min_batch_size: int = 16
+    max_batch_size: int = 16
+    large_model: bool = False
+
+
+def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """Argument parser of the embed command (Beam flags pass through)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Audio → pretrained embeddings (OpenL3, or a SavedModel/TFLite model) → Parquet + "
+        "TFRecord shards. Other flags go to Beam (--runner, --direct_num_workers, --project, ...).",
+        allow_abbrev=False,
+    )
+    features.FeaturesOptions._add_argparse_args(parser)
+    for action in parser._actions:
+        if action.dest == "config":  # the feature config of 'soundshard features'
+            action.help = argparse.SUPPRESS
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="'openl3' (default), 'saved_model:PATH_OR_URI' (a TF SavedModel folder) or "
+        "'tflite:PATH_OR_URI'.",
+    )
+    group.add_argument(
+        "--weights", default=None, help="OpenL3 weight file openl3_audio_<repr>_<content>.h5 (path or URI)."
+    )
+    group.add_argument(
+        "--model-config",
+        "--model_config",
+        dest="model_config",
+        default=None,
+        help="TOML/JSON model config (keys of EmbeddingConfig, top level or under [embedding]); flags "
+        "override it.",
+    )
+    for name, flags in _CONFIG_FLAGS.items():
+        group.add_argument(*flags, dest=f"embed__{name}", default=None, metavar="VALUE", help=_HELP.get(name))
+    batching = parser.add_argument_group("inference")
+    batching.add_argument(
+        "--min-batch-size", "--min_batch_size", dest="min_batch_size", type=int, default=None, help="(16)"
+    )
+    batching.add_argument(
+        "--max-batch-size",
+        "--max_batch_size",
+        dest="max_batch_size",
+        type=int,
+        default=None,
+        help="Windows per model call (16); with min < max Beam adapts the size between them. Memory grows "
+        "with it (OpenL3 mel256: ~33 MB per window of a batch).",
+    )
+    batching.add_argument(
+        "--large-model",
+        "--large_model",
+        dest="large_model",
+        action="store_true",
+        help="One model copy per machine, shared by its worker processes (Beam's large_model).",
+    )
+    parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
+    return parser
+
+
+def _model_values(args: argparse.Namespace) -> dict:
+    values: dict[str, typing.Any] = {}
+    if args.model:
+        kind, sep, uri = args.model.partition(":")
+        if kind == "openl3" and not sep:
+            values["model"] = "openl3"
+        elif kind in _MODEL_KINDS and sep and uri:
+            values["model"], values["model_uri"] = kind, uri
+        else:
+            raise ConfigError(
+                f"--model={args.model!r} must be 'openl3', 'saved_model:PATH_OR_URI' or 'tflite:PATH_OR_URI'"
+            )
+    if args.weights:
+        if values.get("model", "openl3") != "openl3":
+            raise ConfigError(f"--weights is for OpenL3; {args.model!r} names its model file itself")
+        values["model_uri"] = args.weights
+    return values
+
+
+def embedding_config_from_args(args: argparse.Namespace) -> EmbeddingConfig:
+    """The EmbeddingConfig from ``--model-config``, ``--model``/``--weights`` and the flags."""
+    hints = typing.get_type_hints(EmbeddingConfig)
+    overrides = _model_values(args)
+    for name in _CONFIG_FLAGS:
+        raw = getattr(args, f"embed__{name}", None)
+        if raw is not None:
+            overrides[name] = features._parse_value(raw, hints[name])
+    if args.model_config:
+        return load_embedding_config(args.model_config, **overrides)
+    return EmbeddingConfig.from_dict(overrides)
+
+
+def prepare(args: argparse.Namespace) -> EmbedRun:
+    """Validates the arguments, checks the model file and lists the sources (ConfigError names
+    a bad value or the missing file)."""
+    if args.config:
+        raise ConfigError(
+            f"--config {args.config!r} is a feature config; the embed command takes --model-config"
+        )
+    config = check_model(embedding_config_from_args(args))
+    min_batch = args.min_batch_size or min(DEFAULT_BATCH_SIZE, args.max_batch_size or DEFAULT_BATCH_SIZE)
+    max_batch = args.max_batch_size or max(DEFAULT_BATCH_SIZE, min_batch)
+    if min_batch < 1 or max_batch < min_batch:
+        raise ConfigError(
+            f"--min_batch_size={min_batch} and --max_batch_size={max_batch}: need 1 <= min <= max"
+        )
+    run = features.prepare(args, config=config)
+    manifest = dict(run.manifest)
+    manifest["embedding"] = {
+        "model": config.model,
+        "model_uri": config.model_uri,
+        "model_sha256": config.model_sha256,
+        "window_samples": config.window_samples,
+        "hop_samples": config.hop_samples,
+        "pad_start_samples": config.pad_start_samples,
+        "min_batch_size": min_batch,
+        "max_batch_size": max_batch,
+    }
+    fields = {f.name: getattr(run, f.name) for f in dataclasses.fields(features.FeatureRun)}
+    fields["manifest"] = manifest
+    return EmbedRun(
+        **fields, min_batch_size=min_batch, max_batch_size=max_batch, large_model=args.large_model
+    )
+
+
+def build(p: beam.Pipeline, run: EmbedRun):
+    """Composes the embed pipeline on ``p`` (does not run it).
+
+    Returns:
+        dict of PCollections as ``features.build``, with ``windows`` of EmbeddingBatch.
+    """
+    compute = ComputeEmbeddings(
+        run.config,
+        min_batch_size=run.min_batch_size,
+        max_batch_size=run.max_batch_size,
+        large_model=run.large_model,
+        progress_dir=run.progress_dir,
+    )
+    return features.compose(p, run, label="ComputeEmbeddings", compute=compute)
+
+
+def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
+    """Runs the embed command; returns the exit code (0 ok, 1 nothing processed, 2 config error)."""
+    parser = make_parser(prog)
+    args, beam_args = parser.parse_known_args(argv)
+    return features.execute(args, beam_args, prog=prog, label="embed", prepare=prepare, build=build)

@@ -1,0 +1,118 @@
+"""Small embedding models the tests (and the embedding benchmark) build and export themselves.
+
+No model file is ever downloaded: OpenL3 weight files are written in the official layout from
+randomly initialised networks, and the "other model" is a tiny SavedModel / TFLite export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+#: The tiny model's embedding: log energy of each of EMBEDDING_SIZE equal parts of the window
+#: and their mean (the last value), so values are easy to recompute in numpy.
+EMBEDDING_SIZE = 5
+
+
+def randomize_batchnorm(model, seed: int = 0) -> None:
+    """Gives every BatchNorm layer random gamma, beta, mean and (positive) variance, so a weight
+    file holds distinct values in every slot and a mix-up between slots shows."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                    rng.normal(0, 0.1, beta.shape).astype(np.float32),
+                    rng.normal(0, 0.1, mean.shape).astype(np.float32),
+                    rng.uniform(0.5, 2.0, variance.shape).astype(np.float32),
+                ]
+            )
+
+
+def make_openl3_weights(
+    folder: Path, *, input_repr: str = "mel256", content_type: str = "env", seed: int = 0
+) -> Path:
+    """Writes ``openl3_audio_<repr>_<content>.h5`` in the official layout from a random network."""
+    import keras
+
+    from soundshard.transforms import openl3
+
+    keras.utils.set_random_seed(seed)
+    model = openl3.build_openl3(input_repr=input_repr, content_type=content_type, embedding_size=512)
+    randomize_batchnorm(model, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"openl3_audio_{input_repr}_{content_type}.h5"
+    openl3.save_weights_official(model, path)
+    return path
+
+
+def tiny_embedding(windows: np.ndarray, size: int = EMBEDDING_SIZE) -> np.ndarray:
+    """numpy reference of the tiny model: ``[batch, n]`` → ``[batch, size]``."""
+    parts = size - 1
+    n = windows.shape[1] // parts * parts
+    energy = np.log(np.mean(windows[:, :n].reshape(len(windows), parts, -1) ** 2, axis=2) + 1e-6)
+    return np.concatenate([energy, energy.mean(axis=1, keepdims=True)], axis=1).astype(np.float32)
+
+
+def _tiny_fn(window_samples: int, size: int):
+    import tensorflow as tf
+
+    parts = size - 1
+    n = window_samples // parts * parts
+
+    def embed(waveform):
+        x = tf.reshape(waveform[:, :n], [tf.shape(waveform)[0], parts, -1])
+        energy = tf.math.log(tf.reduce_mean(tf.square(x), axis=2) + 1e-6)
+        return tf.concat([energy, tf.reduce_mean(energy, axis=1, keepdims=True)], axis=1)
+
+    return embed
+
+
+def make_saved_model(folder: Path, *, window_samples: int, size: int = EMBEDDING_SIZE) -> Path:
+    """A SavedModel whose ``serving_default`` takes ``waveform [batch, window_samples]`` and returns
+    ``{"embedding": [batch, size], "peak": [batch]}`` (two outputs: the config must choose)."""
+    import tensorflow as tf
+
+    embed = _tiny_fn(window_samples, size)
+
+    class Tiny(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, window_samples], tf.float32, name="waveform")])
+        def serve(self, waveform):
+            return {"embedding": embed(waveform), "peak": tf.reduce_max(tf.abs(waveform), axis=1)}
+
+    module = Tiny()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    return folder
+
+
+def make_waveform_saved_model(folder: Path, *, frame_samples: int, size: int = EMBEDDING_SIZE) -> Path:
+    """A YAMNet-like SavedModel: no signature; ``__call__(waveform [n])`` returns
+    ``(scores [n_frames, 2], embeddings [n_frames, size])`` for frames of ``frame_samples``."""
+    import tensorflow as tf
+
+    embed = _tiny_fn(frame_samples, size)
+
+    class Frames(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+        def __call__(self, waveform):
+            n_frames = tf.shape(waveform)[0] // frame_samples
+            frames = tf.reshape(waveform[: n_frames * frame_samples], [n_frames, frame_samples])
+            embeddings = embed(frames)
+            return tf.zeros([n_frames, 2]), embeddings
+
+    tf.saved_model.save(Frames(), str(folder), signatures={})
+    return folder
+
+
+def make_tflite(path: Path, *, window_samples: int, size: int = EMBEDDING_SIZE) -> Path:
+    """The tiny model as a TFLite file with a dynamic batch dimension and one output."""
+    import tensorflow as tf
+
+    embed = _tiny_fn(window_samples, size)
+    fn = tf.function(embed, input_signature=[tf.TensorSpec([None, window_samples], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+    path.write_bytes(converter.convert())
+    return path
