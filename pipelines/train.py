@@ -332,7 +332,11 @@ def write_model_folder(
         "saved_model": "saved_model",
         "label_names": label_names,
         "label_map": dataset["label_map"],
-        "input": {"kind": "log_mel", "shape": list(model.input_shape[1:]), "dtype": "float32"},
+        "input": {
+            "kind": dataset.get("feature_column", "log_mel"),
+            "shape": list(model.input_shape[1:]),
+            "dtype": "float32",
+        },
         "feature_fingerprint": dataset["feature_fingerprint"],
         "feature_config": dataset["feature_config"],
         "training": training_config,
