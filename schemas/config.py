@@ -39,8 +39,51 @@ _RESAMPLE_QUALITY = ("QQ", "LQ", "MQ", "HQ", "VHQ")
 _MEL_NORM = ("slaney", "none")
 
 
+class ConfigSerialization:
+    """JSON round trip of a frozen config dataclass; unknown keys are rejected by name.
+
+    Subclasses set ``_WHAT`` (e.g. ``"feature"``) for the messages.
+    """
+
+    _WHAT = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys); ``from_json(to_json())`` gives an equal config."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Builds a config from a dict, rejecting unknown keys by name.
+
+        Raises:
+            ConfigError: on an unknown key or an invalid value.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown {cls._WHAT} config key(s): {', '.join(hints)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str):
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any):
+        """A validated copy with ``changes`` applied."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+
 @dataclasses.dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(ConfigSerialization):
     """How audio becomes log-mel windows. Validated on construction.
 
     Attributes:
@@ -89,6 +132,7 @@ class FeatureConfig:
     normalization_scope: str = "window"
     channel: int | None = None
     resample_quality: str = "HQ"
+    _WHAT = "feature"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -117,40 +161,6 @@ class FeatureConfig:
         return self.window_hop_frames * self.hop_length / self.sample_rate_hz
 
     # -- serialisation ----------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        """Canonical JSON (sorted keys); ``from_json(to_json())`` gives an equal config."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FeatureConfig:
-        """Builds a config from a dict, rejecting unknown keys by name.
-
-        Raises:
-            ConfigError: on an unknown key or an invalid value.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown feature config key(s): {', '.join(hints)}")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str) -> FeatureConfig:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes: Any) -> FeatureConfig:
-        """A validated copy with ``changes`` applied."""
-        return self.from_dict({**self.to_dict(), **changes})
 
     @functools.cached_property
     def fingerprint(self) -> str:

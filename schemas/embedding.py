@@ -16,7 +16,6 @@ window, hop, output and embedding size (``model="saved_model"`` or ``"tflite"``)
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import json
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from soundshard.schemas.config import _RESAMPLE_QUALITY, _check_types
+from soundshard.schemas.config import _RESAMPLE_QUALITY, ConfigSerialization, _check_types
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import SourceItem, WindowBatch, WorkUnit
 
@@ -55,7 +54,7 @@ def openl3_weights_name(input_repr: str, content_type: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class EmbeddingConfig:
+class EmbeddingConfig(ConfigSerialization):
     """Which embedding model runs, and how audio is cut into its windows. Validated on construction.
 
     Fields left ``None`` take the model's values: OpenL3 fixes ``sample_rate_hz`` (48000),
@@ -106,6 +105,8 @@ class EmbeddingConfig:
     signature: str | None = None
     channel: int | None = None
     resample_quality: str = "HQ"
+
+    _WHAT = "embedding"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -172,40 +173,6 @@ class EmbeddingConfig:
         return openl3_weights_name(self.input_repr, self.content_type)
 
     # -- serialisation ----------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        """Canonical JSON (sorted keys); ``from_json(to_json())`` gives an equal config."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EmbeddingConfig:
-        """Builds a config from a dict, rejecting unknown keys by name.
-
-        Raises:
-            ConfigError: on an unknown key or an invalid value.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown embedding config key(s): {', '.join(hints)}")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str) -> EmbeddingConfig:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes: Any) -> EmbeddingConfig:
-        """A validated copy with ``changes`` applied."""
-        return self.from_dict({**self.to_dict(), **changes})
 
     @functools.cached_property
     def fingerprint(self) -> str:
