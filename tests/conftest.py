@@ -62,3 +62,18 @@ def s3_env(tmp_path_factory):
             yield env
         finally:
             _restore_env(saved)
+
+
+@pytest.fixture(scope="session")
+def demo_features(tmp_path_factory):
+    """Log-mel Parquet shards of the demo set (4 classes × 8 clips, folds 1-4), made once."""
+    from soundshard.pipelines import features
+    from soundshard.pipelines.demo import make_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    manifest = make_dataset(str(root))
+    out = root / "features"
+    argv = ["--input", str(root / "audio"), "--manifest", manifest, "--output", str(out)]
+    argv += ["--format", "parquet"]
+    assert features.run(argv) == 0
+    return out

@@ -17,8 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from soundshard.pipelines import features, train
-from soundshard.pipelines.demo import make_dataset
+from soundshard.pipelines import train
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms import distributed, training
 
@@ -124,25 +123,6 @@ def test_stop_rule_is_a_pure_function_of_the_scores():
     decisions = [rule.update(epoch, score) for epoch, score in enumerate([0.25, 0.5, 0.5, 0.5, 0.75])]
     assert decisions == [(True, False), (True, False), (False, False), (False, True), (True, False)]
     assert (rule.best, rule.best_epoch) == (0.75, 4)
-
-
-@pytest.fixture(scope="module")
-def demo_features(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    manifest = make_dataset(str(root))
-    out = root / "features"
-    argv = [
-        "--input",
-        str(root / "audio"),
-        "--manifest",
-        manifest,
-        "--output",
-        str(out),
-        "--format",
-        "parquet",
-    ]
-    assert features.run(argv) == 0
-    return out
 
 
 def test_train_refuses_flags_and_tf_config_together(demo_features, tmp_path, capsys, monkeypatch):

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from soundshard.pipelines import features, train
-from soundshard.pipelines.demo import make_dataset
+from soundshard.pipelines import train
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms import models, training
 
@@ -125,25 +124,6 @@ def test_training_dataset_mixup_and_weights():
     assert x.shape == (8, 6, 5) and y.shape == (8, 3) and w.shape == (8,)
     np.testing.assert_allclose(y.numpy().sum(axis=1), 1.0, rtol=1e-5)
     assert ((y.numpy() > 0) & (y.numpy() < 1)).any()  # mixed labels
-
-
-@pytest.fixture(scope="module")
-def demo_features(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    manifest = make_dataset(str(root))
-    out = root / "features"
-    argv = [
-        "--input",
-        str(root / "audio"),
-        "--manifest",
-        manifest,
-        "--output",
-        str(out),
-        "--format",
-        "parquet",
-    ]
-    assert features.run(argv) == 0
-    return out
 
 
 @pytest.mark.slow
