@@ -261,7 +261,9 @@ def training_dataset(
             x = augment_window(x, aug=aug, seed=s)
         return x, y
 
-    data = data.map(per_window, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # A sequential map: augmentation is cheap next to a training step, and TF 2.21's parallel map
+    # logs an error line per epoch about an attribute its own runtime does not know.
+    data = data.map(per_window)
     data = data.batch(batch_size, drop_remainder=len(windows) >= batch_size)
     if aug.mixup_alpha > 0:
         alpha = aug.mixup_alpha
