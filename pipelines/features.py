@@ -44,7 +44,7 @@ from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import ledger, shards, sources
+from soundshard.transforms import augment, ledger, shards, sources
 from soundshard.transforms.features import ComputeLogMel, PlanUnits
 
 _LOG = logging.getLogger(__name__)
@@ -101,6 +101,13 @@ class FeaturesOptions(PipelineOptions):
             default=None,
             help="Regular expression searched in each input path; named groups 'site' and "
             "'deployment' fill those columns, e.g. 'sites/(?P<site>[^/]+)/(?P<deployment>[^/]+)/'.",
+        )
+        parser.add_argument(
+            "--augment",
+            default=None,
+            help="Offline augmentation: also write copies of every readable recording, e.g. "
+            "'pitch_shift=-2,pitch_shift=2,time_stretch=0.9' (semitones; stretch rate). Copies are "
+            "marked in the augmentation column; training never validates or tests on them.",
         )
         parser.add_argument(
             "--archive_glob",
@@ -230,6 +237,7 @@ class FeatureRun:
     unit_s: float | None = 60.0
     progress_dir: str | None = None
     committed_runs: frozenset[str] = frozenset()
+    augmentations: tuple = ()
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -258,7 +266,9 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
     """
     listing = run.listing
     items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
-    planned = items | "PlanUnits" >> PlanUnits(run.config, unit_s=run.unit_s, progress_dir=run.progress_dir)
+    planned = items | "PlanUnits" >> PlanUnits(
+        run.config, unit_s=run.unit_s, progress_dir=run.progress_dir, augmentations=run.augmentations
+    )
     n_shards = (
         planned.units
         | "ExpectedWindows" >> beam.Map(lambda unit: unit.n_windows)
@@ -332,6 +342,9 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
     run_date = _run_date(args)
     if config is None:
         config = feature_config_from_args(args)
+    augmentations = augment.parse_augmentations(getattr(args, "augment", None))
+    if augmentations and not isinstance(config, FeatureConfig):
+        raise ConfigError("--augment makes log-mel copies; it is an option of `soundshard features` only")
     recording = recording_config_from_args(args)
     listing = list_sources(args, recording)
     if not listing.items and not listing.dead_letters:
@@ -366,6 +379,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         "window_s": config.window_s,
         "window_hop_s": config.window_hop_s,
         "recording_config": recording.to_dict(),
+        "augmentations": [a.name for a in augmentations],
         "label_map": listing.label_map,
         "extra_columns": [fields.EXTRA_PREFIX + c for c in listing.extra_columns],
         "sources": {"input": args.input, "manifest": args.manifest},
@@ -389,6 +403,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         manifest=manifest,
         unit_s=args.unit_s or None,
         committed_runs=frozenset(committed),
+        augmentations=augmentations,
     )
 
 

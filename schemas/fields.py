@@ -26,7 +26,7 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.records import WindowBatch
 
 #: Version of the window table layout; bumped on any incompatible change.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Prefix of columns copied from the manifest.
 EXTRA_PREFIX = "meta_"
 FEATURE_COLUMN = "log_mel"
@@ -58,6 +58,7 @@ FIELDS: tuple[Field, ...] = (
     Field("deployment", "string", True, "Deployment from the configured path pattern, or null."),
     Field("start_utc", "timestamp", True, "Absolute window start (UTC) when the recording start is known."),
     Field("end_utc", "timestamp", True, "Absolute window end (UTC) when the recording start is known."),
+    Field("augmentation", "string", True, "Offline augmentation of this copy (pitch_shift=+2), or null."),
     Field(FEATURE_COLUMN, "features", False, "Log-mel window, flat row-major [n_mels, n_frames]."),
     Field("feature_fingerprint", "string", False, "FeatureConfig.fingerprint of the features."),
 )
@@ -178,6 +179,7 @@ def batch_to_table(
         "deployment": pa.array([source.deployment] * n, pa.string()),
         "start_utc": _utc_column(source.recording_start_us, batch.start_s),
         "end_utc": _utc_column(source.recording_start_us, batch.end_s),
+        "augmentation": pa.array([source.augmentation] * n, pa.string()),
         feature_column_of(config): pa.FixedSizeListArray.from_arrays(flat, _feature_size(config)),
         "feature_fingerprint": pa.array([config.fingerprint] * n, pa.string()),
     }

@@ -28,6 +28,8 @@ class SourceItem:
             when known (manifest column or recorder file name).
         site: Site the recording comes from (from a path pattern), or ``None``.
         deployment: Deployment (recorder placement) within the site, or ``None``.
+        augmentation: For an offline-augmented copy, what was done (``pitch_shift=+2``); the
+            clip id is then the original's plus ``~<augmentation>``. ``None`` for originals.
     """
 
     uri: str
@@ -42,6 +44,7 @@ class SourceItem:
     recording_start_us: int | None = None
     site: str | None = None
     deployment: str | None = None
+    augmentation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,8 @@ class DeadLetter:
         reason: snake_case reason, also the name of the Beam counter that counts it.
         error_type: Exception class name.
         message: Human-readable message naming the offending value.
+        augmentation: Set when the failure is that of an offline-augmented copy (the original
+            is accounted for separately).
     """
 
     source_uri: str
@@ -93,6 +98,7 @@ class DeadLetter:
     reason: str
     error_type: str
     message: str
+    augmentation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -136,6 +142,7 @@ class FileSummary:
         silent: True when every decoded sample of the unit is exactly zero (digital silence).
         unit_index: Index of the unit within the recording.
         n_units: Units of the recording.
+        augmented: True for an offline-augmented copy (not an input of its own).
     """
 
     clip_id: str
@@ -148,3 +155,4 @@ class FileSummary:
     silent: bool
     unit_index: int = 0
     n_units: int = 1
+    augmented: bool = False

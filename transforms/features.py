@@ -26,7 +26,7 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, DataError, StorageError
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
-from soundshard.transforms import melspec, units
+from soundshard.transforms import augment, melspec, units
 from soundshard.transforms.audio import decode_audio
 from soundshard.transforms.sources import close_archives, open_source, storage_error
 
@@ -52,7 +52,7 @@ def dead_letter(item: SourceItem, stage: str, exc: BaseException, *, where: str 
     count(reason)
     count("dead_letters")
     message = str(exc) if where is None or where in str(exc) else f"{where}: {exc}"
-    return DeadLetter(item.uri, item.clip_id, stage, reason, type(exc).__name__, message)
+    return DeadLetter(item.uri, item.clip_id, stage, reason, type(exc).__name__, message, item.augmentation)
 
 
 class ProgressReporter:
@@ -298,20 +298,31 @@ def plan(item: SourceItem, config, *, unit_s: float | None = None) -> list[WorkU
 class _ProbeFn(beam.DoFn):
     """Plans work units from file headers, on the workers (dead letters for unreadable files)."""
 
-    def __init__(self, config, unit_s: float | None, progress_dir: str | None = None):
+    def __init__(self, config, unit_s: float | None, progress_dir: str | None = None, augmentations=()):
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
+        self._augmentations = tuple(augmentations)
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
 
     def process(self, item: SourceItem):
         try:
-            yield from plan(item, self._config, unit_s=self._unit_s)
+            planned = plan(item, self._config, unit_s=self._unit_s)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "plan", exc))
             self._progress.add(files=1, windows=0)
+            return
+        yield from planned
+        whole = planned[0]
+        for aug in self._augmentations:  # copies of a readable recording, each decoded whole
+            copy = dataclasses.replace(
+                item, clip_id=augment.copy_clip_id(item.clip_id, aug), augmentation=aug.name
+            )
+            yield dataclasses.replace(
+                whole, source=copy, first_window=0, n_windows=whole.total_windows, unit_index=0, n_units=1
+            )
 
     def finish_bundle(self):
         self._progress.flush()
@@ -329,16 +340,21 @@ class PlanUnits(beam.PTransform):
         config: Feature or embedding configuration (for the window grid), or a WindowGrid.
         unit_s: Split recordings into units of about this many seconds; ``None`` never splits.
         progress_dir: Local folder for progress files of local runs, or ``None``.
+        augmentations: Offline augmentations (:mod:`transforms.augment`): each readable
+            recording also gets one whole-recording unit per augmentation, for its copy.
     """
 
-    def __init__(self, config, *, unit_s: float | None = 60.0, progress_dir: str | None = None):
+    def __init__(
+        self, config, *, unit_s: float | None = 60.0, progress_dir: str | None = None, augmentations=()
+    ):
         super().__init__()
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
+        self._augmentations = tuple(augmentations)
 
     def expand(self, items):
-        planner = _ProbeFn(self._config, self._unit_s, self._progress_dir)
+        planner = _ProbeFn(self._config, self._unit_s, self._progress_dir, self._augmentations)
         return items | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
 
 
@@ -451,9 +467,16 @@ class _LogMelFn(DecodeUnitFn):
     def process_audio(self, unit: WorkUnit, audio, span, where: str):
         config = self._config
         item = unit.source
-        last_unit = unit.unit_index == unit.n_units - 1
+        last_unit = unit.unit_index == unit.n_units - 1 and item.augmentation is None
         whole = span is None
         try:
+            if item.augmentation is not None:
+                samples = augment.apply(
+                    audio.samples,
+                    sample_rate_hz=config.sample_rate_hz,
+                    augmentation=augment.from_name(item.augmentation),
+                )
+                audio = dataclasses.replace(audio, samples=samples)
             if whole:
                 features = melspec.log_mel_windows(audio.samples, config)
             else:
@@ -477,6 +500,8 @@ class _LogMelFn(DecodeUnitFn):
         silent = not audio.samples.any()
         if last_unit:
             count("files_processed")
+        if item.augmentation is not None:
+            count("augmented_copies")
         count("windows", n_windows)
         count("audio_ms", round(duration_s * 1000))
         if silent:
@@ -496,6 +521,7 @@ class _LogMelFn(DecodeUnitFn):
                 silent,
                 unit.unit_index,
                 unit.n_units,
+                augmented=item.augmentation is not None,
             ),
         )
 

@@ -388,9 +388,14 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
     ``work_units`` counts distinct units). A recording counts as processed when none of its units
     failed; one with a failed unit counts as dead-lettered (its other units' windows are still
     written: ``partial_files``). So ``files_processed + dead_letter_inputs == inputs``.
+    Offline-augmented copies are not inputs: they are counted apart (``augmented_copies``,
+    ``augmented_copies_failed``) and their windows are in the counts per label and fold.
     """
-    unit_failed = {d.clip_id for d in dead_letters if d.stage in UNIT_STAGES}
-    other_dead = sum(1 for d in dead_letters if d.stage not in UNIT_STAGES)
+    copies = {s.clip_id for s in summaries if s.augmented}
+    failed_copies = {d.clip_id for d in dead_letters if d.augmentation is not None}
+    inputs_dead = [d for d in dead_letters if d.augmentation is None]
+    unit_failed = {d.clip_id for d in inputs_dead if d.stage in UNIT_STAGES}
+    other_dead = sum(1 for d in inputs_dead if d.stage not in UNIT_STAGES)
     clips: dict[str, list[FileSummary]] = collections.defaultdict(list)
     for s in summaries:
         clips[s.clip_id].append(s)
@@ -410,7 +415,7 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
         clips_by_fold[fold] += 1
         if first.split is not None:
             clips_by_split[first.split] += 1
-    processed = [c for c in clips if c not in unit_failed]
+    processed = [c for c in clips if c not in unit_failed and c not in copies]
     dead_inputs = other_dead + len(unit_failed)
     by_reason = collections.Counter(d.reason for d in dead_letters)
     return {
@@ -427,6 +432,8 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
             "dead_letters": len(dead_letters),
             "dead_letter_inputs": dead_inputs,
             "partial_files": sum(1 for c in clips if c in unit_failed),
+            "augmented_copies": len(copies - failed_copies),
+            "augmented_copies_failed": len(failed_copies),
             "dead_letters_by_reason": dict(sorted(by_reason.items())),
             "accounted_for": len(processed) + dead_inputs == n_inputs,
             "work_units": len({(s.clip_id, s.unit_index) for s in summaries}),
@@ -438,7 +445,10 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
 
 
 _DEAD_LETTER_SCHEMA = pa.schema(
-    [pa.field(f.name, pa.string(), nullable=(f.name == "clip_id")) for f in dataclasses.fields(DeadLetter)]
+    [
+        pa.field(f.name, pa.string(), nullable=f.name in ("clip_id", "augmentation"))
+        for f in dataclasses.fields(DeadLetter)
+    ]
 )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from soundshard.schemas import fields
 from soundshard.schemas.errors import ConfigError
+from soundshard.transforms import augment
 
 AGGREGATIONS = ("mean", "max", "majority")
 
@@ -30,6 +31,8 @@ class WindowSet:
         clip_ids: ``[n_windows]`` clip id of each window.
         folds: int32 ``[n_windows]`` predefined fold (``-1`` when none).
         splits: ``[n_windows]`` predefined split name (``""`` when none).
+        augmented: bool ``[n_windows]``, true for windows of offline-augmented copies (``None``:
+            none are).
     """
 
     features: np.ndarray
@@ -37,14 +40,25 @@ class WindowSet:
     clip_ids: np.ndarray
     folds: np.ndarray
     splits: np.ndarray
+    augmented: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def originals(self) -> np.ndarray:
+        """bool ``[n_windows]``: true for windows of original recordings (not augmented copies)."""
+        return np.ones(len(self), bool) if self.augmented is None else ~self.augmented
+
     def take(self, mask: np.ndarray) -> WindowSet:
         """The windows where ``mask`` is true."""
         return WindowSet(
-            self.features[mask], self.labels[mask], self.clip_ids[mask], self.folds[mask], self.splits[mask]
+            self.features[mask],
+            self.labels[mask],
+            self.clip_ids[mask],
+            self.folds[mask],
+            self.splits[mask],
+            None if self.augmented is None else self.augmented[mask],
         )
 
 
@@ -80,12 +94,16 @@ def load_windows(data_dir: str, dataset: dict) -> WindowSet:
     table, features = fields.read_parquet_windows(paths)
     folds = table.column("fold").to_numpy(zero_copy_only=False)
     splits = table.column("split").to_pylist()
+    augmented = None
+    if "augmentation" in table.column_names:
+        augmented = np.asarray([a is not None for a in table.column("augmentation").to_pylist()], bool)
     return WindowSet(
         features=np.ascontiguousarray(features, dtype=np.float32),
         labels=table.column("label_index").to_numpy().astype(np.int32),
         clip_ids=np.asarray(table.column("clip_id").to_pylist(), dtype=object),
         folds=np.nan_to_num(folds.astype(np.float64), nan=-1).astype(np.int32),
         splits=np.asarray([s or "" for s in splits], dtype=object),
+        augmented=augmented,
     )
 
 
@@ -119,11 +137,12 @@ def split_by_fold(windows: WindowSet, *, test_fold: int, validation_fold: int | 
             f"folds: {folds}"
         )
     labelled = windows.labels >= 0
+    held_out = labelled & windows.originals  # never validate or test on augmented copies
     train_mask = labelled & ~np.isin(windows.folds, [test_fold, validation_fold, -1])
     parts = Split(
         train=windows.take(train_mask),
-        validation=windows.take(labelled & (windows.folds == validation_fold)),
-        test=windows.take(labelled & (windows.folds == test_fold)),
+        validation=windows.take(held_out & (windows.folds == validation_fold)),
+        test=windows.take(held_out & (windows.folds == test_fold)),
         description={
             "by": "fold",
             "test_fold": test_fold,
@@ -148,10 +167,11 @@ def split_by_name(
         if name not in present:
             raise ConfigError(f"split {name!r} is not in the dataset; splits: {present}")
     labelled = windows.labels >= 0
+    held_out = labelled & windows.originals
     parts = Split(
         train=windows.take(labelled & (windows.splits == train)),
-        validation=windows.take(labelled & (windows.splits == validation)),
-        test=windows.take(labelled & (windows.splits == test)),
+        validation=windows.take(held_out & (windows.splits == validation)),
+        test=windows.take(held_out & (windows.splits == test)),
         description={"by": "split", "train": train, "validation": validation, "test": test},
     )
     _check_split(parts)
@@ -162,7 +182,12 @@ def _check_split(parts: Split) -> None:
     for name in ("train", "validation", "test"):
         if len(getattr(parts, name)) == 0:
             raise ConfigError(f"the {name} part of {parts.description} has no labelled windows")
-    overlap = set(parts.train.clip_ids) & (set(parts.test.clip_ids) | set(parts.validation.clip_ids))
+    # a copy's clip id is its original's plus "~<augmentation>"
+    train_clips = {
+        str(c).rsplit(augment.COPY_SEPARATOR, 1)[0] if a else c
+        for c, a in zip(parts.train.clip_ids, ~parts.train.originals, strict=True)
+    }
+    overlap = train_clips & (set(parts.test.clip_ids) | set(parts.validation.clip_ids))
     if overlap:  # folds come from the manifest: a clip in two folds is a manifest error
         raise ConfigError(f"clips in both training and held-out data: {sorted(overlap)[:5]}")
 
