@@ -305,12 +305,10 @@ class _WriteShardFn(beam.DoFn):
         (partition, index), fragments = keyed
         # Rows sorted by clip and window: shard bytes do not depend on how bundles were cut.
         table = pa.concat_tables(_read_fragment(f) for f in fragments)
-        table = table.take(
-            pa.compute.sort_indices(table, [("clip_id", "ascending"), ("window_index", "ascending")])
-        )
-        yield from write_shard_files(
-            self._spec, index, n_shards, self._schema, table.to_batches(max_chunksize=256), partition
-        )
+        order = pa.compute.sort_indices(table, [("clip_id", "ascending"), ("window_index", "ascending")])
+        # Taken in slices, so the sorted copy never exists whole next to the unsorted rows.
+        sorted_slices = (table.take(order.slice(start, 256)) for start in range(0, len(order), 256))
+        yield from write_shard_files(self._spec, index, n_shards, self._schema, sorted_slices, partition)
 
 
 class WriteWindowShards(beam.PTransform):
