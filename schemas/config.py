@@ -169,6 +169,26 @@ class FeatureConfig(ConfigSerialization):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def read_config_file(path: str | Path, *, table: str, what: str) -> dict[str, Any]:
+    """The keys of a TOML or JSON config file, at its top level or under ``[<table>]``.
+
+    Raises:
+        ConfigError: unreadable or invalid file (``what`` names the kind of config).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} config {str(path)!r}: {exc}") from exc
+    try:
+        values = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{what} config {str(path)!r} is not valid: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} config {str(path)!r} must hold a table of keys")
+    return values[table] if isinstance(values.get(table), dict) else values
+
+
 def load_feature_config(path: str | Path, **overrides: Any) -> FeatureConfig:
     """Reads a TOML or JSON feature config; keys may sit at top level or under ``[features]``.
 
@@ -179,22 +199,7 @@ def load_feature_config(path: str | Path, **overrides: Any) -> FeatureConfig:
     Raises:
         ConfigError: unreadable file, unknown key or invalid value.
     """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read feature config {str(path)!r}: {exc}") from exc
-    try:
-        if path.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            values = tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"feature config {str(path)!r} is not valid: {exc}") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"feature config {str(path)!r} must hold a table of keys")
-    if isinstance(values.get("features"), dict):
-        values = values["features"]
+    values = read_config_file(path, table="features", what="feature")
     return FeatureConfig.from_dict({**values, **overrides})
 
 

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
-from soundshard.schemas.config import _RESAMPLE_QUALITY, ConfigSerialization, _check_types
+from soundshard.schemas.config import _RESAMPLE_QUALITY, ConfigSerialization, _check_types, read_config_file
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import SourceItem, WindowBatch, WorkUnit
 
@@ -262,19 +261,7 @@ def load_embedding_config(path: str | Path, **overrides: Any) -> EmbeddingConfig
     Raises:
         ConfigError: unreadable file, unknown key or invalid value.
     """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read model config {str(path)!r}: {exc}") from exc
-    try:
-        values = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"model config {str(path)!r} is not valid: {exc}") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"model config {str(path)!r} must hold a table of keys")
-    if isinstance(values.get("embedding"), dict):
-        values = values["embedding"]
+    values = read_config_file(path, table="embedding", what="model")
     return EmbeddingConfig.from_dict({**values, **overrides})
 
 
