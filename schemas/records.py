@@ -156,3 +156,21 @@ class FileSummary:
     unit_index: int = 0
     n_units: int = 1
     augmented: bool = False
+
+    @classmethod
+    def of_unit(cls, unit: WorkUnit, *, n_windows: int, duration_s: float, silent: bool) -> FileSummary:
+        """The summary of (part of) a work unit's output, from its source's labels."""
+        item = unit.source
+        return cls(
+            item.clip_id,
+            item.uri,
+            item.label,
+            item.fold,
+            item.split,
+            n_windows,
+            duration_s,
+            silent,
+            unit.unit_index,
+            unit.n_units,
+            augmented=item.augmentation is not None,
+        )

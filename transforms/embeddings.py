@@ -655,18 +655,7 @@ class _CollectFn(beam.DoFn):
         )
         yield beam.pvalue.TaggedOutput(
             SUMMARIES,
-            FileSummary(
-                item.clip_id,
-                item.uri,
-                item.label,
-                item.fold,
-                item.split,
-                n,
-                duration_s,
-                silent,
-                unit.unit_index,
-                unit.n_units,
-            ),
+            FileSummary.of_unit(unit, n_windows=n, duration_s=duration_s, silent=silent),
         )
 
 

@@ -510,19 +510,7 @@ class _LogMelFn(DecodeUnitFn):
         yield WindowBatch(item, features, starts, ends, first_window_index=unit.first_window)
         yield beam.pvalue.TaggedOutput(
             SUMMARIES,
-            FileSummary(
-                item.clip_id,
-                item.uri,
-                item.label,
-                item.fold,
-                item.split,
-                n_windows,
-                duration_s,
-                silent,
-                unit.unit_index,
-                unit.n_units,
-                augmented=item.augmentation is not None,
-            ),
+            FileSummary.of_unit(unit, n_windows=n_windows, duration_s=duration_s, silent=silent),
         )
 
 
