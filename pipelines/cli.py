@@ -6,6 +6,8 @@ Subcommands:
     embed     audio → pretrained embeddings (OpenL3, SavedModel, TFLite) → Parquet + TFRecord shards
     train     train a classifier on feature shards (predefined folds, cross-validation)
     evaluate  evaluate a trained model on a fold or split
+    tag       tag recordings with a trained model: window scores, file labels, events, summaries
+    compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: soundshard {demo,features,embed,train,evaluate} [options]
+USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,compile-edge} [options]
 
   demo       synthesise a small labelled dataset and run the pipeline on it (no data needed)
   features   audio folders/globs/manifests -> log-mel windows -> Parquet + TFRecord shards
   embed      audio -> pretrained embeddings (OpenL3, SavedModel, TFLite) -> Parquet + TFRecord shards
   train      train a classifier on feature shards (predefined folds, cross-validation)
   evaluate   evaluate a trained model on a fold or split
+  tag        tag recordings with a trained model: window scores, file labels, events, summaries
+  compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
 
 Run 'soundshard COMMAND --help' for the options of a command."""
 
@@ -43,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from soundshard.pipelines import train
 
         return train.run(rest) if command == "train" else train.run_evaluate(rest)
+    if command == "tag":
+        from soundshard.pipelines import tag
+
+        return tag.run(rest)
+    if command == "compile-edge":
+        from soundshard.pipelines import compile_edge
+
+        return compile_edge.run(rest)
     if command == "demo":
         from soundshard.pipelines import demo
 

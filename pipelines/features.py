@@ -55,10 +55,7 @@ class FeaturesOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--input", help="Folder, glob ('**' allowed) or file; local, gs://, s3://...")
-        parser.add_argument(
-            "--manifest", help="CSV or Parquet manifest; relative paths resolve against --input."
-        )
+        add_source_args(parser)
         parser.add_argument("--output", help="Output folder (local or gs://, s3://...).")
         parser.add_argument("--config", help="Feature config file (TOML or JSON); flags override it.")
         parser.add_argument(
@@ -71,37 +68,6 @@ class FeaturesOptions(PipelineOptions):
         parser.add_argument(
             "--shard_size_mb", type=float, default=64.0, help="Target shard size when --num_shards is unset."
         )
-        parser.add_argument("--filename_column", default=None, help="Manifest column with audio paths.")
-        parser.add_argument("--label_column", default=None, help="Manifest label column ('' for none).")
-        parser.add_argument("--fold_column", default=None, help="Manifest fold column ('' for none).")
-        parser.add_argument("--split_column", default=None, help="Manifest split column ('' for none).")
-        parser.add_argument(
-            "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
-        )
-        parser.add_argument(
-            "--start_time_column",
-            default=None,
-            help="Manifest column with each recording's start (ISO 8601; default: 'start_time' or "
-            "'recording_start' when present; '' for none).",
-        )
-        parser.add_argument(
-            "--timezone",
-            default="UTC",
-            help="IANA zone of start times given without an offset (file names, manifest).",
-        )
-        parser.add_argument(
-            "--no_time_from_filename",
-            dest="time_from_filename",
-            action="store_false",
-            help="Do not read start times from recorder file names (AudioMoth YYYYMMDD_HHMMSS.WAV, "
-            "Song Meter PREFIX_YYYYMMDD_HHMMSS.wav).",
-        )
-        parser.add_argument(
-            "--site_pattern",
-            default=None,
-            help="Regular expression searched in each input path; named groups 'site' and "
-            "'deployment' fill those columns, e.g. 'sites/(?P<site>[^/]+)/(?P<deployment>[^/]+)/'.",
-        )
         parser.add_argument(
             "--augment",
             default=None,
@@ -109,36 +75,74 @@ class FeaturesOptions(PipelineOptions):
             "'pitch_shift=-2,pitch_shift=2,time_stretch=0.9' (semitones; stretch rate). Copies are "
             "marked in the augmentation column; training never validates or tests on them.",
         )
-        parser.add_argument(
-            "--archive_glob",
-            default=None,
-            help="Members of tar/zip inputs to read (fnmatch on the member path); default: audio files.",
-        )
-        parser.add_argument(
-            "--incremental",
-            action="store_true",
-            help="Nightly mode: take on only inputs that no earlier run processed with the same "
-            "config (ledger in <output>/ledger/), add this run's shards under "
-            "<format>/run_date=<date>/[site=<site>/] instead of replacing the dataset.",
-        )
-        parser.add_argument(
-            "--run_date",
-            default=None,
-            help="Incremental runs: the partition date, YYYY-MM-DD (default: today, UTC).",
-        )
-        parser.add_argument(
-            "--retry_dead_letters",
-            action="store_true",
-            help="Incremental runs: take on again inputs that earlier runs dead-lettered "
-            "(by default only those that failed for a transient reason, or changed).",
-        )
-        parser.add_argument(
-            "--unit_s",
-            type=float,
-            default=60.0,
-            help="Split recordings into work units of about this many seconds (0: never split). "
-            "Units decode in parallel and bound memory; values do not depend on the split.",
-        )
+
+
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of what to read and how (shared by features, embed and tag): inputs, manifest
+    columns, recording times and sites, archives, nightly mode and work units."""
+    parser.add_argument("--input", help="Folder, glob ('**' allowed) or file; local, gs://, s3://...")
+    parser.add_argument("--manifest", help="CSV or Parquet manifest; relative paths resolve against --input.")
+    parser.add_argument("--filename_column", default=None, help="Manifest column with audio paths.")
+    parser.add_argument("--label_column", default=None, help="Manifest label column ('' for none).")
+    parser.add_argument("--fold_column", default=None, help="Manifest fold column ('' for none).")
+    parser.add_argument("--split_column", default=None, help="Manifest split column ('' for none).")
+    parser.add_argument(
+        "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
+    )
+    parser.add_argument(
+        "--start_time_column",
+        default=None,
+        help="Manifest column with each recording's start (ISO 8601; default: 'start_time' or "
+        "'recording_start' when present; '' for none).",
+    )
+    parser.add_argument(
+        "--timezone",
+        default="UTC",
+        help="IANA zone of start times given without an offset (file names, manifest).",
+    )
+    parser.add_argument(
+        "--no_time_from_filename",
+        dest="time_from_filename",
+        action="store_false",
+        help="Do not read start times from recorder file names (AudioMoth YYYYMMDD_HHMMSS.WAV, "
+        "Song Meter PREFIX_YYYYMMDD_HHMMSS.wav).",
+    )
+    parser.add_argument(
+        "--site_pattern",
+        default=None,
+        help="Regular expression searched in each input path; named groups 'site' and "
+        "'deployment' fill those columns, e.g. 'sites/(?P<site>[^/]+)/(?P<deployment>[^/]+)/'.",
+    )
+    parser.add_argument(
+        "--archive_glob",
+        default=None,
+        help="Members of tar/zip inputs to read (fnmatch on the member path); default: audio files.",
+    )
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="Nightly mode: take on only inputs that no earlier run processed with the same "
+        "config (ledger in <output>/ledger/), add this run's shards under "
+        "<format>/run_date=<date>/[site=<site>/] instead of replacing the dataset.",
+    )
+    parser.add_argument(
+        "--run_date",
+        default=None,
+        help="Incremental runs: the partition date, YYYY-MM-DD (default: today, UTC).",
+    )
+    parser.add_argument(
+        "--retry_dead_letters",
+        action="store_true",
+        help="Incremental runs: take on again inputs that earlier runs dead-lettered "
+        "(by default only those that failed for a transient reason, or changed).",
+    )
+    parser.add_argument(
+        "--unit_s",
+        type=float,
+        default=60.0,
+        help="Split recordings into work units of about this many seconds (0: never split). "
+        "Units decode in parallel and bound memory; values do not depend on the split.",
+    )
 
 
 def _parse_value(text: str, hint) -> typing.Any:
@@ -264,27 +268,14 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
     Returns:
         dict of PCollections as :func:`build`.
     """
-    listing = run.listing
-    items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
-    planned = items | "PlanUnits" >> PlanUnits(
-        run.config, unit_s=run.unit_s, progress_dir=run.progress_dir, augmentations=run.augmentations
-    )
+    front = decode_and_compute(p, run, label=label, compute=compute)
     n_shards = (
-        planned.units
+        front["units"]
         | "ExpectedWindows" >> beam.Map(lambda unit: unit.n_windows)
         | "CountShards" >> shards.ShardCount(config=run.config, spec=run.spec)
     )
-    # Units are redistributed after planning (a long recording becomes many units), and the
-    # shard count is then known before features exist, so shard assignment fuses with them.
-    units = planned.units | "DistributeUnits" >> beam.Reshuffle()
-    computed = units | label >> compute
-    windows, summaries = computed["windows"], computed["summaries"]
-    listing_dead = p | "ListingDeadLetters" >> beam.Create(listing.dead_letters)
-    dead_letters = (
-        listing_dead,
-        planned.dead_letters,
-        computed["dead_letters"],
-    ) | "AllDeadLetters" >> beam.Flatten()
+    listing, items, windows = run.listing, front["items"], front["windows"]
+    summaries, dead_letters = front["summaries"], front["dead_letters"]
     written = windows | "WriteShards" >> shards.WriteWindowShards(
         config=run.config,
         spec=run.spec,
@@ -306,12 +297,49 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         manifest=run.manifest,
     )
     return {
-        "units": planned.units,
+        "units": front["units"],
         "windows": windows,
         "dead_letters": dead_letters,
         "summaries": summaries,
         "written": written,
         "dataset": dataset,
+    }
+
+
+def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTransform) -> dict:
+    """Sources → plan → ``compute`` on ``p``: the part every pipeline on audio shares.
+
+    Args:
+        p: The pipeline.
+        run: The resolved run (listing, config, work-unit length, augmentations).
+        label: Stable step label of the compute stage.
+        compute: WorkUnits → outputs ``windows`` (WindowBatch), ``dead_letters`` and ``summaries``.
+
+    Returns:
+        dict of PCollections: ``items`` (SourceItem), ``units`` (WorkUnit), ``windows``,
+        ``summaries`` (FileSummary) and ``dead_letters`` (of listing, planning and compute).
+    """
+    listing = run.listing
+    items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
+    planned = items | "PlanUnits" >> PlanUnits(
+        run.config, unit_s=run.unit_s, progress_dir=run.progress_dir, augmentations=run.augmentations
+    )
+    # Units are redistributed after planning (a long recording becomes many units); the features
+    # pipeline knows its shard count before features exist, so shard assignment fuses with them.
+    units = planned.units | "DistributeUnits" >> beam.Reshuffle()
+    computed = units | label >> compute
+    listing_dead = p | "ListingDeadLetters" >> beam.Create(listing.dead_letters)
+    dead_letters = (
+        listing_dead,
+        planned.dead_letters,
+        computed["dead_letters"],
+    ) | "AllDeadLetters" >> beam.Flatten()
+    return {
+        "items": items,
+        "units": planned.units,
+        "windows": computed["windows"],
+        "summaries": computed["summaries"],
+        "dead_letters": dead_letters,
     }
 
 
@@ -339,26 +367,15 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         raise ConfigError(f"--shard_size_mb={args.shard_size_mb} must be positive")
     if args.unit_s < 0:
         raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
-    run_date = _run_date(args)
     if config is None:
         config = feature_config_from_args(args)
     augmentations = augment.parse_augmentations(getattr(args, "augment", None))
     if augmentations and not isinstance(config, FeatureConfig):
         raise ConfigError("--augment makes log-mel copies; it is an option of `soundshard features` only")
-    recording = recording_config_from_args(args)
-    listing = list_sources(args, recording)
-    if not listing.items and not listing.dead_letters:
-        raise ConfigError(f"no inputs found in --manifest {args.manifest!r}")
+    taken = take_sources(args, fingerprint=config.fingerprint)
+    listing, run_date, recording = taken.listing, taken.run_date, taken.recording
+    committed, unchanged = taken.committed_runs, taken.unchanged
     output = args.output.rstrip("/")
-    committed: set[str] = set()
-    unchanged: list = []
-    if run_date is not None:
-        earlier = ledger.read_ledger(output)
-        committed = ledger.committed_runs(earlier)
-        new, unchanged = ledger.split_new(
-            listing.items, earlier, fingerprint=config.fingerprint, retry_dead_letters=args.retry_dead_letters
-        )
-        listing = dataclasses.replace(listing, items=tuple(new))
     formats = shards.FORMATS if args.format == "both" else (args.format,)
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     spec = shards.ShardSpec(
@@ -404,6 +421,48 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         unit_s=args.unit_s or None,
         committed_runs=frozenset(committed),
         augmentations=augmentations,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TakenSources:
+    """What a run takes on: the listing (in incremental runs, only what is new) and its context.
+
+    Attributes:
+        listing: Inputs to process and listing dead letters.
+        recording: Where start times and sites come from.
+        run_date: Partition date of an incremental run, else ``None``.
+        committed_runs: Run ids of earlier committed runs into the output (incremental runs).
+        unchanged: Inputs earlier runs already processed with this fingerprint (skipped).
+    """
+
+    listing: sources.SourceListing
+    recording: RecordingConfig
+    run_date: str | None
+    committed_runs: frozenset[str] = frozenset()
+    unchanged: tuple = ()
+
+
+def take_sources(args: argparse.Namespace, *, fingerprint: str) -> TakenSources:
+    """Lists the inputs of ``args`` and, in incremental runs, leaves out those the ledger under
+    ``--output`` says were processed with ``fingerprint`` (ConfigError names bad values)."""
+    run_date = _run_date(args)
+    recording = recording_config_from_args(args)
+    listing = list_sources(args, recording)
+    if not listing.items and not listing.dead_letters:
+        raise ConfigError(f"no inputs found in --manifest {args.manifest!r}")
+    if run_date is None:
+        return TakenSources(listing, recording, None)
+    earlier = ledger.read_ledger(args.output.rstrip("/"))
+    new, unchanged = ledger.split_new(
+        listing.items, earlier, fingerprint=fingerprint, retry_dead_letters=args.retry_dead_letters
+    )
+    return TakenSources(
+        dataclasses.replace(listing, items=tuple(new)),
+        recording,
+        run_date,
+        frozenset(ledger.committed_runs(earlier)),
+        tuple(unchanged),
     )
 
 

@@ -37,7 +37,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from soundshard.schemas.errors import ConfigError  # noqa: E402
-from soundshard.transforms import distributed, models, training  # noqa: E402
+from soundshard.transforms import distributed, events, models, training  # noqa: E402
 
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
@@ -315,12 +315,39 @@ def train_split(
         split=split.description,
         metrics=metrics,
         history=history,
+        thresholds=validation_thresholds(model, validation, aggregation=args.aggregation),
     )
     return metrics
 
 
+def validation_thresholds(model, validation: training.WindowSet, *, aggregation: str) -> dict:
+    """Per-class score thresholds with the best one-vs-rest F1 on the validation fold, for windows
+    (events) and for clips (file labels); tagging uses them unless told otherwise."""
+    probabilities = model.predict(validation.features, batch_size=256, verbose=0)
+    clips, clip_probs = training.aggregate(probabilities, validation.clip_ids, method=aggregation)
+    _, clip_truth = training.clip_labels(validation.labels, validation.clip_ids)
+    return {
+        "window": events.best_thresholds(probabilities, validation.labels),
+        "clip": events.best_thresholds(clip_probs, clip_truth),
+        "from": "validation split (best F1 per class, one vs rest)",
+        "aggregation": aggregation,
+        "n_windows": len(validation),
+        "n_clips": len(clips),
+    }
+
+
 def write_model_folder(
-    output: str, *, model, dataset, data_dir, label_names, training_config, split, metrics, history
+    output: str,
+    *,
+    model,
+    dataset,
+    data_dir,
+    label_names,
+    training_config,
+    split,
+    metrics,
+    history,
+    thresholds=None,
 ) -> None:
     """Writes a model folder (see the module docstring)."""
     os.makedirs(output, exist_ok=True)
@@ -342,6 +369,7 @@ def write_model_folder(
         "training": training_config,
         "split": split,
         "data": {"path": data_dir, "schema_version": dataset.get("schema_version")},
+        "thresholds": thresholds,
     }
     _write_json(os.path.join(output, MODEL_JSON), description)
     _write_json(os.path.join(output, "metrics.json"), metrics)

@@ -376,7 +376,7 @@ class ShardCount(beam.PTransform):
 
 
 #: Stages that fail one work unit of a recording (other units of it may succeed).
-UNIT_STAGES = ("decode", "features", "embed")
+UNIT_STAGES = ("decode", "features", "embed", "tag")
 
 
 def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLetter], *, n_inputs: int) -> dict:

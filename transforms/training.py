@@ -16,9 +16,8 @@ import numpy as np
 
 from soundshard.schemas import fields
 from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.tagging import AGGREGATIONS
 from soundshard.transforms import augment
-
-AGGREGATIONS = ("mean", "max", "majority")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

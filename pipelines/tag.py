@@ -1,0 +1,640 @@
+"""Tag pipeline: recordings → trained classifier → window scores, file labels, events, summaries.
+
+Same sources, planning, decoding and features as ``soundshard features`` (or ``embed``, for a
+model trained on embeddings), computed with the model's own feature config; then the model
+scores every window through Beam's RunInference, each recording's windows are gathered (the
+units of a long recording included, so events spanning unit boundaries come out whole) and
+turned into tables.
+
+Local run (FnApiRunner; no network needed)::
+
+    soundshard tag --input ../shared/data/longform --model models/esc10-f4 --output out/tags \\
+        --audacity --raven
+    soundshard tag --input 'recordings/**/*.flac' --model models/esc10-f1 --output out/night \\
+        --incremental --site_pattern 'site=(?P<site>[^/]+)/'
+
+Dataflow (workers need the soundshard package, see ``infra/``)::
+
+    soundshard tag --input 'gs://bucket/site=*/2026-11-24/*.flac' --model gs://bucket/models/esc10-f1 \\
+        --output gs://bucket/tags/ --runner DataflowRunner --project my-project \\
+        --region europe-west1 --temp_location gs://bucket/tmp --sdk_container_image IMAGE
+
+Output layout (``--output``; with ``--incremental`` each table folder has ``run_date=<date>/``
+partitions and every file carries the run id)::
+
+    run.json                          model, feature and tag config, counts, audio hours, speed
+    parquet/windows/part-<run>-00000.parquet  per window: time, top label and score, class scores
+    parquet/files/...                 per recording: aggregated scores, best label, labels over threshold
+    parquet/events/...                per event: label, start, end, confidence, UTC times when known
+    parquet/hourly/...                per site, UTC hour and label: events, seconds, mean confidence
+    csv/<table>/part-<run>-00000.csv  the same tables as CSV
+    dead_letters.parquet              every input that failed: source, stage, reason, message
+    audacity/<clip>.txt               label track per recording (--audacity)
+    raven/<clip>.Table.1.selections.txt   selection table per recording (--raven)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import posixpath
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+import apache_beam as beam
+import fsspec
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from soundshard.pipelines import features
+from soundshard.pipelines import runner as runners
+from soundshard.schemas import fields
+from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.embedding import EmbeddingConfig
+from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.tagging import AGGREGATIONS, TagConfig, parse_thresholds
+from soundshard.transforms import ledger, shards, tagging
+from soundshard.transforms.embeddings import ComputeEmbeddings, check_model, model_digest
+from soundshard.transforms.features import ComputeLogMel
+from soundshard.transforms.models import check_fingerprint
+
+PROG = "soundshard tag"
+_LOG = logging.getLogger(__name__)
+DEFAULT_THRESHOLD = 0.5
+FORMATS = ("parquet", "csv")
+#: Output folders a replacing run owns (files in them that it did not write are removed).
+OWNED = (*FORMATS, *tagging.LABEL_FILES)
+
+
+def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """Argument parser of the tag command (Beam flags pass through)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Tag recordings with a trained model: per-window scores, per-file labels, events, "
+        "hourly summaries (Parquet and CSV), Audacity/Raven label files. Other flags go to Beam "
+        "(--runner, --direct_num_workers, --project, ...).",
+        allow_abbrev=False,
+    )
+    features.add_source_args(parser)
+    for action in parser._actions:
+        if action.dest == "incremental":
+            action.help = (
+                "Nightly mode: tag only inputs that no earlier run tagged with the same model and "
+                "settings (ledger in <output>/ledger/); this run's tables go under "
+                "<table>/run_date=<date>/ instead of replacing the outputs."
+            )
+    parser.add_argument("--output", help="Output folder (local or gs://, s3://...).")
+    parser.add_argument(
+        "--model", help="Model folder written by `soundshard train` (local or gs://, s3://...)."
+    )
+    parser.add_argument(
+        "--config",
+        help="Feature config file (TOML or JSON) the tags must be computed with; it must equal the "
+        "model's (checked), default: the model's own.",
+    )
+    out = parser.add_argument_group("tables")
+    out.add_argument("--format", default="both", choices=("both", *FORMATS), help="Table formats to write.")
+    out.add_argument(
+        "--top_k",
+        "--top-k",
+        dest="top_k",
+        type=int,
+        default=0,
+        help="Classes per window in the window table (0: every class's score, the default).",
+    )
+    out.add_argument("--audacity", action="store_true", help="Write an Audacity label track per recording.")
+    out.add_argument("--raven", action="store_true", help="Write a Raven selection table per recording.")
+    rules = parser.add_argument_group("labels and events")
+    rules.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default="mean",
+        help="How a file's window scores combine into its scores (mean, max, majority).",
+    )
+    rules.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="One threshold for every class (default: per class from the model's validation fold, "
+        f"else {DEFAULT_THRESHOLD}).",
+    )
+    rules.add_argument(
+        "--thresholds",
+        default=None,
+        help="Per-class thresholds, e.g. 'dog=0.6,rain=0.4' (override --threshold).",
+    )
+    rules.add_argument(
+        "--hysteresis",
+        type=float,
+        default=0.1,
+        help="An event goes on while the score stays above its threshold minus this (0.1).",
+    )
+    rules.add_argument(
+        "--min_duration_s",
+        "--min-duration-s",
+        dest="min_duration_s",
+        type=float,
+        default=0.0,
+        help="Drop events shorter than this (seconds).",
+    )
+    rules.add_argument(
+        "--max_gap_s",
+        "--max-gap-s",
+        dest="max_gap_s",
+        type=float,
+        default=0.5,
+        help="Merge events of a label separated by at most this (seconds; 0.5).",
+    )
+    rules.add_argument(
+        "--min_level_db",
+        "--min-level-db",
+        dest="min_level_db",
+        type=float,
+        default=None,
+        help="Activity gate: windows whose loudest log-mel value is below this (dB) take no part in "
+        "events (log-mel models).",
+    )
+    batching = parser.add_argument_group("inference")
+    batching.add_argument(
+        "--max_batch_windows",
+        type=int,
+        default=2048,
+        help="Most windows per model call (Beam batches work units up to this).",
+    )
+    parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
+    features.add_feature_flags(parser)
+    return parser
+
+
+# -- the model and its guard ------------------------------------------------------------------------
+
+
+def read_model_description(uri: str) -> dict:
+    """``model.json`` of a model folder (local or object store).
+
+    Raises:
+        ConfigError: no model folder there.
+    """
+    path = posixpath.join(uri.rstrip("/"), "model.json") if "://" in uri else f"{uri.rstrip('/')}/model.json"
+    try:
+        with fsspec.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--model {uri!r} is not a model folder (no model.json)") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model {uri!r}: model.json is not valid JSON ({exc})") from exc
+
+
+def model_config(description: dict, *, model_uri: str) -> FeatureConfig | EmbeddingConfig:
+    """The feature config the model was trained on, checked against its recorded fingerprint and
+    input shape (a model from another version of the feature maths is refused)."""
+    kind = description.get("input", {}).get("kind", fields.FEATURE_COLUMN)
+    values = description.get("feature_config")
+    if not isinstance(values, dict):
+        raise ConfigError(f"--model {model_uri!r}: model.json has no feature_config")
+    config = EmbeddingConfig.from_dict(values) if kind == "embedding" else FeatureConfig.from_dict(values)
+    if config.fingerprint != description.get("feature_fingerprint"):
+        raise ConfigError(
+            f"--model {model_uri!r}: its feature config gives fingerprint {config.fingerprint}, but the "
+            f"model records {description.get('feature_fingerprint')} (trained with other feature maths); "
+            "recompute the features and retrain"
+        )
+    shape = list(description.get("input", {}).get("shape", []))
+    if shape and shape != list(config.feature_shape):
+        raise ConfigError(
+            f"--model {model_uri!r} takes inputs of shape {shape}, but its feature config gives "
+            f"{list(config.feature_shape)}"
+        )
+    return config
+
+
+def check_requested_config(args: argparse.Namespace, description: dict) -> None:
+    """Refuses a ``--config`` or feature flags that differ from the model's features."""
+    given = any(
+        getattr(args, f"feature__{f.name}", None) is not None for f in dataclasses.fields(FeatureConfig)
+    )
+    if not (args.config or given):
+        return
+    requested = features.feature_config_from_args(args)
+    check_fingerprint(
+        description,
+        {"feature_fingerprint": requested.fingerprint, "feature_config": requested.to_dict()},
+        what="the features asked for (--config/flags)",
+    )
+
+
+def tag_config_from_args(args: argparse.Namespace, description: dict) -> TagConfig:
+    """Thresholds (model's validation thresholds < ``--threshold`` < ``--thresholds``) and rules."""
+    names = tuple(description["label_names"])
+    learned = description.get("thresholds") or {}
+    window = list(learned.get("window") or [DEFAULT_THRESHOLD] * len(names))
+    clip = list(learned.get("clip") or [DEFAULT_THRESHOLD] * len(names))
+    if args.threshold is not None:
+        window = [args.threshold] * len(names)
+        clip = [args.threshold] * len(names)
+    if args.thresholds:
+        for label, value in parse_thresholds(args.thresholds, names).items():
+            window[names.index(label)] = value
+            clip[names.index(label)] = value
+    return TagConfig(
+        label_names=names,
+        window_thresholds=tuple(window),
+        file_thresholds=tuple(clip),
+        aggregation=args.aggregation,
+        hysteresis=args.hysteresis,
+        min_duration_s=args.min_duration_s,
+        max_gap_s=args.max_gap_s,
+        min_level_db=args.min_level_db,
+        top_k=args.top_k,
+    )
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TagRun:
+    """Everything ``build`` needs, resolved and validated on the launcher."""
+
+    listing: object
+    config: FeatureConfig | EmbeddingConfig
+    tag: TagConfig
+    model_uri: str
+    output: str
+    run_id: str
+    formats: tuple[str, ...]
+    label_files: tuple[str, ...]
+    manifest: dict
+    fingerprint: str
+    run_date: str | None = None
+    committed_runs: frozenset[str] = frozenset()
+    unit_s: float | None = 60.0
+    progress_dir: str | None = None
+    augmentations: tuple = ()
+    max_batch_windows: int = 2048
+
+    @property
+    def temp_dir(self) -> str:
+        """The run's temporary folder under the output."""
+        return shards.join(self.output, f"_tmp-{self.run_id}")
+
+    @property
+    def partition(self) -> str:
+        """Sub-folder of this run's files in each table folder (``""`` unless incremental)."""
+        return f"run_date={self.run_date}" if self.run_date else ""
+
+    @property
+    def high_freq_hz(self) -> float:
+        """Top of the analysed band (Raven selections span it)."""
+        if isinstance(self.config, FeatureConfig):
+            return float(self.config.fmax_resolved_hz)
+        return self.config.sample_rate_hz / 2
+
+
+def prepare(args: argparse.Namespace) -> TagRun:
+    """Validates the arguments, loads and checks the model's description, lists the sources.
+
+    Raises:
+        ConfigError: naming the bad value (before any data is read).
+    """
+    if not args.input:
+        raise ConfigError("--input is required (folder, glob or file)")
+    if not args.output:
+        raise ConfigError("--output is required")
+    if not args.model:
+        raise ConfigError("--model is required (a folder written by `soundshard train`)")
+    if args.unit_s < 0:
+        raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
+    if args.max_batch_windows < 1:
+        raise ConfigError(f"--max_batch_windows={args.max_batch_windows} must be at least 1")
+    model_uri = args.model.rstrip("/")
+    description = read_model_description(model_uri)
+    config = model_config(description, model_uri=model_uri)
+    check_requested_config(args, description)
+    if isinstance(config, EmbeddingConfig):
+        config = check_model(config)  # the embedding model's file is there and unchanged
+        if config.fingerprint != description["feature_fingerprint"]:
+            raise ConfigError(
+                f"embedding model {config.model_uri!r} changed since the classifier was trained"
+            )
+    tag = tag_config_from_args(args, description)
+    digest = model_digest(model_uri)
+    fingerprint = hashlib.sha256(
+        json.dumps([digest, config.fingerprint, tag.to_dict()], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    taken = features.take_sources(args, fingerprint=fingerprint)
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    formats = FORMATS if args.format == "both" else (args.format,)
+    label_files = tuple(k for k in tagging.LABEL_FILES if getattr(args, k))
+    manifest = {
+        "format": "soundshard-tags/1",
+        "model": {
+            "uri": model_uri,
+            "sha256": digest,
+            "architecture": description.get("training", {}).get("model"),
+            "label_names": list(tag.label_names),
+            "trained_on": description.get("data", {}).get("path"),
+            "split": description.get("split"),
+        },
+        "tag_fingerprint": fingerprint,
+        "feature_fingerprint": config.fingerprint,
+        "feature_config": config.to_dict(),
+        "feature_column": fields.feature_column_of(config),
+        "window_s": config.window_s,
+        "window_hop_s": config.window_hop_s,
+        "tag_config": tag.to_dict(),
+        "thresholds_from": (
+            "--thresholds/--threshold"
+            if args.threshold is not None or args.thresholds
+            else (
+                "model validation fold" if description.get("thresholds") else f"default {DEFAULT_THRESHOLD}"
+            )
+        ),
+        "recording_config": taken.recording.to_dict(),
+        "sources": {"input": args.input, "manifest": args.manifest},
+        "incremental": (
+            {
+                "run_date": taken.run_date,
+                "unchanged_skipped": len(taken.unchanged),
+                "earlier_runs": len(taken.committed_runs),
+            }
+            if taken.run_date is not None
+            else None
+        ),
+        "run": {
+            "run_id": run_id,
+            "started_unix_s": time.time(),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "soundshard_version": features._version(),
+            "beam_version": beam.__version__,
+        },
+    }
+    return TagRun(
+        listing=taken.listing,
+        config=config,
+        tag=tag,
+        model_uri=model_uri,
+        output=args.output.rstrip("/"),
+        run_id=run_id,
+        formats=formats,
+        label_files=label_files,
+        manifest=manifest,
+        fingerprint=fingerprint,
+        run_date=taken.run_date,
+        committed_runs=taken.committed_runs,
+        unit_s=args.unit_s or None,
+        max_batch_windows=args.max_batch_windows,
+    )
+
+
+def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
+    """Composes the tag pipeline on ``p`` (does not run it).
+
+    Args:
+        p: The pipeline.
+        run: The resolved run.
+        handler: Replaces the RunInference model handler (tests).
+
+    Returns:
+        dict of PCollections: ``scored`` (ScoredBatch), ``rows`` (TableRows), ``moves`` (Move),
+        ``dead_letters`` (DeadLetter), ``summaries`` (FileSummary) and ``manifest`` (the path of
+        ``run.json``).
+    """
+    if isinstance(run.config, EmbeddingConfig):
+        compute = ComputeEmbeddings(run.config, progress_dir=run.progress_dir)
+        label = "ComputeEmbeddings"
+    else:
+        compute = ComputeLogMel(run.config, progress_dir=run.progress_dir)
+        label = "ComputeLogMel"
+    front = features.decode_and_compute(p, run, label=label, compute=compute)
+    handler = handler or tagging.ClassifierHandler(
+        run.model_uri, min_windows=min(64, run.max_batch_windows), max_windows=run.max_batch_windows
+    )
+    level = isinstance(run.config, FeatureConfig) and run.config.log_compression == "db"
+    scored = front["windows"] | "ScoreWindows" >> tagging.ScoreWindows(handler, level=level)
+    tagged = {
+        "scored": scored["scored"],
+        "summaries": front["summaries"],
+    } | "TagRecordings" >> tagging.TagRecordings(
+        run.tag, temp_dir=run.temp_dir, label_files=run.label_files, high_freq_hz=run.high_freq_hz
+    )
+    table_moves = tagged["rows"] | "WriteTables" >> tagging.WriteTables(
+        temp_dir=run.temp_dir, formats=run.formats, partition=run.partition
+    )
+    hourly = (
+        tagged["rows"]
+        | "HourlyParts" >> beam.FlatMap(tagging.hourly_keyed)
+        | "HourlySums" >> beam.CombinePerKey(tagging.sum_triples)
+    )
+    moves = (table_moves, tagged["moves"]) | "AllMoves" >> beam.Flatten()
+    dead_letters = (front["dead_letters"], scored["dead_letters"]) | "TagDeadLetters" >> beam.Flatten()
+    side = dict(
+        moves=beam.pvalue.AsList(moves),
+        dead_letters=beam.pvalue.AsList(dead_letters),
+        summaries=beam.pvalue.AsList(front["summaries"]),
+        hourly=beam.pvalue.AsList(hourly),
+    )
+    if run.run_date is not None:
+        side["items"] = beam.pvalue.AsList(front["items"])
+    manifest = p | "CommitTrigger" >> beam.Create([None]) | "Commit" >> beam.ParDo(_CommitFn(run), **side)
+    return {
+        "scored": scored["scored"],
+        "rows": tagged["rows"],
+        "moves": moves,
+        "dead_letters": dead_letters,
+        "summaries": front["summaries"],
+        "manifest": manifest,
+    }
+
+
+class _CommitFn(beam.DoFn):
+    """Moves the run's files into place and writes ``run.json`` (runs once, after everything)."""
+
+    def __init__(self, run: TagRun):
+        self._run = run
+
+    def process(self, _, moves, dead_letters, summaries, hourly, items=()):
+        run = self._run
+        manifest = json.loads(json.dumps(run.manifest))
+        final_moves, outputs = self._table_moves(moves)
+        rows = collections.Counter()
+        for move in moves:
+            if move.kind in tagging.TABLES and move.relative.endswith(f".{run.formats[0]}"):
+                rows[move.kind] += move.rows
+        hourly_rows = tagging.hourly_table(hourly)
+        rows["hourly"] = hourly_rows.num_rows
+        if hourly_rows.num_rows:
+            for fmt, data in tagging.table_files(hourly_rows, run.formats).items():
+                relative = self._name("hourly", 0, fmt)
+                final_moves.append(self._temp_file(relative, data))
+                outputs["hourly"].append(relative)
+        label_files = collections.Counter(m.kind for m in moves if m.kind in tagging.LABEL_FILES)
+        dead_name = (
+            f"dead_letters/run_date={run.run_date}/dead_letters-{run.run_id}.parquet"
+            if run.run_date
+            else "dead_letters.parquet"
+        )
+        final_moves.append(
+            self._temp_file(dead_name, shards._table_bytes(shards.dead_letter_table(dead_letters)))
+        )
+        summary = shards.summarize(summaries, dead_letters, n_inputs=run.listing.n_inputs)
+        figures = summary["figures"]
+        figures.update(
+            {
+                "recordings_tagged": rows["files"],
+                "windows_scored": rows["windows"],
+                "events": rows["events"],
+                "hourly_rows": rows["hourly"],
+                "label_files": dict(label_files),
+                "audio_hours": round(figures["audio_s"] / 3600, 4),
+            }
+        )
+        wall_s = time.time() - manifest["run"]["started_unix_s"]
+        figures["wall_s"] = round(wall_s, 3)
+        figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
+        figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
+        manifest["figures"] = figures
+        manifest["counts"] = summary["counts"]
+        manifest["tables"] = dict(outputs)
+        manifest["dead_letters_file"] = dead_name
+        data = json.dumps(manifest, indent=2).encode()
+        if run.run_date:
+            final_moves.append(self._temp_file(f"{ledger.RUNS_DIR}/{run.run_id}.json", data))
+        else:
+            self._remove_stale({dst for _, dst in final_moves})
+        shards.move_into_place(final_moves)
+        if run.run_date:
+            rows_table = ledger.ledger_table(
+                items,
+                summaries,
+                dead_letters,
+                fingerprint=run.fingerprint,
+                run_id=run.run_id,
+                run_date=run.run_date,
+            )
+            relative = f"{ledger.LEDGER_DIR}/{run.run_id}.parquet"
+            shards.move_into_place([self._temp_file(relative, ledger.table_bytes(rows_table))])
+        shards.move_into_place([self._temp_file("run.json", data)])  # last: marks a complete run
+        shards.remove_tree(run.temp_dir)
+        yield shards.join(run.output, "run.json")
+
+    def _name(self, table: str, index: int, fmt: str) -> str:
+        run = self._run
+        return posixpath.join(fmt, table, run.partition, f"part-{run.run_id}-{index:05d}.{fmt}")
+
+    def _table_moves(self, moves) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+        """Final names: table files numbered per table (a part's Parquet and CSV share a number)."""
+        run = self._run
+        out, outputs = [], collections.defaultdict(list)
+        parts = collections.defaultdict(list)
+        for move in moves:
+            if move.kind in tagging.TABLES:
+                parts[move.kind].append(move)
+            else:
+                out.append((move.temp_path, shards.join(run.output, move.relative)))
+        for table in tagging.TABLES:
+            stems = sorted({_stem(m.relative) for m in parts[table]})
+            number = {stem: i for i, stem in enumerate(stems)}
+            for move in sorted(parts[table], key=lambda m: m.relative):
+                relative = self._name(table, number[_stem(move.relative)], move.relative.rsplit(".", 1)[1])
+                out.append((move.temp_path, shards.join(run.output, relative)))
+                outputs[table].append(relative)
+        return out, outputs
+
+    def _temp_file(self, relative: str, data: bytes) -> tuple[str, str]:
+        temp = shards.join(self._run.temp_dir, "files", relative)
+        shards.write_bytes(temp, data)
+        return temp, shards.join(self._run.output, relative)
+
+    def _remove_stale(self, finals: set[str]) -> None:
+        """A replacing run owns its table and label folders: what an earlier run left there goes."""
+        for folder in OWNED:
+            stale = [
+                m.path
+                for m in shards._match(shards.join(self._run.output, folder, "**"))
+                if m.path not in finals
+            ]
+            if stale:
+                FileSystems.delete(stale)
+
+
+def _stem(relative: str) -> str:
+    return posixpath.splitext(posixpath.basename(relative))[0]
+
+
+# -- command ----------------------------------------------------------------------------------------
+
+
+def summary_text(manifest: dict, output: str) -> str:
+    """A one-screen summary of a finished tag run."""
+    fig = manifest["figures"]
+    lines = [
+        f"output           {output}",
+        f"inputs           {fig['inputs']}  tagged {fig['files_processed']}  "
+        f"dead letters {fig['dead_letters']}  (all accounted for: {fig['accounted_for']})",
+        f"audio            {fig['audio_s']:.1f} s ({fig['audio_hours']:.3f} h) in {fig['wall_s']:.1f} s "
+        f"({fig['speed_x_realtime']}x real time)",
+        f"windows          {fig['windows_scored']}  events {fig['events']}  hourly rows {fig['hourly_rows']}",
+        f"model            {manifest['model']['uri']}  ({manifest['thresholds_from']} thresholds)",
+    ]
+    if fig["label_files"]:
+        lines.append("label files      " + ", ".join(f"{k} {v}" for k, v in fig["label_files"].items()))
+    if fig["dead_letters_by_reason"]:
+        lines.append(
+            "dead letters     " + ", ".join(f"{k} {v}" for k, v in fig["dead_letters_by_reason"].items())
+        )
+    return "\n".join(lines)
+
+
+def read_manifest(output: str) -> dict:
+    """Reads ``<output>/run.json``."""
+    with FileSystems.open(shards.join(output, "run.json")) as f:
+        return json.loads(f.read())
+
+
+def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
+    """Runs the tag command; returns the exit code (0 ok, 1 nothing tagged, 2 config error)."""
+    parser = make_parser(prog)
+    args, beam_args = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        runners.check_beam_args(beam_args)
+        tag_run = prepare(args)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if tag_run.run_date is not None:
+        removed = ledger.recover(tag_run.output, set(tag_run.committed_runs))
+        if removed:
+            print(f"removed {len(removed)} file(s) left by runs that never committed", file=sys.stderr)
+        if not tag_run.listing.items and not tag_run.listing.dead_letters:
+            skipped = tag_run.manifest["incremental"]["unchanged_skipped"]
+            print(f"nothing new: all {skipped} input(s) were tagged by earlier runs with this model")
+            return 0
+    options = PipelineOptions(beam_args, save_main_session=False)
+    input_bytes = sum(i.size_bytes or 0 for i in tag_run.listing.items)
+    workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
+    local = runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given)
+    if local:
+        with runners.progress(len(tag_run.listing.items), label="tag") as progress_dir:
+            tag_run = dataclasses.replace(tag_run, progress_dir=progress_dir)
+            with runners.make_pipeline(options, local=True) as p:
+                build(p, tag_run)
+    else:
+        p = runners.make_pipeline(options, local=False)
+        build(p, tag_run)
+        p.run().wait_until_finish()
+    manifest = read_manifest(tag_run.output)
+    print(summary_text(manifest, tag_run.output))
+    if manifest["figures"]["files_processed"] == 0:
+        print(
+            f"{prog}: error: no input could be tagged; see {manifest['dead_letters_file']}", file=sys.stderr
+        )
+        return 1
+    return 0

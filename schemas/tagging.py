@@ -1,0 +1,100 @@
+"""Tagging configuration: how window scores become file labels and events (frozen, validated)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from soundshard.schemas.config import ConfigSerialization
+from soundshard.schemas.errors import ConfigError
+
+AGGREGATIONS = ("mean", "max", "majority")
+
+
+@dataclasses.dataclass(frozen=True)
+class TagConfig(ConfigSerialization):
+    """How a recording's window scores are turned into labels and events.
+
+    Attributes:
+        label_names: Class names, in the model's output order.
+        window_thresholds: Per class, the window score at which an event starts.
+        file_thresholds: Per class, the aggregated file score at which a file gets the label.
+        aggregation: ``mean`` (default), ``max`` or ``majority`` over a file's windows.
+        hysteresis: An event, once started, goes on while the score stays at or above the start
+            threshold minus this much.
+        min_duration_s: Events shorter than this are dropped (after merging).
+        max_gap_s: Events of one label separated by at most this much are merged into one.
+        min_level_db: Windows whose loudest log-mel value is below this (dB) cannot start or
+            continue an event (an activity gate against background noise); ``None`` for no gate.
+        top_k: Classes per window in the window table: ``0`` writes every class's score.
+    """
+
+    _WHAT = "tag"
+
+    label_names: tuple[str, ...]
+    window_thresholds: tuple[float, ...]
+    file_thresholds: tuple[float, ...]
+    aggregation: str = "mean"
+    hysteresis: float = 0.1
+    min_duration_s: float = 0.0
+    max_gap_s: float = 0.5
+    min_level_db: float | None = None
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        object.__setattr__(self, "window_thresholds", tuple(float(t) for t in self.window_thresholds))
+        object.__setattr__(self, "file_thresholds", tuple(float(t) for t in self.file_thresholds))
+        n = len(self.label_names)
+        if n < 1:
+            raise ConfigError("label_names is empty: the model has no classes")
+        for name in ("window_thresholds", "file_thresholds"):
+            values = getattr(self, name)
+            if len(values) != n:
+                raise ConfigError(f"{name} has {len(values)} values for {n} classes")
+            bad = [
+                (label, t) for label, t in zip(self.label_names, values, strict=True) if not 0.0 < t <= 1.0
+            ]
+            if bad:
+                raise ConfigError(f"{name}: {bad[0][0]}={bad[0][1]} must be in (0, 1]")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation={self.aggregation!r} is not one of {AGGREGATIONS}")
+        if not 0.0 <= self.hysteresis < 1.0:
+            raise ConfigError(f"hysteresis={self.hysteresis} must be in [0, 1)")
+        for name in ("min_duration_s", "max_gap_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}={value} must be a finite number >= 0")
+        if self.min_level_db is not None and not math.isfinite(self.min_level_db):
+            raise ConfigError(f"min_level_db={self.min_level_db} must be finite")
+        if not 0 <= self.top_k <= n:
+            raise ConfigError(f"top_k={self.top_k} must be between 0 (all classes) and {n}")
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists for the tuples)."""
+        values = dataclasses.asdict(self)
+        for name in ("label_names", "window_thresholds", "file_thresholds"):
+            values[name] = list(values[name])
+        return values
+
+
+def parse_thresholds(text: str, label_names: tuple[str, ...]) -> dict[str, float]:
+    """``'dog=0.6,rain=0.4'`` → ``{'dog': 0.6, 'rain': 0.4}`` (labels checked against the model).
+
+    Raises:
+        ConfigError: naming a malformed entry or an unknown label.
+    """
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        label, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--thresholds entry {part!r} is not LABEL=VALUE")
+        if label not in label_names:
+            raise ConfigError(
+                f"--thresholds: unknown label {label!r}; the model's labels are {list(label_names)}"
+            )
+        try:
+            out[label] = float(value)
+        except ValueError as exc:
+            raise ConfigError(f"--thresholds: {part!r} has no number after '='") from exc
+    return out

@@ -1,0 +1,297 @@
+"""From window scores to what people read: file labels, events, hourly summaries, label files.
+
+Pure numpy and text (no Beam, no TF). A recording's windows are scored by a classifier
+(``[n_windows, n_classes]`` probabilities); here they become
+
+- per-file scores and labels (:func:`file_scores`, :func:`file_labels`): the mean (or max, or
+  majority vote) of the window scores, then per-class thresholds (multi-label);
+- events (:func:`find_events`): per class, runs of windows whose score reaches the class's
+  threshold, held on with hysteresis, merged across short gaps, short ones dropped;
+- hourly summaries per site and label (:func:`hourly_rows`);
+- an Audacity label track and a Raven selection table per recording.
+
+Windows overlap (hop < window), so an event's bounds are built from each window's *cell*: the
+stretch of time nearer to its centre than to its neighbours' (the window's own bounds at the
+recording's ends and around missing windows). A run of windows then covers exactly the time
+those windows are the best evidence for, rather than half a window more on each side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from soundshard.schemas.tagging import TagConfig
+from soundshard.transforms import training
+
+HOUR_US = 3_600_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A stretch of a recording where one label was detected.
+
+    Attributes:
+        label: Class name.
+        start_s: Start, seconds from the recording start.
+        end_s: End, seconds from the recording start.
+        confidence: Mean score of the label over the event's windows.
+        peak: Highest window score of the label within the event.
+        n_windows: Windows the event is made of.
+    """
+
+    label: str
+    start_s: float
+    end_s: float
+    confidence: float
+    peak: float
+    n_windows: int
+
+    @property
+    def duration_s(self) -> float:
+        """Length of the event in seconds."""
+        return self.end_s - self.start_s
+
+
+def window_cells(
+    start_s: np.ndarray, end_s: np.ndarray, window_index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each window's cell: from the midpoint with its previous neighbour's centre to the midpoint
+    with its next one's, where the neighbour is the adjacent window on the grid; otherwise (first,
+    last, next to a missing window) the window's own bound.
+
+    Args:
+        start_s: ``[n]`` window starts (sorted by window index).
+        end_s: ``[n]`` window ends.
+        window_index: ``[n]`` window indices on the recording's grid.
+
+    Returns:
+        ``(cell_start_s, cell_end_s)``, each ``[n]``.
+    """
+    centre = (start_s + end_s) / 2
+    cell_start = start_s.astype(np.float64).copy()
+    cell_end = end_s.astype(np.float64).copy()
+    adjacent = np.diff(window_index) == 1
+    mid = (centre[:-1] + centre[1:]) / 2
+    cell_end[:-1] = np.where(adjacent, mid, cell_end[:-1])
+    cell_start[1:] = np.where(adjacent, mid, cell_start[1:])
+    return cell_start, cell_end
+
+
+def file_scores(scores: np.ndarray, method: str) -> np.ndarray:
+    """One recording's scores ``[n_classes]`` from its window scores ``[n_windows, n_classes]``
+    (mean, max renormalised, or majority vote; as clip aggregation in training)."""
+    _, out = training.aggregate(scores, np.zeros(len(scores), dtype=np.int64), method=method)
+    return out[0]
+
+
+def file_labels(scores: np.ndarray, config: TagConfig) -> list[str]:
+    """Labels whose file score reaches their threshold, best first (multi-label)."""
+    order = np.argsort(-scores, kind="stable")
+    return [config.label_names[i] for i in order if scores[i] >= config.file_thresholds[i]]
+
+
+def find_events(
+    scores: np.ndarray,
+    *,
+    start_s: np.ndarray,
+    end_s: np.ndarray,
+    window_index: np.ndarray,
+    config: TagConfig,
+    level_db: np.ndarray | None = None,
+    duration_s: float | None = None,
+) -> list[Event]:
+    """Events of every label in one recording, sorted by start then label.
+
+    Per class: an event starts at a window whose score reaches the class's threshold and goes on
+    while consecutive windows (adjacent on the grid) score at least the threshold minus
+    ``config.hysteresis``; events of a label less than ``config.max_gap_s`` apart are merged;
+    events shorter than ``config.min_duration_s`` are dropped. With ``config.min_level_db`` set,
+    windows quieter than it (``level_db``) take no part in events.
+
+    Args:
+        scores: ``[n, n_classes]`` window scores, windows sorted by index.
+        start_s: ``[n]`` window starts in seconds from the recording start.
+        end_s: ``[n]`` window ends.
+        window_index: ``[n]`` window indices on the recording's grid.
+        config: Thresholds and event rules.
+        level_db: ``[n]`` loudest log-mel value of each window, for the activity gate.
+        duration_s: Length of the recording: events end there at the latest (the last window
+            may be padded beyond it).
+
+    Returns:
+        The events.
+    """
+    n = len(scores)
+    if n == 0:
+        return []
+    cell_start, cell_end = window_cells(start_s, end_s, window_index)
+    if duration_s is not None:
+        cell_end = np.minimum(cell_end, duration_s)
+    gate = np.ones(n, dtype=bool)
+    if config.min_level_db is not None and level_db is not None:
+        gate = np.asarray(level_db) >= config.min_level_db
+    adjacent = np.concatenate([[False], np.diff(window_index) == 1])
+    events = []
+    for c, label in enumerate(config.label_names):
+        on = config.window_thresholds[c]
+        off = max(on - config.hysteresis, 1e-9)
+        column = scores[:, c]
+        starts_here = (column >= on) & gate
+        holds = (column >= off) & gate
+        runs = []  # [first, last] window positions
+        for k in range(n):
+            if runs and runs[-1][1] == k - 1 and adjacent[k] and holds[k]:
+                runs[-1][1] = k
+            elif starts_here[k]:
+                runs.append([k, k])
+        # A run is held on only forwards; let it also reach back over the windows just before it
+        # that hold (the onset usually lies there).
+        for run in runs:
+            while run[0] > 0 and adjacent[run[0]] and holds[run[0] - 1]:
+                run[0] -= 1
+        merged: list[list[int]] = []
+        for first, last in runs:
+            if merged and (
+                merged[-1][1] >= first or cell_start[first] - cell_end[merged[-1][1]] <= config.max_gap_s
+            ):
+                merged[-1][1] = max(merged[-1][1], last)
+            else:
+                merged.append([first, last])
+        for first, last in merged:
+            begin, end = float(cell_start[first]), float(cell_end[last])
+            if end - begin < config.min_duration_s:
+                continue
+            member = column[first : last + 1][gate[first : last + 1]]
+            member = member if len(member) else column[first : last + 1]
+            events.append(
+                Event(
+                    label,
+                    begin,
+                    end,
+                    float(member.mean()),
+                    float(member.max()),
+                    int(last - first + 1),
+                )
+            )
+    events.sort(key=lambda e: (e.start_s, e.label))
+    return events
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, values)``, each ``[n, k]``: the k best classes per window, best first."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def hourly_rows(events: Iterable[dict]) -> list[dict]:
+    """Hourly summaries of events with absolute times: per (site, hour, label) the number of
+    events starting in the hour, the seconds of events within the hour (an event spanning hours
+    is shared out between them) and the mean confidence of the events starting in it.
+
+    Args:
+        events: Rows with ``site``, ``label``, ``confidence``, ``start_us`` and ``end_us``
+            (microseconds since the Unix epoch, UTC). Rows without times are skipped.
+
+    Returns:
+        Rows ``{site, hour_us, label, events, duration_s, confidence_sum}`` sorted by site,
+        hour and label (``confidence_sum / events`` is the mean; sums combine across workers).
+    """
+    table: dict[tuple, list] = {}
+    for row in events:
+        start, end = row.get("start_us"), row.get("end_us")
+        if start is None or end is None:
+            continue
+        key = (row.get("site"), row["label"])
+        hour = start - start % HOUR_US
+        first = table.setdefault((*key, hour), [0, 0.0, 0.0])
+        first[0] += 1
+        first[2] += float(row["confidence"])
+        while hour < end:
+            share_us = min(end, hour + HOUR_US) - max(start, hour)
+            cell = table.setdefault((*key, hour), [0, 0.0, 0.0])
+            cell[1] += share_us / 1e6
+            hour += HOUR_US
+    return [
+        {
+            "site": site,
+            "hour_us": hour,
+            "label": label,
+            "events": count,
+            "duration_s": duration,
+            "confidence_sum": confidence,
+        }
+        for (site, label, hour), (count, duration, confidence) in sorted(
+            table.items(), key=lambda kv: (kv[0][0] or "", kv[0][2], kv[0][1])
+        )
+    ]
+
+
+def audacity_labels(events: Sequence[Event]) -> str:
+    """An Audacity label track: ``start<TAB>end<TAB>label`` per line, seconds with 6 decimals."""
+    return "".join(f"{e.start_s:.6f}\t{e.end_s:.6f}\t{e.label}\n" for e in events)
+
+
+RAVEN_COLUMNS = (
+    "Selection",
+    "View",
+    "Channel",
+    "Begin Time (s)",
+    "End Time (s)",
+    "Low Freq (Hz)",
+    "High Freq (Hz)",
+    "Annotation",
+    "Confidence",
+)
+
+
+def raven_table(events: Sequence[Event], *, high_freq_hz: float) -> str:
+    """A Raven selection table (tab-separated, header row, one selection per event)."""
+    lines = ["\t".join(RAVEN_COLUMNS)]
+    for i, e in enumerate(events, start=1):
+        values = (
+            str(i),
+            "Spectrogram 1",
+            "1",
+            f"{e.start_s:.6f}",
+            f"{e.end_s:.6f}",
+            "0.0",
+            f"{high_freq_hz:.1f}",
+            e.label,
+            f"{e.confidence:.4f}",
+        )
+        lines.append("\t".join(values))
+    return "\n".join(lines) + "\n"
+
+
+def best_thresholds(scores: np.ndarray, labels: np.ndarray, *, default: float = 0.5) -> list[float]:
+    """Per class, the score threshold with the best F1 of "score >= threshold" against
+    "label == class" (one-vs-rest) on held-out data; ties go to the threshold nearest ``default``;
+    a class absent from ``labels`` keeps ``default``.
+
+    Args:
+        scores: ``[n, n_classes]`` scores.
+        labels: ``[n]`` true class indices.
+
+    Returns:
+        ``n_classes`` thresholds in (0, 1].
+    """
+    grid = np.round(np.arange(0.05, 1.0, 0.05), 2)
+    out = []
+    for c in range(scores.shape[1]):
+        truth = labels == c
+        if not truth.any():
+            out.append(default)
+            continue
+        best, best_t = -1.0, default
+        for t in grid:
+            predicted = scores[:, c] >= t
+            tp = float(np.sum(predicted & truth))
+            f1 = 2 * tp / (predicted.sum() + truth.sum()) if predicted.any() else 0.0
+            if f1 > best + 1e-12 or (math.isclose(f1, best) and abs(t - default) < abs(best_t - default)):
+                best, best_t = f1, float(t)
+        out.append(best_t)
+    return out

@@ -1,0 +1,565 @@
+"""Beam layer of tagging: score windows with a trained classifier, then tables per recording.
+
+The feature stage (log-mel or embeddings, shared with the features and embed pipelines) gives
+one batch of windows per work unit; :class:`ScoreWindows` runs the model over them through Beam's
+RunInference (batched by windows, model loaded once per worker process) and keeps only the
+scores. :class:`TagRecordings` gathers each recording's scored units (a long recording's units
+meet again here, so events spanning unit boundaries are found whole) and turns them into rows of
+the window, file and event tables and, optionally, an Audacity label track and a Raven selection
+table (``transforms/events.py`` does the maths). :class:`WriteTables` writes the rows as Parquet
+and CSV files into the run's temporary folder; the commit (``pipelines/tag.py``) moves them into
+place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import posixpath
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.transforms.window import GlobalWindows
+
+from soundshard.schemas.errors import DataError
+from soundshard.schemas.records import FileSummary, SourceItem, WindowBatch
+from soundshard.schemas.tagging import TagConfig
+from soundshard.transforms import events as ev
+from soundshard.transforms.embeddings import _error_parts, local_model
+from soundshard.transforms.features import count, dead_letter
+from soundshard.transforms.shards import join, write_bytes
+
+_LOG = logging.getLogger(__name__)
+TABLES = ("windows", "files", "events")
+LABEL_FILES = ("audacity", "raven")
+#: Rows per table file: a bundle's rows are cut into files of at most this many.
+MAX_ROWS_PER_FILE = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoredBatch:
+    """A work unit's windows after the classifier (features dropped).
+
+    Attributes:
+        source: The recording.
+        first_window_index: Index of the first window within the recording.
+        start_s: float64 ``[n]`` window starts, seconds from the recording start.
+        end_s: float64 ``[n]`` window ends.
+        scores: float32 ``[n, n_classes]`` class probabilities.
+        level_db: float32 ``[n]`` loudest log-mel value of each window (log-mel models), or ``None``.
+    """
+
+    source: SourceItem
+    first_window_index: int
+    start_s: np.ndarray
+    end_s: np.ndarray
+    scores: np.ndarray
+    level_db: np.ndarray | None = None
+
+    @property
+    def n_windows(self) -> int:
+        """Windows in the batch."""
+        return int(self.scores.shape[0])
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+class Classifier:
+    """A loaded classifier: ``[n, *input_shape]`` features → ``[n, n_classes]`` probabilities.
+
+    Calls the Keras model through one traced function on fixed-size chunks (the last one padded),
+    so varying batch sizes never trigger a new trace.
+    """
+
+    def __init__(self, model, *, chunk_windows: int = 256):
+        import tensorflow as tf
+
+        self._model = model
+        self._chunk = chunk_windows
+        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self.n_classes = int(model.output_shape[-1])
+        self.input_shape = tuple(int(d) for d in model.input_shape[1:])
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        n = len(features)
+        if tuple(features.shape[1:]) != self.input_shape:
+            raise DataError(
+                f"features of shape {list(features.shape[1:])} for a model that takes "
+                f"{list(self.input_shape)}",
+                reason="bad_feature_shape",
+            )
+        out = np.empty((n, self.n_classes), np.float32)
+        for begin in range(0, n, self._chunk):
+            part = features[begin : begin + self._chunk]
+            m = len(part)
+            if m < self._chunk:
+                part = np.concatenate([part, np.zeros((self._chunk - m, *part.shape[1:]), part.dtype)])
+            out[begin : begin + m] = np.asarray(self._call(part))[:m]
+        return out
+
+
+def load_classifier_from(uri: str) -> Classifier:
+    """Loads a model folder (local or object store; Keras safe mode) as a :class:`Classifier`."""
+    from soundshard.transforms.models import load_classifier
+
+    with local_model(uri) as folder:
+        model, _ = load_classifier(folder)
+    return Classifier(model)
+
+
+class ClassifierHandler(ModelHandler[WindowBatch, PredictionResult, Classifier]):
+    """RunInference handler: batches of work units' windows → class probabilities.
+
+    Beam batches whole :class:`WindowBatch` elements, sized by their windows (``min_windows`` to
+    ``max_windows`` per call), so one model call covers many short clips or a good part of a
+    long unit. One ``PredictionResult(batch, scores [n_windows, n_classes])`` per element.
+
+    Args:
+        model_uri: The model folder (``soundshard train`` output).
+        min_windows: Smallest batch Beam forms, in windows.
+        max_windows: Largest batch, in windows (a unit with more windows is one batch of its own).
+        loader: Replaces :func:`load_classifier_from` (tests).
+    """
+
+    def __init__(self, model_uri: str, *, min_windows: int = 64, max_windows: int = 2048, loader=None):
+        super().__init__()
+        self._model_uri = model_uri
+        self._min_windows = min_windows
+        self._max_windows = max_windows
+        self._loader = loader
+
+    def load_model(self) -> Classifier:
+        """Loads the model once per worker process (shared by its threads)."""
+        return (self._loader or load_classifier_from)(self._model_uri)
+
+    def run_inference(
+        self, batch: Sequence[WindowBatch], model: Classifier, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[PredictionResult]:
+        """Scores every window of the batch's elements in one model pass."""
+        if not batch:
+            return []
+        features = np.concatenate([b.features for b in batch]).astype(np.float32, copy=False)
+        scores = model(features)
+        out, begin = [], 0
+        for element in batch:
+            out.append(PredictionResult(element, scores[begin : begin + element.n_windows]))
+            begin += element.n_windows
+        return out
+
+    def get_num_bytes(self, batch: Sequence[WindowBatch]) -> int:
+        return sum(b.features.nbytes for b in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "soundshard_tag_inference"
+
+    def batch_elements_kwargs(self):
+        return {
+            "min_batch_size": self._min_windows,
+            "max_batch_size": self._max_windows,
+            "element_size_fn": lambda b: max(1, b.n_windows),
+        }
+
+
+def _scored(result: PredictionResult, *, level: bool) -> ScoredBatch:
+    batch: WindowBatch = result.example
+    level_db = batch.features.reshape(batch.n_windows, -1).max(axis=1) if level else None
+    count("windows_scored", batch.n_windows)
+    return ScoredBatch(
+        batch.source,
+        batch.first_window_index,
+        batch.start_s,
+        batch.end_s,
+        np.asarray(result.inference, np.float32),
+        level_db,
+    )
+
+
+def _inference_dead_letters(failure) -> Iterable:
+    batch, error = failure
+    error_type, message = _error_parts(error)
+    for element in batch:
+        first = element.first_window_index
+        where = f"{element.source.uri} (windows {first}..{first + element.n_windows - 1})"
+        exc = DataError(f"{where}: classifier failed: {error_type}: {message}", reason="inference_error")
+        yield dead_letter(element.source, "tag", exc)
+
+
+class ScoreWindows(beam.PTransform):
+    """WindowBatches → ScoredBatches through RunInference; failures become ``tag`` dead letters.
+
+    ``expand`` returns a dict: ``scored`` (:class:`ScoredBatch`) and ``dead_letters``.
+
+    Args:
+        handler: The model handler (:class:`ClassifierHandler`).
+        level: Keep each window's loudest feature value (log-mel inputs, for the activity gate).
+    """
+
+    def __init__(self, handler: ModelHandler, *, level: bool = True):
+        super().__init__()
+        self._handler = handler
+        self._level = level
+
+    def expand(self, windows):
+        inferred, failures = windows | "RunInference" >> RunInference(self._handler).with_exception_handling()
+        scored = inferred | "KeepScores" >> beam.Map(_scored, level=self._level)
+        dead = failures.failed_inferences | "InferenceDeadLetters" >> beam.FlatMap(_inference_dead_letters)
+        return {"scored": scored, "dead_letters": dead}
+
+
+# -- per recording ------------------------------------------------------------------------------
+
+
+def safe_relative(clip_id: str) -> str:
+    """A clip id as a relative path that stays inside its folder (no ``..``, no absolute path)."""
+    parts = [p for p in clip_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    return "/".join(parts) or "_"
+
+
+def _utc(start_us: int | None, seconds: np.ndarray) -> pa.Array:
+    if start_us is None:
+        return pa.nulls(len(seconds), pa.timestamp("us", tz="UTC"))
+    values = start_us + np.round(np.asarray(seconds, np.float64) * 1e6).astype(np.int64)
+    return pa.array(values, pa.timestamp("us", tz="UTC"))
+
+
+def _source_columns(item: SourceItem, n: int) -> dict[str, pa.Array]:
+    return {
+        "source_uri": pa.array([item.uri] * n, pa.string()),
+        "clip_id": pa.array([item.clip_id] * n, pa.string()),
+        "archive_member": pa.array([item.archive_member] * n, pa.string()),
+        "site": pa.array([item.site] * n, pa.string()),
+        "deployment": pa.array([item.deployment] * n, pa.string()),
+    }
+
+
+def score_column(label: str) -> str:
+    """Column of a class's score in the window and file tables."""
+    return f"score_{label}"
+
+
+def window_table(
+    item: SourceItem, scored: ScoredBatch, config: TagConfig, window_index: np.ndarray
+) -> pa.Table:
+    """Rows of the window table for a recording's windows (every class, or the top k)."""
+    n = scored.n_windows
+    columns = _source_columns(item, n)
+    columns["label"] = pa.array([item.label] * n, pa.string())
+    columns["window_index"] = pa.array(window_index, pa.int64())
+    columns["start_s"] = pa.array(scored.start_s, pa.float64())
+    columns["end_s"] = pa.array(scored.end_s, pa.float64())
+    columns["start_utc"] = _utc(item.recording_start_us, scored.start_s)
+    names = np.asarray(config.label_names, dtype=object)
+    best = scored.scores.argmax(axis=1) if n else np.zeros(0, np.int64)
+    columns["top_label"] = pa.array(names[best].tolist() if n else [], pa.string())
+    columns["top_score"] = pa.array(scored.scores[np.arange(n), best] if n else [], pa.float32())
+    if config.top_k == 0:
+        for c, label in enumerate(config.label_names):
+            columns[score_column(label)] = pa.array(scored.scores[:, c], pa.float32())
+    else:
+        index, values = ev.top_k(scored.scores, config.top_k)
+        for j in range(config.top_k):
+            columns[f"label_{j + 1}"] = pa.array(names[index[:, j]].tolist(), pa.string())
+            columns[f"score_{j + 1}"] = pa.array(values[:, j], pa.float32())
+    if scored.level_db is not None:
+        columns["level_db"] = pa.array(scored.level_db, pa.float32())
+    return pa.table(columns)
+
+
+def event_table(item: SourceItem, found: Sequence[ev.Event]) -> pa.Table:
+    """Rows of the event table for a recording's events."""
+    n = len(found)
+    columns = _source_columns(item, n)
+    columns["label"] = pa.array([e.label for e in found], pa.string())
+    starts = np.array([e.start_s for e in found], np.float64)
+    ends = np.array([e.end_s for e in found], np.float64)
+    columns["start_s"] = pa.array(starts, pa.float64())
+    columns["end_s"] = pa.array(ends, pa.float64())
+    columns["duration_s"] = pa.array(ends - starts, pa.float64())
+    columns["confidence"] = pa.array([e.confidence for e in found], pa.float32())
+    columns["peak"] = pa.array([e.peak for e in found], pa.float32())
+    columns["n_windows"] = pa.array([e.n_windows for e in found], pa.int32())
+    columns["start_utc"] = _utc(item.recording_start_us, starts)
+    columns["end_utc"] = _utc(item.recording_start_us, ends)
+    return pa.table(columns)
+
+
+def file_table(
+    item: SourceItem,
+    scores: np.ndarray,
+    config: TagConfig,
+    *,
+    n_windows: int,
+    duration_s: float,
+    complete: bool,
+    n_events: int,
+) -> pa.Table:
+    """The file table's row for a recording: aggregated scores, best label, labels over threshold."""
+    columns = _source_columns(item, 1)
+    best = int(np.argmax(scores))
+    columns["label"] = pa.array([item.label], pa.string())
+    columns["recording_start_utc"] = _utc(item.recording_start_us, np.zeros(1))
+    columns["duration_s"] = pa.array([duration_s], pa.float64())
+    columns["n_windows"] = pa.array([n_windows], pa.int64())
+    columns["complete"] = pa.array([complete], pa.bool_())
+    columns["predicted"] = pa.array([config.label_names[best]], pa.string())
+    columns["confidence"] = pa.array([scores[best]], pa.float32())
+    columns["labels"] = pa.array([";".join(ev.file_labels(scores, config))], pa.string())
+    columns["aggregation"] = pa.array([config.aggregation], pa.string())
+    columns["n_events"] = pa.array([n_events], pa.int32())
+    for c, label in enumerate(config.label_names):
+        columns[score_column(label)] = pa.array([scores[c]], pa.float32())
+    return pa.table(columns)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRows:
+    """Rows of one output table (``windows``, ``files``, ``events``) from one recording."""
+
+    table: str
+    rows: pa.Table
+
+
+@dataclasses.dataclass(frozen=True)
+class Move:
+    """A file written to the run's temporary folder and where the commit puts it.
+
+    Attributes:
+        kind: What it is (``windows``, ``files``, ``events``, ``audacity``, ``raven``).
+        temp_path: Where it was written.
+        relative: Its path under the output folder.
+        rows: Rows it holds (label files: events).
+    """
+
+    kind: str
+    temp_path: str
+    relative: str
+    rows: int
+
+
+class _TagRecordingFn(beam.DoFn):
+    def __init__(
+        self, config: TagConfig, *, temp_dir: str, label_files: tuple[str, ...], high_freq_hz: float
+    ):
+        self._config = config
+        self._temp_dir = temp_dir
+        self._label_files = label_files
+        self._high_freq_hz = high_freq_hz
+
+    def process(self, keyed):
+        _, grouped = keyed
+        batches: list[ScoredBatch] = sorted(grouped["scored"], key=lambda b: b.first_window_index)
+        summaries: list[FileSummary] = list(grouped["summaries"])
+        if not batches:
+            return  # every unit failed before scoring: its dead letters say why
+        config = self._config
+        item = batches[0].source
+        scores = np.concatenate([b.scores for b in batches])
+        start_s = np.concatenate([b.start_s for b in batches])
+        end_s = np.concatenate([b.end_s for b in batches])
+        window_index = np.concatenate(
+            [np.arange(b.n_windows, dtype=np.int64) + b.first_window_index for b in batches]
+        )
+        level = None if batches[0].level_db is None else np.concatenate([b.level_db for b in batches])
+        n_units = summaries[0].n_units if summaries else 1
+        complete = len(summaries) == n_units and sum(s.n_windows for s in summaries) == len(scores)
+        duration_s = sum(s.duration_s for s in summaries) if summaries else float(end_s[-1])
+        found = ev.find_events(
+            scores,
+            start_s=start_s,
+            end_s=end_s,
+            window_index=window_index,
+            config=config,
+            level_db=level,
+            duration_s=duration_s if complete else None,
+        )
+        merged = ScoredBatch(item, int(window_index[0]), start_s, end_s, scores, level)
+        yield TableRows("windows", window_table(item, merged, config, window_index))
+        per_file = ev.file_scores(scores, config.aggregation)
+        yield TableRows(
+            "files",
+            file_table(
+                item,
+                per_file,
+                config,
+                n_windows=len(scores),
+                duration_s=duration_s,
+                complete=complete,
+                n_events=len(found),
+            ),
+        )
+        yield TableRows("events", event_table(item, found))
+        count("recordings_tagged")
+        count("events", len(found))
+        name = safe_relative(item.clip_id)
+        for kind in self._label_files:
+            if kind == "audacity":
+                text, relative = ev.audacity_labels(found), f"audacity/{name}.txt"
+            else:
+                text = ev.raven_table(found, high_freq_hz=self._high_freq_hz)
+                relative = f"raven/{name}.Table.1.selections.txt"
+            temp = join(self._temp_dir, "labels", relative)
+            write_bytes(temp, text.encode())
+            yield beam.pvalue.TaggedOutput("moves", Move(kind, temp, relative, len(found)))
+
+
+class TagRecordings(beam.PTransform):
+    """Scored units and per-unit summaries → table rows (and label files) per recording.
+
+    ``expand`` takes ``{"scored": ScoredBatch, "summaries": FileSummary}`` PCollections and
+    returns a dict: ``rows`` (:class:`TableRows`) and ``moves`` (:class:`Move` of label files).
+
+    Args:
+        config: Thresholds and event rules.
+        temp_dir: The run's temporary folder (label files are written under it).
+        label_files: Which per-recording label files to write (``audacity``, ``raven``).
+        high_freq_hz: Upper frequency of Raven selections (the analysis band's top).
+    """
+
+    def __init__(
+        self, config: TagConfig, *, temp_dir: str, label_files: Sequence[str] = (), high_freq_hz: float
+    ):
+        super().__init__()
+        self._fn = _TagRecordingFn(
+            config, temp_dir=temp_dir, label_files=tuple(label_files), high_freq_hz=high_freq_hz
+        )
+
+    def expand(self, inputs):
+        keyed_scores = inputs["scored"] | "KeyScores" >> beam.Map(lambda b: (b.source.clip_id, b))
+        keyed_summaries = inputs["summaries"] | "KeySummaries" >> beam.Map(lambda s: (s.clip_id, s))
+        grouped = {
+            "scored": keyed_scores,
+            "summaries": keyed_summaries,
+        } | "ByRecording" >> beam.CoGroupByKey()
+        out = grouped | "TagRecording" >> beam.ParDo(self._fn).with_outputs("moves", main="rows")
+        return {"rows": out.rows, "moves": out.moves}
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def table_files(table: pa.Table, formats: Sequence[str]) -> dict[str, bytes]:
+    """A table as file contents per format (``parquet``: zstd; ``csv``: header row, UTC ISO times)."""
+    out = {}
+    if "parquet" in formats:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        out["parquet"] = sink.getvalue()
+    if "csv" in formats:
+        sink = io.BytesIO()
+        pacsv.write_csv(table, sink)
+        out["csv"] = sink.getvalue()
+    return out
+
+
+class _WriteTablesFn(beam.DoFn):
+    """Gathers a bundle's rows per table and writes them as files to the temporary folder."""
+
+    def __init__(self, *, temp_dir: str, formats: tuple[str, ...], partition: str):
+        self._temp_dir = temp_dir
+        self._formats = formats
+        self._partition = partition
+
+    def start_bundle(self):
+        self._pending: dict[str, list[pa.Table]] = {}
+        self._rows: dict[str, int] = {}
+
+    def process(self, rows: TableRows):
+        self._pending.setdefault(rows.table, []).append(rows.rows)
+        self._rows[rows.table] = self._rows.get(rows.table, 0) + rows.rows.num_rows
+        if self._rows[rows.table] >= MAX_ROWS_PER_FILE:
+            yield from self._flush(rows.table)
+
+    def finish_bundle(self):
+        for table in list(self._pending):
+            for move in self._flush(table):
+                yield GlobalWindows.windowed_value(move)
+
+    def _flush(self, table: str):
+        parts = self._pending.pop(table, [])
+        self._rows.pop(table, None)
+        if not parts:
+            return
+        merged = pa.concat_tables(parts, promote_options="default")
+        if merged.num_rows == 0:
+            return
+        name = f"part-{uuid.uuid4().hex[:12]}"
+        for fmt, data in table_files(merged, self._formats).items():
+            relative = posixpath.join(fmt, table, self._partition, f"{name}.{fmt}")
+            temp = join(self._temp_dir, "tables", relative)
+            write_bytes(temp, data)
+            yield Move(table, temp, relative, merged.num_rows)
+
+
+class WriteTables(beam.PTransform):
+    """TableRows → files in the run's temporary folder (one per table and format per bundle, at
+    ``<format>/<table>/[<partition>/]``); returns their :class:`Move`s for the commit.
+
+    Args:
+        temp_dir: The run's temporary folder.
+        formats: ``parquet`` and/or ``csv``.
+        partition: Sub-folder of each table (``run_date=2026-11-24`` in incremental runs) or ``""``.
+    """
+
+    def __init__(self, *, temp_dir: str, formats: Sequence[str], partition: str = ""):
+        super().__init__()
+        self._fn = _WriteTablesFn(temp_dir=temp_dir, formats=tuple(formats), partition=partition)
+
+    def expand(self, rows):
+        return rows | "WriteTableFiles" >> beam.ParDo(self._fn)
+
+
+def hourly_keyed(rows: TableRows) -> Iterable[tuple[tuple, tuple[int, float, float]]]:
+    """``((site, hour_us, label), (events, duration_s, confidence_sum))`` of an event table's rows."""
+    if rows.table != "events" or rows.rows.num_rows == 0:
+        return
+    t = rows.rows
+    start = t.column("start_utc").cast(pa.int64()).to_pylist()
+    end = t.column("end_utc").cast(pa.int64()).to_pylist()
+    records = [
+        {"site": s, "label": lab, "confidence": c, "start_us": a, "end_us": b}
+        for s, lab, c, a, b in zip(
+            t.column("site").to_pylist(),
+            t.column("label").to_pylist(),
+            t.column("confidence").to_pylist(),
+            start,
+            end,
+            strict=True,
+        )
+    ]
+    for row in ev.hourly_rows(records):
+        yield (
+            (row["site"], row["hour_us"], row["label"]),
+            (row["events"], row["duration_s"], row["confidence_sum"]),
+        )
+
+
+def sum_triples(values: Iterable[tuple[int, float, float]]) -> tuple[int, float, float]:
+    """Element-wise sum of ``(events, duration_s, confidence_sum)`` triples."""
+    n, duration, confidence = 0, 0.0, 0.0
+    for a, b, c in values:
+        n, duration, confidence = n + a, duration + b, confidence + c
+    return n, duration, confidence
+
+
+def hourly_table(keyed: Iterable[tuple[tuple, tuple[int, float, float]]]) -> pa.Table:
+    """The hourly summary table from combined ``((site, hour_us, label), sums)`` pairs."""
+    rows = sorted(keyed, key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2]))
+    return pa.table(
+        {
+            "site": pa.array([k[0] for k, _ in rows], pa.string()),
+            "hour_utc": pa.array([k[1] for k, _ in rows], pa.timestamp("us", tz="UTC")),
+            "label": pa.array([k[2] for k, _ in rows], pa.string()),
+            "events": pa.array([v[0] for _, v in rows], pa.int64()),
+            "duration_s": pa.array([v[1] for _, v in rows], pa.float64()),
+            "mean_confidence": pa.array([v[2] / v[0] if v[0] else None for _, v in rows], pa.float32()),
+        }
+    )
