@@ -40,7 +40,7 @@ class Event:
         end_s: End, seconds from the recording start.
         confidence: Mean score of the label over the event's windows.
         peak: Highest window score of the label within the event.
-        n_windows: Windows the event is made of.
+        n_windows: Windows the event is made of (not counting those of gaps merged over).
     """
 
     label: str
@@ -153,29 +153,26 @@ def find_events(
         for run in runs:
             while run[0] > 0 and adjacent[run[0]] and holds[run[0] - 1]:
                 run[0] -= 1
-        merged: list[list[int]] = []
-        for first, last in runs:
-            if merged and (
-                merged[-1][1] >= first or cell_start[first] - cell_end[merged[-1][1]] <= config.max_gap_s
-            ):
-                merged[-1][1] = max(merged[-1][1], last)
-            else:
-                merged.append([first, last])
-        for first, last in merged:
+        merged: list[list[list[int]]] = []  # groups of runs
+        for run in runs:
+            if merged:
+                last = merged[-1][-1][1]
+                if last >= run[0] or cell_start[run[0]] - cell_end[last] <= config.max_gap_s:
+                    merged[-1].append(run)
+                    continue
+            merged.append([run])
+        for group in merged:
+            first, last = group[0][0], max(r[1] for r in group)
             begin, end = float(cell_start[first]), float(cell_end[last])
             if end - begin < config.min_duration_s:
                 continue
-            member = column[first : last + 1][gate[first : last + 1]]
-            member = member if len(member) else column[first : last + 1]
+            members = np.zeros(n, dtype=bool)
+            for a, b in group:
+                members[a : b + 1] = True
+            gated = members & gate
+            values = column[gated] if gated.any() else column[members]
             events.append(
-                Event(
-                    label,
-                    begin,
-                    end,
-                    float(member.mean()),
-                    float(member.max()),
-                    int(last - first + 1),
-                )
+                Event(label, begin, end, float(values.mean()), float(values.max()), int(members.sum()))
             )
     events.sort(key=lambda e: (e.start_s, e.label))
     return events

@@ -358,8 +358,10 @@ class _TagRecordingFn(beam.DoFn):
         _, grouped = keyed
         batches: list[ScoredBatch] = sorted(grouped["scored"], key=lambda b: b.first_window_index)
         summaries: list[FileSummary] = list(grouped["summaries"])
-        if not batches:
-            return  # every unit failed before scoring: its dead letters say why
+        if batches:  # else every unit failed before scoring: their dead letters say why
+            yield from self._tag(batches, summaries)
+
+    def _tag(self, batches: list[ScoredBatch], summaries: list[FileSummary]):
         config = self._config
         item = batches[0].source
         scores = np.concatenate([b.scores for b in batches])
