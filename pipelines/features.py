@@ -242,6 +242,20 @@ class FeatureRun:
     progress_dir: str | None = None
     committed_runs: frozenset[str] = frozenset()
     augmentations: tuple = ()
+    carry_bytes: bool = False
+
+
+#: A local run whose remote inputs total at most this lets small files travel with their work
+#: unit after the header read (one request per file, not two); the local runner holds every unit
+#: in memory between stages, so larger runs fetch twice instead.
+CARRY_BYTES_LIMIT = 1 << 30
+
+
+def carry_bytes(listing: sources.SourceListing, *, local: bool) -> bool:
+    """Whether small remote files should travel with their unit in this run (see
+    :data:`CARRY_BYTES_LIMIT`); distributed runners fetch twice rather than shuffle audio bytes."""
+    remote = [i.size_bytes or 0 for i in listing.items if "://" in i.uri and not i.uri.startswith("file://")]
+    return local and bool(remote) and sum(remote) <= CARRY_BYTES_LIMIT
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -322,7 +336,11 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
     listing = run.listing
     items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
     planned = items | "PlanUnits" >> PlanUnits(
-        run.config, unit_s=run.unit_s, progress_dir=run.progress_dir, augmentations=run.augmentations
+        run.config,
+        unit_s=run.unit_s,
+        progress_dir=run.progress_dir,
+        augmentations=run.augmentations,
+        carry_bytes=run.carry_bytes,
     )
     # Units are redistributed after planning (a long recording becomes many units); the features
     # pipeline knows its shard count before features exist, so shard assignment fuses with them.
@@ -565,13 +583,18 @@ def execute(
     local = runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given)
     if local:
         with runners.progress(len(feature_run.listing.items), label=label) as progress_dir:
-            feature_run = dataclasses.replace(feature_run, progress_dir=progress_dir)
+            feature_run = dataclasses.replace(
+                feature_run,
+                progress_dir=progress_dir,
+                carry_bytes=carry_bytes(feature_run.listing, local=True),
+            )
             with runners.make_pipeline(options, local=True) as p:
                 build(p, feature_run)
     else:
         p = runners.make_pipeline(options, local=False)
         build(p, feature_run)
-        p.run().wait_until_finish()
+        if not runners.run_remote(p, options):
+            return 0
     dataset = read_dataset_json(feature_run.spec.output)
     print(summary_text(dataset, feature_run.spec.output))
     if dataset["figures"]["files_processed"] == 0:

@@ -3,6 +3,12 @@
 Local runs never depend on the network: unless ``--runner`` is given, pipelines run on Beam's
 FnApiRunner directly (in-process, or one worker process per core for larger inputs) instead of
 the DirectRunner, which first tries to download its Prism binary.
+
+Other runners (``--runner DataflowRunner``, ``PortableRunner`` for Flink, Spark or Beam's job
+service) get the pipeline as the options describe it. A Dataflow run with
+``--template_location`` (what a Flex Template launcher passes) only writes the job for the
+service to start: :func:`run_remote` then returns at once, and the command ends without waiting
+for a job that is not running yet.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ import time
 from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+)
 
 from soundshard.schemas.errors import ConfigError
 
@@ -89,6 +100,11 @@ def single_threaded_math_in_workers() -> None:
         os.environ.setdefault(name, "1")
 
 
+def writes_job_only(options: PipelineOptions) -> bool:
+    """True when the runner only writes the job (Dataflow with ``--template_location``)."""
+    return bool(options.view_as(GoogleCloudOptions).template_location)
+
+
 def make_pipeline(options: PipelineOptions, *, local: bool) -> beam.Pipeline:
     """A pipeline on the FnApiRunner for local runs, else on the runner named in the options."""
     if local:
@@ -96,6 +112,18 @@ def make_pipeline(options: PipelineOptions, *, local: bool) -> beam.Pipeline:
 
         return beam.Pipeline(runner=FnApiRunner(), options=options)
     return beam.Pipeline(options=options)
+
+
+def run_remote(p: beam.Pipeline, options: PipelineOptions) -> bool:
+    """Runs ``p`` on its (non-local) runner and waits for it; returns False when the runner only
+    wrote the job for a later start (``--template_location``), so there are no outputs to read."""
+    result = p.run()
+    if writes_job_only(options):
+        location = options.view_as(GoogleCloudOptions).template_location
+        print(f"job written to {location}; it runs when the Dataflow service starts it")
+        return False
+    result.wait_until_finish()
+    return True
 
 
 @contextlib.contextmanager

@@ -278,6 +278,7 @@ class TagRun:
     progress_dir: str | None = None
     augmentations: tuple = ()
     max_batch_windows: int = 2048
+    carry_bytes: bool = False
 
     @property
     def temp_dir(self) -> str:
@@ -623,13 +624,18 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     local = runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given)
     if local:
         with runners.progress(len(tag_run.listing.items), label="tag") as progress_dir:
-            tag_run = dataclasses.replace(tag_run, progress_dir=progress_dir)
+            tag_run = dataclasses.replace(
+                tag_run,
+                progress_dir=progress_dir,
+                carry_bytes=features.carry_bytes(tag_run.listing, local=True),
+            )
             with runners.make_pipeline(options, local=True) as p:
                 build(p, tag_run)
     else:
         p = runners.make_pipeline(options, local=False)
         build(p, tag_run)
-        p.run().wait_until_finish()
+        if not runners.run_remote(p, options):
+            return 0
     manifest = read_manifest(tag_run.output)
     print(summary_text(manifest, tag_run.output))
     if manifest["figures"]["files_processed"] == 0:

@@ -141,3 +141,39 @@ def test_incremental_nights_on_gcs(gcs_env, tmp_path):
         np.asarray([r["log_mel"] for r in rows if r["site"] == "a" and r["start_s"] == 0][i]) for i in (0, 1)
     )
     assert not np.array_equal(night1, night2)  # the replaced object was read again
+
+
+def test_small_remote_file_is_fetched_once(gcs_env, tmp_path):
+    """With carry_bytes, the header read's fetch travels with the unit: decoding needs no request
+    (the object can even be gone); without it, decoding fetches again."""
+    import numpy as np
+    import soundfile
+
+    from soundshard.schemas.config import FeatureConfig
+    from soundshard.schemas.errors import StorageError
+    from soundshard.schemas.records import SourceItem
+    from soundshard.transforms.features import LogMelGrid, decode_unit, plan
+
+    fs, _ = fsspec.core.url_to_fs("gs://")
+    bucket = f"once-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    local = tmp_path / "a.flac"
+    tone = np.sin(np.arange(3 * 16000) * 2 * np.pi * 440 / 16000).astype(np.float32) * 0.5
+    soundfile.write(local, tone, 16000)
+    fs.put(str(local), f"{bucket}/a.flac")
+    item = SourceItem(uri=f"gs://{bucket}/a.flac", clip_id="a", size_bytes=local.stat().st_size)
+    config = FeatureConfig()
+    carried = plan(item, config, carry_bytes=True)
+    fetched = plan(item, config)
+    assert len(carried) == 1 and carried[0].data == local.read_bytes()
+    assert fetched[0].data is None
+    expected, _ = decode_unit(fetched[0], LogMelGrid(config))
+    fs.rm(f"{bucket}/a.flac")
+    audio, span = decode_unit(carried[0], LogMelGrid(config))
+    assert span is None and np.array_equal(audio.samples, expected.samples)
+    with pytest.raises(StorageError, match="a.flac"):
+        decode_unit(fetched[0], LogMelGrid(config))
+    # a recording split into several units never carries bytes (each unit reads its own range)
+    fs.put(str(local), f"{bucket}/a.flac")
+    split = plan(item, config, unit_s=1.0, carry_bytes=True)
+    assert len(split) > 1 and all(u.data is None for u in split)

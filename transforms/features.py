@@ -151,6 +151,11 @@ class _DecoderReads:
     def __repr__(self) -> str:
         return repr(self._source)
 
+    def fetched_whole(self) -> bytes | None:
+        """The object's bytes if one fetch already holds all of it (a small remote file)."""
+        block = getattr(self._source, "whole_block", None)
+        return block() if block is not None else None
+
 
 @contextlib.contextmanager
 def _storage_checked(source):
@@ -256,7 +261,9 @@ def as_grid(config) -> WindowGrid:
     return config
 
 
-def plan(item: SourceItem, config, *, unit_s: float | None = None) -> list[WorkUnit]:
+def plan(
+    item: SourceItem, config, *, unit_s: float | None = None, carry_bytes: bool = False
+) -> list[WorkUnit]:
     """Reads the header of ``item`` (no samples) and splits it into work units.
 
     Args:
@@ -264,6 +271,9 @@ def plan(item: SourceItem, config, *, unit_s: float | None = None) -> list[WorkU
         config: Feature or embedding configuration, or a :class:`WindowGrid`.
         unit_s: Approximate unit length in seconds; ``None`` or 0 keeps every recording whole.
             Recording-scope normalisation needs a whole recording, so it is never split then.
+        carry_bytes: A remote object that the header read fetched whole (one read-ahead block)
+            and that makes one unit travels with its unit (``WorkUnit.data``): one request per
+            file instead of two.
 
     Raises:
         AudioDecodeError: unreadable header or empty file.
@@ -271,6 +281,7 @@ def plan(item: SourceItem, config, *, unit_s: float | None = None) -> list[WorkU
         StorageError: the object cannot be read from its store.
     """
     grid = as_grid(config)
+    data = None
     with contextlib.ExitStack() as stack:
         source = _open_checked(item, stack)
         try:
@@ -278,6 +289,8 @@ def plan(item: SourceItem, config, *, unit_s: float | None = None) -> list[WorkU
                 info = soundfile.info(source)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, EOFError) as exc:
             raise AudioDecodeError(f"cannot decode {item.uri}: {exc}", reason="decode_error") from exc
+        if carry_bytes and isinstance(source, _DecoderReads):
+            data = source.fetched_whole()
     if info.frames <= 0:
         raise AudioValidationError(f"{item.uri} holds no samples ({info.format})", reason="empty_audio")
     output_samples, total = grid.recording_windows(source_frames=info.frames, source_rate_hz=info.samplerate)
@@ -289,8 +302,11 @@ def plan(item: SourceItem, config, *, unit_s: float | None = None) -> list[WorkU
         )
     per_unit = grid.windows_per_unit(unit_s) if unit_s else None
     ranges = units.split_windows(total, per_unit)
+    data = data if len(ranges) == 1 else None
     return [
-        WorkUnit(item, info.samplerate, info.frames, output_samples, total, first, n, index, len(ranges))
+        WorkUnit(
+            item, info.samplerate, info.frames, output_samples, total, first, n, index, len(ranges), data
+        )
         for index, (first, n) in enumerate(ranges)
     ]
 
@@ -298,18 +314,26 @@ def plan(item: SourceItem, config, *, unit_s: float | None = None) -> list[WorkU
 class _ProbeFn(beam.DoFn):
     """Plans work units from file headers, on the workers (dead letters for unreadable files)."""
 
-    def __init__(self, config, unit_s: float | None, progress_dir: str | None = None, augmentations=()):
+    def __init__(
+        self,
+        config,
+        unit_s: float | None,
+        progress_dir: str | None = None,
+        augmentations=(),
+        carry_bytes: bool = False,
+    ):
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
+        self._carry_bytes = carry_bytes
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
 
     def process(self, item: SourceItem):
         try:
-            planned = plan(item, self._config, unit_s=self._unit_s)
+            planned = plan(item, self._config, unit_s=self._unit_s, carry_bytes=self._carry_bytes)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "plan", exc))
             self._progress.add(files=1, windows=0)
@@ -342,19 +366,29 @@ class PlanUnits(beam.PTransform):
         progress_dir: Local folder for progress files of local runs, or ``None``.
         augmentations: Offline augmentations (:mod:`transforms.augment`): each readable
             recording also gets one whole-recording unit per augmentation, for its copy.
+        carry_bytes: Small remote files travel with their unit (see :func:`plan`).
     """
 
     def __init__(
-        self, config, *, unit_s: float | None = 60.0, progress_dir: str | None = None, augmentations=()
+        self,
+        config,
+        *,
+        unit_s: float | None = 60.0,
+        progress_dir: str | None = None,
+        augmentations=(),
+        carry_bytes: bool = False,
     ):
         super().__init__()
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
+        self._carry_bytes = carry_bytes
 
     def expand(self, items):
-        planner = _ProbeFn(self._config, self._unit_s, self._progress_dir, self._augmentations)
+        planner = _ProbeFn(
+            self._config, self._unit_s, self._progress_dir, self._augmentations, carry_bytes=self._carry_bytes
+        )
         return items | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
 
 
@@ -387,7 +421,7 @@ def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None):
     where = where or unit_where(unit)
     span = None if unit.n_units == 1 else grid.source_range(unit)
     with contextlib.ExitStack() as stack:
-        source = _open_checked(unit.source, stack)
+        source = io.BytesIO(unit.data) if unit.data is not None else _open_checked(unit.source, stack)
         with _storage_checked(source):
             audio = decode_audio(
                 source,
@@ -433,6 +467,8 @@ class DecodeUnitFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(unit.source, "decode", exc, where=where))
             self._progress.add(files=int(unit.unit_index == unit.n_units - 1), windows=0)
             return
+        if unit.data is not None:  # decoded: the bytes must not travel on with the windows
+            unit = dataclasses.replace(unit, data=None)
         yield from self.process_audio(unit, audio, span, where)
 
     def process_audio(self, unit: WorkUnit, audio, span: units.SourceRange | None, where: str):

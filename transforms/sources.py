@@ -851,6 +851,12 @@ class RemoteFile(io.RawIOBase):
         self._block_start = start
         self._block = self._retried(what, "cat_file", self._path, start=start, end=end)
 
+    def whole_block(self) -> bytes | None:
+        """The whole object, when the read-ahead block already holds all of it; else ``None``."""
+        if self._block_start == 0 and len(self._block) == self.size:
+            return bytes(self._block)
+        return None
+
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all that is left when negative); fewer only at the end."""
         left = max(0, self.size - self._pos)
