@@ -140,15 +140,20 @@ def bench_model(model: Path, work: Path, repeats: int) -> dict:
         {"filename": LONGFORM.name, "event_label": r.label, "onset": r.start_s, "offset": r.end_s}
         for r in events.itertuples()
     ]
-    labels = sorted(set(manifest["tag_config"]["label_names"]) | {e["event_label"] for e in reference_events()})
+    labels = sorted(
+        set(manifest["tag_config"]["label_names"]) | {e["event_label"] for e in reference_events()}
+    )
     quality = {"default": sed_scores(estimated, labels)}
     windows = pd.read_parquet(tags / "parquet" / "windows")
-    for gate in (-60.0, -40.0):
+    for gate in (None, -30.0, -10.0):
         for min_duration in (0.0, 1.0):
+            if gate is None and min_duration == 0.0:
+                continue  # the default
             variant = events_from_windows(
                 windows, manifest["tag_config"], audio_s, min_level_db=gate, min_duration_s=min_duration
             )
-            quality[f"gate {gate:g} dB, min {min_duration:g} s"] = sed_scores(variant, labels)
+            name = f"gate {gate:g} dB" if gate is not None else "no gate"
+            quality[f"{name}, min {min_duration:g} s"] = sed_scores(variant, labels)
     features_med, tag_med = statistics.median(features_s), statistics.median(tag_s)
     return {
         "model": name,
