@@ -1,6 +1,7 @@
 """Benchmark: clip accuracy of the classifiers on ESC-10, 5-fold cross-validation on its folds.
 
     .venv/bin/python tests/bench/bench_train.py [--models sbcnn,edgecnn] [--epochs 100]
+        [--augment pitch_shift=-2,pitch_shift=2] [--extra='--patience 15']
         [--work bench-results/train] [--json bench-results/train.json]
 
 Computes the default log-mel features of the 400 ESC-10 clips once (``soundshard features``,
@@ -36,7 +37,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="sbcnn,edgecnn")
     parser.add_argument("--epochs", type=int, default=None, help="Passed to train (default: its own).")
-    parser.add_argument("--extra", default="", help="More train flags, e.g. '--mixup-alpha 0'.")
+    parser.add_argument("--extra", default="", help="More train flags, e.g. '--extra=--mixup-alpha 0'.")
+    parser.add_argument(
+        "--augment",
+        default=None,
+        help="Offline augmentation of the features, e.g. 'pitch_shift=-2,pitch_shift=2' (copies of the "
+        "training folds' clips; never validated or tested on).",
+    )
     parser.add_argument("--work", default=str(ROOT / "bench-results" / "train"))
     parser.add_argument("--json", default=str(ROOT / "bench-results" / "train.json"))
     args = parser.parse_args()
@@ -56,6 +63,7 @@ def main() -> int:
             str(features),
             "--format",
             "parquet",
+            *(["--augment", args.augment] if args.augment else []),
         )
     results = {}
     for model in args.models.split(","):
