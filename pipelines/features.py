@@ -498,6 +498,53 @@ def _run_date(args: argparse.Namespace) -> str | None:
         raise ConfigError(f"--run_date={args.run_date!r} is not a date YYYY-MM-DD") from exc
 
 
+RAN, NOTHING_NEW, JOB_WRITTEN = "ran", "nothing_new", "job_written"
+
+
+def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, incremental: bool) -> str:
+    """Runs ``build(p, run)`` where the options say: locally on the FnApiRunner (with a progress
+    line and small remote files carried with their units) or on a remote runner (waiting for it).
+
+    An incremental run first removes what killed runs left under ``output``, and has nothing to
+    do when the ledger says every input was processed.
+
+    Args:
+        run: The resolved run (``listing``, ``committed_runs``, ``progress_dir``, ``carry_bytes``).
+        beam_args: Beam flags.
+        label: Name on the progress line.
+        build: Composes the pipeline on ``p``.
+        output: The output folder.
+        incremental: Whether this is an incremental run.
+
+    Returns:
+        :data:`RAN` (outputs written), :data:`NOTHING_NEW` or :data:`JOB_WRITTEN` (a template
+        run: the job was written for a later start).
+    """
+    if incremental:
+        removed = ledger.recover(output, set(run.committed_runs))
+        if removed:
+            print(
+                f"removed {len(removed)} file(s) left by runs that never committed, e.g. {removed[0]}",
+                file=sys.stderr,
+            )
+        if not run.listing.items and not run.listing.dead_letters:
+            return NOTHING_NEW
+    options = PipelineOptions(beam_args, save_main_session=False)
+    input_bytes = sum(i.size_bytes or 0 for i in run.listing.items)
+    workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
+    if runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given):
+        with runners.progress(len(run.listing.items), label=label) as progress_dir:
+            local_run = dataclasses.replace(
+                run, progress_dir=progress_dir, carry_bytes=carry_bytes(run.listing, local=True)
+            )
+            with runners.make_pipeline(options, local=True) as p:
+                build(p, local_run)
+        return RAN
+    p = runners.make_pipeline(options, local=False)
+    build(p, run)
+    return RAN if runners.run_remote(p, options) else JOB_WRITTEN
+
+
 def read_dataset_json(output: str) -> dict:
     """Reads ``<output>/dataset.json`` through Beam's FileSystems."""
     with FileSystems.open(shards.join(output, "dataset.json")) as f:
@@ -566,35 +613,19 @@ def execute(
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    if feature_run.spec.incremental:
-        removed = ledger.recover(feature_run.spec.output, set(feature_run.committed_runs))
-        if removed:
-            print(
-                f"removed {len(removed)} file(s) left by runs that never committed, e.g. {removed[0]}",
-                file=sys.stderr,
-            )
-        if not feature_run.listing.items and not feature_run.listing.dead_letters:
-            skipped = feature_run.manifest["incremental"]["unchanged_skipped"]
-            print(f"nothing new: all {skipped} input(s) were processed by earlier runs with this config")
-            return 0
-    options = PipelineOptions(beam_args, save_main_session=False)
-    input_bytes = sum(i.size_bytes or 0 for i in feature_run.listing.items)
-    workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
-    local = runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given)
-    if local:
-        with runners.progress(len(feature_run.listing.items), label=label) as progress_dir:
-            feature_run = dataclasses.replace(
-                feature_run,
-                progress_dir=progress_dir,
-                carry_bytes=carry_bytes(feature_run.listing, local=True),
-            )
-            with runners.make_pipeline(options, local=True) as p:
-                build(p, feature_run)
-    else:
-        p = runners.make_pipeline(options, local=False)
-        build(p, feature_run)
-        if not runners.run_remote(p, options):
-            return 0
+    outcome = launch(
+        feature_run,
+        beam_args,
+        label=label,
+        build=build,
+        output=feature_run.spec.output,
+        incremental=feature_run.spec.incremental,
+    )
+    if outcome == NOTHING_NEW:
+        skipped = feature_run.manifest["incremental"]["unchanged_skipped"]
+        print(f"nothing new: all {skipped} input(s) were processed by earlier runs with this config")
+    if outcome != RAN:
+        return 0
     dataset = read_dataset_json(feature_run.spec.output)
     print(summary_text(dataset, feature_run.spec.output))
     if dataset["figures"]["files_processed"] == 0:

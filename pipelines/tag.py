@@ -50,7 +50,6 @@ from collections.abc import Sequence
 import apache_beam as beam
 import fsspec
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from soundshard.pipelines import features
 from soundshard.pipelines import runner as runners
@@ -610,32 +609,19 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    if tag_run.run_date is not None:
-        removed = ledger.recover(tag_run.output, set(tag_run.committed_runs))
-        if removed:
-            print(f"removed {len(removed)} file(s) left by runs that never committed", file=sys.stderr)
-        if not tag_run.listing.items and not tag_run.listing.dead_letters:
-            skipped = tag_run.manifest["incremental"]["unchanged_skipped"]
-            print(f"nothing new: all {skipped} input(s) were tagged by earlier runs with this model")
-            return 0
-    options = PipelineOptions(beam_args, save_main_session=False)
-    input_bytes = sum(i.size_bytes or 0 for i in tag_run.listing.items)
-    workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
-    local = runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given)
-    if local:
-        with runners.progress(len(tag_run.listing.items), label="tag") as progress_dir:
-            tag_run = dataclasses.replace(
-                tag_run,
-                progress_dir=progress_dir,
-                carry_bytes=features.carry_bytes(tag_run.listing, local=True),
-            )
-            with runners.make_pipeline(options, local=True) as p:
-                build(p, tag_run)
-    else:
-        p = runners.make_pipeline(options, local=False)
-        build(p, tag_run)
-        if not runners.run_remote(p, options):
-            return 0
+    outcome = features.launch(
+        tag_run,
+        beam_args,
+        label="tag",
+        build=build,
+        output=tag_run.output,
+        incremental=tag_run.run_date is not None,
+    )
+    if outcome == features.NOTHING_NEW:
+        skipped = tag_run.manifest["incremental"]["unchanged_skipped"]
+        print(f"nothing new: all {skipped} input(s) were tagged by earlier runs with this model")
+    if outcome != features.RAN:
+        return 0
     manifest = read_manifest(tag_run.output)
     print(summary_text(manifest, tag_run.output))
     if manifest["figures"]["files_processed"] == 0:
