@@ -77,3 +77,14 @@ def demo_features(tmp_path_factory):
     argv += ["--format", "parquet"]
     assert features.run(argv) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_features, tmp_path_factory):
+    """The edge-sized CNN trained briefly on the demo set (fold 1 held out), made once."""
+    from soundshard.pipelines import train
+
+    folder = tmp_path_factory.mktemp("model") / "edgecnn"
+    argv = ["--data", str(demo_features), "--model", "edgecnn", "--test-fold", "1", "--output", str(folder)]
+    assert train.run([*argv, "--epochs", "15", "--batch-size", "16", "--quiet"]) == 0
+    return folder

@@ -34,6 +34,18 @@ def test_demo_runs_with_no_arguments(tmp_path):
     metrics = json.loads((tmp_path / "soundshard-demo" / "model" / "metrics.json").read_text())
     assert metrics["clip_mean"]["n"] == 8 and metrics["clip_mean"]["accuracy"] >= 0.75
     assert f"clip accuracy (mean) {metrics['clip_mean']['accuracy']:.3f}" in result.stdout
+    # then tags a 40 s recording (in 10 s units) and prints its events
+    demo = tmp_path / "soundshard-demo"
+    tags = json.loads((demo / "tags" / "run.json").read_text())
+    assert tags["figures"]["files_processed"] == 1 and tags["figures"]["work_units"] == 5
+    assert tags["figures"]["events"] >= 4 and "truth:  chirp 0-6 s; hum 10-20 s" in result.stdout
+    track = (demo / "tags" / "audacity" / "20261124_005945.txt").read_text().splitlines()
+    assert len(track) == tags["figures"]["events"]
+    # and ends with a verified int8 artifact that fits its target
+    edge = json.loads((demo / "edge" / "manifest.json").read_text())
+    assert edge["target"]["name"] == "cortex-m4-256k"
+    assert (demo / "edge" / "model_int8.tflite").stat().st_size == edge["model_bytes"]
+    assert "fits" in result.stdout and "artifact:" in result.stdout
     # same seed, same audio: a second run gives the same feature shards
     first = sorted((tmp_path / "soundshard-demo" / "features" / "parquet").glob("*.parquet"))
     before = [p.read_bytes() for p in first]

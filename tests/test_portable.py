@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import re
@@ -44,6 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fsspec
+import pyarrow.parquet as pq
 import pytest
 
 from soundshard.pipelines import cli
@@ -247,9 +249,30 @@ def features_case(fs, bucket: str, tmp_path: Path, request) -> tuple[list[str], 
     return argv, check
 
 
+def tag_case(fs, bucket: str, tmp_path: Path, request) -> tuple[list[str], Callable[[], None]]:
+    """The demo set tagged with the demo model, audio, model and tables on the GCS emulator."""
+    model = request.getfixturevalue("demo_model")
+    audio = upload_demo(tmp_path, fs, bucket)
+    fs.put(str(model) + "/", f"{bucket}/model/", recursive=True)
+    out = f"gs://{bucket}/tags"
+    argv = ["tag", "--input", f"gs://{audio}", "--model", f"gs://{bucket}/model", "--output", out]
+
+    def check():
+        manifest = json.loads(fs.cat_file(f"{out}/run.json"))
+        fig = manifest["figures"]
+        assert (fig["inputs"], fig["files_processed"], fig["dead_letter_inputs"]) == (34, 32, 2)
+        assert fig["accounted_for"] and fig["windows_scored"] == 32 * 6
+        files = [p for p in fs.find(f"{out}/parquet/files") if p.endswith(".parquet")]
+        rows = sum(pq.read_metadata(io.BytesIO(fs.cat_file(p))).num_rows for p in files)
+        assert rows == 32
+        assert not [p for p in fs.find(bucket) if "_tmp-" in p]
+
+    return argv, check
+
+
 #: name → function(fs, bucket, tmp_path, request) returning (soundshard command line, check of its
 #: outputs); ``request.getfixturevalue`` gives a case the fixtures it needs (a trained model, ...).
-CASES = {"features": features_case}
+CASES = {"features": features_case, "tag": tag_case}
 
 
 def _origin(log_text: str) -> dict[str, str]:

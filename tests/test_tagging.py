@@ -6,21 +6,21 @@ import csv
 import io
 import json
 import uuid
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import soundfile
 
-from soundshard.pipelines import tag, train
+from soundshard.pipelines import tag
+from soundshard.pipelines.demo import make_long_recording
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import FileSummary, SourceItem
 from soundshard.schemas.tagging import TagConfig, parse_thresholds
 from soundshard.transforms import events as ev
 from soundshard.transforms import tagging
-from soundshard.transforms.synth import synth_clip
 
 LABELS = ("a", "b")
 
@@ -142,9 +142,14 @@ def test_hourly_rows_share_duration_across_hours():
 def test_best_thresholds_maximise_f1_per_class():
     scores = scores_of([0.9, 0.8, 0.35, 0.3, 0.1])
     labels = np.array([0, 0, 0, 1, 1])
-    window = ev.best_thresholds(scores, labels)
+    window = ev.best_thresholds(scores, labels, lowest=0.05)
     assert 0.3 < window[0] <= 0.35  # takes in the 0.35 positive, leaves out the 0.3 negative
     assert ev.best_thresholds(scores, np.array([0, 0, 0, 0, 0]))[1] == 0.5  # absent class
+    # near chance a score is no evidence: no threshold below MIN_THRESHOLD; class a never gets
+    # there (F1 0 at every threshold: the default), class b is separated at 0.9
+    low = scores_of([0.2, 0.25, 0.15, 0.1, 0.05])
+    assert ev.best_thresholds(low, labels, lowest=0.05)[0] == 0.15
+    assert ev.best_thresholds(low, labels) == [0.5, 0.9]
 
 
 def test_label_files_are_tab_separated_in_their_formats():
@@ -197,15 +202,6 @@ def test_units_of_a_recording_meet_again_before_events():
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_model(demo_features, tmp_path_factory):
-    """The edge-sized CNN trained briefly on the demo set (fold 1 held out)."""
-    folder = tmp_path_factory.mktemp("model") / "edgecnn"
-    argv = ["--data", str(demo_features), "--model", "edgecnn", "--test-fold", "1", "--output", str(folder)]
-    assert train.run([*argv, "--epochs", "15", "--batch-size", "16", "--quiet"]) == 0
-    return folder
 
 
 def demo_root(demo_features):
@@ -281,33 +277,10 @@ def test_tag_demo_set_tables_label_files_and_accounting(demo_features, demo_mode
     assert not list((out / "audacity").rglob("*.txt"))  # label files of the earlier run are gone
 
 
-def write_long_recording(folder, *, rate: int = 16000) -> tuple:
-    """A 40 s AudioMoth-named recording (starts 00:59:45 UTC) of known segments."""
-    rng = np.random.default_rng(7)
-    parts, truth, t = [], [], 0.0
-    for label, seconds in (
-        ("chirp", 6),
-        (None, 4),
-        ("hum", 10),
-        ("click_train", 8),
-        ("noise_burst", 6),
-        (None, 6),
-    ):
-        if label is None:
-            parts.append(rng.normal(0, 1e-4, seconds * rate).astype(np.float32))
-        else:
-            parts.append(synth_clip(label, rng=rng, sample_rate_hz=rate, duration_s=seconds))
-            truth.append((label, t, t + seconds))
-        t += seconds
-    path = folder / "20261124_005945.WAV"
-    folder.mkdir(parents=True, exist_ok=True)
-    soundfile.write(path, np.concatenate(parts), rate, subtype="PCM_16")
-    return path, truth
-
-
 @pytest.mark.slow
 def test_long_recording_split_into_units_gives_the_same_tags(demo_model, tmp_path):
-    path, truth = write_long_recording(tmp_path / "rec")
+    path, truth = make_long_recording(str(tmp_path / "rec"))
+    path = Path(path)
     outputs = {}
     for unit_s in (0, 7):
         out = tmp_path / f"tags-{unit_s}"
