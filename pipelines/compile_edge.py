@@ -330,14 +330,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
     try:
         _check_args(args)
         target = target_profile(args.target)
-        model, description = models.load_classifier(args.model)
-        dataset = training.read_dataset_json(args.data)
-        models.check_fingerprint(description, dataset, what=f"--data {args.data!r}")
-        if dataset["label_map"] != description["label_map"]:
-            raise ConfigError(
-                f"--data {args.data!r} labels {sorted(dataset['label_map'])} differ from the model's "
-                f"{description['label_names']}"
-            )
+        model, description, dataset = models.load_with_data(args.model, args.data)
         kind = description.get("input", {}).get("kind", "log_mel")
         if kind != "log_mel":
             raise ConfigError(

@@ -540,14 +540,7 @@ def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard e
     try:
         if (args.fold is None) == (args.split is None):
             raise ConfigError("give exactly one of --fold N or --split NAME")
-        model, description = models.load_classifier(args.model)
-        dataset = training.read_dataset_json(args.data)
-        models.check_fingerprint(description, dataset, what=f"--data {args.data!r}")
-        if dataset["label_map"] != description["label_map"]:
-            raise ConfigError(
-                f"--data {args.data!r} labels {sorted(dataset['label_map'])} differ from the model's "
-                f"{description['label_names']}"
-            )
+        model, description, dataset = models.load_with_data(args.model, args.data)
         windows = training.load_windows(args.data, dataset)
         labelled = windows.labels >= 0
         if args.fold is not None:

@@ -54,13 +54,20 @@ def server_process(command: list[str], port: int, log: Path) -> Iterator[None]:
         wait_for_port(port)
         yield
     finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stops a process started with ``start_new_session`` and everything it started (SIGTERM,
+    then SIGKILL after 10 s)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
 
 
 class _TokenHandler(http.server.BaseHTTPRequestHandler):

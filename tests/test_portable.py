@@ -50,7 +50,7 @@ import pytest
 
 from soundshard.pipelines import cli
 
-from .emulators import free_port, wait_for_port
+from .emulators import free_port, stop_group, wait_for_port
 from .test_object_storage import check_outputs, upload_demo
 
 pytestmark = pytest.mark.slow
@@ -118,13 +118,7 @@ def process_group(command: list[str], *, log: Path, env: dict, cwd: Path) -> Ite
     try:
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 @dataclasses.dataclass

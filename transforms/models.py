@@ -176,3 +176,23 @@ def check_fingerprint(description: dict, dataset: dict, *, what: str) -> None:
         f"the model was trained on features {want}, but {what} has features {got} "
         f"({detail or 'unknown fields'})"
     )
+
+
+def load_with_data(folder: str, data_dir: str):
+    """A model folder and the dataset it is to run on: ``(model, description, dataset)``, with the
+    dataset's features and labels checked against the model's.
+
+    Raises:
+        ConfigError: not a model folder, no dataset, other features or other labels.
+    """
+    from soundshard.transforms import training
+
+    model, description = load_classifier(folder)
+    dataset = training.read_dataset_json(data_dir)
+    check_fingerprint(description, dataset, what=f"--data {data_dir!r}")
+    if dataset["label_map"] != description["label_map"]:
+        raise ConfigError(
+            f"--data {data_dir!r} labels {sorted(dataset['label_map'])} differ from the model's "
+            f"{description['label_names']}"
+        )
+    return model, description, dataset
