@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 import apache_beam as beam
+import threadpoolctl
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -533,7 +534,13 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
     input_bytes = sum(i.size_bytes or 0 for i in run.listing.items)
     workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
     if runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given):
-        with runners.progress(len(run.listing.items), label=label) as progress_dir:
+        # One BLAS thread for the whole run, not only per DoFn instance (see _LogMelFn.setup):
+        # worker threads share the process's BLAS, and an instance that restores the process's
+        # setting at teardown would change the summation order under another one's feet.
+        with (
+            threadpoolctl.threadpool_limits(limits=1, user_api="blas"),
+            runners.progress(len(run.listing.items), label=label) as progress_dir,
+        ):
             local_run = dataclasses.replace(
                 run, progress_dir=progress_dir, carry_bytes=carry_bytes(run.listing, local=True)
             )

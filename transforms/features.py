@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Protocol
 
 import apache_beam as beam
@@ -56,14 +57,17 @@ def dead_letter(item: SourceItem, stage: str, exc: BaseException, *, where: str 
 
 
 class ProgressReporter:
-    """Writes this process's files/windows done to ``<dir>/<pid>-<role>.json`` at most twice a second.
+    """Writes one DoFn instance's files/windows done to ``<dir>/<pid>-<instance>-<role>.json`` at
+    most twice a second.
 
-    The launcher of a local run sums these files for its progress line; remote runs pass no
-    directory and this does nothing.
+    The launcher of a local run sums these files for its progress line (one per instance: worker
+    threads of one process each have their own); remote runs pass no directory and this does
+    nothing.
     """
 
     def __init__(self, directory: str | None, role: str = "features"):
-        self._path = os.path.join(directory, f"{os.getpid()}-{role}.json") if directory else None
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}-{role}.json"
+        self._path = os.path.join(directory, name) if directory else None
         self._files = 0
         self._windows = 0
         self._last = 0.0
