@@ -48,7 +48,6 @@ import uuid
 from collections.abc import Sequence
 
 import apache_beam as beam
-import fsspec
 from apache_beam.io.filesystems import FileSystems
 
 from soundshard.pipelines import features
@@ -58,7 +57,7 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.tagging import AGGREGATIONS, TagConfig, parse_thresholds
-from soundshard.transforms import ledger, shards, tagging
+from soundshard.transforms import ledger, models, shards, sources, tagging
 from soundshard.transforms.embeddings import ComputeEmbeddings, check_model, model_digest
 from soundshard.transforms.features import ComputeLogMel
 from soundshard.transforms.models import check_fingerprint
@@ -174,22 +173,6 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
 # -- the model and its guard ------------------------------------------------------------------------
 
 
-def read_model_description(uri: str) -> dict:
-    """``model.json`` of a model folder (local or object store).
-
-    Raises:
-        ConfigError: no model folder there.
-    """
-    path = posixpath.join(uri.rstrip("/"), "model.json") if "://" in uri else f"{uri.rstrip('/')}/model.json"
-    try:
-        with fsspec.open(path, "r") as f:
-            return json.load(f)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"--model {uri!r} is not a model folder (no model.json)") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--model {uri!r}: model.json is not valid JSON ({exc})") from exc
-
-
 def model_config(description: dict, *, model_uri: str) -> FeatureConfig | EmbeddingConfig:
     """The feature config the model was trained on, checked against its recorded fingerprint and
     input shape (a model from another version of the feature maths is refused)."""
@@ -261,7 +244,7 @@ def tag_config_from_args(args: argparse.Namespace, description: dict) -> TagConf
 class TagRun:
     """Everything ``build`` needs, resolved and validated on the launcher."""
 
-    listing: object
+    listing: sources.SourceListing
     config: FeatureConfig | EmbeddingConfig
     tag: TagConfig
     model_uri: str
@@ -314,7 +297,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
     if args.max_batch_windows < 1:
         raise ConfigError(f"--max_batch_windows={args.max_batch_windows} must be at least 1")
     model_uri = args.model.rstrip("/")
-    description = read_model_description(model_uri)
+    description = models.read_description(model_uri)
     config = model_config(description, model_uri=model_uri)
     check_requested_config(args, description)
     if isinstance(config, EmbeddingConfig):
@@ -475,13 +458,9 @@ class _CommitFn(beam.DoFn):
                 final_moves.append(self._temp_file(relative, data))
                 outputs["hourly"].append(relative)
         label_files = collections.Counter(m.kind for m in moves if m.kind in tagging.LABEL_FILES)
-        dead_name = (
-            f"dead_letters/run_date={run.run_date}/dead_letters-{run.run_id}.parquet"
-            if run.run_date
-            else "dead_letters.parquet"
-        )
+        dead_name = shards.dead_letters_name(run_id=run.run_id, run_date=run.run_date)
         final_moves.append(
-            self._temp_file(dead_name, shards._table_bytes(shards.dead_letter_table(dead_letters)))
+            self._temp_file(dead_name, shards.parquet_bytes(shards.dead_letter_table(dead_letters)))
         )
         summary = shards.summarize(summaries, dead_letters, n_inputs=run.listing.n_inputs)
         figures = summary["figures"]
@@ -556,9 +535,9 @@ class _CommitFn(beam.DoFn):
         """A replacing run owns its table and label folders: what an earlier run left there goes."""
         for folder in OWNED:
             stale = [
-                m.path
-                for m in shards._match(shards.join(self._run.output, folder, "**"))
-                if m.path not in finals
+                p
+                for p in shards.matching_paths(shards.join(self._run.output, folder, "**"))
+                if p not in finals
             ]
             if stale:
                 FileSystems.delete(stale)

@@ -671,7 +671,7 @@ def _continues(run: _Run, window: EmbeddingInput) -> bool:
 def inference_dead_letters(failure) -> Iterable:
     """Dead letters (stage ``embed``) for a batch that failed in RunInference: one per unit."""
     batch, error = failure
-    error_type, message = _error_parts(error)
+    error_type, message = error_parts(error)
     by_unit: dict[tuple[str, int], list[EmbeddingInput]] = {}
     for window in batch:
         by_unit.setdefault((window.unit.source.clip_id, window.unit.unit_index), []).append(window)
@@ -684,7 +684,8 @@ def inference_dead_letters(failure) -> Iterable:
         yield dead_letter(unit.source, "embed", exc)
 
 
-def _error_parts(error) -> tuple[str, str]:
+def error_parts(error) -> tuple[str, str]:
+    """``(error type, message)`` of a RunInference failure (an exception or an exc_info-like tuple)."""
     if isinstance(error, BaseException):
         return type(error).__name__, str(error)
     if isinstance(error, tuple) and error:

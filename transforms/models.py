@@ -137,27 +137,43 @@ def count_macs(model) -> int:
     return int(total)
 
 
+def read_description(folder: str) -> dict:
+    """``model.json`` of a model folder (local path or object-store URI).
+
+    Raises:
+        ConfigError: no model folder there, or a model.json that is not JSON.
+    """
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(f"{folder.rstrip('/')}/model.json", "r") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--model {folder!r} is not a model folder (no model.json)") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model {folder!r}: model.json is not valid JSON ({exc})") from exc
+
+
+def load_keras_file(path: str):
+    """A local Keras model file, loaded in safe mode (no code in the file is executed), not compiled."""
+    return _keras().models.load_model(path, compile=False, safe_mode=True)
+
+
+def model_file(description: dict) -> str:
+    """Name of the Keras file in a model folder."""
+    return description.get("model_file", "model.keras")
+
+
 def load_classifier(folder: str):
     """A trained model folder: ``(keras model, description from model.json)``.
-
-    The Keras file is loaded in safe mode (no code in the file is executed) and compiled off.
 
     Raises:
         ConfigError: the folder is not a soundshard model folder.
     """
-    import json
-    import os
-
-    description_path = os.path.join(folder, "model.json")
-    if not os.path.isfile(description_path):
-        raise ConfigError(f"--model {folder!r} is not a model folder (no model.json)")
-    with open(description_path) as f:
-        description = json.load(f)
-    keras = _keras()
-    model = keras.models.load_model(
-        os.path.join(folder, description.get("model_file", "model.keras")), compile=False, safe_mode=True
-    )
-    return model, description
+    description = read_description(folder)
+    return load_keras_file(f"{folder.rstrip('/')}/{model_file(description)}"), description
 
 
 def check_fingerprint(description: dict, dataset: dict, *, what: str) -> None:

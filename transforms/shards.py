@@ -148,7 +148,8 @@ def _parquet_options(schema: pa.Schema) -> dict:
     return {"compression": "zstd", "use_dictionary": strings, "write_statistics": scalars}
 
 
-def _table_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as Parquet bytes, with the options of the shards (zstd, dictionaries for strings)."""
     sink = io.BytesIO()
     pq.write_table(table, sink, **_parquet_options(table.schema))
     return sink.getvalue()
@@ -450,6 +451,14 @@ _DEAD_LETTER_SCHEMA = pa.schema(
 )
 
 
+def dead_letters_name(*, run_id: str, run_date: str | None) -> str:
+    """Where a run's dead letters go under its output: one file that each replacing run rewrites,
+    or one per incremental run in its date's partition."""
+    if run_date is None:
+        return "dead_letters.parquet"
+    return f"dead_letters/run_date={run_date}/dead_letters-{run_id}.parquet"
+
+
 def dead_letter_table(dead_letters: Sequence[DeadLetter]) -> pa.Table:
     """Dead letters as an Arrow table sorted by source (columns as in :class:`DeadLetter`)."""
     rows = sorted((dataclasses.asdict(d) for d in dead_letters), key=lambda r: (r["source_uri"], r["stage"]))
@@ -520,17 +529,18 @@ class _CommitFn(beam.DoFn):
                     moves.append(
                         (shard.temp_path, join(spec.output, spec.shard_name(shard.fmt, index, n_shards)))
                     )
-        moves.append(self._temp_file("dead_letters.parquet", _table_bytes(dead_letter_table(dead_letters))))
+        dead_name = dead_letters_name(run_id=spec.run_id, run_date=None)
+        moves.append(self._temp_file(dead_name, parquet_bytes(dead_letter_table(dead_letters))))
         finals = {dst for _, dst in moves}
         for fmt in FORMATS:  # shards of an earlier run into the same folder must not mix in
-            stale = [m.path for m in _match(join(spec.output, fmt, "windows-*")) if m.path not in finals]
+            stale = [p for p in matching_paths(join(spec.output, fmt, "windows-*")) if p not in finals]
             if stale:
                 FileSystems.delete(stale)
         manifest["shards"] = {
             fmt: [spec.shard_name(fmt, i, n_shards) for i in range(n_shards)] for fmt in spec.formats
         }
         manifest["shards"]["rows_per_shard"] = [rows.get(i, 0) for i in range(n_shards)]
-        manifest["dead_letters_file"] = "dead_letters.parquet"
+        manifest["dead_letters_file"] = dead_name
         return moves
 
     def _incremental_files(self, written, dead_letters, summaries, items, manifest) -> list[tuple[str, str]]:
@@ -543,8 +553,8 @@ class _CommitFn(beam.DoFn):
                 name = spec.shard_name(w.fmt, w.index, w.n_shards, w.partition)
                 moves.append((w.temp_path, join(spec.output, name)))
                 shard_files[w.fmt].append({"path": name, "rows": w.rows})
-        dead_name = f"dead_letters/run_date={spec.run_date}/dead_letters-{spec.run_id}.parquet"
-        moves.append(self._temp_file(dead_name, _table_bytes(dead_letter_table(dead_letters))))
+        dead_name = dead_letters_name(run_id=spec.run_id, run_date=spec.run_date)
+        moves.append(self._temp_file(dead_name, parquet_bytes(dead_letter_table(dead_letters))))
         manifest["shards"] = dict(shard_files)
         manifest["dead_letters_file"] = dead_name
         return moves
@@ -571,14 +581,14 @@ def remove_tree(path: str) -> None:
     if "://" not in path or path.startswith("file://"):
         shutil.rmtree(path.removeprefix("file://"), ignore_errors=True)
         return
-    objects = [m.path for m in _match(join(path, "**"))]
+    objects = matching_paths(join(path, "**"))
     if objects:
         FileSystems.delete(objects)
 
 
-def _match(pattern: str):
-    result = FileSystems.match([pattern])[0]
-    return result.metadata_list
+def matching_paths(pattern: str) -> list[str]:
+    """Paths matching ``pattern`` through Beam's FileSystems (``**`` for whole trees)."""
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
 
 
 class CommitDataset(beam.PTransform):

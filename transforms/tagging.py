@@ -25,7 +25,6 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.transforms.window import GlobalWindows
 
@@ -33,9 +32,9 @@ from soundshard.schemas.errors import DataError
 from soundshard.schemas.records import FileSummary, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms import events as ev
-from soundshard.transforms.embeddings import _error_parts, local_model
+from soundshard.transforms.embeddings import error_parts, local_model
 from soundshard.transforms.features import count, dead_letter
-from soundshard.transforms.shards import join, write_bytes
+from soundshard.transforms.shards import join, parquet_bytes, write_bytes
 
 _LOG = logging.getLogger(__name__)
 TABLES = ("windows", "files", "events")
@@ -108,12 +107,13 @@ class Classifier:
 
 
 def load_classifier_from(uri: str) -> Classifier:
-    """Loads a model folder (local or object store; Keras safe mode) as a :class:`Classifier`."""
-    from soundshard.transforms.models import load_classifier
+    """Loads a model folder (local or object store; Keras safe mode) as a :class:`Classifier`;
+    of a remote folder only ``model.json`` and the Keras file are fetched."""
+    from soundshard.transforms import models
 
-    with local_model(uri) as folder:
-        model, _ = load_classifier(folder)
-    return Classifier(model)
+    description = models.read_description(uri)
+    with local_model(f"{uri.rstrip('/')}/{models.model_file(description)}") as path:
+        return Classifier(models.load_keras_file(path))
 
 
 class ClassifierHandler(ModelHandler[WindowBatch, PredictionResult, Classifier]):
@@ -185,7 +185,7 @@ def _scored(result: PredictionResult, *, level: bool) -> ScoredBatch:
 
 def _inference_dead_letters(failure) -> Iterable:
     batch, error = failure
-    error_type, message = _error_parts(error)
+    error_type, message = error_parts(error)
     for element in batch:
         first = element.first_window_index
         where = f"{element.source.uri} (windows {first}..{first + element.n_windows - 1})"
@@ -449,12 +449,11 @@ class TagRecordings(beam.PTransform):
 
 
 def table_files(table: pa.Table, formats: Sequence[str]) -> dict[str, bytes]:
-    """A table as file contents per format (``parquet``: zstd; ``csv``: header row, UTC ISO times)."""
+    """A table as file contents per format (``parquet``: as the shards; ``csv``: header row, UTC
+    ISO times)."""
     out = {}
     if "parquet" in formats:
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
-        out["parquet"] = sink.getvalue()
+        out["parquet"] = parquet_bytes(table)
     if "csv" in formats:
         sink = io.BytesIO()
         pacsv.write_csv(table, sink)
