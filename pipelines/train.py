@@ -41,6 +41,8 @@ from soundshard.transforms import distributed, events, models, training  # noqa:
 
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
+#: default decay of the per-epoch weight average (about the last five epochs)
+WEIGHT_AVERAGE = 0.8
 
 
 def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
@@ -88,6 +90,15 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         choices=training.AGGREGATIONS,
         help="Clip aggregation for early stopping.",
     )
+    parser.add_argument(
+        "--weight-average",
+        "--weight_average",
+        dest="weight_average",
+        type=float,
+        default=WEIGHT_AVERAGE,
+        help="Decay of the per-epoch moving average of the weights that early stopping judges and "
+        "keeps (0: the raw weights).",
+    )
     parser.add_argument("--no-augment", "--no_augment", dest="augment", action="store_false")
     parser.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=None)
     parser.add_argument(
@@ -130,6 +141,10 @@ def _learning_rate(args: argparse.Namespace, n_train: int):
     return keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=steps, alpha=0.05)
 
 
+def _weight_average(args: argparse.Namespace) -> training.WeightAverage | None:
+    return training.WeightAverage(args.weight_average) if args.weight_average > 0 else None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     chosen = [
         name
@@ -147,26 +162,42 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
     if not args.learning_rate > 0:
         raise ConfigError(f"--learning-rate={args.learning_rate} must be positive")
+    if not 0.0 <= args.weight_average < 1.0:
+        raise ConfigError(f"--weight-average={args.weight_average} must be in [0, 1) (0 is off)")
 
 
 class ClipEarlyStopping(keras.callbacks.Callback):
     """Clip-level validation accuracy after each epoch; stops after ``patience`` epochs without
-    improvement and restores the best weights."""
+    improvement and restores the best weights.
 
-    def __init__(self, validation: training.WindowSet, *, patience: int, aggregation: str):
+    With ``average`` (a :class:`training.WeightAverage`) the averaged weights are judged and kept;
+    training itself goes on from the raw weights.
+    """
+
+    def __init__(
+        self,
+        validation: training.WindowSet,
+        *,
+        patience: int,
+        aggregation: str,
+        average: training.WeightAverage | None = None,
+    ):
         super().__init__()
         self.validation = validation
         self.patience = patience
         self.aggregation = aggregation
+        self.average = average
         self.best = -1.0
         self.best_epoch = 0
         self.best_weights = None
-        self.clips, self.truth = training.clip_labels(validation.labels, validation.clip_ids)
 
     def on_epoch_end(self, epoch, logs=None):
+        raw = None
+        if self.average is not None:
+            raw = self.model.get_weights()
+            self.model.set_weights(self.average.update(raw))
         probs = self.model.predict(self.validation.features, batch_size=256, verbose=0)
-        _, clip_probs = training.aggregate(probs, self.validation.clip_ids, method=self.aggregation)
-        accuracy = float((clip_probs.argmax(axis=1) == self.truth).mean())
+        accuracy = training.clip_accuracy(probs, self.validation, method=self.aggregation)
         if logs is not None:
             logs["val_clip_accuracy"] = accuracy
         if accuracy > self.best:
@@ -174,6 +205,8 @@ class ClipEarlyStopping(keras.callbacks.Callback):
             self.best_weights = self.model.get_weights()
         elif epoch - self.best_epoch >= self.patience:
             self.model.stop_training = True
+        if raw is not None:
+            self.model.set_weights(raw)
 
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
@@ -201,7 +234,9 @@ def train_split(
     tf.config.experimental.enable_op_determinism()
     label_names = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
     n_classes = len(label_names)
-    train = split.train
+    # digitally silent windows (zero padding of short clips) carry their clip's label but no sound
+    silent = training.silent_windows(split.train.features)
+    train = split.train.take(~silent) if (~silent).any() else split.train
     mean, variance = float(train.features.mean()), float(train.features.var())
     # under a multi-worker strategy, variables are mirrored on every worker and kept in step
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -230,7 +265,12 @@ def train_split(
             class_weights=weights,
         )
         val_onehot = np.eye(n_classes, dtype=np.float32)[validation.labels]
-        stopper = ClipEarlyStopping(validation, patience=args.patience, aggregation=args.aggregation)
+        stopper = ClipEarlyStopping(
+            validation,
+            patience=args.patience,
+            aggregation=args.aggregation,
+            average=_weight_average(args),
+        )
         history = model.fit(
             data,
             epochs=args.epochs,
@@ -257,6 +297,7 @@ def train_split(
             epochs=args.epochs,
             patience=args.patience,
             aggregation=args.aggregation,
+            average=_weight_average(args),
             verbose=not args.quiet,
         )
         history, best_epoch, best, share = result.history, result.best_epoch, result.best, result.share
@@ -293,6 +334,8 @@ def train_split(
         "lr_schedule": args.lr_schedule,
         "seed": args.seed,
         "aggregation": args.aggregation,
+        "weight_average": args.weight_average,
+        "silent_training_windows_left_out": int(len(split.train) - len(train)),
         "class_weights": weights.tolist() if weights is not None else None,
         "augmentation": dataclasses.asdict(aug),
         "normalization": {"mean": mean, "variance": variance},
@@ -324,10 +367,14 @@ def validation_thresholds(model, validation: training.WindowSet, *, aggregation:
     """Per-class score thresholds with the best one-vs-rest F1 on the validation fold, for windows
     (events) and for clips (file labels); tagging uses them unless told otherwise."""
     probabilities = model.predict(validation.features, batch_size=256, verbose=0)
-    clips, clip_probs = training.aggregate(probabilities, validation.clip_ids, method=aggregation)
+    silent = training.silent_windows(validation.features)
+    clips, clip_probs = training.aggregate(
+        probabilities, validation.clip_ids, method=aggregation, silent=silent
+    )
     _, clip_truth = training.clip_labels(validation.labels, validation.clip_ids)
+    sounding = ~silent if (~silent).any() else np.ones(len(silent), bool)
     return {
-        "window": events.best_thresholds(probabilities, validation.labels),
+        "window": events.best_thresholds(probabilities[sounding], validation.labels[sounding]),
         "clip": events.best_thresholds(clip_probs, clip_truth),
         "from": "validation split (best F1 per class, one vs rest)",
         "aggregation": aggregation,

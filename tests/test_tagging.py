@@ -109,6 +109,9 @@ def test_file_scores_and_multi_label():
     np.testing.assert_allclose(ev.file_scores(s, "mean"), [0.6, 0.4])
     np.testing.assert_allclose(ev.file_scores(s, "max"), [0.9 / 1.6, 0.7 / 1.6])
     np.testing.assert_allclose(ev.file_scores(s, "majority"), [2 / 3, 1 / 3])
+    silent = np.array([True, False, False])  # as in training, silence has no say
+    np.testing.assert_allclose(ev.file_scores(s, "mean", silent=silent), [0.45, 0.55])
+    np.testing.assert_allclose(ev.file_scores(s, "mean", silent=np.ones(3, bool)), [0.6, 0.4])
     c = config(file_thresholds=(0.5, 0.35))
     assert ev.file_labels(np.array([0.6, 0.4]), c) == ["a", "b"]
     assert ev.file_labels(np.array([0.3, 0.3]), c) == []

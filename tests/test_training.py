@@ -54,6 +54,36 @@ def test_aggregation_mean_max_majority():
         training.aggregate(probs, clips, method="median")
 
 
+def test_silent_windows_are_left_out_of_their_clips():
+    features = np.random.default_rng(1).normal(-40, 5, (5, 4, 3)).astype(np.float32)
+    features[[1, 4]] = -100.0  # digital silence: a constant log-mel window
+    silent = training.silent_windows(features)
+    assert silent.tolist() == [False, True, False, False, True]
+    assert not training.silent_windows(features.reshape(5, 12)).any()  # vectors: never silent
+    probs = np.array([[0.6, 0.4], [0.0, 1.0], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7]])
+    clips = ["a", "a", "a", "b", "c"]  # c has only a silent window: it keeps it
+    _, mean = training.aggregate(probs, clips, method="mean", silent=silent)
+    np.testing.assert_allclose(mean, [[0.7, 0.3], [0.1, 0.9], [0.3, 0.7]])
+    _, majority = training.aggregate(probs, clips, method="majority", silent=silent)
+    np.testing.assert_allclose(majority, [[1, 0], [0, 1], [0, 1]])
+    _, with_silence = training.aggregate(probs, clips, method="mean")
+    np.testing.assert_allclose(with_silence[0], [1.4 / 3, 1.6 / 3])  # the silent window flips clip a
+
+
+def test_weight_average_per_epoch():
+    average = training.WeightAverage(0.5)
+    first = average.update([np.array([2.0, 4.0], np.float32), np.array([1], np.int64)])
+    assert first[0].dtype == np.float32 and first[0].tolist() == [2.0, 4.0]
+    second = average.update([np.array([4.0, 0.0], np.float32), np.array([3], np.int64)])
+    assert second[0].tolist() == [3.0, 2.0] and second[1].tolist() == [2]
+    assert average.update([np.array([4.0, 0.0], np.float32), np.array([3], np.int64)])[0].tolist() == [
+        3.5,
+        1.0,
+    ]
+    with pytest.raises(ConfigError, match="decay=1.0"):
+        training.WeightAverage(1.0)
+
+
 def test_classification_metrics_by_hand():
     got = training.classification_metrics(
         np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), ["a", "b", "c"]
@@ -166,6 +196,8 @@ def test_train_refuses_bad_requests(demo_features, tmp_path, capsys):
     assert "--test-fold 9 is not a fold of the dataset; folds: [1, 2, 3, 4]" in capsys.readouterr().err
     assert train.run([*base, "--test-fold", "1", "--cv"]) == 2
     assert "give exactly one of --test-fold N, --cv or --splits" in capsys.readouterr().err
+    assert train.run([*base, "--test-fold", "1", "--weight-average", "1.5"]) == 2
+    assert "--weight-average=1.5 must be in [0, 1)" in capsys.readouterr().err
     assert train.run([*base, "--splits"]) == 2
     assert "split 'train' is not in the dataset" in capsys.readouterr().err
     assert train.run(["--data", str(tmp_path), "--output", str(tmp_path / "m"), "--cv"]) == 2

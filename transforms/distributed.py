@@ -351,6 +351,7 @@ def fit(
     epochs: int,
     patience: int,
     aggregation: str,
+    average: training.WeightAverage | None = None,
     verbose: bool = True,
 ) -> FitResult:
     """Trains ``model`` (built and compiled under ``strategy.scope()``) on this worker's share.
@@ -369,6 +370,8 @@ def fit(
         epochs: Maximum epochs.
         patience: Early stopping patience in epochs.
         aggregation: Clip aggregation for the validation clip accuracy.
+        average: Per-epoch weight average that early stopping judges and keeps (as in
+            ``soundshard train``'s single-worker loop), or ``None`` for the raw weights.
         verbose: One progress line per epoch.
 
     Returns:
@@ -444,7 +447,6 @@ def fit(
             variable.assign(mean)
 
     predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    val_clips, val_truth = training.clip_labels(validation.labels, validation.clip_ids)
     rule = StopRule(patience)
     best_weights = None
     spread = 0.0
@@ -456,11 +458,14 @@ def fit(
             totals += train_step(iterator).numpy()
         if averaged:
             average_statistics()
+        raw = None
+        if average is not None:  # judged (and kept) averaged, trained on raw
+            raw = model.get_weights()
+            model.set_weights(average.update(raw))
         probabilities = np.concatenate(
             [predict(validation.features[i : i + 256]).numpy() for i in range(0, len(validation), 256)]
         )
-        _, clip_probabilities = training.aggregate(probabilities, validation.clip_ids, method=aggregation)
-        local = float((clip_probabilities.argmax(axis=1) == val_truth).mean())
+        local = training.clip_accuracy(probabilities, validation, method=aggregation)
         scores = gather(np.array([local], np.float64))[:, 0]
         spread = max(spread, float(np.abs(scores - scores[0]).max()))
         score = float(scores[0])  # the chief's, so that every worker takes the same decision
@@ -474,6 +479,8 @@ def fit(
         improved, stop = rule.update(epoch, score)
         if improved:
             best_weights = model.get_weights()
+        if raw is not None:
+            model.set_weights(raw)
         if verbose:
             print(
                 f"[worker {index}/{k}] epoch {epoch + 1}/{epochs}: loss {history['loss'][-1]:.4f}, "

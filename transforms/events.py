@@ -81,10 +81,11 @@ def window_cells(
     return cell_start, cell_end
 
 
-def file_scores(scores: np.ndarray, method: str) -> np.ndarray:
+def file_scores(scores: np.ndarray, method: str, *, silent: np.ndarray | None = None) -> np.ndarray:
     """One recording's scores ``[n_classes]`` from its window scores ``[n_windows, n_classes]``
-    (mean, max renormalised, or majority vote; as clip aggregation in training)."""
-    _, out = training.aggregate(scores, np.zeros(len(scores), dtype=np.int64), method=method)
+    (mean, max renormalised, or majority vote; digitally ``silent`` windows left out unless all
+    are; as clip aggregation in training)."""
+    _, out = training.aggregate(scores, np.zeros(len(scores), dtype=np.int64), method=method, silent=silent)
     return out[0]
 
 

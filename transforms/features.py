@@ -13,8 +13,10 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import apache_beam as beam
@@ -90,8 +92,16 @@ class ProgressReporter:
         self._last = time.monotonic()
 
 
+#: Per thread: retries seen by a read on a helper thread (Beam counters count only on the DoFn's
+#: own thread), handed to the DoFn to count.
+_RETRY_TALLY = threading.local()
+
+
 def _count_retry(exc: BaseException) -> None:
-    count("storage_retries")
+    if getattr(_RETRY_TALLY, "n", None) is None:
+        count("storage_retries")
+    else:
+        _RETRY_TALLY.n += 1
 
 
 def _open_checked(item: SourceItem, stack: contextlib.ExitStack):
@@ -315,8 +325,23 @@ def plan(
     ]
 
 
+#: Header reads of remote objects one planner keeps in flight: an object store answers each
+#: request after tens of milliseconds, so reading headers one after another waits most of the time.
+READ_AHEAD = 8
+
+
+def _remote_object(item: SourceItem) -> bool:
+    """A plain object in a store (not a local file, not an archive member)."""
+    uri = item.uri
+    return "://" in uri and not uri.startswith("file://") and "::" not in uri
+
+
 class _ProbeFn(beam.DoFn):
-    """Plans work units from file headers, on the workers (dead letters for unreadable files)."""
+    """Plans work units from file headers, on the workers (dead letters for unreadable files).
+
+    Takes batches of items: the headers of a batch's remote objects are read up to
+    :data:`READ_AHEAD` at once (each with its own retries), local files one after another.
+    """
 
     def __init__(
         self,
@@ -331,15 +356,40 @@ class _ProbeFn(beam.DoFn):
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
         self._carry_bytes = carry_bytes
+        self._pool: ThreadPoolExecutor | None = None
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
 
-    def process(self, item: SourceItem):
+    def _plan_tallied(self, item: SourceItem):
+        """``(units, None, retries)`` or ``(None, error, retries)``; retries are tallied, not
+        counted, so that this can run on a helper thread."""
+        _RETRY_TALLY.n = 0
         try:
-            planned = plan(item, self._config, unit_s=self._unit_s, carry_bytes=self._carry_bytes)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "plan", exc))
+            try:
+                planned = plan(item, self._config, unit_s=self._unit_s, carry_bytes=self._carry_bytes)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
+                return None, exc, _RETRY_TALLY.n
+            return planned, None, _RETRY_TALLY.n
+        finally:
+            _RETRY_TALLY.n = None
+
+    def process(self, batch: list[SourceItem]):
+        batch = list(batch)
+        if sum(1 for item in batch if _remote_object(item)) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="soundshard-read-ahead")
+            results = self._pool.map(self._plan_tallied, batch)  # in order, READ_AHEAD in flight
+        else:
+            results = (self._plan_tallied(item) for item in batch)
+        for item, (planned, error, retries) in zip(batch, results, strict=True):
+            if retries:
+                count("storage_retries", retries)
+            yield from self._outputs(item, planned, error)
+
+    def _outputs(self, item: SourceItem, planned: list[WorkUnit] | None, error: BaseException | None):
+        if error is not None:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "plan", error))
             self._progress.add(files=1, windows=0)
             return
         yield from planned
@@ -356,6 +406,9 @@ class _ProbeFn(beam.DoFn):
         self._progress.flush()
 
     def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         close_archives()
 
 
@@ -393,7 +446,10 @@ class PlanUnits(beam.PTransform):
         planner = _ProbeFn(
             self._config, self._unit_s, self._progress_dir, self._augmentations, carry_bytes=self._carry_bytes
         )
-        return items | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
+        batches = items | "BatchForReadAhead" >> beam.BatchElements(
+            min_batch_size=READ_AHEAD, max_batch_size=2 * READ_AHEAD
+        )
+        return batches | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
 
 
 def unit_where(unit: WorkUnit) -> str:

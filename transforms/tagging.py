@@ -32,6 +32,7 @@ from soundshard.schemas.errors import DataError
 from soundshard.schemas.records import FileSummary, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms import events as ev
+from soundshard.transforms import training
 from soundshard.transforms.embeddings import error_parts, local_model
 from soundshard.transforms.features import count, dead_letter
 from soundshard.transforms.shards import join, parquet_bytes, write_bytes
@@ -54,6 +55,8 @@ class ScoredBatch:
         end_s: float64 ``[n]`` window ends.
         scores: float32 ``[n, n_classes]`` class probabilities.
         level_db: float32 ``[n]`` loudest log-mel value of each window (log-mel models), or ``None``.
+        silent: bool ``[n]`` digitally silent windows (left out of the file scores, as of clip
+            scores in training), or ``None`` for none.
     """
 
     source: SourceItem
@@ -62,6 +65,7 @@ class ScoredBatch:
     end_s: np.ndarray
     scores: np.ndarray
     level_db: np.ndarray | None = None
+    silent: np.ndarray | None = None
 
     @property
     def n_windows(self) -> int:
@@ -180,6 +184,7 @@ def _scored(result: PredictionResult, *, level: bool) -> ScoredBatch:
         batch.end_s,
         np.asarray(result.inference, np.float32),
         level_db,
+        training.silent_windows(batch.features),
     )
 
 
@@ -371,6 +376,7 @@ class _TagRecordingFn(beam.DoFn):
             [np.arange(b.n_windows, dtype=np.int64) + b.first_window_index for b in batches]
         )
         level = None if batches[0].level_db is None else np.concatenate([b.level_db for b in batches])
+        silent = None if batches[0].silent is None else np.concatenate([b.silent for b in batches])
         n_units = summaries[0].n_units if summaries else 1
         complete = len(summaries) == n_units and sum(s.n_windows for s in summaries) == len(scores)
         duration_s = sum(s.duration_s for s in summaries) if summaries else float(end_s[-1])
@@ -383,9 +389,9 @@ class _TagRecordingFn(beam.DoFn):
             level_db=level,
             duration_s=duration_s if complete else None,
         )
-        merged = ScoredBatch(item, int(window_index[0]), start_s, end_s, scores, level)
+        merged = ScoredBatch(item, int(window_index[0]), start_s, end_s, scores, level, silent)
         yield TableRows("windows", window_table(item, merged, config, window_index))
-        per_file = ev.file_scores(scores, config.aggregation)
+        per_file = ev.file_scores(scores, config.aggregation, silent=silent)
         yield TableRows(
             "files",
             file_table(

@@ -311,6 +311,33 @@ def training_dataset(
     return data.prefetch(tf.data.AUTOTUNE)
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights (all of them, batch-norm statistics too),
+    taken once per epoch: ``average = decay * average + (1 - decay) * weights``.
+
+    Early stopping judges, and keeps, the averaged weights. On a small dataset the validation
+    score of the raw weights swings by several clips from one epoch to the next, and the epoch
+    that happens to score best is a lucky draw rather than the best model; the average moves
+    slowly and generalises better (Polyak averaging).
+    """
+
+    def __init__(self, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"weight average decay={decay} must be in [0, 1)")
+        self.decay = decay
+        self._average: list[np.ndarray] | None = None
+
+    def update(self, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Folds in this epoch's weights; returns the average (each array in its own dtype)."""
+        if self._average is None:
+            self._average = [np.array(w, dtype=np.float64) for w in weights]
+        else:
+            for average, w in zip(self._average, weights, strict=True):
+                average *= self.decay
+                average += (1.0 - self.decay) * np.asarray(w, dtype=np.float64)
+        return [a.astype(np.asarray(w).dtype) for a, w in zip(self._average, weights, strict=True)]
+
+
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     """``n / (k * count_c)`` per class (1.0 for classes without windows)."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
@@ -318,7 +345,23 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def aggregate(probabilities: np.ndarray, clip_ids: Sequence[str], *, method: str = "mean"):
+def silent_windows(features: np.ndarray) -> np.ndarray:
+    """bool ``[n_windows]``: windows without any signal, every value equal (digital silence gives a
+    constant log-mel window, e.g. the zero padding of short clips). Vectors (embeddings) are never
+    taken for silent here."""
+    if features.ndim < 3 or len(features) == 0:
+        return np.zeros(len(features), bool)
+    flat = features.reshape(len(features), -1)
+    return flat.max(axis=1) == flat.min(axis=1)
+
+
+def aggregate(
+    probabilities: np.ndarray,
+    clip_ids: Sequence[str],
+    *,
+    method: str = "mean",
+    silent: np.ndarray | None = None,
+):
     """Clip-level probabilities from window probabilities.
 
     Args:
@@ -326,6 +369,9 @@ def aggregate(probabilities: np.ndarray, clip_ids: Sequence[str], *, method: str
         clip_ids: ``[n_windows]`` clip of each window.
         method: ``mean`` (average), ``max`` (per class maximum, renormalised) or ``majority``
             (share of the clip's windows whose top class is each class).
+        silent: bool ``[n_windows]`` (:func:`silent_windows`): these windows take no part in
+            their clip's probabilities, unless every window of the clip is silent. A silent
+            window says nothing about the sound, whatever a model makes of it.
 
     Returns:
         ``(clips, clip_probabilities)``: sorted unique clip ids and ``[n_clips, n_classes]``.
@@ -334,6 +380,10 @@ def aggregate(probabilities: np.ndarray, clip_ids: Sequence[str], *, method: str
         raise ConfigError(f"aggregation={method!r} is not one of {AGGREGATIONS}")
     clips, inverse = np.unique(np.asarray(clip_ids, dtype=object).astype(str), return_inverse=True)
     n_classes = probabilities.shape[1]
+    if silent is not None and silent.any():
+        sounding = np.bincount(inverse, weights=~silent, minlength=len(clips)) > 0
+        keep = ~silent | ~sounding[inverse]
+        probabilities, inverse = probabilities[keep], inverse[keep]
     if method == "majority":
         values = np.eye(n_classes)[probabilities.argmax(axis=1)]
     else:
@@ -348,6 +398,16 @@ def aggregate(probabilities: np.ndarray, clip_ids: Sequence[str], *, method: str
         np.add.at(out, inverse, values)
         out = out / counts
     return clips, out
+
+
+def clip_accuracy(probabilities: np.ndarray, windows: WindowSet, *, method: str = "mean") -> float:
+    """Share of ``windows``' clips whose aggregated top class is their label (silent windows left
+    out of their clips, as everywhere)."""
+    _, truth = clip_labels(windows.labels, windows.clip_ids)
+    _, clip_probs = aggregate(
+        probabilities, windows.clip_ids, method=method, silent=silent_windows(windows.features)
+    )
+    return float((clip_probs.argmax(axis=1) == truth).mean())
 
 
 def clip_labels(labels: np.ndarray, clip_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -389,11 +449,13 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
 
 
 def evaluate_predictions(probabilities: np.ndarray, windows: WindowSet, label_names: Sequence[str]) -> dict:
-    """Window metrics and clip metrics for every aggregation method."""
+    """Window metrics and clip metrics for every aggregation method (silent windows count in the
+    window metrics, not in their clips')."""
     result = {"window": classification_metrics(windows.labels, probabilities.argmax(axis=1), label_names)}
     clips, truth = clip_labels(windows.labels, windows.clip_ids)
+    silent = silent_windows(windows.features)
     for method in AGGREGATIONS:
-        agg_clips, clip_probs = aggregate(probabilities, windows.clip_ids, method=method)
+        agg_clips, clip_probs = aggregate(probabilities, windows.clip_ids, method=method, silent=silent)
         assert np.array_equal(agg_clips, clips)
         result[f"clip_{method}"] = classification_metrics(truth, clip_probs.argmax(axis=1), label_names)
     return result
