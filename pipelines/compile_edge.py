@@ -384,7 +384,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
     litert_out = {
         kernels: edge.litert_invoke(flatbuffer, x_test, kernels=kernels) for kernels in edge.LITERT_KERNELS
     }
-    float_probs = model.predict(test.features, batch_size=256, verbose=0)
+    float_probs = training.predict(model, test.features)
     verification = edge.compare_predictions(
         float_probabilities=float_probs,
         int8_outputs=tflm_out,

@@ -170,7 +170,8 @@ class ClipEarlyStopping(keras.callbacks.Callback):
     """Clip-level validation accuracy after each epoch; stops after ``patience`` epochs without
     improvement and restores the best weights.
 
-    With ``average`` (a :class:`training.WeightAverage`) the averaged weights are judged and kept;
+    With ``average`` (a :class:`training.WeightAverage`) the averaged weights, their batch-norm
+    statistics measured again on ``recalibration`` (the training windows), are judged and kept;
     training itself goes on from the raw weights.
     """
 
@@ -181,12 +182,14 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         patience: int,
         aggregation: str,
         average: training.WeightAverage | None = None,
+        recalibration: np.ndarray | None = None,
     ):
         super().__init__()
         self.validation = validation
         self.patience = patience
         self.aggregation = aggregation
         self.average = average
+        self.recalibration = recalibration
         self.best = -1.0
         self.best_epoch = 0
         self.best_weights = None
@@ -196,7 +199,9 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         if self.average is not None:
             raw = self.model.get_weights()
             self.model.set_weights(self.average.update(raw))
-        probs = self.model.predict(self.validation.features, batch_size=256, verbose=0)
+            if self.recalibration is not None:
+                training.recalibrate_batch_norm(self.model, self.recalibration)
+        probs = training.predict(self.model, self.validation.features)
         accuracy = training.clip_accuracy(probs, self.validation, method=self.aggregation)
         if logs is not None:
             logs["val_clip_accuracy"] = accuracy
@@ -270,11 +275,13 @@ def train_split(
             patience=args.patience,
             aggregation=args.aggregation,
             average=_weight_average(args),
+            recalibration=train.features,
         )
         history = model.fit(
             data,
             epochs=args.epochs,
-            validation_data=(validation.features, val_onehot),
+            # a dataset, not arrays: Keras' array adapter maps in parallel (see training.predict)
+            validation_data=tf.data.Dataset.from_tensor_slices((validation.features, val_onehot)).batch(256),
             callbacks=[stopper],
             shuffle=False,  # the dataset shuffles itself, seeded
             verbose=0 if args.quiet else 2,
@@ -303,7 +310,7 @@ def train_split(
         history, best_epoch, best, share = result.history, result.best_epoch, result.best, result.share
         model = distributed.local_copy(model)
     cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
-    probabilities = model.predict(split.test.features, batch_size=256, verbose=0)
+    probabilities = training.predict(model, split.test.features)
     metrics = training.evaluate_predictions(probabilities, split.test, label_names)
     metrics["split"] = split.description
     metrics["epochs_run"] = len(history["loss"])
@@ -366,7 +373,7 @@ def train_split(
 def validation_thresholds(model, validation: training.WindowSet, *, aggregation: str) -> dict:
     """Per-class score thresholds with the best one-vs-rest F1 on the validation fold, for windows
     (events) and for clips (file labels); tagging uses them unless told otherwise."""
-    probabilities = model.predict(validation.features, batch_size=256, verbose=0)
+    probabilities = training.predict(model, validation.features)
     silent = training.silent_windows(validation.features)
     clips, clip_probs = training.aggregate(
         probabilities, validation.clip_ids, method=aggregation, silent=silent
@@ -602,7 +609,7 @@ def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard e
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    probabilities = model.predict(part.features, batch_size=256, verbose=0)
+    probabilities = training.predict(model, part.features)
     metrics = training.evaluate_predictions(probabilities, part, description["label_names"])
     for key in ("window", "clip_mean", "clip_max", "clip_majority"):
         print(f"{key:<14} accuracy {metrics[key]['accuracy']:.3f}  macro F1 {metrics[key]['macro_f1']:.3f}")

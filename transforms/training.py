@@ -312,30 +312,83 @@ def training_dataset(
 
 
 class WeightAverage:
-    """Exponential moving average of a model's weights (all of them, batch-norm statistics too),
-    taken once per epoch: ``average = decay * average + (1 - decay) * weights``.
+    """Exponential moving average of a model's weights, taken once per epoch:
+    ``average = d * average + (1 - d) * weights`` with ``d = min(decay, (1 + t) / (10 + t))`` at
+    the ``t``-th update (a short memory while the first epochs move fast, as in
+    ``tf.train.ExponentialMovingAverage`` with ``num_updates``).
 
     Early stopping judges, and keeps, the averaged weights. On a small dataset the validation
     score of the raw weights swings by several clips from one epoch to the next, and the epoch
     that happens to score best is a lucky draw rather than the best model; the average moves
-    slowly and generalises better (Polyak averaging).
+    slowly and generalises better (Polyak averaging). Batch-norm statistics of averaged weights
+    must be measured again (:func:`recalibrate_batch_norm`): averaging them does not give the
+    statistics of the averaged network.
     """
 
     def __init__(self, decay: float):
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"weight average decay={decay} must be in [0, 1)")
         self.decay = decay
+        self.updates = 0
         self._average: list[np.ndarray] | None = None
 
     def update(self, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Folds in this epoch's weights; returns the average (each array in its own dtype)."""
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
         if self._average is None:
             self._average = [np.array(w, dtype=np.float64) for w in weights]
         else:
             for average, w in zip(self._average, weights, strict=True):
-                average *= self.decay
-                average += (1.0 - self.decay) * np.asarray(w, dtype=np.float64)
+                average *= decay
+                average += (1.0 - decay) * np.asarray(w, dtype=np.float64)
+        self.updates += 1
         return [a.astype(np.asarray(w).dtype) for a, w in zip(self._average, weights, strict=True)]
+
+
+def batch_norm_layers(model) -> list:
+    """The model's ``BatchNormalization`` layers (nested models included)."""
+    import keras
+
+    found = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+    return found
+
+
+def recalibrate_batch_norm(model, features: np.ndarray, *, batch_size: int = 64) -> None:
+    """Re-measures the batch-norm statistics of ``model``'s current weights on ``features``.
+
+    One pass in training mode (eager) over ``features`` in batches; each layer's moving mean and
+    variance become the plain average of the batches' statistics (its momentum set to ``k / (k +
+    1)`` for the ``k``-th batch, then restored), as SWA's batch-norm update does. No other weight
+    changes; dropout layers draw masks as in training but have no state.
+    """
+    layers = batch_norm_layers(model)
+    if not layers or len(features) == 0:
+        return
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for k, start in enumerate(range(0, len(features), batch_size)):
+            for layer in layers:
+                layer.momentum = k / (k + 1.0)
+            model(features[start : start + batch_size], training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+
+
+def predict(model, features: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """``model``'s outputs for ``features``, ``batch_size`` windows per call.
+
+    ``predict_on_batch`` on slices rather than ``model.predict``: Keras feeds ``predict`` through a
+    tf.data pipeline whose parallel map, with op determinism on (as in training), makes TensorFlow
+    log an error line about an attribute its own runtime does not know, once per call.
+    """
+    if len(features) == 0:
+        return np.zeros((0, *model.output_shape[1:]), np.float32)
+    starts = range(0, len(features), batch_size)
+    return np.concatenate([np.asarray(model.predict_on_batch(features[i : i + batch_size])) for i in starts])
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
