@@ -31,7 +31,7 @@ from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, Da
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
 from soundshard.transforms import augment, melspec, units
 from soundshard.transforms.audio import decode_audio
-from soundshard.transforms.sources import close_archives, open_source, storage_error
+from soundshard.transforms.sources import StorageRetry, close_archives, open_source, storage_error
 
 NAMESPACE = "soundshard"
 DEAD_LETTERS = "dead_letters"
@@ -164,6 +164,14 @@ class _DecoderReads:
 
     def __repr__(self) -> str:
         return repr(self._source)
+
+    def fill(self) -> None:
+        """The first read-ahead block, fetched before the decoder opens the file (see
+        ``RemoteFile.fill``); a read that gives up is left for ``_storage_checked`` to raise."""
+        fill = getattr(self._source, "fill", None)
+        if fill is not None:
+            with contextlib.suppress(StorageError):
+                fill()
 
     def fetched_whole(self) -> bytes | None:
         """The object's bytes if one fetch already holds all of it (a small remote file)."""
@@ -298,6 +306,8 @@ def plan(
     data = None
     with contextlib.ExitStack() as stack:
         source = _open_checked(item, stack)
+        if isinstance(source, _DecoderReads):
+            source.fill()  # outside soundfile's open lock (see RemoteFile.fill)
         try:
             with _storage_checked(source):
                 info = soundfile.info(source)
@@ -325,9 +335,10 @@ def plan(
     ]
 
 
-#: Header reads of remote objects one planner keeps in flight: an object store answers each
-#: request after tens of milliseconds, so reading headers one after another waits most of the time.
-READ_AHEAD = 8
+#: Items per batch of the plan stage: up to ``StorageRetry.read_ahead`` of a batch's remote
+#: objects have their headers read at once (an object store answers each request after tens of
+#: milliseconds, so reading headers one after another waits most of the time).
+PLAN_BATCH = 8
 
 
 def _remote_object(item: SourceItem) -> bool:
@@ -340,7 +351,7 @@ class _ProbeFn(beam.DoFn):
     """Plans work units from file headers, on the workers (dead letters for unreadable files).
 
     Takes batches of items: the headers of a batch's remote objects are read up to
-    :data:`READ_AHEAD` at once (each with its own retries), local files one after another.
+    ``StorageRetry.read_ahead`` at once (each with its own retries), local files one after another.
     """
 
     def __init__(
@@ -360,6 +371,7 @@ class _ProbeFn(beam.DoFn):
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
+        self._read_ahead = StorageRetry.from_env().read_ahead
 
     def _plan_tallied(self, item: SourceItem):
         """``(units, None, retries)`` or ``(None, error, retries)``; retries are tallied, not
@@ -376,10 +388,10 @@ class _ProbeFn(beam.DoFn):
 
     def process(self, batch: list[SourceItem]):
         batch = list(batch)
-        if sum(1 for item in batch if _remote_object(item)) > 1:
+        if self._read_ahead > 1 and sum(1 for item in batch if _remote_object(item)) > 1:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="soundshard-read-ahead")
-            results = self._pool.map(self._plan_tallied, batch)  # in order, READ_AHEAD in flight
+                self._pool = ThreadPoolExecutor(self._read_ahead, thread_name_prefix="soundshard-read-ahead")
+            results = self._pool.map(self._plan_tallied, batch)  # in order, read_ahead in flight
         else:
             results = (self._plan_tallied(item) for item in batch)
         for item, (planned, error, retries) in zip(batch, results, strict=True):
@@ -447,7 +459,7 @@ class PlanUnits(beam.PTransform):
             self._config, self._unit_s, self._progress_dir, self._augmentations, carry_bytes=self._carry_bytes
         )
         batches = items | "BatchForReadAhead" >> beam.BatchElements(
-            min_batch_size=READ_AHEAD, max_batch_size=2 * READ_AHEAD
+            min_batch_size=PLAN_BATCH, max_batch_size=PLAN_BATCH
         )
         return batches | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
 
@@ -482,6 +494,8 @@ def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None):
     span = None if unit.n_units == 1 else grid.source_range(unit)
     with contextlib.ExitStack() as stack:
         source = io.BytesIO(unit.data) if unit.data is not None else _open_checked(unit.source, stack)
+        if isinstance(source, _DecoderReads):
+            source.fill()  # outside soundfile's open lock (see RemoteFile.fill)
         with _storage_checked(source):
             audio = decode_audio(
                 source,

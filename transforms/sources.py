@@ -538,7 +538,7 @@ _LOG = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class StorageRetry:
-    """How reads from object stores retry transient errors.
+    """How reads from object stores retry transient errors, and how many run at once.
 
     Every request gets at most ``attempt_timeout_s``. A request that fails with a transient error
     (connection reset or refused, timeout, HTTP 408/429/5xx) is sent again after an exponential
@@ -557,6 +557,9 @@ class StorageRetry:
         deadline_s: Limit of one read with all its retries, in seconds.
         backoff_s: Pause before the first retry (before jitter), in seconds.
         max_backoff_s: Longest pause between two attempts, in seconds.
+        read_ahead: Objects whose headers one planner reads at once (``1``: one after another).
+            Each read waits a round trip on the store; a few in flight hide it. The default
+            suits a worker with a few cores; more pays on stores far away.
 
     Raises:
         ConfigError: a value out of range (the message names it).
@@ -567,10 +570,13 @@ class StorageRetry:
     deadline_s: float = 30.0
     backoff_s: float = 0.25
     max_backoff_s: float = 2.0
+    read_ahead: int = 4
 
     def __post_init__(self):
         if self.attempts < 1:
             raise ConfigError(f"storage retry attempts={self.attempts} must be at least 1")
+        if self.read_ahead < 1:
+            raise ConfigError(f"storage read_ahead={self.read_ahead} must be at least 1")
         for name in ("attempt_timeout_s", "deadline_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"storage retry {name}={getattr(self, name)} must be positive")
@@ -850,6 +856,16 @@ class RemoteFile(io.RawIOBase):
         what = f"reading bytes {start}..{end - 1}"
         self._block_start = start
         self._block = self._retried(what, "cat_file", self._path, start=start, end=end)
+
+    def fill(self) -> None:
+        """Fetches the read-ahead block at the current position now, unless it is held already.
+
+        A decoder can then open the file from memory: soundfile opens files one at a time (a
+        process-wide lock around libsndfile's open), so a first read that waits on the store
+        inside the open would make every other thread's open wait too.
+        """
+        if not 0 <= self._pos - self._block_start < len(self._block) and self._pos < self.size:
+            self._fetch(READ_BLOCK_BYTES)
 
     def whole_block(self) -> bytes | None:
         """The whole object, when the read-ahead block already holds all of it; else ``None``."""

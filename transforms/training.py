@@ -342,7 +342,12 @@ class WeightAverage:
                 average *= decay
                 average += (1.0 - decay) * np.asarray(w, dtype=np.float64)
         self.updates += 1
-        return [a.astype(np.asarray(w).dtype) for a, w in zip(self._average, weights, strict=True)]
+        return [_as_dtype(a, np.asarray(w).dtype) for a, w in zip(self._average, weights, strict=True)]
+
+
+def _as_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` in ``dtype``, rounded to the nearest integer for integer types."""
+    return (np.rint(values) if np.issubdtype(dtype, np.integer) else values).astype(dtype)
 
 
 def batch_norm_layers(model) -> list:
