@@ -170,9 +170,9 @@ class ClipEarlyStopping(keras.callbacks.Callback):
     """Clip-level validation accuracy after each epoch; stops after ``patience`` epochs without
     improvement and restores the best weights.
 
-    With ``average`` (a :class:`training.WeightAverage`) the averaged weights, their batch-norm
-    statistics measured again on ``recalibration`` (the training windows), are judged and kept;
-    training itself goes on from the raw weights.
+    With ``average`` (a :class:`training.WeightAverage`) the averaged trainable weights (with the
+    batch-norm statistics of the epoch) are judged and kept; training itself goes on from the raw
+    weights.
     """
 
     def __init__(
@@ -182,14 +182,12 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         patience: int,
         aggregation: str,
         average: training.WeightAverage | None = None,
-        recalibration: np.ndarray | None = None,
     ):
         super().__init__()
         self.validation = validation
         self.patience = patience
         self.aggregation = aggregation
         self.average = average
-        self.recalibration = recalibration
         self.best = -1.0
         self.best_epoch = 0
         self.best_weights = None
@@ -198,9 +196,7 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         raw = None
         if self.average is not None:
             raw = self.model.get_weights()
-            self.model.set_weights(self.average.update(raw))
-            if self.recalibration is not None:
-                training.recalibrate_batch_norm(self.model, self.recalibration)
+            self.model.set_weights(self.average.update(raw, averaged=training.trainable_mask(self.model)))
         probs = training.predict(self.model, self.validation.features)
         accuracy = training.clip_accuracy(probs, self.validation, method=self.aggregation)
         if logs is not None:
@@ -275,7 +271,6 @@ def train_split(
             patience=args.patience,
             aggregation=args.aggregation,
             average=_weight_average(args),
-            recalibration=train.features,
         )
         history = model.fit(
             data,

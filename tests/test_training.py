@@ -71,38 +71,32 @@ def test_silent_windows_are_left_out_of_their_clips():
 
 
 def test_weight_average_per_epoch():
-    average = training.WeightAverage(0.5)
+    average = training.WeightAverage(0.8)
     first = average.update([np.array([2.0, 4.0], np.float32), np.array([1], np.int64)])
     assert first[0].dtype == np.float32 and first[0].tolist() == [2.0, 4.0]
-    second = average.update([np.array([13.0, -7.0], np.float32), np.array([12], np.int64)])
-    # second update: decay min(0.5, 2 / 11), a short memory while the first epochs move fast
-    np.testing.assert_allclose(second[0], [2 * 2 / 11 + 13 * 9 / 11, 4 * 2 / 11 - 7 * 9 / 11], rtol=1e-6)
-    assert second[1].dtype == np.int64 and second[1].tolist() == [10]
-    for _ in range(20):  # from the ninth update on, the decay is the one asked for
+    second = average.update([np.array([5.0, -2.0], np.float32), np.array([7], np.int64)])
+    # second update: decay min(0.8, 2 / 3), so the first epochs fade quickly
+    np.testing.assert_allclose(second[0], [2 * 2 / 3 + 5 / 3, 4 * 2 / 3 - 2 / 3], rtol=1e-6)
+    assert second[1].dtype == np.int64 and second[1].tolist() == [3]  # integer weights: rounded
+    for _ in range(5):  # from the fourth update on, the decay is the one asked for
         average.update([np.array([1.0, 1.0], np.float32), np.array([1], np.int64)])
-    last = average.update([np.array([3.0, 5.0], np.float32), np.array([1], np.int64)])
-    np.testing.assert_allclose(last[0], [0.5 * 1 + 0.5 * 3, 0.5 * 1 + 0.5 * 5], atol=1e-4)
+    last = average.update(
+        [np.array([6.0, 11.0], np.float32), np.array([1], np.int64)], averaged=[True, False]
+    )
+    held = 1 + (second[0] - 1) * (3 / 4) * 0.8**4  # what is left of the second update
+    np.testing.assert_allclose(last[0], 0.8 * held + 0.2 * np.array([6.0, 11.0]), rtol=1e-5)
+    assert last[1].tolist() == [1]  # not averaged: as given (batch-norm statistics)
     with pytest.raises(ConfigError, match="decay=1.0"):
         training.WeightAverage(1.0)
 
 
-def test_batch_norm_recalibrated_for_averaged_weights():
-    import keras
-
+def test_trainable_mask_marks_batch_norm_statistics_out():
     model = models.build_model("edgecnn", input_shape=(60, 41), n_classes=4, normalization=(-50.0, 400.0))
-    layers = training.batch_norm_layers(model)
-    assert len(layers) == 7 and all(layer.momentum == 0.9 for layer in layers)
-    x = np.random.default_rng(0).uniform(-80, -30, (128, 60, 41)).astype(np.float32)
-    inputs = keras.Model(model.input, layers[0].input).predict(x, verbose=0)
-    before = [w.copy() for w in model.get_weights()]
-    training.recalibrate_batch_norm(model, x, batch_size=64)
-    assert all(layer.momentum == 0.9 for layer in layers)  # restored
-    channels = inputs.reshape(-1, inputs.shape[-1])
-    # two equal batches: the plain average of their statistics is the statistics of all windows
-    np.testing.assert_allclose(layers[0].moving_mean.numpy(), channels.mean(axis=0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(layers[0].moving_variance.numpy(), channels.var(axis=0), rtol=2e-2)
-    changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True)]
-    assert sum(changed) == 2 * len(layers)  # moving mean and variance of each layer, nothing else
+    mask = training.trainable_mask(model)
+    names = [v.path for v in model.weights]
+    assert len(mask) == len(model.get_weights()) and sum(mask) == len(model.trainable_weights)
+    assert not any(m for m, n in zip(mask, names, strict=True) if "moving_" in n)
+    assert all(m for m, n in zip(mask, names, strict=True) if n.endswith("kernel"))
 
 
 def test_classification_metrics_by_hand():

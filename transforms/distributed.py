@@ -461,10 +461,7 @@ def fit(
         raw = None
         if average is not None:  # judged (and kept) averaged, trained on raw
             raw = model.get_weights()
-            model.set_weights(average.update(raw))
-            if averaged:  # batch-norm statistics of the averaged weights, over all shares
-                training.recalibrate_batch_norm(model, mine.features)
-                average_statistics()
+            model.set_weights(average.update(raw, averaged=training.trainable_mask(model)))
         probabilities = np.concatenate(
             [predict(validation.features[i : i + 256]).numpy() for i in range(0, len(validation), 256)]
         )

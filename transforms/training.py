@@ -312,17 +312,16 @@ def training_dataset(
 
 
 class WeightAverage:
-    """Exponential moving average of a model's weights, taken once per epoch:
-    ``average = d * average + (1 - d) * weights`` with ``d = min(decay, (1 + t) / (10 + t))`` at
-    the ``t``-th update (a short memory while the first epochs move fast, as in
-    ``tf.train.ExponentialMovingAverage`` with ``num_updates``).
+    """Exponential moving average of a model's trainable weights, taken once per epoch:
+    ``average = d * average + (1 - d) * weights`` with ``d = min(decay, (1 + t) / (2 + t))`` at
+    the ``t``-th update (the first epochs' weights fade quickly).
 
     Early stopping judges, and keeps, the averaged weights. On a small dataset the validation
     score of the raw weights swings by several clips from one epoch to the next, and the epoch
     that happens to score best is a lucky draw rather than the best model; the average moves
-    slowly and generalises better (Polyak averaging). Batch-norm statistics of averaged weights
-    must be measured again (:func:`recalibrate_batch_norm`): averaging them does not give the
-    statistics of the averaged network.
+    slowly and generalises better (Polyak averaging). Batch-norm statistics are not averaged:
+    those of the current epoch go with the averaged weights (averages of statistics measured
+    while the weights moved fast, in the first epochs, describe no network).
     """
 
     def __init__(self, decay: float):
@@ -332,9 +331,15 @@ class WeightAverage:
         self.updates = 0
         self._average: list[np.ndarray] | None = None
 
-    def update(self, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Folds in this epoch's weights; returns the average (each array in its own dtype)."""
-        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+    def update(
+        self, weights: Sequence[np.ndarray], *, averaged: Sequence[bool] | None = None
+    ) -> list[np.ndarray]:
+        """Folds in this epoch's weights; returns the average (each array in its own dtype).
+
+        ``averaged`` marks the weights to average (default: all); the others are returned as
+        given (e.g. batch-norm statistics, which must match the weights of now).
+        """
+        decay = min(self.decay, (1.0 + self.updates) / (2.0 + self.updates))
         if self._average is None:
             self._average = [np.array(w, dtype=np.float64) for w in weights]
         else:
@@ -342,45 +347,23 @@ class WeightAverage:
                 average *= decay
                 average += (1.0 - decay) * np.asarray(w, dtype=np.float64)
         self.updates += 1
-        return [_as_dtype(a, np.asarray(w).dtype) for a, w in zip(self._average, weights, strict=True)]
+        if averaged is None:
+            averaged = [True] * len(weights)
+        return [
+            _as_dtype(a, np.asarray(w).dtype) if keep else np.asarray(w)
+            for a, w, keep in zip(self._average, weights, averaged, strict=True)
+        ]
+
+
+def trainable_mask(model) -> list[bool]:
+    """Per entry of ``model.get_weights()``: whether it is a trainable weight."""
+    trainable = {id(v) for v in model.trainable_weights}
+    return [id(v) in trainable for v in model.weights]
 
 
 def _as_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``values`` in ``dtype``, rounded to the nearest integer for integer types."""
     return (np.rint(values) if np.issubdtype(dtype, np.integer) else values).astype(dtype)
-
-
-def batch_norm_layers(model) -> list:
-    """The model's ``BatchNormalization`` layers (nested models included)."""
-    import keras
-
-    found = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-    return found
-
-
-def recalibrate_batch_norm(model, features: np.ndarray, *, batch_size: int = 64) -> None:
-    """Re-measures the batch-norm statistics of ``model``'s current weights on ``features``.
-
-    One pass in training mode (eager) over ``features`` in batches; each layer's moving mean and
-    variance become the plain average of the batches' statistics (its momentum set to ``k / (k +
-    1)`` for the ``k``-th batch, then restored), as SWA's batch-norm update does. No other weight
-    changes; dropout layers draw masks as in training but have no state.
-    """
-    layers = batch_norm_layers(model)
-    if not layers or len(features) == 0:
-        return
-    momenta = [layer.momentum for layer in layers]
-    try:
-        for k, start in enumerate(range(0, len(features), batch_size)):
-            for layer in layers:
-                layer.momentum = k / (k + 1.0)
-            model(features[start : start + batch_size], training=True)
-    finally:
-        for layer, momentum in zip(layers, momenta, strict=True):
-            layer.momentum = momentum
 
 
 def predict(model, features: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
