@@ -27,7 +27,7 @@ from soundshard.transforms import distributed, training
 #: other augmentation draws), so they are not bit-identical.
 MIN_CLIP_ACCURACY = 0.75
 TOLERANCE = 0.125
-TRAIN_FLAGS = ["--model", "edgecnn", "--test-fold", "1", "--epochs", "30", "--patience", "5"]
+TRAIN_FLAGS = ["--model", "edgecnn", "--test-fold", "1", "--epochs", "30", "--patience", "10"]
 TRAIN_FLAGS += ["--batch-size", "16", "--quiet"]
 WORKER_TIMEOUT_S = 240
 
