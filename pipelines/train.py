@@ -236,8 +236,7 @@ def train_split(
     label_names = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
     n_classes = len(label_names)
     # digitally silent windows (zero padding of short clips) carry their clip's label but no sound
-    silent = training.silent_windows(split.train.features)
-    train = split.train.take(~silent) if (~silent).any() else split.train
+    train = split.train.take(split.train.sounding)
     mean, variance = float(train.features.mean()), float(train.features.var())
     # under a multi-worker strategy, variables are mirrored on every worker and kept in step
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -369,12 +368,11 @@ def validation_thresholds(model, validation: training.WindowSet, *, aggregation:
     """Per-class score thresholds with the best one-vs-rest F1 on the validation fold, for windows
     (events) and for clips (file labels); tagging uses them unless told otherwise."""
     probabilities = training.predict(model, validation.features)
-    silent = training.silent_windows(validation.features)
     clips, clip_probs = training.aggregate(
-        probabilities, validation.clip_ids, method=aggregation, silent=silent
+        probabilities, validation.clip_ids, method=aggregation, silent=validation.silent
     )
     _, clip_truth = training.clip_labels(validation.labels, validation.clip_ids)
-    sounding = ~silent if (~silent).any() else np.ones(len(silent), bool)
+    sounding = validation.sounding
     return {
         "window": events.best_thresholds(probabilities[sounding], validation.labels[sounding]),
         "clip": events.best_thresholds(clip_probs, clip_truth),

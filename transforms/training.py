@@ -9,6 +9,7 @@ random split of windows, so no clip (and no recording) is on both sides.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 
@@ -43,6 +44,16 @@ class WindowSet:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @functools.cached_property
+    def silent(self) -> np.ndarray:
+        """bool ``[n_windows]``: digitally silent windows (:func:`silent_windows`), found once."""
+        return silent_windows(self.features)
+
+    @property
+    def sounding(self) -> np.ndarray:
+        """bool ``[n_windows]``: the windows that are not silent (all of them when every one is)."""
+        return ~self.silent if (~self.silent).any() else np.ones(len(self), bool)
 
     @property
     def originals(self) -> np.ndarray:
@@ -445,9 +456,7 @@ def clip_accuracy(probabilities: np.ndarray, windows: WindowSet, *, method: str 
     """Share of ``windows``' clips whose aggregated top class is their label (silent windows left
     out of their clips, as everywhere)."""
     _, truth = clip_labels(windows.labels, windows.clip_ids)
-    _, clip_probs = aggregate(
-        probabilities, windows.clip_ids, method=method, silent=silent_windows(windows.features)
-    )
+    _, clip_probs = aggregate(probabilities, windows.clip_ids, method=method, silent=windows.silent)
     return float((clip_probs.argmax(axis=1) == truth).mean())
 
 
@@ -494,9 +503,10 @@ def evaluate_predictions(probabilities: np.ndarray, windows: WindowSet, label_na
     window metrics, not in their clips')."""
     result = {"window": classification_metrics(windows.labels, probabilities.argmax(axis=1), label_names)}
     clips, truth = clip_labels(windows.labels, windows.clip_ids)
-    silent = silent_windows(windows.features)
     for method in AGGREGATIONS:
-        agg_clips, clip_probs = aggregate(probabilities, windows.clip_ids, method=method, silent=silent)
+        agg_clips, clip_probs = aggregate(
+            probabilities, windows.clip_ids, method=method, silent=windows.silent
+        )
         assert np.array_equal(agg_clips, clips)
         result[f"clip_{method}"] = classification_metrics(truth, clip_probs.argmax(axis=1), label_names)
     return result
