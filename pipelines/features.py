@@ -244,20 +244,6 @@ class FeatureRun:
     progress_dir: str | None = None
     committed_runs: frozenset[str] = frozenset()
     augmentations: tuple = ()
-    carry_bytes: bool = False
-
-
-#: A local run whose remote inputs total at most this lets small files travel with their work
-#: unit after the header read (one request per file, not two); the local runner holds every unit
-#: in memory between stages, so larger runs fetch twice instead.
-CARRY_BYTES_LIMIT = 1 << 30
-
-
-def carry_bytes(listing: sources.SourceListing, *, local: bool) -> bool:
-    """Whether small remote files should travel with their unit in this run (see
-    :data:`CARRY_BYTES_LIMIT`); distributed runners fetch twice rather than shuffle audio bytes."""
-    remote = [i.size_bytes or 0 for i in listing.items if "://" in i.uri and not i.uri.startswith("file://")]
-    return local and bool(remote) and sum(remote) <= CARRY_BYTES_LIMIT
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -347,7 +333,6 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         unit_s=run.unit_s,
         progress_dir=run.progress_dir,
         augmentations=run.augmentations,
-        carry_bytes=run.carry_bytes,
     )
     # The units of a split recording are redistributed after planning (a long recording becomes
     # many units); a whole recording's unit stays where its item was planned (items were already
@@ -514,13 +499,13 @@ RAN, NOTHING_NEW, JOB_WRITTEN = "ran", "nothing_new", "job_written"
 
 def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, incremental: bool) -> str:
     """Runs ``build(p, run)`` where the options say: locally on the FnApiRunner (with a progress
-    line and small remote files carried with their units) or on a remote runner (waiting for it).
+    line) or on a remote runner (waiting for it).
 
     An incremental run first removes what killed runs left under ``output``, and has nothing to
     do when the ledger says every input was processed.
 
     Args:
-        run: The resolved run (``listing``, ``committed_runs``, ``progress_dir``, ``carry_bytes``).
+        run: The resolved run (``listing``, ``committed_runs``, ``progress_dir``).
         beam_args: Beam flags.
         label: Name on the progress line.
         build: Composes the pipeline on ``p``.
@@ -551,11 +536,11 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
             threadpoolctl.threadpool_limits(limits=1, user_api="blas"),
             runners.progress(len(run.listing.items), label=label) as progress_dir,
         ):
-            local_run = dataclasses.replace(
-                run, progress_dir=progress_dir, carry_bytes=carry_bytes(run.listing, local=True)
-            )
-            with runners.make_pipeline(options, local=True) as p:
-                build(p, local_run)
+            try:
+                with runners.make_pipeline(options, local=True) as p:
+                    build(p, dataclasses.replace(run, progress_dir=progress_dir))
+            finally:  # what a failed decode left kept must not outlive the run
+                sources.FETCHED.clear()
         return RAN
     p = runners.make_pipeline(options, local=False)
     build(p, run)

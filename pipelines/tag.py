@@ -260,7 +260,6 @@ class TagRun:
     progress_dir: str | None = None
     augmentations: tuple = ()
     max_batch_windows: int = 2048
-    carry_bytes: bool = False
 
     @property
     def temp_dir(self) -> str:

@@ -64,8 +64,6 @@ class WorkUnit:
         n_windows: Windows in this unit.
         unit_index: Index of the unit within the recording.
         n_units: Units of the recording.
-        data: The whole file's bytes when planning already fetched a small remote object (a
-            recording of one unit), so decoding reads them instead of fetching it again.
     """
 
     source: SourceItem
@@ -77,7 +75,6 @@ class WorkUnit:
     n_windows: int
     unit_index: int = 0
     n_units: int = 1
-    data: bytes | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,10 @@
   resets their connections or stalls them, by deterministic rules (``FaultProxy``, ``Fault``).
 
 Each server runs in its own process group (or thread) on a free port and is stopped at the end.
+Every one listens with a backlog of ``LISTEN_BACKLOG`` connections: ``http.server``'s default of 5
+(which ``gcp-storage-emulator`` keeps, answering one HTTP/1.0 request per connection) drops the
+connection attempts of more than a few concurrent clients, and each dropped SYN costs the client a
+1 s retransmission, a stall no real object store causes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+#: Pending connections each server started here accepts (``http.server``'s default is 5).
+LISTEN_BACKLOG = 128
+
+
+class _ThreadingServer(http.server.ThreadingHTTPServer):
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
 
 
 def free_port() -> int:
@@ -87,7 +99,7 @@ class _TokenHandler(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def token_server() -> Iterator[str]:
     """An OAuth token endpoint on 127.0.0.1; yields its URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenHandler)
+    server = _ThreadingServer(("127.0.0.1", 0), _TokenHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -133,7 +145,9 @@ def gcs_emulator(workdir: Path) -> Iterator[dict[str, str]]:
     with token_server() as token_uri:
         credentials = workdir / "service_account.json"
         credentials.write_text(json.dumps(_service_account(token_uri)))
-        command = [_bin("gcp-storage-emulator"), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"]
+        # Run through this file (see the end): the emulator with a listen backlog of LISTEN_BACKLOG.
+        emulator = [sys.executable, str(Path(__file__).resolve()), "gcp-storage-emulator"]
+        command = emulator + ["start", "--host=127.0.0.1", f"--port={port}", "--in-memory"]
         with server_process(command, port, workdir / "gcs-emulator.log"):
             yield {
                 "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
@@ -302,8 +316,7 @@ class FaultProxy:
         self.requests: list[tuple[str, str, str]] = []
         self.stopping = threading.Event()
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FaultProxyHandler)
-        self._server.daemon_threads = True
+        self._server = _ThreadingServer(("127.0.0.1", 0), _FaultProxyHandler)
         self._server.proxy = self
         self._server.upstream = (parsed.hostname, parsed.port or 80)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -348,3 +361,12 @@ def fault_proxy(upstream_url: str) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.stop()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["gcp-storage-emulator"]:
+    # ``python emulators.py gcp-storage-emulator ARGS``: the emulator's own command line, with its
+    # (single-threaded) server accepting LISTEN_BACKLOG pending connections instead of 5.
+    http.server.HTTPServer.request_queue_size = LISTEN_BACKLOG
+    from gcp_storage_emulator.__main__ import main
+
+    main(sys.argv[2:])

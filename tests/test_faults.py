@@ -239,3 +239,21 @@ def test_retry_settings_from_the_environment():
         sources.StorageRetry.from_env({"SOUNDSHARD_STORAGE_ATTEMPTS": "many"})
     with pytest.raises(ConfigError, match="deadline_s=0.0"):
         sources.StorageRetry.from_env({"SOUNDSHARD_STORAGE_DEADLINE_S": "0"})
+    assert sources.StorageRetry.from_env({"SOUNDSHARD_STORAGE_CACHE_MB": "0.5"}).cache_mb == 0.5
+    with pytest.raises(ConfigError, match="cache_mb=-1.0"):
+        sources.StorageRetry.from_env({"SOUNDSHARD_STORAGE_CACHE_MB": "-1"})
+
+
+def test_fetched_objects_are_bounded_and_taken_as_often_as_put():
+    kept = sources.FetchedObjects(limit_bytes=10)
+    assert kept.put(("a",), b"aaaa", reads=2) and kept.put(("b",), b"bbbb")
+    assert (len(kept), kept.held_bytes) == (2, 8)
+    assert kept.take(("a",)) == b"aaaa" and kept.take(("a",)) == b"aaaa"  # a recording and its copy
+    assert kept.take(("a",)) is None and kept.held_bytes == 4
+    assert kept.put(("c",), b"cccc") and kept.put(("d",), b"dddd")  # over the limit: oldest out
+    assert kept.take(("b",)) is None and (len(kept), kept.held_bytes) == (2, 8)
+    assert not kept.put(("e",), b"e" * 11) and len(kept) == 2  # larger than the limit: not kept
+    assert kept.put(("c",), b"CC") and kept.take(("c",)) == b"CC"  # put again: replaced
+    assert not kept.put(("f",), b"f", reads=0)
+    kept.clear()
+    assert (len(kept), kept.held_bytes, kept.take(("d",))) == (0, 0, None)

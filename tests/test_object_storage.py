@@ -144,15 +144,18 @@ def test_incremental_nights_on_gcs(gcs_env, tmp_path):
 
 
 def test_small_remote_file_is_fetched_once(gcs_env, tmp_path):
-    """With carry_bytes, the header read's fetch travels with the unit: decoding needs no request
-    (the object can even be gone); without it, decoding fetches again."""
+    """Planning keeps a small object it fetched whole for the decode in the same process: decoding
+    needs no request (the object can even be gone); unkept, split or replaced objects are fetched."""
+    import dataclasses
+
     import numpy as np
     import soundfile
 
     from soundshard.schemas.config import FeatureConfig
     from soundshard.schemas.errors import StorageError
     from soundshard.schemas.records import SourceItem
-    from soundshard.transforms.features import LogMelGrid, decode_unit, plan
+    from soundshard.transforms.features import LogMelGrid, decode_unit, fetched_key, plan
+    from soundshard.transforms.sources import FETCHED
 
     fs, _ = fsspec.core.url_to_fs("gs://")
     bucket = f"once-{uuid.uuid4().hex[:8]}"
@@ -161,19 +164,34 @@ def test_small_remote_file_is_fetched_once(gcs_env, tmp_path):
     tone = np.sin(np.arange(3 * 16000) * 2 * np.pi * 440 / 16000).astype(np.float32) * 0.5
     soundfile.write(local, tone, 16000)
     fs.put(str(local), f"{bucket}/a.flac")
-    item = SourceItem(uri=f"gs://{bucket}/a.flac", clip_id="a", size_bytes=local.stat().st_size)
+    item = SourceItem(uri=f"gs://{bucket}/a.flac", clip_id="a", size_bytes=local.stat().st_size, version="1")
     config = FeatureConfig()
-    carried = plan(item, config, carry_bytes=True)
-    fetched = plan(item, config)
-    assert len(carried) == 1 and carried[0].data == local.read_bytes()
-    assert fetched[0].data is None
-    expected, _ = decode_unit(fetched[0], LogMelGrid(config))
-    fs.rm(f"{bucket}/a.flac")
-    audio, span = decode_unit(carried[0], LogMelGrid(config))
-    assert span is None and np.array_equal(audio.samples, expected.samples)
-    with pytest.raises(StorageError, match="a.flac"):
-        decode_unit(fetched[0], LogMelGrid(config))
-    # a recording split into several units never carries bytes (each unit reads its own range)
-    fs.put(str(local), f"{bucket}/a.flac")
-    split = plan(item, config, unit_s=1.0, carry_bytes=True)
-    assert len(split) > 1 and all(u.data is None for u in split)
+    grid = LogMelGrid(config)
+    FETCHED.clear()
+    try:
+        fetched = plan(item, config)
+        assert len(fetched) == 1 and len(FETCHED) == 0  # nothing kept unless asked
+        expected, _ = decode_unit(fetched[0], grid)
+        kept = plan(item, config, keep_reads=2)
+        assert kept == fetched and FETCHED.take(fetched_key(item)) == local.read_bytes()
+        fs.rm(f"{bucket}/a.flac")
+        audio, span = decode_unit(kept[0], grid)  # the second of two reads: from memory
+        assert span is None and np.array_equal(audio.samples, expected.samples)
+        assert len(FETCHED) == 0  # taken as often as kept for
+        with pytest.raises(StorageError, match="a.flac"):
+            decode_unit(kept[0], grid)
+        # a recording split into several units is never kept (each unit reads its own range)
+        fs.put(str(local), f"{bucket}/a.flac")
+        split = plan(item, config, unit_s=1.0, keep_reads=1)
+        assert len(split) > 1 and len(FETCHED) == 0
+        # a replaced object (another version) does not match what was kept of the old one
+        plan(item, config, keep_reads=1)
+        louder = local.with_name("b.flac")
+        soundfile.write(louder, tone * 1.5, 16000)
+        fs.put(str(louder), f"{bucket}/a.flac")
+        replaced = dataclasses.replace(item, version="2", size_bytes=louder.stat().st_size)
+        audio, _ = decode_unit(plan(replaced, config)[0], grid)
+        assert np.allclose(audio.samples, expected.samples * 1.5, atol=1e-3)
+        assert len(FETCHED) == 1  # the old version's bytes, never taken
+    finally:
+        FETCHED.clear()

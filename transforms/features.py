@@ -31,7 +31,7 @@ from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, Da
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
 from soundshard.transforms import augment, melspec, units
 from soundshard.transforms.audio import decode_audio
-from soundshard.transforms.sources import StorageRetry, close_archives, open_source, storage_error
+from soundshard.transforms.sources import FETCHED, StorageRetry, close_archives, open_source, storage_error
 
 NAMESPACE = "soundshard"
 DEAD_LETTERS = "dead_letters"
@@ -283,9 +283,7 @@ def as_grid(config) -> WindowGrid:
     return config
 
 
-def plan(
-    item: SourceItem, config, *, unit_s: float | None = None, carry_bytes: bool = False
-) -> list[WorkUnit]:
+def plan(item: SourceItem, config, *, unit_s: float | None = None, keep_reads: int = 0) -> list[WorkUnit]:
     """Reads the header of ``item`` (no samples) and splits it into work units.
 
     Args:
@@ -293,9 +291,10 @@ def plan(
         config: Feature or embedding configuration, or a :class:`WindowGrid`.
         unit_s: Approximate unit length in seconds; ``None`` or 0 keeps every recording whole.
             Recording-scope normalisation needs a whole recording, so it is never split then.
-        carry_bytes: A remote object that the header read fetched whole (one read-ahead block)
-            and that makes one unit travels with its unit (``WorkUnit.data``): one request per
-            file instead of two.
+        keep_reads: A remote object that the header read fetched whole (one read-ahead block)
+            and that makes one unit is kept in this process for this many decodes
+            (``sources.FETCHED``; the recording and its augmented copies): one request per file
+            instead of two when they run here. 0 keeps nothing.
 
     Raises:
         AudioDecodeError: unreadable header or empty file.
@@ -313,7 +312,7 @@ def plan(
                 info = soundfile.info(source)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, EOFError) as exc:
             raise AudioDecodeError(f"cannot decode {item.uri}: {exc}", reason="decode_error") from exc
-        if carry_bytes and isinstance(source, _DecoderReads):
+        if keep_reads and isinstance(source, _DecoderReads):
             data = source.fetched_whole()
     if info.frames <= 0:
         raise AudioValidationError(f"{item.uri} holds no samples ({info.format})", reason="empty_audio")
@@ -326,13 +325,18 @@ def plan(
         )
     per_unit = grid.windows_per_unit(unit_s) if unit_s else None
     ranges = units.split_windows(total, per_unit)
-    data = data if len(ranges) == 1 else None
+    if data is not None and len(ranges) == 1:
+        FETCHED.put(fetched_key(item), data, reads=keep_reads)
     return [
-        WorkUnit(
-            item, info.samplerate, info.frames, output_samples, total, first, n, index, len(ranges), data
-        )
+        WorkUnit(item, info.samplerate, info.frames, output_samples, total, first, n, index, len(ranges))
         for index, (first, n) in enumerate(ranges)
     ]
+
+
+def fetched_key(item: SourceItem) -> tuple:
+    """What identifies ``item``'s bytes in ``sources.FETCHED``: its URL, size and version (so a
+    replaced object never matches; augmented copies share their original's)."""
+    return (item.uri, item.size_bytes, item.version)
 
 
 #: Items per batch of the plan stage: up to ``StorageRetry.read_ahead`` of a batch's remote
@@ -360,13 +364,11 @@ class _ProbeFn(beam.DoFn):
         unit_s: float | None,
         progress_dir: str | None = None,
         augmentations=(),
-        carry_bytes: bool = False,
     ):
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
-        self._carry_bytes = carry_bytes
         self._pool: ThreadPoolExecutor | None = None
 
     def setup(self):
@@ -379,7 +381,9 @@ class _ProbeFn(beam.DoFn):
         _RETRY_TALLY.n = 0
         try:
             try:
-                planned = plan(item, self._config, unit_s=self._unit_s, carry_bytes=self._carry_bytes)
+                planned = plan(
+                    item, self._config, unit_s=self._unit_s, keep_reads=1 + len(self._augmentations)
+                )
             except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
                 return None, exc, _RETRY_TALLY.n
             return planned, None, _RETRY_TALLY.n
@@ -435,7 +439,6 @@ class PlanUnits(beam.PTransform):
         progress_dir: Local folder for progress files of local runs, or ``None``.
         augmentations: Offline augmentations (:mod:`transforms.augment`): each readable
             recording also gets one whole-recording unit per augmentation, for its copy.
-        carry_bytes: Small remote files travel with their unit (see :func:`plan`).
     """
 
     def __init__(
@@ -445,19 +448,15 @@ class PlanUnits(beam.PTransform):
         unit_s: float | None = 60.0,
         progress_dir: str | None = None,
         augmentations=(),
-        carry_bytes: bool = False,
     ):
         super().__init__()
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
-        self._carry_bytes = carry_bytes
 
     def expand(self, items):
-        planner = _ProbeFn(
-            self._config, self._unit_s, self._progress_dir, self._augmentations, carry_bytes=self._carry_bytes
-        )
+        planner = _ProbeFn(self._config, self._unit_s, self._progress_dir, self._augmentations)
         batches = items | "BatchForReadAhead" >> beam.BatchElements(
             min_batch_size=PLAN_BATCH, max_batch_size=PLAN_BATCH
         )
@@ -493,7 +492,10 @@ def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None):
     where = where or unit_where(unit)
     span = None if unit.n_units == 1 else grid.source_range(unit)
     with contextlib.ExitStack() as stack:
-        source = io.BytesIO(unit.data) if unit.data is not None else _open_checked(unit.source, stack)
+        kept = None
+        if span is None and _remote_object(unit.source):
+            kept = FETCHED.take(fetched_key(unit.source))  # fetched whole by planning, in this process
+        source = io.BytesIO(kept) if kept is not None else _open_checked(unit.source, stack)
         if isinstance(source, _DecoderReads):
             source.fill()  # outside soundfile's open lock (see RemoteFile.fill)
         with _storage_checked(source):
@@ -541,8 +543,6 @@ class DecodeUnitFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(unit.source, "decode", exc, where=where))
             self._progress.add(files=int(unit.unit_index == unit.n_units - 1), windows=0)
             return
-        if unit.data is not None:  # decoded: the bytes must not travel on with the windows
-            unit = dataclasses.replace(unit, data=None)
         yield from self.process_audio(unit, audio, span, where)
 
     def process_audio(self, unit: WorkUnit, audio, span: units.SourceRange | None, where: str):

@@ -7,6 +7,7 @@ file); decoding and header probing happen on the workers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import errno
 import functools
@@ -560,6 +561,8 @@ class StorageRetry:
         read_ahead: Objects whose headers one planner reads at once (``1``: one after another).
             Each read waits a round trip on the store; a few in flight hide it. The default
             suits a worker with a few cores; more pays on stores far away.
+        cache_mb: Megabytes of small objects a worker process keeps between the header read
+            and the decoding (``FETCHED``; 0: none kept, every object is fetched twice).
 
     Raises:
         ConfigError: a value out of range (the message names it).
@@ -571,6 +574,7 @@ class StorageRetry:
     backoff_s: float = 0.25
     max_backoff_s: float = 2.0
     read_ahead: int = 4
+    cache_mb: float = 128.0
 
     def __post_init__(self):
         if self.attempts < 1:
@@ -580,7 +584,7 @@ class StorageRetry:
         for name in ("attempt_timeout_s", "deadline_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"storage retry {name}={getattr(self, name)} must be positive")
-        for name in ("backoff_s", "max_backoff_s"):
+        for name in ("backoff_s", "max_backoff_s", "cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"storage retry {name}={getattr(self, name)} must not be negative")
 
@@ -606,6 +610,78 @@ class StorageRetry:
     def pause_s(self, retry: int) -> float:
         """Backoff before retry number ``retry`` (0 for the first), with jitter."""
         return min(self.max_backoff_s, self.backoff_s * 2**retry) * random.uniform(0.5, 1.0)
+
+
+class FetchedObjects:
+    """Small remote objects fetched whole, kept in memory for one later read in the same process.
+
+    Planning reads each recording's header; for an object no larger than the read-ahead block,
+    that read fetched all of it. Decoding, a later stage, takes it from here instead of asking the
+    store again: what the page cache does for local files. On the local runner every header is
+    read before the first unit is decoded, all in one process; on a distributed runner a unit may
+    be decoded in another process, which then fetches the object itself.
+
+    Entries are keyed by URL, size and version (object generation, ETag or mtime), so a replaced
+    object never matches. An entry is dropped once taken as often as it was put for (a recording
+    and its augmented copies); the oldest are dropped first when more than ``limit_bytes`` are
+    held. Thread-safe.
+
+    Args:
+        limit_bytes: Most bytes held; ``None`` reads ``StorageRetry.cache_mb`` when first used.
+    """
+
+    def __init__(self, limit_bytes: int | None = None):
+        self._limit = limit_bytes
+        self._entries: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, key: tuple, data: bytes, *, reads: int = 1) -> bool:
+        """Keeps ``data`` for ``reads`` takes; returns False when it is larger than the limit."""
+        with self._lock:
+            if self._limit is None:
+                self._limit = int(StorageRetry.from_env().cache_mb * 2**20)
+            if reads < 1 or len(data) > self._limit:
+                return False
+            self._drop(key)
+            while self._entries and self._held + len(data) > self._limit:
+                self._drop(next(iter(self._entries)))
+            self._entries[key] = [data, reads]
+            self._held += len(data)
+            return True
+
+    def take(self, key: tuple) -> bytes | None:
+        """The bytes kept for ``key`` (counting one read), or ``None``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            entry[1] -= 1
+            if entry[1] <= 0:
+                self._drop(key)
+            return entry[0]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._held = 0
+            self._limit = None
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._held -= len(entry[0])
+
+
+#: This process's small objects between planning and decoding (see ``FetchedObjects``).
+FETCHED = FetchedObjects()
 
 
 def _causes(exc: BaseException):
