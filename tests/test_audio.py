@@ -68,3 +68,29 @@ def test_file_object_input(tmp_path):
     with open(path, "rb") as f:
         audio = decode_audio(f, sample_rate_hz=16000, name="a.ogg")
     assert len(audio.samples) == 8000
+
+
+def test_descriptor_input_and_fetched_bytes_decode_alike(tmp_path):
+    """A file descriptor is read natively and left open; bytes kept in memory (``_in_memory``:
+    a memfd on Linux) decode exactly like the file they came from."""
+    import contextlib
+    import os
+
+    from soundshard.transforms.features import _in_memory
+
+    path = write_audio(tmp_path / "a.flac", tone(sample_rate_hz=44100, duration_s=0.7), 44100)
+    expected = decode_audio(str(path), sample_rate_hz=16000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        audio = decode_audio(fd, sample_rate_hz=16000, name="a.flac")
+        assert os.fstat(fd).st_size == path.stat().st_size  # still open
+    finally:
+        os.close(fd)
+    assert np.array_equal(audio.samples, expected.samples)
+    with contextlib.ExitStack() as stack:
+        source = _in_memory(path.read_bytes(), stack)
+        kept = decode_audio(source, sample_rate_hz=16000, name="a.flac")
+    assert np.array_equal(kept.samples, expected.samples) and kept.source_sample_rate_hz == 44100
+    if isinstance(source, int):  # closed with the stack
+        with pytest.raises(OSError):
+            os.fstat(source)

@@ -125,7 +125,7 @@ def test_a_file_that_keeps_failing_is_a_dead_letter(proxy, tmp_path):
             "good2.flac": audio_bytes(duration_s=1.0, freq_hz=550, fmt="FLAC"),
             "dead.wav": audio_bytes(duration_s=1.0, freq_hz=660),
             # over one read-ahead block (4 MB), so decoding fetches it again: small files
-            # travel with their unit after the header read and are not fetched twice
+            # are kept in memory after the header read and are not fetched twice
             "late.wav": audio_bytes(duration_s=100.0, freq_hz=770),
         }
     )

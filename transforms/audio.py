@@ -37,7 +37,7 @@ class DecodedAudio:
 
 
 def decode_audio(
-    source: str | BinaryIO,
+    source: str | int | BinaryIO,
     *,
     sample_rate_hz: int,
     channel: int | None = None,
@@ -49,7 +49,8 @@ def decode_audio(
     """Decodes a file with libsndfile, mixes down (or picks ``channel``), resamples with soxr.
 
     Args:
-        source: Local path or a binary file object positioned at the start.
+        source: Local path, open file descriptor (left open) or binary file object, positioned
+            at the start.
         sample_rate_hz: Output rate.
         channel: ``None`` for the mean of all channels, else the index of the channel to keep.
         resample_quality: soxr preset.
@@ -67,7 +68,7 @@ def decode_audio(
     """
     label = name or (source if isinstance(source, str) else getattr(source, "name", "<stream>"))
     try:
-        f = soundfile.SoundFile(source)
+        f = soundfile.SoundFile(source, closefd=not isinstance(source, int))
     except (soundfile.LibsndfileError, RuntimeError, TypeError, EOFError) as exc:
         raise AudioDecodeError(f"cannot decode {label}: {exc}", reason="decode_error") from exc
     with f:

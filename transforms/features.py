@@ -13,10 +13,8 @@ import io
 import json
 import logging
 import os
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import apache_beam as beam
@@ -31,7 +29,14 @@ from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, Da
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
 from soundshard.transforms import augment, melspec, units
 from soundshard.transforms.audio import decode_audio
-from soundshard.transforms.sources import FETCHED, StorageRetry, close_archives, open_source, storage_error
+from soundshard.transforms.sources import (
+    FETCHED,
+    StorageRetry,
+    close_archives,
+    fill_all,
+    open_source,
+    storage_error,
+)
 
 NAMESPACE = "soundshard"
 DEAD_LETTERS = "dead_letters"
@@ -92,16 +97,8 @@ class ProgressReporter:
         self._last = time.monotonic()
 
 
-#: Per thread: retries seen by a read on a helper thread (Beam counters count only on the DoFn's
-#: own thread), handed to the DoFn to count.
-_RETRY_TALLY = threading.local()
-
-
 def _count_retry(exc: BaseException) -> None:
-    if getattr(_RETRY_TALLY, "n", None) is None:
-        count("storage_retries")
-    else:
-        _RETRY_TALLY.n += 1
+    count("storage_retries")
 
 
 def _open_checked(item: SourceItem, stack: contextlib.ExitStack):
@@ -136,6 +133,11 @@ class _DecoderReads:
 
     def __init__(self, source):
         self._source = source
+
+    @property
+    def file(self):
+        """The file read from (a ``RemoteFile``, or an archive member's file object)."""
+        return self._source
 
     @property
     def storage_error(self) -> StorageError | None:
@@ -283,7 +285,9 @@ def as_grid(config) -> WindowGrid:
     return config
 
 
-def plan(item: SourceItem, config, *, unit_s: float | None = None, keep_reads: int = 0) -> list[WorkUnit]:
+def plan(
+    item: SourceItem, config, *, unit_s: float | None = None, keep_reads: int = 0, source=None
+) -> list[WorkUnit]:
     """Reads the header of ``item`` (no samples) and splits it into work units.
 
     Args:
@@ -295,6 +299,8 @@ def plan(item: SourceItem, config, *, unit_s: float | None = None, keep_reads: i
             and that makes one unit is kept in this process for this many decodes
             (``sources.FETCHED``; the recording and its augmented copies): one request per file
             instead of two when they run here. 0 keeps nothing.
+        source: ``item`` already opened by the caller (``_open_checked``), which closes it; by
+            default it is opened (and closed) here.
 
     Raises:
         AudioDecodeError: unreadable header or empty file.
@@ -304,7 +310,8 @@ def plan(item: SourceItem, config, *, unit_s: float | None = None, keep_reads: i
     grid = as_grid(config)
     data = None
     with contextlib.ExitStack() as stack:
-        source = _open_checked(item, stack)
+        if source is None:
+            source = _open_checked(item, stack)
         if isinstance(source, _DecoderReads):
             source.fill()  # outside soundfile's open lock (see RemoteFile.fill)
         try:
@@ -339,9 +346,9 @@ def fetched_key(item: SourceItem) -> tuple:
     return (item.uri, item.size_bytes, item.version)
 
 
-#: Items per batch of the plan stage: up to ``StorageRetry.read_ahead`` of a batch's remote
-#: objects have their headers read at once (an object store answers each request after tens of
-#: milliseconds, so reading headers one after another waits most of the time).
+#: Items per batch of the plan stage: the first blocks of a batch's remote objects are fetched
+#: together, up to ``StorageRetry.read_ahead`` at once (an object store answers each request after
+#: tens of milliseconds, so reading headers one after another waits most of the time).
 PLAN_BATCH = 8
 
 
@@ -354,54 +361,53 @@ def _remote_object(item: SourceItem) -> bool:
 class _ProbeFn(beam.DoFn):
     """Plans work units from file headers, on the workers (dead letters for unreadable files).
 
-    Takes batches of items: the headers of a batch's remote objects are read up to
-    ``StorageRetry.read_ahead`` at once (each with its own retries), local files one after another.
+    Takes batches of items: the first blocks of a batch's remote objects are fetched together
+    (``sources.fill_all``: on the filesystem's event loop, up to ``StorageRetry.read_ahead`` at
+    once, each with its own retries), then the headers are read from memory one after another.
     """
 
-    def __init__(
-        self,
-        config,
-        unit_s: float | None,
-        progress_dir: str | None = None,
-        augmentations=(),
-    ):
+    def __init__(self, config, unit_s: float | None, progress_dir: str | None = None, augmentations=()):
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
-        self._pool: ThreadPoolExecutor | None = None
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
         self._read_ahead = StorageRetry.from_env().read_ahead
 
-    def _plan_tallied(self, item: SourceItem):
-        """``(units, None, retries)`` or ``(None, error, retries)``; retries are tallied, not
-        counted, so that this can run on a helper thread."""
-        _RETRY_TALLY.n = 0
-        try:
-            try:
-                planned = plan(
-                    item, self._config, unit_s=self._unit_s, keep_reads=1 + len(self._augmentations)
-                )
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
-                return None, exc, _RETRY_TALLY.n
-            return planned, None, _RETRY_TALLY.n
-        finally:
-            _RETRY_TALLY.n = None
-
     def process(self, batch: list[SourceItem]):
         batch = list(batch)
-        if self._read_ahead > 1 and sum(1 for item in batch if _remote_object(item)) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._read_ahead, thread_name_prefix="soundshard-read-ahead")
-            results = self._pool.map(self._plan_tallied, batch)  # in order, read_ahead in flight
-        else:
-            results = (self._plan_tallied(item) for item in batch)
-        for item, (planned, error, retries) in zip(batch, results, strict=True):
-            if retries:
-                count("storage_retries", retries)
-            yield from self._outputs(item, planned, error)
+        with contextlib.ExitStack() as stack:
+            opened, failed = {}, {}
+            remote = [i for i, item in enumerate(batch) if _remote_object(item)]
+            if self._read_ahead > 1 and len(remote) > 1:
+                for i in remote:
+                    try:
+                        opened[i] = _open_checked(batch[i], stack)
+                    except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
+                        failed[i] = exc
+                fill_all(
+                    [s.file for s in opened.values() if isinstance(s, _DecoderReads)],
+                    in_flight=self._read_ahead,
+                )
+            for i, item in enumerate(batch):
+                planned, error = None, failed.get(i)
+                if error is None:
+                    try:
+                        planned = plan(
+                            item,
+                            self._config,
+                            unit_s=self._unit_s,
+                            keep_reads=1 + len(self._augmentations),
+                            source=opened.get(i),
+                        )
+                    except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
+                        error = exc
+                    finally:
+                        if i in opened and isinstance(opened[i], _DecoderReads):
+                            opened[i].file.close()  # its block is not needed any more
+                yield from self._outputs(item, planned, error)
 
     def _outputs(self, item: SourceItem, planned: list[WorkUnit] | None, error: BaseException | None):
         if error is not None:
@@ -422,9 +428,6 @@ class _ProbeFn(beam.DoFn):
         self._progress.flush()
 
     def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         close_archives()
 
 
@@ -495,7 +498,7 @@ def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None):
         kept = None
         if span is None and _remote_object(unit.source):
             kept = FETCHED.take(fetched_key(unit.source))  # fetched whole by planning, in this process
-        source = io.BytesIO(kept) if kept is not None else _open_checked(unit.source, stack)
+        source = _in_memory(kept, stack) if kept is not None else _open_checked(unit.source, stack)
         if isinstance(source, _DecoderReads):
             source.fill()  # outside soundfile's open lock (see RemoteFile.fill)
         with _storage_checked(source):
@@ -509,6 +512,25 @@ def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None):
                 n_frames=None if span is None else span.n_frames,
             )
     return audio, span
+
+
+def _in_memory(data: bytes, stack: contextlib.ExitStack):
+    """``data`` as libsndfile reads it best: an anonymous in-memory file's descriptor (Linux
+    ``memfd``, closed when ``stack`` closes), else a ``BytesIO``.
+
+    libsndfile reads a file object through callbacks into Python, each holding the GIL, so the
+    decoding threads of a worker take turns; a descriptor it reads natively.
+    """
+    create = getattr(os, "memfd_create", None)
+    if create is None:
+        return io.BytesIO(data)
+    fd = create("soundshard-fetched", getattr(os, "MFD_CLOEXEC", 0))
+    stack.callback(os.close, fd)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 class DecodeUnitFn(beam.DoFn):

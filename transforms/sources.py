@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -558,9 +559,9 @@ class StorageRetry:
         deadline_s: Limit of one read with all its retries, in seconds.
         backoff_s: Pause before the first retry (before jitter), in seconds.
         max_backoff_s: Longest pause between two attempts, in seconds.
-        read_ahead: Objects whose headers one planner reads at once (``1``: one after another).
-            Each read waits a round trip on the store; a few in flight hide it. The default
-            suits a worker with a few cores; more pays on stores far away.
+        read_ahead: Objects whose first blocks one planner fetches at once (``1``: one after
+            another). Each read waits a round trip on the store; several in flight hide it. The
+            reads run together on the filesystem's event loop, so more costs little.
         cache_mb: Megabytes of small objects a worker process keeps between the header read
             and the decoding (``FETCHED``; 0: none kept, every object is fetched twice).
 
@@ -573,7 +574,7 @@ class StorageRetry:
     deadline_s: float = 30.0
     backoff_s: float = 0.25
     max_backoff_s: float = 2.0
-    read_ahead: int = 4
+    read_ahead: int = 8
     cache_mb: float = 128.0
 
     def __post_init__(self):
@@ -851,45 +852,74 @@ class RemoteFile(io.RawIOBase):
         return getattr(self._fs, method)(*args, **kwargs)
 
     def _retried(self, what: str, method: str, *args, **kwargs):
+        """``fs.<method>(*args, **kwargs)``, retried as ``StorageRetry`` says."""
         if self.storage_error is not None:
             raise self.storage_error
-        retry = self.retry
         started = time.monotonic()
-        deadline = started + retry.deadline_s
         attempt = 0
         while True:
             attempt += 1
-            timeout_s = max(0.001, min(retry.attempt_timeout_s, deadline - time.monotonic()))
+            timeout_s = self._attempt_timeout_s(started)
             try:
                 return self._call(method, *args, timeout_s=timeout_s, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified below; the cause is kept
-                failed = exc
-                description = _describe(exc, timeout_s)
-            pause_s = retry.pause_s(attempt - 1)
-            transient = is_transient(failed)
-            if transient and attempt < retry.attempts and time.monotonic() + pause_s < deadline:
-                _LOG.info(
-                    "%s: %s: attempt %d failed, retry in %.2f s: %s",
-                    self.uri,
-                    what,
-                    attempt,
-                    pause_s,
-                    description,
+                pause_s = self._after_failure(
+                    what, exc, attempt=attempt, started=started, timeout_s=timeout_s
                 )
-                if self.on_retry is not None:
-                    self.on_retry(failed)
-                time.sleep(pause_s)
-                continue
-            elapsed_s = time.monotonic() - started
-            if transient:
-                why = f"gave up after {attempt} attempt(s) in {elapsed_s:.1f} s"
-            else:
-                why = "failed (not retried: not a transient error)"
-            reason = "missing_file" if isinstance(failed, FileNotFoundError) else "storage_error"
-            error = StorageError(f"{self.uri}: {what} {why}: {description}", reason=reason)
-            error.__cause__ = failed
-            self.storage_error = error
-            raise error
+            time.sleep(pause_s)
+
+    async def _retried_async(self, what: str, method: str, *args, **kwargs):
+        """As ``_retried``, as a coroutine on the event loop of an async filesystem."""
+        if self.storage_error is not None:
+            raise self.storage_error
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            timeout_s = self._attempt_timeout_s(started)
+            try:
+                return await asyncio.wait_for(getattr(self._fs, "_" + method)(*args, **kwargs), timeout_s)
+            except Exception as exc:  # noqa: BLE001 - classified below; the cause is kept
+                pause_s = self._after_failure(
+                    what, exc, attempt=attempt, started=started, timeout_s=timeout_s
+                )
+            await asyncio.sleep(pause_s)
+
+    def _attempt_timeout_s(self, started: float) -> float:
+        deadline = started + self.retry.deadline_s
+        return max(0.001, min(self.retry.attempt_timeout_s, deadline - time.monotonic()))
+
+    def _after_failure(
+        self, what: str, failed: Exception, *, attempt: int, started: float, timeout_s: float
+    ) -> float:
+        """The pause before the next attempt after ``failed``; or, when the error is not
+        transient or the attempts or the deadline are spent, raises (and keeps) the StorageError."""
+        retry = self.retry
+        description = _describe(failed, timeout_s)
+        pause_s = retry.pause_s(attempt - 1)
+        transient = is_transient(failed)
+        if transient and attempt < retry.attempts and time.monotonic() + pause_s < started + retry.deadline_s:
+            _LOG.info(
+                "%s: %s: attempt %d failed, retry in %.2f s: %s",
+                self.uri,
+                what,
+                attempt,
+                pause_s,
+                description,
+            )
+            if self.on_retry is not None:
+                self.on_retry(failed)
+            return pause_s
+        elapsed_s = time.monotonic() - started
+        if transient:
+            why = f"gave up after {attempt} attempt(s) in {elapsed_s:.1f} s"
+        else:
+            why = "failed (not retried: not a transient error)"
+        reason = "missing_file" if isinstance(failed, FileNotFoundError) else "storage_error"
+        error = StorageError(f"{self.uri}: {what} {why}: {description}", reason=reason)
+        error.__cause__ = failed
+        self.storage_error = error
+        raise error
 
     def readable(self) -> bool:
         return True
@@ -926,12 +956,20 @@ class RemoteFile(io.RawIOBase):
             self._pos += n
         return done
 
-    def _fetch(self, wanted: int) -> None:
+    def _fetch_range(self, wanted: int) -> tuple[str, int, int]:
+        """What to fetch for a read of ``wanted`` bytes at the current position: ``(what, start,
+        end)``, at least a read-ahead block."""
         start = self._pos
         end = min(self.size, start + min(max(wanted, READ_BLOCK_BYTES), _MAX_REQUEST_BYTES))
-        what = f"reading bytes {start}..{end - 1}"
+        return f"reading bytes {start}..{end - 1}", start, end
+
+    def _fetch(self, wanted: int) -> None:
+        what, start, end = self._fetch_range(wanted)
         self._block_start = start
         self._block = self._retried(what, "cat_file", self._path, start=start, end=end)
+
+    def _needs_fill(self) -> bool:
+        return not 0 <= self._pos - self._block_start < len(self._block) and self._pos < self.size
 
     def fill(self) -> None:
         """Fetches the read-ahead block at the current position now, unless it is held already.
@@ -940,8 +978,14 @@ class RemoteFile(io.RawIOBase):
         process-wide lock around libsndfile's open), so a first read that waits on the store
         inside the open would make every other thread's open wait too.
         """
-        if not 0 <= self._pos - self._block_start < len(self._block) and self._pos < self.size:
+        if self._needs_fill():
             self._fetch(READ_BLOCK_BYTES)
+
+    async def _fill_async(self) -> None:
+        if self._needs_fill():
+            what, start, end = self._fetch_range(READ_BLOCK_BYTES)
+            self._block_start = start
+            self._block = await self._retried_async(what, "cat_file", self._path, start=start, end=end)
 
     def whole_block(self) -> bytes | None:
         """The whole object, when the read-ahead block already holds all of it; else ``None``."""
@@ -977,6 +1021,52 @@ def _open_remote(
         ConfigError: a bad ``SOUNDSHARD_STORAGE_*`` variable.
     """
     return RemoteFile(uri, retry=StorageRetry.from_env(), size_bytes=size_bytes, on_retry=on_retry)
+
+
+def fill_all(files: Sequence[RemoteFile], *, in_flight: int) -> None:
+    """``fill()`` of every file, with up to ``in_flight`` requests at once.
+
+    Reads on an async filesystem (gcsfs, s3fs) run together on its event loop, each with its own
+    retries; others one after another. A read that gives up leaves its ``StorageError`` in the
+    file's ``storage_error`` (raised by its next read) instead of raising here. Each file's
+    ``on_retry`` is called on the calling thread, after all reads are done.
+    """
+    together = [f for f in files if getattr(f._fs, "async_impl", False) and f._needs_fill()]
+    for f in files:
+        if f not in together:
+            with contextlib.suppress(StorageError):
+                f.fill()
+    if not together:
+        return
+    from fsspec.asyn import sync
+
+    failures: dict[int, list[BaseException]] = {id(f): [] for f in together}
+    callbacks = {id(f): f.on_retry for f in together}
+    for f in together:
+        f.on_retry = failures[id(f)].append
+
+    async def fill_each(group: list[RemoteFile]):
+        limit = asyncio.Semaphore(max(1, in_flight))
+
+        async def fill_one(f: RemoteFile):
+            async with limit:
+                with contextlib.suppress(StorageError):
+                    await f._fill_async()
+
+        await asyncio.gather(*(fill_one(f) for f in group))
+
+    by_loop: dict[int, list[RemoteFile]] = collections.defaultdict(list)
+    for f in together:  # fsspec's async filesystems normally share one loop
+        by_loop[id(f._fs.loop)].append(f)
+    try:
+        for group in by_loop.values():
+            sync(group[0]._fs.loop, fill_each, group)
+    finally:
+        for f in together:
+            f.on_retry = callbacks[id(f)]
+            for failed in failures[id(f)]:
+                if f.on_retry is not None:
+                    f.on_retry(failed)
 
 
 def storage_error(source) -> StorageError | None:

@@ -28,7 +28,8 @@ which other work (the emulator not counted) took under 0.25 cores.
 
 With profiling (default; ``--no-profile`` skips it), each mode runs once more, untimed, with
 counters: GCS requests by kind (listing, object metadata, media download) with their count, time
-and bytes, and the time spent opening sources, probing headers (plan) and decoding. Then the
+and bytes, and the time spent opening sources, fetching the first blocks of a plan batch together
+(``fill_all``), probing headers (plan) and decoding. Then the
 clips' bytes are fetched with gcsfs alone, one request at a time and 2 or 4 at once, to separate
 the cost of the requests from the pipeline and show what overlapping them would save.
 
@@ -121,6 +122,7 @@ def instrument(stats: dict) -> None:
 
     # The features stage imported these names; wrapping them there is what its DoFns call.
     timed(feature_stage, "open_source", "open_source (opening, no read)")
+    timed(feature_stage, "fill_all", "fill_all (a batch's first blocks)")
     timed(feature_stage, "plan", "plan (open + header probe)")
     timed(feature_stage, "decode_audio", "decode (read + decode + resample)")
 
