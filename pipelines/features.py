@@ -38,7 +38,7 @@ from importlib import metadata
 import apache_beam as beam
 import threadpoolctl
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from soundshard.pipelines import runner as runners
 from soundshard.schemas import fields
@@ -234,6 +234,8 @@ class FeatureRun:
 
     ``config`` is a FeatureConfig (``soundshard features``) or an EmbeddingConfig
     (``soundshard embed``, see ``pipelines/embed.py``): both plan, decode, shard and commit alike.
+    ``keep_fetched`` (set by ``launch`` for local runs on threads): small remote objects fetched
+    whole by the header read stay in the process until decoded (see ``PlanUnits``).
     """
 
     listing: sources.SourceListing
@@ -244,6 +246,7 @@ class FeatureRun:
     progress_dir: str | None = None
     committed_runs: frozenset[str] = frozenset()
     augmentations: tuple = ()
+    keep_fetched: bool = False
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -333,6 +336,7 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         unit_s=run.unit_s,
         progress_dir=run.progress_dir,
         augmentations=run.augmentations,
+        keep_fetched=run.keep_fetched,
     )
     # The units of a split recording are redistributed after planning (a long recording becomes
     # many units); a whole recording's unit stays where its item was planned (items were already
@@ -529,6 +533,8 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
     input_bytes = sum(i.size_bytes or 0 for i in run.listing.items)
     workers_given = any(a.startswith("--direct_num_workers") for a in beam_args)
     if runners.local_run(options, input_bytes=input_bytes, workers_given=workers_given):
+        # Units are decoded in the process that planned them unless the workers are processes.
+        in_process = options.view_as(DirectOptions).direct_running_mode != "multi_processing"
         # One BLAS thread for the whole run, not only per DoFn instance (see _LogMelFn.setup):
         # worker threads share the process's BLAS, and an instance that restores the process's
         # setting at teardown would change the summation order under another one's feet.
@@ -538,7 +544,7 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
         ):
             try:
                 with runners.make_pipeline(options, local=True) as p:
-                    build(p, dataclasses.replace(run, progress_dir=progress_dir))
+                    build(p, dataclasses.replace(run, progress_dir=progress_dir, keep_fetched=in_process))
             finally:  # what a failed decode left kept must not outlive the run
                 sources.FETCHED.clear()
         return RAN

@@ -259,6 +259,7 @@ class TagRun:
     unit_s: float | None = 60.0
     progress_dir: str | None = None
     augmentations: tuple = ()
+    keep_fetched: bool = False
     max_batch_windows: int = 2048
 
     @property

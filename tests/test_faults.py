@@ -142,6 +142,11 @@ def test_a_file_that_keeps_failing_is_a_dead_letter(proxy, tmp_path):
     assert (figures["inputs"], figures["files_processed"], figures["dead_letters"]) == (4, 2, 2)
     assert figures["accounted_for"] is True
     assert figures["dead_letters_by_reason"] == {"storage_error": 2}
+    # a small object is fetched once: planning keeps its bytes for the decoding in this process
+    media = collections.Counter(
+        path.split("?")[0].rsplit("/", 1)[1] for _, path, _ in proxy.requests if "alt=media" in path
+    )
+    assert media == {"good1.wav": 1, "good2.flac": 1, "dead.wav": 3, "late.wav": 1 + 3 * 2}
     letters = sorted(pq.read_table(out / "dead_letters.parquet").to_pylist(), key=lambda d: d["clip_id"])
     assert [(d["clip_id"], d["stage"], d["reason"], d["error_type"]) for d in letters] == [
         ("dead", "plan", "storage_error", "StorageError"),

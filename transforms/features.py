@@ -366,11 +366,19 @@ class _ProbeFn(beam.DoFn):
     once, each with its own retries), then the headers are read from memory one after another.
     """
 
-    def __init__(self, config, unit_s: float | None, progress_dir: str | None = None, augmentations=()):
+    def __init__(
+        self,
+        config,
+        unit_s: float | None,
+        progress_dir: str | None = None,
+        augmentations=(),
+        keep_fetched: bool = False,
+    ):
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
+        self._keep_reads = 1 + len(self._augmentations) if keep_fetched else 0
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
@@ -399,7 +407,7 @@ class _ProbeFn(beam.DoFn):
                             item,
                             self._config,
                             unit_s=self._unit_s,
-                            keep_reads=1 + len(self._augmentations),
+                            keep_reads=self._keep_reads,
                             source=opened.get(i),
                         )
                     except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
@@ -442,6 +450,9 @@ class PlanUnits(beam.PTransform):
         progress_dir: Local folder for progress files of local runs, or ``None``.
         augmentations: Offline augmentations (:mod:`transforms.augment`): each readable
             recording also gets one whole-recording unit per augmentation, for its copy.
+        keep_fetched: Keep the small objects that header reads fetched whole in this process
+            for their decoding (``sources.FETCHED``; see :func:`plan`): for runs whose units
+            are decoded in the process that planned them (the local runner's threads).
     """
 
     def __init__(
@@ -451,15 +462,23 @@ class PlanUnits(beam.PTransform):
         unit_s: float | None = 60.0,
         progress_dir: str | None = None,
         augmentations=(),
+        keep_fetched: bool = False,
     ):
         super().__init__()
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
+        self._keep_fetched = keep_fetched
 
     def expand(self, items):
-        planner = _ProbeFn(self._config, self._unit_s, self._progress_dir, self._augmentations)
+        planner = _ProbeFn(
+            self._config,
+            self._unit_s,
+            self._progress_dir,
+            self._augmentations,
+            keep_fetched=self._keep_fetched,
+        )
         batches = items | "BatchForReadAhead" >> beam.BatchElements(
             min_batch_size=PLAN_BATCH, max_batch_size=PLAN_BATCH
         )
