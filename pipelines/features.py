@@ -45,7 +45,6 @@ from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError
-from soundshard.schemas.records import WorkUnit
 from soundshard.transforms import augment, ledger, shards, sources
 from soundshard.transforms.features import ComputeLogMel, PlanUnits
 
@@ -311,11 +310,6 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
     }
 
 
-def _split_recording(unit: WorkUnit, n_partitions: int) -> int:
-    """Partition of a unit: 0 for a whole recording, 1 for a part of a split one."""
-    return 0 if unit.n_units == 1 else 1
-
-
 def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTransform) -> dict:
     """Sources → plan → ``compute`` on ``p``: the part every pipeline on audio shares.
 
@@ -338,13 +332,9 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         augmentations=run.augmentations,
         keep_fetched=run.keep_fetched,
     )
-    # The units of a split recording are redistributed after planning (a long recording becomes
-    # many units); a whole recording's unit stays where its item was planned (items were already
-    # spread), so a small file's bytes, fetched with its header, never pass through a shuffle.
-    # The features pipeline knows its shard count before features exist, so shard assignment
-    # fuses with them.
-    whole, parts = planned.units | "WholeOrSplit" >> beam.Partition(_split_recording, 2)
-    units = (whole, parts | "DistributeUnits" >> beam.Reshuffle()) | "Units" >> beam.Flatten()
+    # Units are redistributed after planning (a long recording becomes many units); the features
+    # pipeline knows its shard count before features exist, so shard assignment fuses with them.
+    units = planned.units | "DistributeUnits" >> beam.Reshuffle()
     computed = units | label >> compute
     listing_dead = p | "ListingDeadLetters" >> beam.Create(listing.dead_letters)
     dead_letters = (

@@ -1031,19 +1031,23 @@ def fill_all(files: Sequence[RemoteFile], *, in_flight: int) -> None:
     file's ``storage_error`` (raised by its next read) instead of raising here. Each file's
     ``on_retry`` is called on the calling thread, after all reads are done.
     """
-    together = [f for f in files if getattr(f._fs, "async_impl", False) and f._needs_fill()]
+    together = []
     for f in files:
-        if f not in together:
+        if getattr(f._fs, "async_impl", False) and f._needs_fill():
+            together.append(f)
+        else:
             with contextlib.suppress(StorageError):
                 f.fill()
     if not together:
         return
     from fsspec.asyn import sync
 
-    failures: dict[int, list[BaseException]] = {id(f): [] for f in together}
-    callbacks = {id(f): f.on_retry for f in together}
-    for f in together:
-        f.on_retry = failures[id(f)].append
+    callbacks = {f: f.on_retry for f in together}
+    failures: dict[RemoteFile, list[BaseException]] = {f: [] for f in together}
+    by_loop: dict[int, list[RemoteFile]] = collections.defaultdict(list)
+    for f in together:  # fsspec's async filesystems normally share one loop
+        f.on_retry = failures[f].append
+        by_loop[id(f._fs.loop)].append(f)
 
     async def fill_each(group: list[RemoteFile]):
         limit = asyncio.Semaphore(max(1, in_flight))
@@ -1055,18 +1059,15 @@ def fill_all(files: Sequence[RemoteFile], *, in_flight: int) -> None:
 
         await asyncio.gather(*(fill_one(f) for f in group))
 
-    by_loop: dict[int, list[RemoteFile]] = collections.defaultdict(list)
-    for f in together:  # fsspec's async filesystems normally share one loop
-        by_loop[id(f._fs.loop)].append(f)
     try:
         for group in by_loop.values():
             sync(group[0]._fs.loop, fill_each, group)
     finally:
-        for f in together:
-            f.on_retry = callbacks[id(f)]
-            for failed in failures[id(f)]:
-                if f.on_retry is not None:
-                    f.on_retry(failed)
+        for f, callback in callbacks.items():
+            f.on_retry = callback
+            if callback is not None:
+                for failed in failures[f]:
+                    callback(failed)
 
 
 def storage_error(source) -> StorageError | None:
