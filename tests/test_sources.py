@@ -91,3 +91,46 @@ def test_parquet_manifest(tree):
     pq.write_table(pa.table({"filename": ["dog/b.flac"], "label": ["dog"], "split": ["train"]}), path)
     listing = sources.from_manifest(str(path), input_uri=str(tree / "audio"))
     assert [(i.clip_id, i.label, i.split) for i in listing.items] == [("dog/b", "dog", "train")]
+
+
+def test_files_differing_only_by_extension_keep_apart(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from soundshard.pipelines import features
+
+    from .helpers import tone, write_audio
+
+    inputs = tmp_path / "in"
+    write_audio(inputs / "x.wav", tone(duration_s=1.0), 22050)
+    write_audio(inputs / "x.flac", tone(duration_s=3.0), 22050)
+    write_audio(inputs / "y.wav", tone(duration_s=1.0), 22050)
+    listing = sources.from_listing(str(inputs))
+    assert sorted(i.clip_id for i in listing.items) == ["x.flac", "x.wav", "y"]
+    manifest = tmp_path / "meta.csv"
+    manifest.write_text("filename,label\nx.wav,a\nx.flac,b\n")
+    listed = sources.from_manifest(str(manifest), input_uri=str(inputs))
+    assert not listed.dead_letters
+    assert sorted((i.clip_id, i.label) for i in listed.items) == [("x.flac", "b"), ("x.wav", "a")]
+    out = tmp_path / "out"
+    assert features.run(["--input", str(inputs), "--output", str(out), "--format", "parquet"]) == 0
+    assert json.loads((out / "dataset.json").read_text())["figures"]["files_processed"] == 3
+    table = pq.read_table(out / "parquet").to_pydict()
+    ends = {}
+    for clip, uri, end in zip(table["clip_id"], table["source_uri"], table["end_s"], strict=True):
+        ends[clip] = max(ends.get(clip, 0.0), end)
+        assert uri.endswith(clip if "." in clip else clip + ".wav")
+    assert round(ends["x.wav"]) == 1 and round(ends["x.flac"]) == 3
+
+
+def test_unique_clip_ids_numbers_what_extensions_cannot_separate():
+    from soundshard.schemas.records import SourceItem
+
+    items = [
+        SourceItem("/a/x.wav", "x"),
+        SourceItem("/b/x.wav", "x"),
+        SourceItem("/b/x.flac", "x"),
+        SourceItem("/b/z.wav", "z"),
+    ]
+    assert [i.clip_id for i in sources.unique_clip_ids(items)] == ["x.wav#1", "x.wav#2", "x.flac", "z"]

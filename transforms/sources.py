@@ -20,7 +20,7 @@ import posixpath
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -178,6 +178,33 @@ def clip_id_for(uri: str, root: str) -> str:
     return stem
 
 
+def unique_clip_ids(items: Sequence[SourceItem]) -> list[SourceItem]:
+    """The items with clip ids that tell every input apart (deterministic; readable ids kept).
+
+    Ids are paths without extension, so ``x.wav`` and ``x.flac`` in one folder, or a file and an
+    archive member, can meet on one id; two inputs must never share one (their windows would be
+    attributed to one, the other lost). Inputs whose id is shared get their extension back
+    (``x.wav``, ``x.flac``); ids still shared after that (same name in two places outside the
+    input root) get ``#1``, ``#2``, ... in listing order. Ids used once are unchanged.
+    """
+    out = list(items)
+    counts = collections.Counter(item.clip_id for item in out)
+    for i, item in enumerate(out):
+        if counts[item.clip_id] > 1:
+            path = item.archive_member or item.uri.split("::", 1)[0].split("?", 1)[0]
+            out[i] = dataclasses.replace(item, clip_id=item.clip_id + posixpath.splitext(path)[1])
+    for _ in range(3):
+        counts = collections.Counter(item.clip_id for item in out)
+        if max(counts.values(), default=1) <= 1:
+            return out
+        seen: collections.Counter = collections.Counter()
+        for i, item in enumerate(out):
+            if counts[item.clip_id] > 1:
+                seen[item.clip_id] += 1
+                out[i] = dataclasses.replace(item, clip_id=f"{item.clip_id}#{seen[item.clip_id]}")
+    raise AssertionError("clip ids could not be made unique")  # unreachable: '#k' ids are new
+
+
 def archive_kind(uri: str) -> tuple[str, dict] | None:
     """``(fsspec protocol, options)`` for an archive path, or ``None`` when ``uri`` is no archive."""
     lower = uri.lower()
@@ -204,19 +231,143 @@ def _member_problem(name: str, kind: str) -> str | None:
     return None
 
 
-def list_archive(uri: str) -> list[tuple[str, str, int | None]]:
-    """Members of a tar/zip archive as ``(name, kind, size)``; kind is file/directory/link/other.
+@dataclasses.dataclass(frozen=True)
+class ArchiveMember:
+    """One entry of a tar/zip archive, as listed.
 
-    Reads the zip central directory, or scans the tar headers (a compressed tar is decompressed
-    once for that).
+    Attributes:
+        name: Path inside the archive, as stored.
+        kind: ``file``, ``directory``, ``link`` or ``other``.
+        size_bytes: Size of the member's data.
+        occurrence: 1 for the first entry with this name, 2 for the second, ... (a tar appended
+            to, or a zip written twice, holds several entries of one name; all are read).
+        duplicates: How many entries of the archive have this name.
+    """
+
+    name: str
+    kind: str
+    size_bytes: int | None
+    occurrence: int = 1
+    duplicates: int = 1
+
+    @property
+    def key(self) -> str:
+        """The member's address in URIs and clip ids: its name, plus ``#k`` when the name repeats."""
+        return self.name if self.duplicates == 1 else f"{self.name}#{self.occurrence}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveListing:
+    """What could be read of an archive's index.
+
+    Attributes:
+        members: The entries listed, in archive order.
+        problem: Why the listing stopped before the archive's end (with the byte offset), or
+            ``None`` when it was read to its end.
+    """
+
+    members: tuple[ArchiveMember, ...]
+    problem: str | None = None
+
+
+def _number_occurrences(entries: Sequence[tuple[str, str, int | None]]) -> tuple[ArchiveMember, ...]:
+    totals = collections.Counter(name for name, _, _ in entries)
+    seen: collections.Counter = collections.Counter()
+    members = []
+    for name, kind, size in entries:
+        seen[name] += 1
+        members.append(ArchiveMember(name, kind, size, seen[name], totals[name]))
+    return tuple(members)
+
+
+def _tar_kind(info) -> str:
+    if info.isfile():
+        return "file"
+    if info.isdir():
+        return "directory"
+    if info.issym() or info.islnk():
+        return "link"
+    return "other"
+
+
+def _checked_tarinfo(problems: list):
+    """A TarInfo class that records the header errors after which tarfile stops listing silently.
+
+    ``tarfile`` ends its member list without an error at a damaged header anywhere but the first
+    (``TarFile.next``), so a corrupt second header looked like the archive's end and the members
+    behind it were lost without a trace.
+    """
+    import tarfile
+
+    class _Checked(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar):
+            offset = tar.offset
+            try:
+                return super().fromtarfile(tar)
+            except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+                problems.append(f"damaged member header at byte {offset} of the tar stream ({exc})")
+                raise
+
+    return _Checked
+
+
+def tar_members(archive) -> Iterator:
+    """Iterates a ``tarfile.TarFile`` opened with ``tarinfo=_checked_tarinfo(problems)``; an error
+    part-way is added to ``problems`` (with the byte offset) and ends the iteration."""
+    problems = archive.tarinfo.problems
+    try:
+        yield from archive
+    except Exception as exc:  # noqa: BLE001 - what was listed before the damage still counts
+        problems.append(f"unreadable at byte {archive.offset} of the tar stream: {type(exc).__name__}: {exc}")
+
+
+def _tar(fileobj, *, stream: bool, compression: str | None):
+    import tarfile
+
+    problems: list[str] = []
+    tarinfo = _checked_tarinfo(problems)
+    tarinfo.problems = problems
+    if stream:
+        suffix = {"gzip": "gz", "bz2": "bz2", "xz": "xz"}.get(compression, "")
+        return tarfile.open(fileobj=fileobj, mode=f"r|{suffix}", tarinfo=tarinfo)
+    return tarfile.TarFile(fileobj=_decompressed(fileobj, compression), tarinfo=tarinfo)
+
+
+def _decompressed(fileobj, compression: str | None):
+    if compression == "gzip":
+        import gzip
+
+        return gzip.GzipFile(fileobj=fileobj, mode="rb")
+    if compression == "bz2":
+        import bz2
+
+        return bz2.BZ2File(fileobj, mode="rb")
+    if compression == "xz":
+        import lzma
+
+        return lzma.LZMAFile(fileobj, mode="rb")
+    return fileobj
+
+
+def list_archive(uri: str) -> ArchiveListing:
+    """Entries of a tar/zip archive (the zip central directory, or a scan of the tar headers; a
+    compressed tar is decompressed once for that).
+
+    A tar that cannot be read to its end (a damaged header, truncated or corrupt compressed data)
+    gives the entries before the damage and the ``problem``, with its byte offset.
+
+    Raises:
+        Exception: when nothing of the archive can be read (not an archive, damaged zip directory,
+            unreadable first header).
     """
     import stat
-    import tarfile
     import zipfile
 
     protocol, options = archive_kind(uri)
-    members = []
     fs, path = _fs_and_path(uri)
+    entries: list[tuple[str, str, int | None]] = []
+    problem = None
     with fs.open(path, "rb", cache_type="readahead", block_size=READ_BLOCK_BYTES) as f:
         if protocol == "zip":
             with zipfile.ZipFile(f) as archive:
@@ -228,21 +379,14 @@ def list_archive(uri: str) -> list[tuple[str, str, int | None]]:
                         kind = "link"
                     else:
                         kind = "file"
-                    members.append((info.filename, kind, info.file_size))
+                    entries.append((info.filename, kind, info.file_size))
         else:
-            compression = {"gzip": "gz", "bz2": "bz2", "xz": "xz"}.get(options.get("compression"), "")
-            with tarfile.open(fileobj=f, mode=f"r|{compression}") as archive:
-                for info in archive:
-                    if info.isfile():
-                        kind = "file"
-                    elif info.isdir():
-                        kind = "directory"
-                    elif info.issym() or info.islnk():
-                        kind = "link"
-                    else:
-                        kind = "other"
-                    members.append((info.name, kind, info.size))
-    return members
+            with _tar(f, stream=True, compression=options.get("compression")) as archive:
+                for info in tar_members(archive):
+                    entries.append((info.name, _tar_kind(info), info.size))
+                problems = archive.tarinfo.problems
+                problem = problems[0] if problems else None
+    return ArchiveListing(_number_occurrences(entries), problem)
 
 
 def expand_archive(
@@ -257,6 +401,10 @@ def expand_archive(
 
     Member names never become output paths, but names that point outside the archive
     (absolute, ``..``) and links are refused all the same, as an extractor would have to.
+    Entries that share a name are all read, told apart by ``#1``, ``#2``, ... in their URI and
+    clip id. An archive that cannot be listed is one dead letter (``bad_archive``); one that can
+    be listed only part-way gives its members up to the damage and a dead letter for the rest
+    (``archive_incomplete``, naming the byte offset).
 
     Args:
         uri: The archive.
@@ -271,7 +419,7 @@ def expand_archive(
     prefix = _strip_archive_suffix(clip_id_for(uri, root) + posixpath.splitext(uri)[1])
     items, dead = [], []
     try:
-        members = list_archive(uri)
+        listing = list_archive(uri)
     except Exception as exc:  # noqa: BLE001 - a bad archive is a dead letter, not a stop
         dead.append(
             DeadLetter(
@@ -279,15 +427,17 @@ def expand_archive(
             )
         )
         return items, dead
-    for name, kind, size in members:
+    for member in listing.members:
+        name, kind = member.name, member.kind
         if kind == "directory":
             continue
         selected = fnmatch.fnmatch(name, member_glob) if member_glob else _is_audio(name, AUDIO_EXTENSIONS)
         if not selected:
             continue
-        member_uri = f"{protocol}://{name}::{uri}"
+        member_uri = f"{protocol}://{member.key}::{uri}"
         problem = _member_problem(name, kind)
-        clip_id = f"{prefix}/{posixpath.splitext(name.lstrip('/'))[0]}"
+        stem = posixpath.splitext(name.lstrip("/"))[0]
+        clip_id = f"{prefix}/{stem}" if member.duplicates == 1 else f"{prefix}/{stem}#{member.occurrence}"
         if problem:
             dead.append(
                 DeadLetter(member_uri, clip_id, "source", "unsafe_member", "SourceError", f"{uri}: {problem}")
@@ -295,7 +445,21 @@ def expand_archive(
             continue
         label = posixpath.basename(posixpath.dirname(name)) or None if label_from_parent else None
         items.append(
-            SourceItem(member_uri, clip_id, label, size_bytes=size, archive_member=name, version=version)
+            SourceItem(
+                member_uri, clip_id, label, size_bytes=member.size_bytes, archive_member=name, version=version
+            )
+        )
+    if listing.problem:
+        dead.append(
+            DeadLetter(
+                uri,
+                prefix,
+                "source",
+                "archive_incomplete",
+                "ArchiveError",
+                f"archive {uri} cannot be read to its end: {listing.problem}; "
+                f"the {len(listing.members)} entries before it are taken, anything after it is lost",
+            )
         )
     return items, dead
 
@@ -343,7 +507,7 @@ def from_listing(
                 version=listed.version,
             )
         )
-    items = [recordings.annotate(item, recording) for item in items]
+    items = [recordings.annotate(item, recording) for item in unique_clip_ids(items)]
     return SourceListing(tuple(items), tuple(dead), (), _label_map(i.label for i in items))
 
 
@@ -449,7 +613,7 @@ def from_manifest(
                     clip=clip_id,
                 )
                 continue
-        if clip_id in seen:
+        if uri in seen:
             reject(
                 "duplicate_row",
                 f"row {row_number}: {filename!r} is listed more than once",
@@ -496,10 +660,10 @@ def from_manifest(
         except ValueError as exc:
             reject("bad_start_time", f"row {row_number}: {start_col}: {exc}", uri=uri, clip=clip_id)
             continue
-        seen.add(clip_id)
+        seen.add(uri)
         all_labels.append(label)
         items.append(item)
-    return SourceListing(tuple(items), tuple(dead), extra_columns, _label_map(all_labels))
+    return SourceListing(tuple(unique_clip_ids(items)), tuple(dead), extra_columns, _label_map(all_labels))
 
 
 def _exists(uri: str) -> bool:
@@ -1084,17 +1248,56 @@ def storage_error(source) -> StorageError | None:
 
 
 class _OpenArchive:
-    """An archive opened once per process: its member index and a lock for reads from it."""
+    """An archive opened once per process: its member index and a lock for reads from it.
+
+    Members are found by :attr:`ArchiveMember.key` (the name, with ``#k`` for the k-th of
+    several entries of one name), so every entry can be read, not only the last one of a name
+    (what a lookup by name gives in tarfile, zipfile and fsspec's archive filesystems).
+    """
 
     def __init__(self, archive_uri: str, on_retry: Callable[[BaseException], None] | None = None):
+        import zipfile
+
         protocol, options = archive_kind(archive_uri)
         local = "://" not in archive_uri or archive_uri.startswith("file://")
         if local:
             self.file = open(archive_uri.removeprefix("file://"), "rb")
         else:
             self.file = _open_remote(archive_uri, on_retry=on_retry)
-        self.fs = fsspec.filesystem(protocol, fo=self.file, skip_instance_cache=True, **options)
+        if protocol == "zip":
+            self._archive = zipfile.ZipFile(self.file)
+            infos = [(i.filename, i) for i in self._archive.infolist()]
+        else:
+            self._archive = _tar(self.file, stream=False, compression=options.get("compression"))
+            infos = [(i.name, i) for i in tar_members(self._archive)]
+        totals = collections.Counter(name for name, _ in infos)
+        seen: collections.Counter = collections.Counter()
+        self._members = {}
+        for name, info in infos:
+            seen[name] += 1
+            self._members[name if totals[name] == 1 else f"{name}#{seen[name]}"] = info
         self.lock = threading.Lock()
+
+    def _info(self, key: str):
+        try:
+            return self._members[key]
+        except KeyError:
+            raise FileNotFoundError(f"no member {key!r} in the archive") from None
+
+    def size(self, key: str) -> int:
+        """Size of a member's data in bytes."""
+        info = self._info(key)
+        return info.file_size if hasattr(info, "file_size") else info.size
+
+    def open(self, key: str):
+        """A binary file object on a member's data."""
+        info = self._info(key)
+        if hasattr(info, "file_size"):
+            return self._archive.open(info)
+        stream = self._archive.extractfile(info)
+        if stream is None:
+            raise ValueError(f"member {key!r} is not a regular file")
+        return stream
 
 
 @functools.lru_cache(maxsize=_OPEN_ARCHIVES)
@@ -1141,9 +1344,9 @@ def open_source(
             with archive.lock:
                 if isinstance(archive.file, RemoteFile):
                     archive.file.on_retry = on_retry
-                size = archive.fs.size(member)
-                if size is not None and size <= _MEMBER_IN_MEMORY_BYTES:
-                    with archive.fs.open(member, "rb") as f:
+                size = archive.size(member)
+                if size <= _MEMBER_IN_MEMORY_BYTES:
+                    with archive.open(member) as f:
                         return io.BytesIO(f.read())
         except Exception as exc:
             failure = getattr(archive.file, "storage_error", None)
@@ -1154,7 +1357,7 @@ def open_source(
                 raise
             raise failure from failure.__cause__  # the store's error, not what tarfile made of it
         own = _OpenArchive(archive_uri, on_retry)
-        stream = own.fs.open(member, "rb")
+        stream = own.open(member)
         stream.archive = own  # keeps the archive's file open as long as the stream
         return stream
     return _open_remote(uri, size_bytes=size_bytes, on_retry=on_retry)
