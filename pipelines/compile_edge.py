@@ -137,15 +137,8 @@ def held_out(windows: training.WindowSet, split: dict) -> tuple[training.WindowS
 
 def _window_sources(data_dir: str, dataset: dict) -> dict[str, np.ndarray]:
     """Source URI and window index of every window, in ``load_windows`` order."""
-    import pyarrow.parquet as pq
-
-    columns = {"source_uri": [], "window_index": []}
-    for name in dataset["shards"]["parquet"]:
-        path = data_dir.rstrip("/") + "/" + (name["path"] if isinstance(name, dict) else name)
-        table = pq.read_table(path, columns=list(columns))
-        for key in columns:
-            columns[key].extend(table.column(key).to_pylist())
-    return {key: np.asarray(values, dtype=object) for key, values in columns.items()}
+    table = training.read_window_table(data_dir, dataset, columns=["source_uri", "window_index"])
+    return {key: np.asarray(table.column(key).to_pylist(), dtype=object) for key in table.column_names}
 
 
 def golden_vectors(

@@ -462,8 +462,14 @@ def take_sources(args: argparse.Namespace, *, fingerprint: str) -> TakenSources:
     if run_date is None:
         return TakenSources(listing, recording, None)
     earlier = ledger.read_ledger(args.output.rstrip("/"))
+    done = ledger.done_keys(earlier, retry_dead_letters=args.retry_dead_letters)
+    # Local files have no content digest in their listing: hash those the keys do not settle (new,
+    # or touched since), so the ledger can tell a touched file from a changed one.
+    items = sources.with_content(
+        listing.items, where=lambda item: ledger.key_of(item, fingerprint) not in done
+    )
     new, unchanged = ledger.split_new(
-        listing.items, earlier, fingerprint=fingerprint, retry_dead_letters=args.retry_dead_letters
+        items, earlier, fingerprint=fingerprint, retry_dead_letters=args.retry_dead_letters
     )
     return TakenSources(
         dataclasses.replace(listing, items=tuple(new)),

@@ -264,10 +264,14 @@ def read_parquet_windows(paths: str | Sequence[str]) -> tuple[pa.Table, np.ndarr
     import pyarrow.parquet as pq
 
     paths = [paths] if isinstance(paths, str) else list(paths)
-    tables = [pq.read_table(p) for p in paths]
-    table = pa.concat_tables(tables) if tables else pa.table({})
-    shape = feature_shape_of(tables[0].schema)
-    column = feature_column_in(tables[0].schema)
+    return split_features(pa.concat_tables([pq.read_table(p) for p in paths]))
+
+
+def split_features(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """``(table without the feature column, float32 features)`` of a window table read from shards
+    (column and shape from the schema metadata; see :func:`read_parquet_windows`)."""
+    shape = feature_shape_of(table.schema)
+    column = feature_column_in(table.schema)
     values = table.column(column).combine_chunks().values.to_numpy(zero_copy_only=False)
     features = values.reshape(table.num_rows, *shape)
     return table.drop_columns([column]), features

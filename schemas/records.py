@@ -30,6 +30,9 @@ class SourceItem:
         deployment: Deployment (recorder placement) within the site, or ``None``.
         augmentation: For an offline-augmented copy, what was done (``pitch_shift=+2``); the
             clip id is then the original's plus ``~<augmentation>``. ``None`` for originals.
+        content: A digest of the file's content (the store's MD5/CRC32C/ETag, or the SHA-256 of a
+            local file in incremental runs), so that a file touched but not changed is not taken
+            on again; ``None`` when unknown.
     """
 
     uri: str
@@ -45,6 +48,7 @@ class SourceItem:
     site: str | None = None
     deployment: str | None = None
     augmentation: str | None = None
+    content: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -176,3 +176,66 @@ def test_killed_and_restarted_run_gives_the_rows_of_one_clean_run(tmp_path):
     assert not list(out.glob("_tmp-*"))
     tfrecords = sorted(p.name.split("-", 3)[-1] for p in (out / "tfrecord").rglob("*.tfrecord"))
     assert tfrecords == sorted(p.name.split("-", 3)[-1] for p in (clean / "tfrecord").rglob("*.tfrecord"))
+
+
+def test_touched_but_unchanged_file_is_not_taken_on_again(tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    night_files(inputs, ["sites/a/20261124_010000.wav", "sites/a/20261124_020000.wav"])
+    assert run_night(inputs, out, "2026-11-24") == 0
+    first = window_rows(out)
+    touched = inputs / "sites" / "a" / "20261124_010000.wav"
+    os.utime(touched, (time.time() + 3600, time.time() + 3600))  # copied again, same bytes
+    capsys.readouterr()
+    assert run_night(inputs, out, "2026-11-25") == 0
+    assert "nothing new: all 2 input(s)" in capsys.readouterr().out
+    assert same_rows(window_rows(out), first)
+    contents = ledger.read_ledger(str(out)).column("content").to_pylist()
+    assert len(contents) == 2 and all(c.startswith("sha256:") for c in contents)
+
+
+def test_readers_see_every_night_and_only_the_latest_version_of_a_changed_file(tmp_path):
+    from soundshard.transforms import training
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+
+    def night(run_date):
+        argv = ["--input", inputs, "--output", out, "--incremental", "--run_date", run_date]
+        return features.run([str(a) for a in (*argv, "--label_from_parent", "--format", "parquet")])
+
+    write_audio(inputs / "dog" / "d1.wav", tone(duration_s=2.0, freq_hz=300), 22050)
+    assert night("2026-11-24") == 0
+    write_audio(inputs / "cat" / "c1.wav", tone(duration_s=2.0, freq_hz=900), 22050)
+    write_audio(inputs / "dog" / "d1.wav", tone(duration_s=2.0, freq_hz=500), 22050)  # same size, new audio
+    assert night("2026-11-25") == 0
+
+    latest = json.loads((out / "dataset.json").read_text())
+    assert latest["label_map"] == {"cat": 0, "dog": 1}  # this night alone
+    dataset = training.read_dataset_json(str(out))
+    assert [n["run_date"] for n in dataset["nights"]["included"]] == ["2026-11-24", "2026-11-25"]
+    assert dataset["label_map"] == {"cat": 0, "dog": 1}
+    assert [e["rows"] for e in dataset["shards"]["parquet"]] == [4, 8]
+    windows = training.load_windows(str(out), dataset)
+    # d1 twice in the shards (both nights) but read once, from the night that saw its new audio
+    assert sorted(windows.clip_ids.tolist()) == ["cat/c1"] * 4 + ["dog/d1"] * 4
+    assert {(c, int(lab)) for c, lab in zip(windows.clip_ids, windows.labels, strict=True)} == {
+        ("cat/c1", 0),
+        ("dog/d1", 1),
+    }
+    second_night = [e["path"] for e in dataset["shards"]["parquet"] if "2026-11-25" in e["path"]]
+    newest = pq.read_table(out / second_night[0]).to_pylist()
+    new_d1 = np.stack([np.asarray(r["log_mel"], np.float32) for r in newest if r["clip_id"] == "dog/d1"])
+    got_d1 = windows.features[windows.clip_ids == "dog/d1"].reshape(new_d1.shape)
+    assert np.array_equal(got_d1, new_d1)
+
+
+def test_readers_leave_out_nights_with_other_features(tmp_path):
+    from soundshard.transforms import training
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    night_files(inputs, ["sites/a/x.wav"])
+    assert run_night(inputs, out, "2026-11-24") == 0
+    assert run_night(inputs, out, "2026-11-25", "--n_mels", "40") == 0
+    dataset = training.read_dataset_json(str(out))
+    assert [n["run_date"] for n in dataset["nights"]["included"]] == ["2026-11-25"]
+    assert [n["run_date"] for n in dataset["nights"]["excluded"]] == ["2026-11-24"]
+    assert training.load_windows(str(out), dataset).features.shape[1] == 40

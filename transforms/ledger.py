@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import io
+import json
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,7 @@ SCHEMA = pa.schema(
         pa.field("clip_id", pa.string(), nullable=False),
         pa.field("size_bytes", pa.int64()),
         pa.field("version", pa.string()),
+        pa.field("content", pa.string()),
         pa.field("feature_fingerprint", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("reason", pa.string()),
@@ -104,6 +106,7 @@ def ledger_table(
                 "clip_id": item.clip_id,
                 "size_bytes": item.size_bytes,
                 "version": item.version,
+                "content": item.content,
                 "feature_fingerprint": fingerprint,
                 "status": status,
                 "reason": reason,
@@ -136,7 +139,10 @@ def read_ledger(output: str) -> pa.Table:
     for path in sorted(fs.find(folder)):
         if RUN_ID.fullmatch(posixpath.basename(path).removesuffix(".parquet")):
             with fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f).cast(SCHEMA))
+                table = pq.read_table(f)
+            if "content" not in table.column_names:  # ledgers written before content digests
+                table = table.append_column("content", pa.nulls(len(table), pa.string()))
+            tables.append(table.select(SCHEMA.names).cast(SCHEMA))
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
@@ -145,28 +151,56 @@ def committed_runs(ledger: pa.Table) -> set[str]:
     return set(ledger.column("run_id").to_pylist())
 
 
-def done_keys(ledger: pa.Table, *, retry_dead_letters: bool = False) -> set[Key]:
-    """Keys of inputs not to take on again.
+def _done_rows(ledger: pa.Table, *, retry_dead_letters: bool) -> list[dict]:
+    """Ledger rows of inputs not to take on again.
 
     Processed and partial inputs are done; dead-lettered ones too, unless their reason is a
     transient one (:data:`RETRY_REASONS`) or ``retry_dead_letters`` is set.
     """
-    done = set()
-    for row in ledger.to_pylist():
-        if row["status"] == DEAD_LETTER and (retry_dead_letters or row["reason"] in RETRY_REASONS):
-            continue
-        done.add(Key(row["source_uri"], row["size_bytes"], row["version"], row["feature_fingerprint"]))
-    return done
+    return [
+        row
+        for row in ledger.to_pylist()
+        if not (row["status"] == DEAD_LETTER and (retry_dead_letters or row["reason"] in RETRY_REASONS))
+    ]
+
+
+def done_keys(ledger: pa.Table, *, retry_dead_letters: bool = False) -> set[Key]:
+    """Keys of inputs not to take on again (see :func:`_done_rows`)."""
+    return {
+        Key(row["source_uri"], row["size_bytes"], row["version"], row["feature_fingerprint"])
+        for row in _done_rows(ledger, retry_dead_letters=retry_dead_letters)
+    }
 
 
 def split_new(
-    items: Sequence[SourceItem], ledger: pa.Table, *, fingerprint: str, retry_dead_letters: bool = False
+    items: Sequence[SourceItem],
+    ledger: pa.Table,
+    *,
+    fingerprint: str,
+    retry_dead_letters: bool = False,
 ) -> tuple[list[SourceItem], list[SourceItem]]:
-    """``(new, unchanged)``: inputs to take on, and inputs an earlier run already took on."""
-    done = done_keys(ledger, retry_dead_letters=retry_dead_letters)
+    """``(new, unchanged)``: inputs to take on, and inputs an earlier run already took on.
+
+    An input is unchanged when its key (URI, size, version, fingerprint) is in the ledger, or when
+    only its version differs (a file touched, copied again or re-uploaded) and its content digest
+    (``SourceItem.content``) equals the one recorded.
+    """
+    done_rows = _done_rows(ledger, retry_dead_letters=retry_dead_letters)
+    done = {Key(r["source_uri"], r["size_bytes"], r["version"], r["feature_fingerprint"]) for r in done_rows}
+    contents: dict[tuple, set[str]] = collections.defaultdict(set)
+    for row in done_rows:
+        if row["content"] and row["feature_fingerprint"] == fingerprint:
+            contents[(row["source_uri"], row["size_bytes"])].add(row["content"])
     new, unchanged = [], []
     for item in items:
-        (unchanged if key_of(item, fingerprint) in done else new).append(item)
+        if key_of(item, fingerprint) in done:
+            unchanged.append(item)
+            continue
+        recorded = contents.get((item.uri, item.size_bytes))
+        if recorded and item.content in recorded:
+            unchanged.append(item)
+        else:
+            new.append(item)
     return new, unchanged
 
 
@@ -200,3 +234,97 @@ def recover(output: str, committed: set[str]) -> list[str]:
     removed += orphans
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return removed if protocol in ("file", "local") else [fs.unstrip_protocol(p) for p in removed]
+
+
+def _merge_counts(parts: Sequence[dict]) -> dict:
+    merged: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for counts in parts:
+        for name, values in counts.items():
+            merged[name].update(values)
+    return {name: dict(sorted(values.items())) for name, values in merged.items()}
+
+
+def nightly_dataset(output: str, ledger_rows: pa.Table | None = None) -> dict:
+    """The dataset description of an incremental output folder: every committed night together.
+
+    ``dataset.json`` of such a folder describes the latest run only. This combines the manifests
+    (``runs/<run_id>.json``) of every committed run that computed the same features as the latest
+    one: their shards (each entry tagged with its ``run_id``), the union of their labels (sorted,
+    re-indexed: read labels by name, not by a night's ``label_index``) and summed counts. Runs with
+    other features are left out and listed under ``nights.excluded``. An input that a later run
+    took on again (it changed) is read from that run only: its rows in earlier runs are listed
+    under ``superseded`` (``{run_id: [source_uri, ...]}``).
+
+    Raises:
+        ValueError: the folder has no committed run, or a committed run has no manifest.
+    """
+    fs, root = _fs(output)
+    root = root.rstrip("/")
+    rows = read_ledger(output) if ledger_rows is None else ledger_rows
+    runs = sorted(committed_runs(rows))
+    if not runs:
+        raise ValueError(f"{output!r} has no committed run (no ledger file)")
+    manifests = {}
+    for run_id in runs:
+        path = posixpath.join(root, RUNS_DIR, f"{run_id}.json")
+        try:
+            with fs.open(path, "rb") as f:
+                manifests[run_id] = json.loads(f.read())
+        except FileNotFoundError as exc:
+            raise ValueError(f"committed run {run_id} has no manifest {path}") from exc
+    latest = manifests[runs[-1]]
+    fingerprint = latest["feature_fingerprint"]
+    included = [r for r in runs if manifests[r]["feature_fingerprint"] == fingerprint]
+    excluded = [
+        {"run_id": r, "run_date": manifests[r]["incremental"]["run_date"], "feature_fingerprint": f}
+        for r in runs
+        if (f := manifests[r]["feature_fingerprint"]) != fingerprint
+    ]
+    shards: dict[str, list] = collections.defaultdict(list)
+    labels: set[str] = set()
+    for run_id in included:
+        for fmt, entries in manifests[run_id].get("shards", {}).items():
+            shards[fmt] += [{**entry, "run_id": run_id} for entry in entries]
+        labels.update(manifests[run_id].get("label_map", {}))
+    latest_run: dict[str, str] = {}
+    taken: dict[str, set[str]] = collections.defaultdict(set)
+    for row in rows.to_pylist():
+        if row["run_id"] in included and row["status"] != DEAD_LETTER and row["windows"]:
+            taken[row["source_uri"]].add(row["run_id"])
+            latest_run[row["source_uri"]] = max(row["run_id"], latest_run.get(row["source_uri"], ""))
+    superseded: dict[str, list[str]] = collections.defaultdict(list)
+    for uri, run_ids in sorted(taken.items()):
+        for run_id in run_ids - {latest_run[uri]}:
+            superseded[run_id].append(uri)
+    combined = dict(latest)
+    combined.update(
+        {
+            "shards": dict(shards),
+            "label_map": {name: i for i, name in enumerate(sorted(labels))},
+            "counts": _merge_counts([manifests[r].get("counts", {}) for r in included]),
+            "superseded": dict(superseded),
+            "nights": {
+                "included": [
+                    {
+                        "run_id": r,
+                        "run_date": manifests[r]["incremental"]["run_date"],
+                        "windows": manifests[r]["figures"]["windows"],
+                        "files_processed": manifests[r]["figures"]["files_processed"],
+                    }
+                    for r in included
+                ],
+                "excluded": excluded,
+            },
+        }
+    )
+    return combined
+
+
+def current_rows(table: pa.Table, *, run_id: str | None, superseded: dict[str, list[str]]) -> pa.Table:
+    """The rows of one run's shard that no later run replaced (see :func:`nightly_dataset`)."""
+    import pyarrow.compute as pc
+
+    replaced = superseded.get(run_id or "", [])
+    if not replaced:
+        return table
+    return table.filter(pc.invert(pc.is_in(table.column("source_uri"), pa.array(replaced, pa.string()))))

@@ -109,10 +109,12 @@ def _is_audio(path: str, extensions: Sequence[str]) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Listed:
-    """What a listing says about one object: its size and what identifies this content."""
+    """What a listing says about one object: its size, its version and, when the store gives
+    one, a digest of its content."""
 
     size_bytes: int | None
     version: str | None
+    content: str | None = None
 
 
 def object_version(info: dict) -> str | None:
@@ -128,6 +130,52 @@ def object_version(info: dict) -> str | None:
             value = info[key]
             return f"mtime:{value.isoformat() if hasattr(value, 'isoformat') else value}"
     return None
+
+
+def object_content(info: dict) -> str | None:
+    """A digest of an object's content from an fsspec listing entry, when the store keeps one.
+
+    GCS keeps CRC32C (and MD5 for objects that are not composite), S3 an ETag that is derived from
+    the content. Local files have none: :func:`content_digest` computes one.
+    """
+    for key, tag in (("md5Hash", "md5"), ("crc32c", "crc32c"), ("ETag", "etag"), ("etag", "etag")):
+        if info.get(key):
+            return f"{tag}:{str(info[key]).strip(chr(34))}"
+    return None
+
+
+def content_digest(uri: str) -> str | None:
+    """SHA-256 of a local file's bytes (of the archive, for an archive member); ``None`` for
+    remote objects (their listing gives :func:`object_content`) or when it cannot be read."""
+    import hashlib
+
+    path = uri.split("::", 1)[1] if "::" in uri else uri
+    if "://" in path and not path.startswith("file://"):
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(path.removeprefix("file://"), "rb") as f:
+            for block in iter(lambda: f.read(READ_BLOCK_BYTES), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return f"sha256:{digest.hexdigest()}"
+
+
+def with_content(items: Sequence[SourceItem], *, where: Callable[[SourceItem], bool]) -> list[SourceItem]:
+    """``items`` with the content digest of local files filled in (:func:`content_digest`) where
+    ``where(item)`` holds and the listing gave none; each file is read once, a few at a time."""
+    import concurrent.futures
+
+    paths = sorted({i.uri.split("::", 1)[-1] for i in items if i.content is None and where(i)})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        digests = dict(zip(paths, pool.map(content_digest, paths), strict=True))
+    return [
+        dataclasses.replace(i, content=digests[i.uri.split("::", 1)[-1]])
+        if i.content is None and i.uri.split("::", 1)[-1] in digests
+        else i
+        for i in items
+    ]
 
 
 def list_audio(input_uri: str, *, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> dict[str, Listed]:
@@ -151,7 +199,7 @@ def list_audio(input_uri: str, *, extensions: Sequence[str] = AUDIO_EXTENSIONS) 
     else:
         raise ConfigError(f"--input {input_uri!r} does not exist")
     return {
-        _unstrip(fs, p): Listed(info.get("size"), object_version(info))
+        _unstrip(fs, p): Listed(info.get("size"), object_version(info), object_content(info))
         for p, info in sorted(entries.items())
         if not extensions or _is_audio(p, extensions)
     }
@@ -396,6 +444,7 @@ def expand_archive(
     member_glob: str | None = None,
     label_from_parent: bool = False,
     version: str | None = None,
+    content: str | None = None,
 ) -> tuple[list[SourceItem], list[DeadLetter]]:
     """SourceItems for the audio members of an archive; unsafe members become dead letters.
 
@@ -412,6 +461,7 @@ def expand_archive(
         member_glob: ``fnmatch`` pattern on member paths; default: audio extensions.
         label_from_parent: Label = the member's parent folder name.
         version: The archive's version (from its listing); members inherit it.
+        content: The archive's content digest (from its listing); members inherit it.
     """
     import fnmatch
 
@@ -446,7 +496,13 @@ def expand_archive(
         label = posixpath.basename(posixpath.dirname(name)) or None if label_from_parent else None
         items.append(
             SourceItem(
-                member_uri, clip_id, label, size_bytes=member.size_bytes, archive_member=name, version=version
+                member_uri,
+                clip_id,
+                label,
+                size_bytes=member.size_bytes,
+                archive_member=name,
+                version=version,
+                content=content,
             )
         )
     if listing.problem:
@@ -493,6 +549,7 @@ def from_listing(
                 member_glob=member_glob,
                 label_from_parent=label_from_parent,
                 version=listed.version,
+                content=listed.content,
             )
             items += members
             dead += rejected
@@ -505,6 +562,7 @@ def from_listing(
                 label=label,
                 size_bytes=listed.size_bytes,
                 version=listed.version,
+                content=listed.content,
             )
         )
     items = [recordings.annotate(item, recording) for item in unique_clip_ids(items)]
@@ -654,6 +712,7 @@ def from_manifest(
             extra,
             found.size_bytes if found else None,
             version=found.version if found else None,
+            content=found.content if found else None,
         )
         try:
             item = recordings.annotate(item, recording, start_time=row[start_col] if start_col else None)

@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from soundshard.schemas import fields
 from soundshard.schemas.errors import ConfigError
@@ -73,43 +74,80 @@ class WindowSet:
 
 
 def read_dataset_json(data_dir: str) -> dict:
-    """``<data_dir>/dataset.json`` (raises ConfigError naming the path when missing)."""
+    """The dataset description of a features output (raises ConfigError naming the path when
+    there is none).
+
+    For an incremental output (nightly runs) this is every committed night with the latest
+    night's features together (:func:`ledger.nightly_dataset`), not the latest night alone; the
+    nights read are listed under ``nights``.
+    """
     import fsspec
+
+    from soundshard.transforms import ledger
 
     path = data_dir.rstrip("/") + "/dataset.json"
     try:
         with fsspec.open(path, "rt") as f:
-            return json.load(f)
+            dataset = json.load(f)
     except FileNotFoundError as exc:
         raise ConfigError(
             f"--data {data_dir!r} has no dataset.json: not a soundshard features output"
         ) from exc
+    if not dataset.get("incremental"):
+        return dataset
+    try:
+        return ledger.nightly_dataset(data_dir)
+    except ValueError as exc:
+        raise ConfigError(f"--data {data_dir!r}: {exc}") from exc
+
+
+def read_window_table(data_dir: str, dataset: dict, *, columns: Sequence[str] | None = None) -> pa.Table:
+    """The window rows of a features output's Parquet shards, in shard order (rows that a later
+    night replaced left out; see :func:`read_dataset_json`).
+
+    Raises:
+        ConfigError: no Parquet shards (the TFRecord-only layout is read by ``tfrecord_dataset``).
+    """
+    import pyarrow.parquet as pq
+
+    from soundshard.transforms import ledger
+
+    entries = dataset.get("shards", {}).get("parquet")
+    if not entries:
+        raise ConfigError(
+            f"--data {data_dir!r} has no Parquet shards (write them with --format parquet or both)"
+        )
+    superseded = dataset.get("superseded", {})
+    wanted = None if columns is None else sorted(set(columns) | ({"source_uri"} if superseded else set()))
+    tables = []
+    for entry in entries:
+        name, run_id = (entry["path"], entry.get("run_id")) if isinstance(entry, dict) else (entry, None)
+        table = pq.read_table(data_dir.rstrip("/") + "/" + name, columns=wanted)
+        tables.append(ledger.current_rows(table, run_id=run_id, superseded=superseded))
+    table = pa.concat_tables(tables, promote_options="default")
+    return table if columns is None else table.select(list(columns))
 
 
 def load_windows(data_dir: str, dataset: dict) -> WindowSet:
     """Every window of a features output, from its Parquet shards (all in memory).
 
+    Labels are read by name against ``dataset["label_map"]`` (nights of an incremental output
+    each number their own labels).
+
     Raises:
         ConfigError: no Parquet shards (the TFRecord-only layout is read by ``tfrecord_dataset``).
     """
-    shard_names = dataset.get("shards", {}).get("parquet")
-    if not shard_names:
-        raise ConfigError(
-            f"--data {data_dir!r} has no Parquet shards (write them with --format parquet or both)"
-        )
-    paths = [
-        data_dir.rstrip("/") + "/" + (name["path"] if isinstance(name, dict) else name)
-        for name in shard_names
-    ]
-    table, features = fields.read_parquet_windows(paths)
+    table, features = fields.split_features(read_window_table(data_dir, dataset))
     folds = table.column("fold").to_numpy(zero_copy_only=False)
     splits = table.column("split").to_pylist()
     augmented = None
     if "augmentation" in table.column_names:
         augmented = np.asarray([a is not None for a in table.column("augmentation").to_pylist()], bool)
+    label_map = dataset.get("label_map", {})
+    labels = np.asarray([label_map.get(name, -1) for name in table.column("label").to_pylist()], np.int32)
     return WindowSet(
         features=np.ascontiguousarray(features, dtype=np.float32),
-        labels=table.column("label_index").to_numpy().astype(np.int32),
+        labels=labels,
         clip_ids=np.asarray(table.column("clip_id").to_pylist(), dtype=object),
         folds=np.nan_to_num(folds.astype(np.float64), nan=-1).astype(np.int32),
         splits=np.asarray([s or "" for s in splits], dtype=object),
