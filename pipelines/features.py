@@ -44,11 +44,19 @@ from soundshard.pipelines import runner as runners
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
 from soundshard.schemas.embedding import EmbeddingConfig
-from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.transforms import augment, ledger, shards, sources
 from soundshard.transforms.features import ComputeLogMel, PlanUnits
 
 _LOG = logging.getLogger(__name__)
+#: Exit codes of the commands that run pipelines (features, embed, tag).
+EXIT_OK, EXIT_NOTHING_PROCESSED, EXIT_CONFIG = 0, 1, 2
+#: More than ``--max-failed-fraction`` of the inputs failed (outputs written all the same).
+EXIT_TOO_MANY_FAILURES = 5
+#: Another run holds the output folder's lock (``EX_TEMPFAIL``: try again later).
+EXIT_LOCKED = 75
+#: Default of ``--max-failed-fraction``: a run where most inputs fail must not look like success.
+DEFAULT_MAX_FAILED_FRACTION = 0.5
 
 
 class FeaturesOptions(PipelineOptions):
@@ -136,6 +144,24 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Incremental runs: take on again inputs that earlier runs dead-lettered "
         "(by default only those that failed for a transient reason, or changed).",
+    )
+    parser.add_argument(
+        "--max-failed-fraction",
+        "--max_failed_fraction",
+        dest="max_failed_fraction",
+        type=float,
+        default=DEFAULT_MAX_FAILED_FRACTION,
+        help=f"Exit with code {EXIT_TOO_MANY_FAILURES} when more than this fraction of the inputs "
+        "became dead letters (their outputs are still written; 1 never fails the run). "
+        "Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--break-lock",
+        "--break_lock",
+        dest="break_lock",
+        action="store_true",
+        help="Remove the output folder's lock first: a run killed while writing there left it "
+        "(check that no run is writing there).",
     )
     parser.add_argument(
         "--unit_s",
@@ -351,6 +377,45 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
     }
 
 
+def check_failed_fraction(args: argparse.Namespace) -> None:
+    """Raises ConfigError unless ``--max-failed-fraction`` lies in [0, 1]."""
+    if not 0.0 <= args.max_failed_fraction <= 1.0:
+        raise ConfigError(f"--max-failed-fraction={args.max_failed_fraction} must lie between 0 and 1")
+
+
+def exit_code(figures: dict, *, prog: str, max_failed_fraction: float, what: str, where: str) -> int:
+    """The exit code of a finished run from its figures, with the error line when it is not 0.
+
+    Args:
+        figures: The run's figures (``inputs``, ``files_processed``, ``dead_letter_inputs``).
+        prog: Command name for messages.
+        max_failed_fraction: Largest share of inputs that may fail for a successful run.
+        what: What the run does to an input ("processed", "tagged").
+        where: Where the dead letters are.
+    """
+    inputs, failed = figures["inputs"], figures["dead_letter_inputs"]
+    if figures["files_processed"] == 0:
+        print(f"{prog}: error: no input could be {what}; see {where}", file=sys.stderr)
+        return EXIT_NOTHING_PROCESSED
+    if inputs and failed / inputs > max_failed_fraction:
+        print(
+            f"{prog}: error: {failed} of {inputs} inputs ({failed / inputs:.0%}) failed, more than "
+            f"--max-failed-fraction {max_failed_fraction:g}; the outputs are written, see {where}",
+            file=sys.stderr,
+        )
+        return EXIT_TOO_MANY_FAILURES
+    return EXIT_OK
+
+
+def locked_run(args: argparse.Namespace, *, prog: str):
+    """The output folder's lock for this run (see ``transforms/lock.py``)."""
+    from soundshard.transforms import lock
+
+    if not args.output:
+        raise ConfigError("--output is required")
+    return lock.output_lock(args.output, command=prog, break_lock=args.break_lock)
+
+
 def _version() -> str:
     try:
         return metadata.version("soundshard")
@@ -375,6 +440,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         raise ConfigError(f"--shard_size_mb={args.shard_size_mb} must be positive")
     if args.unit_s < 0:
         raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
+    check_failed_fraction(args)
     if config is None:
         config = feature_config_from_args(args)
     augmentations = augment.parse_augmentations(getattr(args, "augment", None))
@@ -583,8 +649,10 @@ def summary_text(dataset: dict, output: str) -> str:
 def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard features") -> int:
     """Runs the features command; returns the exit code.
 
-    Exit codes: 0 when at least one input produced windows; 1 when inputs were found but none
-    succeeded; 2 on a configuration error (nothing is processed).
+    Exit codes: 0 when at least one input produced windows and at most ``--max-failed-fraction``
+    of them failed; 1 when inputs were found but none succeeded; 2 on a configuration error
+    (nothing is processed); 5 when more than ``--max-failed-fraction`` of the inputs failed
+    (outputs written); 75 when another run holds the output folder's lock.
     """
     parser = make_parser(prog)
     args, beam_args = parser.parse_known_args(argv)
@@ -613,10 +681,18 @@ def execute(
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         runners.check_beam_args(beam_args)
-        feature_run = prepare(args)
+        with locked_run(args, prog=prog):
+            return _execute(args, beam_args, prog=prog, label=label, prepare=prepare, build=build)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except OutputLockedError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+
+
+def _execute(args, beam_args, *, prog, label, prepare, build) -> int:
+    feature_run = prepare(args)
     outcome = launch(
         feature_run,
         beam_args,
@@ -629,10 +705,13 @@ def execute(
         skipped = feature_run.manifest["incremental"]["unchanged_skipped"]
         print(f"nothing new: all {skipped} input(s) were processed by earlier runs with this config")
     if outcome != RAN:
-        return 0
+        return EXIT_OK
     dataset = read_dataset_json(feature_run.spec.output)
     print(summary_text(dataset, feature_run.spec.output))
-    if dataset["figures"]["files_processed"] == 0:
-        print(f"{prog}: error: no input could be processed; see dead_letters.parquet", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(
+        dataset["figures"],
+        prog=prog,
+        max_failed_fraction=args.max_failed_fraction,
+        what="processed",
+        where=shards.join(feature_run.spec.output, dataset["dead_letters_file"]),
+    )

@@ -15,6 +15,10 @@ class ConfigError(SoundshardError, ValueError):
     """A configuration or command-line value is invalid; the message names the value."""
 
 
+class OutputLockedError(SoundshardError):
+    """Another run is writing to the output folder (it holds the folder's lock)."""
+
+
 class DataError(SoundshardError):
     """One input cannot be processed; carries a snake_case ``reason`` used as counter name.
 

@@ -6,6 +6,8 @@
   chain (``google.auth.default()`` with a service-account file of a throwaway key) works offline;
   no credential ever leaves the machine.
 - S3: ``moto`` in server mode.
+- GCS preconditions: the emulator is started through this file, which makes it refuse a
+  create-only upload (``ifGenerationMatch=0``) of an existing object with 412, as GCS does.
 - A fault proxy: an HTTP proxy in front of an emulator that answers chosen requests with errors,
   resets their connections or stalls them, by deterministic rules (``FaultProxy``, ``Fault``).
 
@@ -367,6 +369,28 @@ if __name__ == "__main__" and sys.argv[1:2] == ["gcp-storage-emulator"]:
     # ``python emulators.py gcp-storage-emulator ARGS``: the emulator's own command line, with its
     # (single-threaded) server accepting LISTEN_BACKLOG pending connections instead of 5.
     http.server.HTTPServer.request_queue_size = LISTEN_BACKLOG
+    # The emulator ignores ``ifGenerationMatch=0`` (create only if absent), which GCS honours and
+    # soundshard's output lock relies on: answer 412 for an existing object, as GCS does.
+    from gcp_storage_emulator.handlers import objects
+
+    _insert = objects.insert
+
+    def _insert_if_absent(request, response, storage, *args, **kwargs):
+        if request.query.get("ifGenerationMatch") == ["0"]:
+            name = (request.query.get("name") or [None])[0]
+            if name is None and isinstance(request.data, dict):
+                name = (request.data.get("meta") or request.data).get("name")
+            try:
+                storage.get_file_obj(request.params["bucket_name"], name)
+            except Exception:  # noqa: BLE001 - absent: the write goes ahead
+                pass
+            else:
+                response.status = http.HTTPStatus.PRECONDITION_FAILED
+                response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                return None
+        return _insert(request, response, storage, *args, **kwargs)
+
+    objects.insert = _insert_if_absent
     from gcp_storage_emulator.__main__ import main
 
     main(sys.argv[2:])

@@ -73,7 +73,10 @@ def test_bad_inputs_are_accounted_for(bad_inputs, tmp_path, capsys):
     code = run_features(
         "--input", bad_inputs / "audio", "--manifest", bad_inputs / "meta.csv", "--output", out
     )
-    assert code == 0
+    # most inputs failed: the outputs are written, and the exit code says the run failed
+    assert code == features.EXIT_TOO_MANY_FAILURES
+    printed = capsys.readouterr()
+    assert "6 of 10 inputs (60%) failed, more than --max-failed-fraction 0.5" in printed.err
     dataset = json.loads((out / "dataset.json").read_text())
     fig = dataset["figures"]
     assert fig["inputs"] == 10
@@ -93,7 +96,7 @@ def test_bad_inputs_are_accounted_for(bad_inputs, tmp_path, capsys):
     assert counts == {"good": 4, "eight_ch": 3, "short": 1, "silence": 2}
     assert np.isfinite(feats).all()
     assert dataset["label_map"] == {"quiet": 0, "tone": 1}
-    assert "dead letters" in capsys.readouterr().out
+    assert "dead letters" in printed.out
 
 
 def test_drop_config_dead_letters_short_file(bad_inputs, tmp_path):
@@ -109,6 +112,8 @@ def test_drop_config_dead_letters_short_file(bad_inputs, tmp_path):
         "drop",
         "--format",
         "parquet",
+        "--max-failed-fraction",
+        "1",
     )
     assert code == 0
     dead = pq.read_table(out / "dead_letters.parquet").to_pylist()
