@@ -45,6 +45,7 @@ from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
+from soundshard.schemas.uris import redact
 from soundshard.transforms import augment, ledger, shards, sources
 from soundshard.transforms.features import ComputeLogMel, PlanUnits
 
@@ -377,6 +378,21 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
     }
 
 
+class RedactingFormatter(logging.Formatter):
+    """Formats log records (tracebacks included) without credentials (``schemas/uris.py``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def setup_logging(*, verbose: bool) -> None:
+    """Logs at INFO with ``--verbose`` (else WARNING), through handlers that redact credentials."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter(handler.formatter._fmt if handler.formatter else None))
+
+
 def check_failed_fraction(args: argparse.Namespace) -> None:
     """Raises ConfigError unless ``--max-failed-fraction`` lies in [0, 1]."""
     if not 0.0 <= args.max_failed_fraction <= 1.0:
@@ -678,16 +694,16 @@ def execute(
         prepare: Arguments → :class:`FeatureRun` (raises ConfigError).
         build: Composes the pipeline (see :func:`build`).
     """
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    setup_logging(verbose=args.verbose)
     try:
         runners.check_beam_args(beam_args)
         with locked_run(args, prog=prog):
             return _execute(args, beam_args, prog=prog, label=label, prepare=prepare, build=build)
     except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except OutputLockedError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_LOCKED
 
 

@@ -164,7 +164,7 @@ def batch_to_table(
     flat = pa.array(batch.features.reshape(-1), type=pa.float32())
     columns = {
         "clip_id": pa.array([source.clip_id] * n, pa.string()),
-        "source_uri": pa.array([source.uri] * n, pa.string()),
+        "source_uri": pa.array([source.public_uri] * n, pa.string()),
         "archive_member": pa.array([source.archive_member] * n, pa.string()),
         "window_index": pa.array(np.arange(n, dtype=np.int32) + batch.first_window_index),
         "start_s": pa.array(batch.start_s, pa.float64()),

@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from soundshard.schemas.uris import redact
+
 
 @dataclasses.dataclass(frozen=True)
 class SourceItem:
@@ -49,6 +51,11 @@ class SourceItem:
     deployment: str | None = None
     augmentation: str | None = None
     content: str | None = None
+
+    @property
+    def public_uri(self) -> str:
+        """``uri`` as it may be recorded: without credentials (see ``schemas/uris.py``)."""
+        return redact(self.uri)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +110,11 @@ class DeadLetter:
     error_type: str
     message: str
     augmentation: str | None = None
+
+    def __post_init__(self):
+        # Dead letters are written out: no credentials in them (messages quote URIs too).
+        object.__setattr__(self, "source_uri", redact(self.source_uri))
+        object.__setattr__(self, "message", redact(self.message))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -167,7 +179,7 @@ class FileSummary:
         item = unit.source
         return cls(
             item.clip_id,
-            item.uri,
+            item.public_uri,
             item.label,
             item.fold,
             item.split,

@@ -68,7 +68,7 @@ class Key:
 
 def key_of(item: SourceItem, fingerprint: str) -> Key:
     """The ledger key of a source under a feature config."""
-    return Key(item.uri, item.size_bytes, item.version, fingerprint)
+    return Key(item.public_uri, item.size_bytes, item.version, fingerprint)
 
 
 def ledger_table(
@@ -94,7 +94,7 @@ def ledger_table(
         if dead.clip_id is not None:
             reasons.setdefault(dead.clip_id, dead.reason)
     rows = []
-    for item in sorted(items, key=lambda i: i.uri):
+    for item in sorted(items, key=lambda i: i.public_uri):
         reason = reasons.get(item.clip_id)
         if reason is None:
             status = PROCESSED
@@ -102,7 +102,7 @@ def ledger_table(
             status = PARTIAL if windows[item.clip_id] else DEAD_LETTER
         rows.append(
             {
-                "source_uri": item.uri,
+                "source_uri": item.public_uri,
                 "clip_id": item.clip_id,
                 "size_bytes": item.size_bytes,
                 "version": item.version,
@@ -196,7 +196,7 @@ def split_new(
         if key_of(item, fingerprint) in done:
             unchanged.append(item)
             continue
-        recorded = contents.get((item.uri, item.size_bytes))
+        recorded = contents.get((item.public_uri, item.size_bytes))
         if recorded and item.content in recorded:
             unchanged.append(item)
         else:

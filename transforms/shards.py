@@ -38,6 +38,7 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig, unit_source
 from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch
 from soundshard.schemas.tfexample import tfrecord_frame
+from soundshard.schemas.uris import redact
 from soundshard.transforms import ledger
 
 FORMATS = ("parquet", "tfrecord")
@@ -487,7 +488,7 @@ class _CommitFn(beam.DoFn):
         figures["wall_s"] = round(wall_s, 3)
         figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
         figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
-        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=False).encode()
+        manifest_bytes = redact(json.dumps(manifest, indent=2, sort_keys=False)).encode()
         if spec.incremental:
             moves.append(self._temp_file(join(ledger.RUNS_DIR, f"{spec.run_id}.json"), manifest_bytes))
         move_into_place(moves)

@@ -103,6 +103,14 @@ def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def _is_glob(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether ``path`` is a pattern; in an HTTP(S) URL, ``?`` starts the query (signed URLs)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "http" in protocols or "https" in protocols:
+        path = path.split("?", 1)[0]
+    return any(ch in path for ch in _GLOB_CHARS)
+
+
 def _is_audio(path: str, extensions: Sequence[str]) -> bool:
     return path.lower().endswith(tuple(extensions))
 
@@ -188,7 +196,7 @@ def list_audio(input_uri: str, *, extensions: Sequence[str] = AUDIO_EXTENSIONS) 
         ConfigError: when the input does not exist.
     """
     fs, path = _fs_and_path(input_uri)
-    if any(ch in path for ch in _GLOB_CHARS):
+    if _is_glob(fs, path):
         found = fs.glob(path, detail=True)
         entries = {p: info for p, info in found.items() if info.get("type") != "directory"}
     elif fs.isdir(path):
@@ -208,7 +216,7 @@ def list_audio(input_uri: str, *, extensions: Sequence[str] = AUDIO_EXTENSIONS) 
 def input_root(input_uri: str) -> str:
     """The folder clip ids are relative to: the input folder, or a glob's fixed prefix."""
     fs, path = _fs_and_path(input_uri)
-    if any(ch in path for ch in _GLOB_CHARS):
+    if _is_glob(fs, path):
         head = path
         while any(ch in head for ch in _GLOB_CHARS):
             head = posixpath.dirname(head)
@@ -221,6 +229,8 @@ def input_root(input_uri: str) -> str:
 def clip_id_for(uri: str, root: str) -> str:
     """Path of ``uri`` relative to ``root``, without extension (``uri``'s stem if outside)."""
     prefix = root.rstrip("/") + "/"
+    if "://" in uri and "?" in uri:  # a signed URL: the query is no part of the name
+        uri = uri.split("?", 1)[0]
     relative = uri[len(prefix) :] if uri.startswith(prefix) else posixpath.basename(uri)
     stem, _ = posixpath.splitext(relative)
     return stem

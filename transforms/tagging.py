@@ -238,7 +238,7 @@ def _utc(start_us: int | None, seconds: np.ndarray) -> pa.Array:
 
 def _source_columns(item: SourceItem, n: int) -> dict[str, pa.Array]:
     return {
-        "source_uri": pa.array([item.uri] * n, pa.string()),
+        "source_uri": pa.array([item.public_uri] * n, pa.string()),
         "clip_id": pa.array([item.clip_id] * n, pa.string()),
         "archive_member": pa.array([item.archive_member] * n, pa.string()),
         "site": pa.array([item.site] * n, pa.string()),
