@@ -123,6 +123,16 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     for name, flags in _CONFIG_FLAGS.items():
         group.add_argument(*flags, dest=f"embed__{name}", default=None, metavar="VALUE", help=_HELP.get(name))
+    group.add_argument(
+        "--trust-model-code",
+        "--trust_model_code",
+        dest="trust_model_code",
+        action="store_true",
+        help="SavedModels are programs; this runs whatever ops the graph contains. Without it, a "
+        "SavedModel whose graph has ops outside an allow-list of inference ops (reading or writing "
+        "files, Python, printing, ...) is refused before any audio is read. Only for model files "
+        "you trust.",
+    )
     batching = parser.add_argument_group("inference")
     batching.add_argument(
         "--min-batch-size", "--min_batch_size", dest="min_batch_size", type=int, default=None, help="(16)"
@@ -174,14 +184,17 @@ def embedding_config_from_args(args: argparse.Namespace) -> EmbeddingConfig:
         raw = getattr(args, f"embed__{name}", None)
         if raw is not None:
             overrides[name] = features._parse_value(raw, hints[name])
+    if getattr(args, "trust_model_code", False):
+        overrides["trust_model_code"] = True
     if args.model_config:
         return load_embedding_config(args.model_config, **overrides)
     return EmbeddingConfig.from_dict(overrides)
 
 
 def prepare(args: argparse.Namespace) -> EmbedRun:
-    """Validates the arguments, checks the model file and lists the sources (ConfigError names
-    a bad value or the missing file)."""
+    """Validates the arguments, checks the model file (a SavedModel's ops too, unless
+    ``--trust-model-code``) and lists the sources (ConfigError names a bad value, the missing
+    file or a refused op)."""
     if args.config:
         raise ConfigError(
             f"--config {args.config!r} is a feature config; the embed command takes --model-config"

@@ -87,6 +87,12 @@ class EmbeddingConfig(ConfigSerialization):
             is called.
         channel: ``None`` mixes all channels down to mono; an index keeps that channel only.
         resample_quality: soxr quality preset (``QQ``, ``LQ``, ``MQ``, ``HQ``, ``VHQ``).
+        trust_model_code: SavedModels only. SavedModels are programs: by default the ops of
+            their graphs are checked against an allow-list of ordinary inference ops before
+            loading (``transforms.embeddings.check_saved_model_ops``), and a model with file,
+            Python or other I/O ops is refused. True skips that check and runs whatever ops the
+            graph contains: only for model files you trust. It changes no value, so it is left
+            out of the fingerprint (and of ``to_dict`` when False).
     """
 
     model: str = "openl3"
@@ -104,6 +110,7 @@ class EmbeddingConfig(ConfigSerialization):
     signature: str | None = None
     channel: int | None = None
     resample_quality: str = "HQ"
+    trust_model_code: bool = False
 
     _WHAT = "embedding"
 
@@ -173,6 +180,14 @@ class EmbeddingConfig(ConfigSerialization):
 
     # -- serialisation ----------------------------------------------------------------------
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field; ``trust_model_code`` only when True, so configs (and
+        the files that record them) read the same as before the option existed."""
+        values = super().to_dict()
+        if not values["trust_model_code"]:
+            del values["trust_model_code"]
+        return values
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """Stable 16-hex-digit digest of the config and the embedding-maths version.
@@ -181,6 +196,7 @@ class EmbeddingConfig(ConfigSerialization):
         left out: the same weights read from another location give the same fingerprint.
         """
         values = self.to_dict()
+        values.pop("trust_model_code", None)  # whether the ops were checked, not what they compute
         if self.model_sha256 is not None:
             values.pop("model_uri")
         payload = json.dumps({"embedding_version": EMBEDDING_VERSION, **values}, sort_keys=True)
@@ -193,6 +209,10 @@ def _check_values(c: EmbeddingConfig) -> None:
             raise ConfigError(message)
 
     need(c.model in MODELS, f"model={c.model!r} must be one of {MODELS}")
+    need(
+        not c.trust_model_code or c.model == "saved_model",
+        f"trust_model_code={c.trust_model_code!r} applies to saved_model only (model={c.model!r})",
+    )
     if c.model == "openl3":
         need(c.input_repr in INPUT_REPRS, f"input_repr={c.input_repr!r} must be one of {INPUT_REPRS}")
         need(

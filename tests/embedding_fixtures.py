@@ -107,12 +107,104 @@ def make_waveform_saved_model(folder: Path, *, frame_samples: int, size: int = E
     return folder
 
 
-def make_tflite(path: Path, *, window_samples: int, size: int = EMBEDDING_SIZE) -> Path:
-    """The tiny model as a TFLite file with a dynamic batch dimension and one output."""
+def make_tflite(
+    path: Path, *, window_samples: int, size: int = EMBEDDING_SIZE, batch: int | None = None
+) -> Path:
+    """The tiny model as a TFLite file with one output and input ``[batch, window_samples]``:
+    a dynamic batch dimension (shape signature ``[-1, window_samples]``) when ``batch`` is None,
+    else a fixed batch of ``batch`` windows per call."""
     import tensorflow as tf
 
     embed = _tiny_fn(window_samples, size)
-    fn = tf.function(embed, input_signature=[tf.TensorSpec([None, window_samples], tf.float32)])
+    fn = tf.function(embed, input_signature=[tf.TensorSpec([batch, window_samples], tf.float32)])
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
     path.write_bytes(converter.convert())
     return path
+
+
+def make_waveform_tflite(path: Path, *, frame_samples: int, size: int = EMBEDDING_SIZE) -> Path:
+    """A YAMNet-like TFLite model: input one waveform ``[n]`` of any length (shape signature
+    ``[-1]``), output ``[n_frames, size]``, the tiny embedding of frames of ``frame_samples``."""
+    import tensorflow as tf
+
+    embed = _tiny_fn(frame_samples, size)
+
+    def frames(waveform):
+        n_frames = tf.shape(waveform)[0] // frame_samples
+        return embed(tf.reshape(waveform[: n_frames * frame_samples], [n_frames, frame_samples]))
+
+    fn = tf.function(frames, input_signature=[tf.TensorSpec([None], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+    path.write_bytes(converter.convert())
+    return path
+
+
+def make_batch_mixing_tflite(path: Path, *, window_samples: int, size: int = EMBEDDING_SIZE) -> Path:
+    """A TFLite model whose shape signature says its batch is dynamic but whose rows depend on the
+    other rows of the batch (the tiny embedding plus the batch's mean of it): only batches of one
+    window give :func:`tiny_embedding`, as with models traced for a batch of 1."""
+    import tensorflow as tf
+
+    embed = _tiny_fn(window_samples, size)
+
+    def mixed(waveform):
+        e = embed(waveform)
+        return 2.0 * e - tf.reduce_mean(e, axis=0, keepdims=True)
+
+    fn = tf.function(mixed, input_signature=[tf.TensorSpec([None, window_samples], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+    path.write_bytes(converter.convert())
+    return path
+
+
+def make_keras_saved_model(folder: Path, *, window_samples: int, size: int = EMBEDDING_SIZE, seed: int = 0):
+    """An ordinary Keras model (convolution, batch norm, pooling, dense) exported with
+    ``model.export()``; returns ``(folder, model)`` so tests can compare with ``model.predict``."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((window_samples,)),
+            layers.Reshape((window_samples, 1)),
+            layers.Conv1D(8, 64, strides=32, activation="relu"),
+            layers.BatchNormalization(),
+            layers.MaxPooling1D(2),
+            layers.Conv1D(8, 3, padding="same", activation="gelu"),
+            layers.GlobalAveragePooling1D(),
+            layers.Dense(16, activation="tanh"),
+            layers.Dropout(0.1),
+            layers.Dense(size),
+        ]
+    )
+    randomize_batchnorm(model, seed)
+    model.export(str(folder), verbose=False)
+    return folder, model
+
+
+def make_file_touching_saved_model(
+    folder: Path, *, window_samples: int, read: str | None = None, write: str | None = None
+) -> Path:
+    """A SavedModel (``tf.saved_model.save``) whose ``serving_default`` reads the file ``read``
+    (``tf.io.read_file``) or writes the file ``write`` (``tf.io.write_file``) on every call, then
+    returns the tiny embedding: what an untrusted model must never get to do. Never loaded by the
+    tests; only refused."""
+    import tensorflow as tf
+
+    embed = _tiny_fn(window_samples, EMBEDDING_SIZE)
+
+    class Snoop(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, window_samples], tf.float32, name="waveform")])
+        def serve(self, waveform):
+            out = embed(waveform)
+            if read is not None:
+                out += 0.0 * tf.cast(tf.strings.length(tf.io.read_file(read)), tf.float32)
+            if write is not None:
+                with tf.control_dependencies([tf.io.write_file(write, "written by a model")]):
+                    out = tf.identity(out)
+            return {"embedding": out}
+
+    module = Snoop()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    return folder

@@ -10,7 +10,11 @@ recording's windows are never stacked: memory is bounded by the work unit and th
 Models (:func:`load_embedding_model`): OpenL3 from an official-layout weight file
 (``transforms/openl3.py``), a TF SavedModel folder, or a TFLite file. Model files come from a
 local path or an object-store URI given by the user (copied to a local temporary folder; SHA-256
-checked when given); nothing is downloaded from anywhere else, and nothing is unpickled.
+checked when given); nothing is downloaded from anywhere else, and nothing is unpickled. A
+SavedModel is a program: the op types of its graph are checked against an allow-list before it
+is loaded (:func:`check_saved_model_ops`, on the launcher and again on the workers) unless the
+user trusts the file (``trust_model_code``). TFLite files run on LiteRT with one interpreter per
+thread, in the model's own batch unless a trial at load shows it may be resized.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
+import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
-import warnings
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -134,8 +143,9 @@ def check_model(config: EmbeddingConfig) -> EmbeddingConfig:
         model's content.
 
     Raises:
-        ConfigError: no ``model_uri``, nothing there, a SHA-256 mismatch, or an OpenL3 file
-        named for another variant.
+        ConfigError: no ``model_uri``, nothing there, a SHA-256 mismatch, an OpenL3 file
+        named for another variant, or a SavedModel with ops outside the allow-lists
+        (:func:`check_saved_model_ops`; skipped with ``trust_model_code``).
     """
     uri = config.model_uri
     expected = config.expected_weights_name
@@ -154,6 +164,8 @@ def check_model(config: EmbeddingConfig) -> EmbeddingConfig:
     digest = model_digest(uri)
     if config.model_sha256 is not None and digest != config.model_sha256:
         raise ConfigError(f"model {uri!r} has SHA-256 {digest}, not the expected {config.model_sha256}")
+    if config.model == "saved_model" and not config.trust_model_code:
+        check_saved_model_ops(uri)
     return config.replace(model_sha256=digest)
 
 
@@ -169,6 +181,253 @@ def _check_openl3_name(uri: str, config: EmbeddingConfig) -> None:
             f"weight file {uri!r} is named for another OpenL3 variant than "
             f"input_repr={config.input_repr!r}, content_type={config.content_type!r} "
             f"(expected {config.expected_weights_name})"
+        )
+
+
+# -- SavedModel op check ------------------------------------------------------------------------------
+#
+# A SavedModel is a program: its graph may hold any TensorFlow op, including ops that read and
+# write files, list folders, run Python or print, and tf.saved_model.load / a signature call runs
+# them. Before a SavedModel is loaded, its saved_model.pb is parsed (nothing is loaded or run) and
+# every op type of every graph node and of every function in its library must be on the
+# allow-list below, built deliberately from the ops that inference graphs of ordinary models use
+# (and checked against the exports of Keras models, tf.saved_model.save and the project's own
+# models in tests/test_embed_models.py). Anything else (a new op, a custom op, an I/O op) is
+# refused; ``trust_model_code`` skips the check for files the user trusts.
+
+#: Op types allowed anywhere in an untrusted SavedModel: pure computation on tensors and the
+#: model's own in-memory state.
+SAVED_MODEL_INFERENCE_OPS = frozenset(
+    {
+        # graph plumbing, function calls and control flow (called functions are checked too)
+        "Const", "Placeholder", "PlaceholderWithDefault", "Identity", "IdentityN", "NoOp",
+        "StopGradient", "PreventGradient", "EnsureShape", "CheckNumerics", "CheckNumericsV2",
+        "Assert", "Snapshot", "PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf",
+        "While", "StatelessWhile", "Case", "StatelessCase", "Switch", "Merge", "Enter", "Exit",
+        "NextIteration", "LoopCond", "ControlTrigger",
+        # variables and in-memory resources of the model itself
+        "VarHandleOp", "ReadVariableOp", "AssignVariableOp", "AssignAddVariableOp",
+        "AssignSubVariableOp", "VarIsInitializedOp", "VariableShape", "ResourceGather",
+        "ResourceGatherNd", "VariableV2", "Assign", "IsVariableInitialized", "HashTableV2",
+        "MutableHashTableV2", "MutableDenseHashTableV2", "InitializeTableV2", "LookupTableFindV2",
+        "LookupTableImportV2", "LookupTableInsertV2", "LookupTableSizeV2",
+        # arrays: shapes, slicing, joining, gathering, padding
+        "Shape", "ShapeN", "Size", "Rank", "Reshape", "ExpandDims", "Squeeze", "Pack", "Unpack",
+        "ConcatV2", "Concat", "ConcatOffset", "Split", "SplitV", "Slice", "StridedSlice",
+        "TensorStridedSliceUpdate", "Tile", "Transpose", "ConjugateTranspose", "ReverseV2",
+        "ReverseSequence", "Pad", "PadV2", "MirrorPad", "Fill", "ZerosLike", "OnesLike", "Range",
+        "LinSpace", "Gather", "GatherV2", "GatherNd", "ScatterNd", "TensorScatterUpdate",
+        "TensorScatterAdd", "TensorScatterSub", "TensorScatterMax", "TensorScatterMin",
+        "BroadcastTo", "BroadcastArgs", "BroadcastGradientArgs", "Where", "Select", "SelectV2",
+        "OneHot", "Cast", "Bitcast", "InvertPermutation", "SpaceToBatchND", "BatchToSpaceND",
+        "SpaceToDepth", "DepthToSpace", "DynamicStitch", "ParallelDynamicStitch",
+        "DynamicPartition", "Unique", "UniqueV2", "UniqueWithCounts", "MatrixBandPart",
+        "MatrixDiagV3", "MatrixDiagPartV3", "MatrixSetDiagV3", "Diag", "DiagPart",
+        "ExtractImagePatches", "Roll", "TopKV2", "ArgMax", "ArgMin", "Cumsum", "Cumprod",
+        "CumulativeLogsumexp", "LowerBound", "UpperBound", "Bucketize",
+        # lists and arrays of tensors (loops, RNNs)
+        "EmptyTensorList", "TensorListReserve", "TensorListSetItem", "TensorListGetItem",
+        "TensorListStack", "TensorListFromTensor", "TensorListLength", "TensorListPushBack",
+        "TensorListPopBack", "TensorListElementShape", "TensorListConcatV2", "TensorListGather",
+        "TensorListScatterIntoExistingList", "TensorListScatterV2", "TensorListResize",
+        "TensorListSplit", "TensorArrayV3", "TensorArrayReadV3", "TensorArrayWriteV3",
+        "TensorArrayGatherV3", "TensorArrayScatterV3", "TensorArraySizeV3",
+        "TensorArrayConcatV3", "TensorArraySplitV3", "TensorArrayCloseV3",
+        # element-wise maths and comparisons
+        "Abs", "Neg", "Sign", "Reciprocal", "Inv", "Square", "Sqrt", "Rsqrt", "Exp", "Expm1",
+        "Log", "Log1p", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Atan2", "Sinh", "Cosh",
+        "Tanh", "Asinh", "Acosh", "Atanh", "Erf", "Erfc", "Erfinv", "Lgamma", "Digamma", "Floor",
+        "Ceil", "Round", "Rint", "IsFinite", "IsInf", "IsNan", "Add", "AddV2", "AddN", "Sub",
+        "Mul", "MulNoNan", "Div", "DivNoNan", "RealDiv", "FloorDiv", "FloorMod", "TruncateDiv",
+        "TruncateMod", "Mod", "Pow", "Maximum", "Minimum", "SquaredDifference", "Xlogy", "Xdivy",
+        "Xlog1py", "ClipByValue", "Equal", "NotEqual", "Less", "LessEqual", "Greater",
+        "GreaterEqual", "ApproximateEqual", "LogicalAnd", "LogicalOr", "LogicalNot",
+        "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Invert", "LeftShift", "RightShift",
+        # reductions, linear algebra, complex numbers and FFTs (spectrogram front-ends)
+        "Sum", "Prod", "Max", "Min", "Mean", "All", "Any", "EuclideanNorm", "SegmentSum",
+        "SegmentMean", "SegmentMax", "SegmentMin", "UnsortedSegmentSum", "UnsortedSegmentMax",
+        "UnsortedSegmentMin", "UnsortedSegmentProd", "MatMul", "BatchMatMul", "BatchMatMulV2",
+        "BatchMatMulV3", "Einsum", "Cross", "MatrixInverse", "MatrixDeterminant", "Cholesky",
+        "Qr", "Svd", "SelfAdjointEigV2", "MatrixSolve", "MatrixTriangularSolve",
+        "LogMatrixDeterminant", "Real", "Imag", "Complex", "ComplexAbs", "Conj", "Angle", "FFT",
+        "IFFT", "RFFT", "IRFFT", "FFT2D", "IFFT2D", "RFFT2D", "IRFFT2D", "AudioSpectrogram",
+        "Mfcc",
+        # neural-network layers
+        "Conv2D", "Conv3D", "Conv", "DepthwiseConv2dNative", "Conv2DBackpropInput",
+        "Conv3DBackpropInputV2", "DepthwiseConv2dNativeBackpropInput", "BiasAdd", "BiasAddV1",
+        "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Softplus", "Softsign", "Softmax",
+        "LogSoftmax", "MaxPool", "MaxPoolV2", "MaxPool3D", "AvgPool", "AvgPool3D",
+        "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
+        "BatchNormWithGlobalNormalization", "LRN", "Dilation2D", "ResizeBilinear",
+        "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea", "ScaleAndTranslate",
+        "CropAndResize", "_FusedConv2D", "_FusedMatMul", "_FusedBatchNormEx",
+        "_FusedDepthwiseConv2dNative", "FakeQuantWithMinMaxArgs", "FakeQuantWithMinMaxVars",
+        "FakeQuantWithMinMaxVarsPerChannel", "QuantizeAndDequantizeV2",
+        "QuantizeAndDequantizeV4",
+        # random numbers (inert, if unusual at inference)
+        "RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal",
+        "StatelessRandomUniformV2", "StatelessRandomNormalV2", "StatelessTruncatedNormalV2",
+        "StatelessRandomUniformIntV2", "StatelessRandomGetKeyCounter", "StatelessRandomGetAlg",
+        "StatelessRandomGetKeyCounterAlg", "StatelessRandomUniform", "StatelessRandomNormal",
+    }
+)  # fmt: skip
+#: Op types of checkpoints (reading and writing the variables' files): allowed only in the
+#: graph nodes and functions reached from the MetaGraph's saver_def save/restore nodes, and
+#: refused where a serving signature or any other function reaches them.
+SAVED_MODEL_CHECKPOINT_OPS = frozenset(
+    {
+        "SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec", "Save",
+        "SaveSlices", "Restore", "RestoreSlice", "StringJoin", "StaticRegexFullMatch",
+        "DisableCopyOnRead",
+    }
+)  # fmt: skip
+#: Never allowed (outside both lists; named here so that the tests keep them out): files and
+#: folders, Python, printing, memory-mapped constants, datasets and readers, summaries, tables read
+#: from files, remote calls, and embedded programs (XlaCallModule: StableHLO with host callbacks).
+SAVED_MODEL_FORBIDDEN_OPS = frozenset(
+    {
+        "ReadFile", "WriteFile", "MatchingFiles", "MatchingFilesDataset", "PyFunc",
+        "PyFuncStateless", "EagerPyFunc", "Print", "PrintV2", "ImmutableConst",
+        "InitializeTableFromTextFile", "InitializeTableFromTextFileV2", "InitializeTableFromDataset",
+        "TFRecordDataset", "TFRecordDatasetV2", "TextLineDataset", "FixedLengthRecordDataset",
+        "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2", "SqlDataset", "LMDBDataset",
+        "WholeFileReader", "WholeFileReaderV2", "TFRecordReaderV2", "TextLineReaderV2",
+        "CreateSummaryFileWriter", "CreateSummaryDbWriter", "SummaryWriter", "WriteSummary",
+        "WriteScalarSummary", "WriteAudioSummary", "DatasetToTFRecord", "SaveDataset",
+        "SaveDatasetV2", "LoadDataset", "SnapshotDatasetV2", "DebugIdentityV3", "DumpTensor",
+        "RpcClient", "RpcCall", "RemoteCall", "XlaCallModule", "FileSystemSetConfiguration",
+    }
+)  # fmt: skip
+
+
+def _attr_functions(value) -> list[str]:
+    """Names of the functions an AttrValue refers to (``f``, ``then_branch``, ``body`` ...)."""
+    found = []
+    refs = [value.func] if value.HasField("func") else []
+    if value.HasField("list"):
+        refs.extend(value.list.func)
+    for ref in refs:
+        found.append(ref.name)
+        for inner in ref.attr.values():
+            found.extend(_attr_functions(inner))
+    return found
+
+
+def _calls(node, functions) -> set[str]:
+    """Functions a node calls: through function-valued attrs, or as its op (a call by name)."""
+    called = {node.op} if node.op in functions else set()
+    for value in node.attr.values():
+        called.update(_attr_functions(value))
+    return called
+
+
+def _reach(roots: set[str], edges: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges.get(name, ()))
+    return seen
+
+
+def saved_model_refused_ops(meta_graph) -> dict[str, set[str]]:
+    """Op types of a MetaGraph that the allow-lists refuse, by where they are.
+
+    Checkpoint ops are allowed in the graph nodes the saver_def's save/restore nodes depend on
+    and in the functions those call (transitively), as long as nothing else (a serving
+    signature's node, an init op, a function of the object graph, any other function) reaches
+    them.
+
+    Args:
+        meta_graph: ``tensorflow.core.protobuf.meta_graph_pb2.MetaGraphDef``.
+
+    Returns:
+        ``{"function NAME" or "the graph": {op type, ...}}``; empty when every op is allowed.
+    """
+    graph = meta_graph.graph_def
+    functions = {f.signature.name: f for f in graph.library.function}
+    nodes = {n.name: n for n in graph.node}
+
+    def node_name(tensor: str) -> str:
+        return tensor.lstrip("^").split(":")[0]
+
+    inputs = {n.name: {node_name(t) for t in n.input} for n in graph.node}
+    saver = meta_graph.saver_def
+    saver_nodes = {node_name(t) for t in (saver.save_tensor_name, saver.restore_op_name) if t} & set(nodes)
+    checkpoint_nodes = _reach(saver_nodes, inputs)
+    checkpoint_nodes -= _reach(set(nodes) - checkpoint_nodes, inputs)
+    calls = {name: set().union(*(_calls(n, functions) for n in f.node_def)) for name, f in functions.items()}
+    from_checkpoint = _reach(
+        set().union(*(_calls(nodes[name], functions) for name in checkpoint_nodes)), calls
+    )
+    other_roots = (
+        (set(functions) - from_checkpoint)
+        | set().union(*(_calls(n, functions) for n in graph.node if n.name not in checkpoint_nodes))
+        | set(meta_graph.object_graph_def.concrete_functions)
+    )
+    checkpoint_functions = from_checkpoint - _reach(other_roots, calls)
+
+    refused: dict[str, set[str]] = {}
+
+    def check(where: str, ops, checkpoint: bool) -> None:
+        allowed = SAVED_MODEL_INFERENCE_OPS | (SAVED_MODEL_CHECKPOINT_OPS if checkpoint else frozenset())
+        bad = {op for op in ops if op not in allowed and op not in functions}
+        if bad:
+            refused.setdefault(where, set()).update(bad)
+
+    for node in graph.node:
+        check("the graph", [node.op], node.name in checkpoint_nodes)
+    for name, function in functions.items():
+        check(f"function {name}", [n.op for n in function.node_def], name in checkpoint_functions)
+    return refused
+
+
+def _read_saved_model(uri: str):
+    from google.protobuf import message, text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    files = dict(_files_under(uri))
+    proto = saved_model_pb2.SavedModel()
+    try:
+        if "saved_model.pb" in files:
+            with _open(uri, files["saved_model.pb"]) as f:
+                proto.ParseFromString(f.read())
+        elif "saved_model.pbtxt" in files:
+            with _open(uri, files["saved_model.pbtxt"]) as f:
+                text_format.Parse(f.read().decode(), proto)
+        else:
+            raise ConfigError(f"saved_model {uri!r} is not a SavedModel folder (no saved_model.pb)")
+    except (message.DecodeError, text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"saved_model {uri!r}: saved_model.pb does not parse: {exc}") from exc
+    return proto
+
+
+def check_saved_model_ops(uri: str) -> None:
+    """Refuses a SavedModel whose graph holds op types outside the allow-lists.
+
+    Parses ``saved_model.pb`` (or ``.pbtxt``) only: nothing is loaded or run. Called on the
+    launcher (:func:`check_model`) and again on each worker before ``tf.saved_model.load``,
+    unless the config says ``trust_model_code``.
+
+    Args:
+        uri: SavedModel folder (local path or object-store URI).
+
+    Raises:
+        ConfigError: naming each refused op type and the function (or "the graph") it is in;
+        or a folder without a parseable saved_model.pb.
+    """
+    refused: dict[str, set[str]] = {}
+    for meta_graph in _read_saved_model(uri).meta_graphs:
+        for where, ops in saved_model_refused_ops(meta_graph).items():
+            refused.setdefault(where, set()).update(ops)
+    if refused:
+        found = "; ".join(f"{', '.join(sorted(ops))} (in {where})" for where, ops in sorted(refused.items()))
+        raise ConfigError(
+            f"SavedModel {uri!r} uses op types that an embedding model does not need and that may "
+            f"touch files, processes or the network: {found}. Untrusted model files stay inert, so "
+            "it is refused; pass --trust-model-code (trust_model_code = true) only if you trust this "
+            "file: SavedModels are programs"
         )
 
 
@@ -199,7 +458,11 @@ def local_model(uri: str):
 
 
 class EmbeddingModel:
-    """A loaded embedding model: ``embed(windows [batch, window_samples]) → [batch, embedding_size]``."""
+    """A loaded embedding model: ``embed(windows [batch, window_samples]) → [batch, embedding_size]``.
+
+    ``embed`` may be called from several threads at once: RunInference shares one loaded model
+    between the threads of a worker process.
+    """
 
     embedding_size: int
 
@@ -266,7 +529,10 @@ def _per_window(values: np.ndarray, *, size: int, where: str) -> np.ndarray:
         return values.mean(axis=0)
     if values.size == size:
         return values.reshape(size)
-    raise DataError(f"{where} returned shape {list(values.shape)} for one window; expected [{size}]")
+    raise DataError(
+        f"{where} returned shape {list(values.shape)} for one window; expected [{size}]",
+        reason="bad_model_output",
+    )
 
 
 class SavedModelEmbedder(EmbeddingModel):
@@ -285,6 +551,9 @@ class SavedModelEmbedder(EmbeddingModel):
         self._output = config.output
         self._where = f"SavedModel {config.model_uri!r}"
         loaded = tf.saved_model.load(path)
+        # RunInference calls one loaded model from several threads at once; that needs no lock
+        # here: a restored signature or function keeps no per-call state in Python (each call
+        # runs in its own TF executor, variables are only read) and is never retraced.
         self._loaded = loaded  # keeps the variables alive
         signatures = getattr(loaded, "signatures", {}) or {}
         if config.signature in signatures:
@@ -332,69 +601,303 @@ class SavedModelEmbedder(EmbeddingModel):
         return np.stack(rows) if rows else np.zeros((0, self.embedding_size), np.float32)
 
 
+#: Windows of the trial batch that decides whether a TFLite model whose batch dimension is dynamic
+#: may be resized to Beam's batches: small, so the trial is quick, and more than two, so rows that
+#: depend on the other rows of their batch show.
+TFLITE_TRIAL_BATCH = 3
+#: Seconds the trial may take (it loads, resizes and runs the model once in a child process).
+TFLITE_TRIAL_TIMEOUT_S = 300
+
+# Run by a child process (``python -c``): resizing the input of some TFLite models and running them
+# kills the process (a segmentation fault in the runtime) where no except clause can catch it. One
+# JSON line per stage, flushed, so what ran before a crash is still known. argv: model path, the
+# shape of a call with the model's own batch (or null), the trial batch's shape (or null), the
+# output's index among the output details.
+_TFLITE_PROBE_SCRIPT = r"""
+import json, sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+path, single, batch, output = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+interpreter = Interpreter(model_path=path)
+interpreter.allocate_tensors()
+index = interpreter.get_input_details()[0]["index"]
+output_index = interpreter.get_output_details()[output]["index"]
+shape = list(interpreter.get_input_details()[0]["shape"])
+
+def run(x):
+    global shape
+    if list(x.shape) != shape:
+        interpreter.resize_tensor_input(index, list(x.shape), strict=True)
+        interpreter.allocate_tensors()
+        shape = list(x.shape)
+    interpreter.set_tensor(index, x)
+    interpreter.invoke()
+    return interpreter.get_tensor(output_index).copy()
+
+def report(stage, ok, why=""):
+    print(json.dumps({"stage": stage, "ok": bool(ok), "why": why}), flush=True)
+
+rng = np.random.default_rng(0)
+if single is not None:
+    run((0.1 * rng.standard_normal(single)).astype(np.float32))
+    report("single", True)
+if batch is not None:
+    x = (0.1 * rng.standard_normal(batch)).astype(np.float32)
+    one_by_one = np.concatenate([run(row[None]).reshape(-1) for row in x])
+    together = run(x).reshape(-1)
+    if together.shape != one_by_one.shape:
+        report("batch", False, f"gave {together.size} values, {one_by_one.size} one window at a time")
+    else:
+        scale = max(1.0, float(np.nanmax(np.abs(one_by_one), initial=0.0)))
+        same = np.allclose(together, one_by_one, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
+        report("batch", same, "gave other values than one window at a time")
+"""
+#: Trial verdicts by (model SHA-256, shapes, output): one child process per model and process.
+_TFLITE_PROBES: dict[tuple, dict[str, tuple[bool, str]]] = {}
+_TFLITE_PROBES_LOCK = threading.Lock()
+
+
+def _exit_text(returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        try:
+            return f"killed its process ({signal.Signals(-returncode).name})"
+        except ValueError:
+            return f"killed its process (signal {-returncode})"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return f"failed ({lines[-1].strip() if lines else f'exit status {returncode}'})"
+
+
+def _probe_tflite(
+    path: str, *, key: tuple, single: list[int] | None, batch: list[int] | None, output: int
+) -> dict[str, tuple[bool, str]]:
+    """Runs the TFLite trial (``_TFLITE_PROBE_SCRIPT``) in a child process.
+
+    Returns:
+        ``{"single": (ok, why), "batch": (ok, why)}`` for the stages asked for (those whose shape
+        is not None); a stage the child did not report (it crashed or hung) is not ok.
+    """
+    with _TFLITE_PROBES_LOCK:
+        if key in _TFLITE_PROBES:
+            return _TFLITE_PROBES[key]
+    command = [sys.executable, "-c", _TFLITE_PROBE_SCRIPT, path, json.dumps(single), json.dumps(batch)]
+    try:
+        done = subprocess.run(
+            [*command, str(output)],
+            capture_output=True,
+            text=True,
+            timeout=TFLITE_TRIAL_TIMEOUT_S,
+            check=False,
+        )
+        stdout, how = done.stdout, _exit_text(done.returncode, done.stderr)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or b""
+        stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
+        how = f"took more than {TFLITE_TRIAL_TIMEOUT_S} s"
+    except OSError as exc:
+        stdout, how = "", f"could not be started ({exc})"
+    verdicts: dict[str, tuple[bool, str]] = {}
+    for line in stdout.splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            report = json.loads(line)
+            verdicts[report["stage"]] = (bool(report["ok"]), str(report["why"]))
+    for stage, shape in (("single", single), ("batch", batch)):
+        if shape is not None and stage not in verdicts:
+            verdicts[stage] = (False, how)
+    with _TFLITE_PROBES_LOCK:
+        _TFLITE_PROBES[key] = verdicts
+    return verdicts
+
+
 class TFLiteEmbedder(EmbeddingModel):
-    """A TFLite model on windows: batched when its input's batch dimension is dynamic (or 1 per
-    call otherwise); the output chosen by name or by index into the output details."""
+    """A TFLite model on windows (LiteRT's interpreter; the output chosen by name or by index into
+    the output details).
+
+    How windows go in follows the input's shape signature:
+
+    - ``[N, *window]``, a fixed batch of ``N``: ``N`` windows per call, the last call of a
+      batch filled up with silence (those rows are dropped). The input is never resized.
+    - ``[-1, *window]``, a dynamic batch (BirdNET 2.4: ``[-1, 144000]``, stored as ``[1,
+      144000]``): a whole batch per call, resized to it, but only when a trial in a child
+      process (:data:`TFLITE_TRIAL_BATCH` windows, at load) ran and gave the values of one
+      window at a time: some models declare a dynamic batch yet crash the process or mix rows
+      when resized. Otherwise the model's own batch (1), one window per call.
+    - ``[n_samples]`` (one waveform, as YAMNet's): one window per call; a frame-level output
+      ``[n_frames, embedding_size]`` is averaged over its frames.
+
+    An interpreter must never be used by two threads at once, and RunInference shares one loaded
+    model between a process's threads: each thread gets its own interpreter, created on its
+    first call from the model's bytes (kept in memory), so threads run in parallel.
+
+    Attributes:
+        windows_per_call: Windows per interpreter call: ``None`` for any batch (resized to each),
+            else the model's fixed batch.
+    """
+
+    windows_per_call: int | None
 
     def __init__(self, path: str, config: EmbeddingConfig):
-        import tensorflow as tf
+        from ai_edge_litert.interpreter import Interpreter
 
+        self._new_interpreter = Interpreter
         self.embedding_size = int(config.embedding_size)
         self._where = f"TFLite model {config.model_uri!r}"
-        with warnings.catch_warnings():  # tf.lite.Interpreter warns that it moves to LiteRT
-            warnings.simplefilter("ignore")
-            self._interpreter = tf.lite.Interpreter(model_path=path)
-        self._interpreter.allocate_tensors()
-        inputs = self._interpreter.get_input_details()
+        with open(path, "rb") as f:
+            self._content = f.read()
+        self._local = threading.local()
+        try:
+            interpreter = self._interpreter()
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"{self._where} cannot be loaded by LiteRT: {exc}") from exc
+        inputs = interpreter.get_input_details()
         if len(inputs) != 1:
             raise ConfigError(f"{self._where} takes {len(inputs)} inputs; one (the waveform) is needed")
         self._input = inputs[0]
-        outputs = self._interpreter.get_output_details()
-        by_name = {d["name"]: d for d in outputs}
+        dtype = np.dtype(self._input["dtype"])
+        if dtype != np.float32:
+            raise ConfigError(f"{self._where} takes {dtype.name} input; float32 waveforms are needed")
+        outputs = interpreter.get_output_details()
+        by_name = {d["name"]: k for k, d in enumerate(outputs)}
         selector = config.output
         if selector is None:
             if len(outputs) != 1:
                 raise ConfigError(f"{self._where} has outputs {sorted(by_name)}: choose one with output")
-            self._output = outputs[0]
+            position = 0
         elif isinstance(selector, int):
             if not 0 <= selector < len(outputs):
                 raise ConfigError(
                     f"output={selector} is out of range: {self._where} has {len(outputs)} outputs"
                 )
-            self._output = outputs[selector]
+            position = selector
         elif selector in by_name:
-            self._output = by_name[selector]
+            position = by_name[selector]
         else:
             raise ConfigError(
                 f"output={selector!r} is not an output of {self._where}; outputs: {sorted(by_name)}"
             )
-        signature = list(self._input.get("shape_signature", self._input["shape"]))
-        self._rank = len(signature)
-        self._dynamic_batch = self._rank >= 2 and signature[0] == -1
-        self._size = None
+        self._output_index = outputs[position]["index"]
+        self._choose_layout(path, config=config, output_position=position)
+
+    def _choose_layout(self, path: str, *, config: EmbeddingConfig, output_position: int) -> None:
+        shape = [int(d) for d in self._input["shape"]]
+        signature = [int(d) for d in self._input.get("shape_signature", shape)]
+        n = config.window_samples
+        cannot = (
+            f"{self._where} takes input {shape} (shape signature {signature}); it cannot take "
+            f"windows of {n} samples"
+        )
+        if len(signature) == 1:
+            if signature[0] not in (-1, n):
+                raise ConfigError(cannot)
+            self._batch_axis, self._window_dims, call_shape = False, [n], [n]
+            self.windows_per_call = 1
+        elif len(signature) >= 2:
+            window_dims = signature[1:]
+            if -1 in window_dims:
+                if len(window_dims) != 1:
+                    raise ConfigError(cannot)
+                window_dims = [n]
+            elif math.prod(window_dims) != n:
+                raise ConfigError(cannot)
+            # The model's own batch: the signature's, or for a dynamic one what the file was
+            # written with (1 for converted Keras/TF functions).
+            own_batch = signature[0] if signature[0] > 0 else max(shape[0], 1)
+            self._batch_axis, self._window_dims = True, window_dims
+            call_shape = [own_batch, *window_dims]
+            self.windows_per_call = own_batch
+        else:
+            raise ConfigError(cannot)
+        single = call_shape if call_shape != shape else None
+        trial = [TFLITE_TRIAL_BATCH, *self._window_dims] if self._batch_axis and signature[0] == -1 else None
+        if single is None and trial is None:
+            return  # nothing is resized: nothing to try
+        key = (
+            hashlib.sha256(self._content).hexdigest(),
+            tuple(shape),
+            tuple(call_shape),
+            tuple(trial or ()),
+            output_position,
+        )
+        verdicts = _probe_tflite(path, key=key, single=single, batch=trial, output=output_position)
+        if single is not None and not verdicts["single"][0]:
+            raise ConfigError(f"{cannot}: resized to {call_shape}, a trial run {verdicts['single'][1]}")
+        if trial is None:
+            return
+        ok, why = verdicts["batch"]
+        if ok:
+            self.windows_per_call = None
+            return
+        per_call = "one window per call" if call_shape[0] == 1 else f"{call_shape[0]} windows per call"
+        _LOG.warning(
+            "%s: its batch dimension is dynamic, but a trial batch of %d windows %s; calling it with "
+            "its own batch (%s)",
+            self._where,
+            TFLITE_TRIAL_BATCH,
+            why,
+            per_call,
+        )
+
+    def _interpreter(self):
+        """This thread's interpreter (created on the thread's first call)."""
+        local = self._local
+        interpreter = getattr(local, "interpreter", None)
+        if interpreter is None:
+            interpreter = self._new_interpreter(model_content=self._content)
+            interpreter.allocate_tensors()
+            local.interpreter = interpreter
+            local.shape = tuple(int(d) for d in interpreter.get_input_details()[0]["shape"])
+        return interpreter
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        interpreter = self._interpreter
-        if self._size != x.shape:
-            interpreter.resize_tensor_input(self._input["index"], list(x.shape))
+        interpreter = self._interpreter()
+        local, index = self._local, self._input["index"]
+        if local.shape != x.shape:
+            # Only to shapes the signature allows (strict) and the trial at load ran.
+            interpreter.resize_tensor_input(index, list(x.shape), strict=True)
             interpreter.allocate_tensors()
-            self._size = x.shape
-        interpreter.set_tensor(self._input["index"], x)
+            local.shape = x.shape
+        interpreter.set_tensor(index, x)
         interpreter.invoke()
-        return interpreter.get_tensor(self._output["index"]).copy()
+        return interpreter.get_tensor(self._output_index).copy()
+
+    def _rows(self, values: np.ndarray, *, n_call: int, n_keep: int) -> np.ndarray:
+        """The first ``n_keep`` rows ``[n_keep, embedding_size]`` of a call's output."""
+        values = np.asarray(values, dtype=np.float32)
+        size = self.embedding_size
+        if values.ndim == 1 and n_call == 1:
+            values = values[None]
+        if values.ndim < 2 or values.shape[0] != n_call:
+            raise DataError(
+                f"{self._where} returned shape {list(values.shape)} for {n_call} window(s); "
+                f"expected [{n_call}, {size}]",
+                reason="bad_model_output",
+            )
+        if values.ndim == 2 and values.shape[1] == size:
+            return values[:n_keep]
+        return np.stack([_per_window(v, size=size, where=self._where) for v in values[:n_keep]])
 
     def embed(self, windows: np.ndarray) -> np.ndarray:
         windows = np.ascontiguousarray(windows, dtype=np.float32)
-        if self._dynamic_batch:
-            return _as_embeddings(
-                self._run(windows), n=len(windows), size=self.embedding_size, where=self._where
-            )
-        if self._rank >= 2:
-            rows = [self._run(w[None]) for w in windows]
-        else:
-            rows = [self._run(w) for w in windows]
-        rows = [_per_window(r, size=self.embedding_size, where=self._where) for r in rows]
-        return np.stack(rows) if rows else np.zeros((0, self.embedding_size), np.float32)
+        n = len(windows)
+        if n == 0:
+            return np.zeros((0, self.embedding_size), np.float32)
+        if not self._batch_axis:
+            rows = [_per_window(self._run(w), size=self.embedding_size, where=self._where) for w in windows]
+            return np.stack(rows)
+        if self.windows_per_call is None:
+            out = self._run(windows.reshape(n, *self._window_dims))
+            return self._rows(out, n_call=n, n_keep=n)
+        per_call = self.windows_per_call
+        parts = []
+        for start in range(0, n, per_call):
+            chunk = windows[start : start + per_call]
+            if len(chunk) < per_call:  # a fixed batch: fill it up with silence, drop those rows
+                chunk = np.concatenate(
+                    [chunk, np.zeros((per_call - len(chunk), *chunk.shape[1:]), np.float32)]
+                )
+            out = self._run(np.ascontiguousarray(chunk.reshape(per_call, *self._window_dims)))
+            parts.append(self._rows(out, n_call=per_call, n_keep=min(per_call, n - start)))
+        return np.concatenate(parts)
 
 
 def _verify_digest(path: str, config: EmbeddingConfig) -> None:
@@ -411,7 +914,8 @@ def load_embedding_model(config: EmbeddingConfig) -> EmbeddingModel:
     """Loads the model of ``config`` (its file copied locally first when remote).
 
     Raises:
-        ConfigError: missing file, SHA-256 mismatch, a file that does not fit the config.
+        ConfigError: missing file, SHA-256 mismatch, a file that does not fit the config, a
+            SavedModel with ops outside the allow-lists (unless ``trust_model_code``).
     """
     if not config.model_uri or not model_exists(config.model_uri):
         check_model(config)  # raises, naming the expected file
@@ -424,6 +928,10 @@ def load_embedding_model(config: EmbeddingConfig) -> EmbeddingModel:
         if config.model == "saved_model":
             if not os.path.isdir(path):
                 raise ConfigError(f"saved_model {config.model_uri!r} is not a SavedModel folder")
+            if not config.trust_model_code:
+                # again here: the worker loads its own copy, and may be given a config that no
+                # launcher checked
+                check_saved_model_ops(path)
             return SavedModelEmbedder(path, config)
         return TFLiteEmbedder(path, config)
 
@@ -481,7 +989,8 @@ class EmbeddingModelHandler(ModelHandler[EmbeddingInput, PredictionResult, Embed
     windows; this one stacks a batch's windows (one copy, ``[batch, window_samples]``), calls
     the model once and returns one ``PredictionResult(window, embedding [embedding_size])`` per
     window. RunInference loads the model once per worker process (``load_model``) and shares it
-    between the process's threads.
+    between the process's threads, which call it at the same time (every :class:`EmbeddingModel`
+    allows that: TFLite models keep one interpreter per thread).
 
     Args:
         config: Embedding configuration (model file, window grid).
