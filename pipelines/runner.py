@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.errors import ConfigError, SoundshardError
 
 #: Inputs of this size or more run with one worker thread per core when no worker count is given
 #: (ESC-10, 38 MB: 2.1-2.7 s with 2 threads against 2.6-2.9 s with one; below a few MB the
@@ -64,6 +65,9 @@ def check_beam_args(beam_args: Sequence[str]) -> None:
     flags = [a for a in unknown if a.startswith("--")]
     if flags:
         raise ConfigError(f"unknown option(s): {' '.join(flags)} (see --help)")
+    workers = PipelineOptions(list(beam_args)).view_as(DirectOptions).direct_num_workers
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--direct_num_workers={workers} must be 0 (one per core) or more")
 
 
 def local_run(options: PipelineOptions, *, input_bytes: int | None, workers_given: bool) -> bool:
@@ -112,12 +116,195 @@ def writes_job_only(options: PipelineOptions) -> bool:
 
 
 def make_pipeline(options: PipelineOptions, *, local: bool) -> beam.Pipeline:
-    """A pipeline on the FnApiRunner for local runs, else on the runner named in the options."""
+    """A pipeline on the FnApiRunner for local runs, else on the runner named in the options.
+
+    Local runs bind the runner's gRPC servers to loopback (:func:`bind_local_servers_to_loopback`).
+    """
     if local:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
+        bind_local_servers_to_loopback()
         return beam.Pipeline(runner=FnApiRunner(), options=options)
     return beam.Pipeline(options=options)
+
+
+# -- loopback-only gRPC servers for local runs ---------------------------------------------------
+
+LOOPBACK_HOST = "127.0.0.1"
+#: What Beam's local runner binds (every interface); it becomes LOOPBACK_HOST.
+_WILDCARD_HOSTS = ("[::]", "0.0.0.0", "[0:0:0:0:0:0:0:0]")
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+#: What the adapter rewrites, per Beam function: how many ``add_insecure_port('[::]:0')`` calls
+#: (all its binds), and text that must be there. Checked against Beam's source at every install,
+#: so a Beam upgrade that binds another way, elsewhere, or names its servers otherwise stops local
+#: runs with an error instead of silently listening on every interface again.
+_PATCHED = {
+    # control, data, state and logging servers of the runner
+    "worker_handlers.GrpcServer.__init__": (4, ("grpc.server(",)),
+    # each worker process's logging server, named to the process as localhost:<port>
+    "local_job_service.SubprocessSdkWorker.run": (
+        1,
+        ("grpc.server(", "endpoints_pb2.ApiServiceDescriptor(url='localhost:%s' % logging_port)"),
+    ),
+    # what the runner names to its workers (see _loopback_host)
+    "worker_handlers.GrpcWorkerHandler.host_from_worker": (0, ("return 'localhost'",)),
+    "worker_handlers.ExternalWorkerHandler.host_from_worker": (0, ("return socket.getfqdn()",)),
+}
+_BIND_CALL = "add_insecure_port('[::]:0')"
+#: Ports that were asked for on every interface and bound on LOOPBACK_HOST instead.
+_LOOPBACK_PORTS: set[int] = set()
+_install_lock = threading.Lock()
+
+
+def loopback_address(address: str) -> str:
+    """The address to bind instead of ``address``: 127.0.0.1 where every interface was asked for.
+
+    Args:
+        address: A gRPC bind address, ``host:port``.
+
+    Returns:
+        ``127.0.0.1:<port>`` for ``[::]`` or ``0.0.0.0``; a loopback address unchanged.
+
+    Raises:
+        SoundshardError: any other host (Beam binding somewhere this adapter does not know).
+    """
+    host, _, port = address.rpartition(":")
+    if host in _WILDCARD_HOSTS:
+        return f"{LOOPBACK_HOST}:{port}"
+    if host in _LOOPBACK_NAMES:
+        return address
+    raise SoundshardError(
+        f"Beam's local runner asked to bind {address!r}; soundshard only knows how to keep "
+        "[::] and 0.0.0.0 on loopback (update pipelines/runner.py for this Beam version)"
+    )
+
+
+class _LoopbackServer:
+    """A ``grpc.Server`` whose ports are bound on loopback (see :func:`loopback_address`)."""
+
+    def __init__(self, server):
+        self._server = server
+
+    def add_insecure_port(self, address: str) -> int:
+        bound = loopback_address(address)
+        port = self._server.add_insecure_port(bound)
+        if bound != address:
+            _LOOPBACK_PORTS.add(port)
+        return port
+
+    def add_secure_port(self, address: str, server_credentials) -> int:
+        return self._server.add_secure_port(loopback_address(address), server_credentials)
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+
+class _LoopbackGrpc:
+    """Stands in for the ``grpc`` module inside Beam's local-runner modules: ``server()`` gives
+    :class:`_LoopbackServer` objects; everything else is grpc's own."""
+
+    def __init__(self, module):
+        self._grpc = module
+
+    def server(self, *args, **kwargs) -> _LoopbackServer:
+        return _LoopbackServer(self._grpc.server(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grpc, name)
+
+
+class _LoopbackEndpoints:
+    """Stands in for ``endpoints_pb2`` in ``local_job_service``: a worker process is told
+    ``localhost:<port>`` for its logging server; where that port was bound on 127.0.0.1, it is
+    told 127.0.0.1 (``localhost`` may resolve to ::1 first, where nothing of the run listens: the
+    worker then waits a minute for the channel, and another process could hold that port)."""
+
+    def __init__(self, module):
+        self._endpoints = module
+
+    def ApiServiceDescriptor(self, *args, url: str = "", **kwargs):  # noqa: N802 (protobuf's name)
+        host, _, port = url.rpartition(":")
+        if host == "localhost" and port.isdigit() and int(port) in _LOOPBACK_PORTS:
+            url = f"{LOOPBACK_HOST}:{port}"
+        return self._endpoints.ApiServiceDescriptor(*args, url=url, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._endpoints, name)
+
+
+def _loopback_host(self) -> str:
+    # What the runner names to its workers: 127.0.0.1, where its servers listen, rather than
+    # 'localhost' (which may resolve to ::1 first) or, for external workers, the host's FQDN (a
+    # non-loopback address). The workers of a local run are on this host.
+    return LOOPBACK_HOST
+
+
+def _check_beam(modules: dict) -> None:
+    """Raises unless Beam's local runner binds and names its servers as :data:`_PATCHED` says."""
+    import grpc
+    from apache_beam.portability.api import endpoints_pb2
+
+    for name, attribute, real, proxy in (
+        ("worker_handlers", "grpc", grpc, _LoopbackGrpc),
+        ("local_job_service", "grpc", grpc, _LoopbackGrpc),
+        ("local_job_service", "endpoints_pb2", endpoints_pb2, _LoopbackEndpoints),
+    ):
+        value = getattr(modules[name], attribute, None)
+        if value is not real and not isinstance(value, proxy):
+            raise SoundshardError(
+                f"apache_beam {beam.__version__}: {name}.{attribute} is not the {attribute} module; "
+                "cannot keep the local runner's servers on loopback (update pipelines/runner.py)"
+            )
+    for qualified, (binds, needed) in _PATCHED.items():
+        module_name, *path = qualified.split(".")
+        target = modules[module_name]
+        for part in path:
+            target = getattr(target, part, None)
+        if getattr(target, "__name__", None) == _loopback_host.__name__:
+            continue  # installed already
+        try:
+            source = inspect.getsource(target)
+        except (OSError, TypeError) as exc:
+            raise SoundshardError(
+                f"apache_beam {beam.__version__}: cannot read {qualified} ({exc}) to check that local "
+                "runs stay on loopback"
+            ) from exc
+        found = source.count("add_insecure_port(")
+        if not (found == source.count(_BIND_CALL) == binds and all(text in source for text in needed)):
+            raise SoundshardError(
+                f"apache_beam {beam.__version__}: {qualified} binds or names its servers differently than "
+                f"soundshard expects ({found} add_insecure_port calls, expected {binds} x {_BIND_CALL}, "
+                f"and {needed}); update bind_local_servers_to_loopback in pipelines/runner.py"
+            )
+
+
+def bind_local_servers_to_loopback() -> None:
+    """Makes the FnApiRunner's gRPC servers listen on 127.0.0.1 only, and its workers dial 127.0.0.1.
+
+    Beam binds them with ``add_insecure_port('[::]:0')``, hard-coded, in two modules: this swaps
+    their ``grpc`` name for :class:`_LoopbackGrpc` (and ``local_job_service``'s ``endpoints_pb2``
+    for :class:`_LoopbackEndpoints`), and has the worker handlers name 127.0.0.1. Idempotent.
+    The swap is process-wide and stays: a later run in this process on an in-process job server
+    (``PortableRunner`` without ``--job_endpoint``) also listens on loopback only, which suits
+    workers on this host only.
+
+    Raises:
+        SoundshardError: this Beam version binds or names its servers otherwise than checked for
+            (the adapter would no longer cover them).
+    """
+    from apache_beam.runners.portability import local_job_service
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    modules = {"worker_handlers": worker_handlers, "local_job_service": local_job_service}
+    with _install_lock:
+        _check_beam(modules)
+        for module in modules.values():
+            if not isinstance(module.grpc, _LoopbackGrpc):
+                module.grpc = _LoopbackGrpc(module.grpc)
+        if not isinstance(local_job_service.endpoints_pb2, _LoopbackEndpoints):
+            local_job_service.endpoints_pb2 = _LoopbackEndpoints(local_job_service.endpoints_pb2)
+        worker_handlers.GrpcWorkerHandler.host_from_worker = _loopback_host
+        worker_handlers.ExternalWorkerHandler.host_from_worker = _loopback_host
 
 
 def run_remote(p: beam.Pipeline, options: PipelineOptions) -> bool:

@@ -8,9 +8,11 @@ Examples::
 
 A model folder holds ``model.keras`` (Keras 3 format; loads in safe mode), ``saved_model/`` (a TF
 SavedModel for serving), ``model.json`` (labels, feature config and fingerprint, training config,
-split), ``metrics.json`` (window and clip metrics on the test fold), ``history.json``, and the
-plots ``confusion_matrix.png`` and ``learning_curves.png``. With ``--cv`` there is one such folder
-per fold (``fold-1/``...) and a ``metrics.json`` with the mean and standard deviation over folds.
+split, and an integrity digest over all of it and the bytes of ``model.keras``: commands that load
+the folder refuse it once either was edited), ``metrics.json`` (window and clip metrics on the test
+fold), ``history.json``, and the plots ``confusion_matrix.png`` and ``learning_curves.png``. With
+``--cv`` there is one such folder per fold (``fold-1/``...) and a ``metrics.json`` with the mean and
+standard deviation over folds.
 
 Multi-worker training (``tf.distribute.MultiWorkerMirroredStrategy``; see
 ``soundshard.transforms.distributed``): run the same command on every worker with
@@ -418,6 +420,12 @@ def write_model_folder(
         "data": {"path": data_dir, "schema_version": dataset.get("schema_version")},
         "thresholds": thresholds,
     }
+    # Sealed as read back (JSON turns tuples into lists, keys into strings), so the digest that
+    # loaders recompute from the file is the one written here.
+    description = json.loads(json.dumps(description))
+    description[models.INTEGRITY] = models.integrity_of(
+        description, model_file_sha256=models.file_sha256(os.path.join(output, MODEL_FILE))
+    )
     _write_json(os.path.join(output, MODEL_JSON), description)
     _write_json(os.path.join(output, "metrics.json"), metrics)
     _write_json(os.path.join(output, "history.json"), history)

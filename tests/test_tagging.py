@@ -22,6 +22,8 @@ from soundshard.schemas.tagging import TagConfig, parse_thresholds
 from soundshard.transforms import events as ev
 from soundshard.transforms import tagging
 
+from .helpers import reseal_model_folder
+
 LABELS = ("a", "b")
 
 
@@ -341,6 +343,9 @@ def test_mismatched_model_is_refused_before_any_data(demo_features, demo_model, 
     description = json.loads((demo_model / "model.json").read_text())
     description["feature_config"]["hop_length"] = 256
     (tampered / "model.json").write_text(json.dumps(description))
+    assert run_tag("--input", root / "audio", "--model", tampered, "--output", tmp_path / "tags") == 2
+    assert "model.json edited: fields feature_config changed since training" in capsys.readouterr().err
+    reseal_model_folder(tampered)  # a consistent folder whose features are not these maths'
     assert run_tag("--input", root / "audio", "--model", tampered, "--output", tmp_path / "tags") == 2
     assert "trained with other feature maths" in capsys.readouterr().err
     assert run_tag("--input", root / "audio", "--model", tmp_path, "--output", tmp_path / "tags") == 2

@@ -14,10 +14,20 @@
 
 Every model starts with a ``Normalization`` layer adapted to the training windows, so the saved
 model takes features exactly as the features pipeline writes them.
+
+Model folders (``soundshard train`` output) are read here only: ``model.json`` carries an integrity
+digest over all its fields and the model file's bytes, and every loader (:func:`read_description`,
+:func:`load_classifier`, tagging's ``load_classifier_from``) verifies it before any use and refuses
+a folder that was edited, names a model file outside itself, or holds a file that Keras' safe mode
+will not load. The digest is not a signature: it keeps a folder self-consistent, it does not prove
+who wrote it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -137,23 +147,149 @@ def count_macs(model) -> int:
     return int(total)
 
 
-def read_description(folder: str) -> dict:
-    """``model.json`` of a model folder (local path or object-store URI).
+# -- model folders --------------------------------------------------------------------------------
+
+MODEL_JSON = "model.json"
+#: model.json's key for the digest that binds it and the model file together.
+INTEGRITY = "integrity"
+INTEGRITY_VERSION = 1
+#: What ``model_file`` may be: a plain ``.keras`` file name, so a model folder can only name a file
+#: inside itself (never ``../x.keras``, an absolute path or a URL) and only the format that Keras
+#: loads in safe mode.
+_MODEL_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\.keras")
+
+
+def canonical_json(value) -> bytes:
+    """``value`` as canonical JSON bytes (sorted keys, no whitespace): the form that is hashed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _covered(description: dict) -> dict:
+    # Everything model.json says except the integrity block itself. Each field is acted on by some
+    # command (labels, label map and thresholds name and gate the events; the feature config,
+    # fingerprint and input decide the features; split and training.model drive compile-edge and
+    # the run records; model_file names what is loaded), and one that no command reads today may be
+    # read tomorrow: covering all of it leaves nothing editable without notice.
+    return {key: value for key, value in description.items() if key != INTEGRITY}
+
+
+def integrity_of(description: dict, *, model_file_sha256: str) -> dict:
+    """The integrity block of a model folder (model.json → ``integrity``).
+
+    Args:
+        description: model.json's content (its ``integrity`` key, if any, is left out).
+        model_file_sha256: SHA-256 (hex) of the model file's bytes.
+
+    Returns:
+        ``{"version", "model_file_sha256", "fields", "digest"}``: ``digest`` is the SHA-256 of the
+        canonical JSON of the model file's hash and every other field of model.json; ``fields``
+        holds a short hash per field, only to name what was edited.
+    """
+    covered = _covered(description)
+    return {
+        "version": INTEGRITY_VERSION,
+        "model_file_sha256": model_file_sha256,
+        "fields": {key: _sha256(canonical_json(value))[:16] for key, value in sorted(covered.items())},
+        "digest": _sha256(canonical_json({"model_file_sha256": model_file_sha256, "model_json": covered})),
+    }
+
+
+def file_sha256(uri: str) -> str:
+    """SHA-256 (hex) of a local or object-store file's bytes, read through fsspec."""
+    import fsspec
+
+    digest = hashlib.sha256()
+    with fsspec.open(uri, "rb") as f:
+        for block in iter(lambda: f.read(4 * 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_file(description: dict, *, folder: str = "") -> str:
+    """Name of the Keras file in a model folder (a plain ``.keras`` file name inside it).
 
     Raises:
-        ConfigError: no model folder there, or a model.json that is not JSON.
+        ConfigError: ``model_file`` is not a plain ``.keras`` file name (a path, a URL, ``..``).
     """
-    import json
+    name = description.get("model_file", "model.keras")
+    if not isinstance(name, str) or not _MODEL_FILE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"--model {folder!r}: model.json names model_file {name!r}; it must be a plain .keras file "
+            "name inside the model folder (no path, no URL)"
+        )
+    return name
 
+
+def verify_description(folder: str, description: dict) -> None:
+    """Checks that model.json and the model file are as ``soundshard train`` wrote them.
+
+    Raises:
+        ConfigError: a ``model_file`` that is not a plain file name in the folder, a missing model
+            file, no integrity digest (a folder from before soundshard checked them), a model file
+            whose bytes changed, or edited model.json fields (named when they can be told).
+    """
+    if not isinstance(description, dict):
+        raise ConfigError(f"--model {folder!r}: model.json is not a JSON object")
+    name = model_file(description, folder=folder)
+    sealed = description.get(INTEGRITY)
+    if not isinstance(sealed, dict) or not isinstance(sealed.get("digest"), str):
+        # Refused rather than trusted: a folder without a digest cannot be told apart from an
+        # edited one whose digest was deleted, so accepting it would make the check optional.
+        raise ConfigError(
+            f"--model {folder!r}: model.json has no integrity digest (written before soundshard "
+            "checked model folders, or stripped); retrain it with `soundshard train`"
+        )
+    path = f"{folder.rstrip('/')}/{name}"
+    try:
+        actual_sha = file_sha256(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--model {folder!r}: the model file {name!r} is missing") from exc
+    expected = integrity_of(description, model_file_sha256=actual_sha)
+    if expected["digest"] == sealed["digest"]:
+        return
+    problems = []
+    if actual_sha != sealed.get("model_file_sha256"):
+        problems.append(
+            f"{name} has SHA-256 {actual_sha}, not the {sealed.get('model_file_sha256')} it had when trained"
+        )
+    recorded = sealed.get("fields")
+    if isinstance(recorded, dict):
+        now = expected["fields"]
+        changed = sorted(k for k in set(now) & set(recorded) if now[k] != recorded[k])
+        added, removed = sorted(set(now) - set(recorded)), sorted(set(recorded) - set(now))
+        parts = [f"fields {', '.join(changed)} changed"] if changed else []
+        parts += [f"fields {', '.join(added)} added"] if added else []
+        parts += [f"fields {', '.join(removed)} removed"] if removed else []
+        if parts:
+            problems.append(f"model.json edited: {'; '.join(parts)} since training")
+    if not problems:
+        problems.append("model.json's integrity digest does not match its content (edited)")
+    raise ConfigError(f"--model {folder!r}: {'; '.join(problems)}; refusing the model folder")
+
+
+def read_description(folder: str) -> dict:
+    """``model.json`` of a model folder (local path or object-store URI), verified against its
+    integrity digest and the model file's bytes (:func:`verify_description`) before any use.
+
+    Raises:
+        ConfigError: no model folder there, a model.json that is not JSON, or a folder that is not
+            as ``soundshard train`` wrote it.
+    """
     import fsspec
 
     try:
-        with fsspec.open(f"{folder.rstrip('/')}/model.json", "r") as f:
-            return json.load(f)
+        with fsspec.open(f"{folder.rstrip('/')}/{MODEL_JSON}", "r") as f:
+            description = json.load(f)
     except FileNotFoundError as exc:
         raise ConfigError(f"--model {folder!r} is not a model folder (no model.json)") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--model {folder!r}: model.json is not valid JSON ({exc})") from exc
+    verify_description(folder, description)
+    return description
 
 
 def load_keras_file(path: str):
@@ -161,19 +297,65 @@ def load_keras_file(path: str):
     return _keras().models.load_model(path, compile=False, safe_mode=True)
 
 
-def model_file(description: dict) -> str:
-    """Name of the Keras file in a model folder."""
-    return description.get("model_file", "model.keras")
+def load_verified_model(folder: str, description: dict):
+    """The Keras model of a verified model folder (remote files copied locally), in safe mode.
+
+    The local copy's bytes are checked against the digest again, so what is loaded is what was
+    verified, and the model must give one score per label of model.json.
+
+    Raises:
+        ConfigError: the file changed since it was verified, cannot be loaded in Keras safe mode
+            (corrupt, or unsafe such as a Lambda layer), or does not fit model.json.
+    """
+    from soundshard.transforms.embeddings import local_model
+
+    name = model_file(description, folder=folder)
+    with local_model(f"{folder.rstrip('/')}/{name}") as path:
+        if file_sha256(path) != description[INTEGRITY]["model_file_sha256"]:
+            raise ConfigError(f"--model {folder!r}: {name} changed while it was being loaded")
+        try:
+            model = load_keras_file(path)
+        except Exception as exc:  # noqa: BLE001 (Keras raises many types for a bad file)
+            raise ConfigError(
+                f"--model {folder!r}: {name} cannot be loaded in Keras safe mode "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+    labels = description.get("label_names") or []
+    outputs = model.output_shape[-1] if isinstance(model.output_shape, tuple) else None
+    if outputs != len(labels):
+        raise ConfigError(
+            f"--model {folder!r}: {name} gives {outputs} scores per window for {len(labels)} labels"
+        )
+    shape = description.get("input", {}).get("shape")
+    if shape is not None and list(model.input_shape[1:]) != list(shape):
+        raise ConfigError(
+            f"--model {folder!r}: {name} takes inputs of shape {list(model.input_shape[1:])}, "
+            f"model.json says {shape}"
+        )
+    return model
+
+
+def verify_model_folder(folder: str) -> dict:
+    """Verifies a model folder completely on the launcher and returns its description: the digest,
+    and a trial load of the model in Keras safe mode, so that a corrupt or unsafe model file
+    stops the run before any audio is read instead of failing in every worker's RunInference.
+
+    Raises:
+        ConfigError: as :func:`read_description` and :func:`load_verified_model`.
+    """
+    description = read_description(folder)
+    load_verified_model(folder, description)
+    return description
 
 
 def load_classifier(folder: str):
-    """A trained model folder: ``(keras model, description from model.json)``.
+    """A trained model folder: ``(keras model, description from model.json)``, verified.
 
     Raises:
-        ConfigError: the folder is not a soundshard model folder.
+        ConfigError: the folder is not a soundshard model folder, or not as training wrote it.
     """
     description = read_description(folder)
-    return load_keras_file(f"{folder.rstrip('/')}/{model_file(description)}"), description
+    return load_verified_model(folder, description), description
 
 
 def check_fingerprint(description: dict, dataset: dict, *, what: str) -> None:

@@ -33,7 +33,7 @@ from soundshard.schemas.records import FileSummary, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms import events as ev
 from soundshard.transforms import training
-from soundshard.transforms.embeddings import error_parts, local_model
+from soundshard.transforms.embeddings import error_parts
 from soundshard.transforms.features import count, dead_letter
 from soundshard.transforms.shards import join, parquet_bytes, write_bytes
 
@@ -112,12 +112,17 @@ class Classifier:
 
 def load_classifier_from(uri: str) -> Classifier:
     """Loads a model folder (local or object store; Keras safe mode) as a :class:`Classifier`;
-    of a remote folder only ``model.json`` and the Keras file are fetched."""
+    of a remote folder only ``model.json`` and the Keras file are fetched. The folder is verified
+    against its integrity digest first, as on the launcher (the files may change in between).
+
+    Raises:
+        ConfigError: the folder is not as ``soundshard train`` wrote it, or its model cannot be
+            loaded in Keras safe mode.
+    """
     from soundshard.transforms import models
 
     description = models.read_description(uri)
-    with local_model(f"{uri.rstrip('/')}/{models.model_file(description)}") as path:
-        return Classifier(models.load_keras_file(path))
+    return Classifier(models.load_verified_model(uri, description))
 
 
 class ClassifierHandler(ModelHandler[WindowBatch, PredictionResult, Classifier]):
