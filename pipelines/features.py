@@ -47,7 +47,7 @@ from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.uris import redact
 from soundshard.transforms import augment, ledger, shards, sources
-from soundshard.transforms.features import ComputeLogMel, PlanUnits
+from soundshard.transforms.features import SOURCE_RATES_HZ, ComputeLogMel, PlanUnits
 
 _LOG = logging.getLogger(__name__)
 #: Exit codes of the commands that run pipelines (features, embed, tag).
@@ -98,6 +98,14 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split_column", default=None, help="Manifest split column ('' for none).")
     parser.add_argument(
         "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
+    )
+    parser.add_argument(
+        "--allow-outside-input",
+        "--allow_outside_input",
+        dest="allow_outside_input",
+        action="store_true",
+        help="Read manifest rows that name files outside --input (absolute paths, '..', other "
+        "URLs); by default they are dead letters (outside_input).",
     )
     parser.add_argument(
         "--start_time_column",
@@ -163,6 +171,14 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Remove the output folder's lock first: a run killed while writing there left it "
         "(check that no run is writing there).",
+    )
+    parser.add_argument(
+        "--source-rates-hz",
+        "--source_rates_hz",
+        dest="source_rates_hz",
+        default=f"{SOURCE_RATES_HZ[0]}:{SOURCE_RATES_HZ[1]}",
+        help="Sample rates a file header may declare, MIN:MAX Hz; a file outside them is a dead "
+        "letter (implausible_sample_rate). Default: %(default)s.",
     )
     parser.add_argument(
         "--unit_s",
@@ -244,7 +260,11 @@ def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> source
             start_time=args.start_time_column,
         )
         return sources.from_manifest(
-            args.manifest, input_uri=args.input, columns=columns, recording=recording
+            args.manifest,
+            input_uri=args.input,
+            columns=columns,
+            recording=recording,
+            allow_outside_input=args.allow_outside_input,
         )
     return sources.from_listing(
         args.input,
@@ -273,6 +293,7 @@ class FeatureRun:
     committed_runs: frozenset[str] = frozenset()
     augmentations: tuple = ()
     keep_fetched: bool = False
+    source_rates_hz: tuple[int, int] = SOURCE_RATES_HZ
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -358,6 +379,7 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         progress_dir=run.progress_dir,
         augmentations=run.augmentations,
         keep_fetched=run.keep_fetched,
+        rates_hz=getattr(run, "source_rates_hz", SOURCE_RATES_HZ),
     )
     # Units are redistributed after planning (a long recording becomes many units); the features
     # pipeline knows its shard count before features exist, so shard assignment fuses with them.
@@ -391,6 +413,18 @@ def setup_logging(*, verbose: bool) -> None:
     for handler in logging.getLogger().handlers:
         if not isinstance(handler.formatter, RedactingFormatter):
             handler.setFormatter(RedactingFormatter(handler.formatter._fmt if handler.formatter else None))
+
+
+def source_rates(args: argparse.Namespace) -> tuple[int, int]:
+    """``--source-rates-hz MIN:MAX`` as ``(min, max)`` (raises ConfigError naming a bad value)."""
+    text = args.source_rates_hz
+    try:
+        low, high = (int(float(part)) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--source-rates-hz={text!r} is not MIN:MAX in Hz, e.g. 1000:2000000") from None
+    if not 0 < low <= high:
+        raise ConfigError(f"--source-rates-hz={text!r} needs 0 < MIN <= MAX")
+    return low, high
 
 
 def check_failed_fraction(args: argparse.Namespace) -> None:
@@ -429,6 +463,7 @@ def locked_run(args: argparse.Namespace, *, prog: str):
 
     if not args.output:
         raise ConfigError("--output is required")
+    sources.check_store(args.output, flag="--output")
     return lock.output_lock(args.output, command=prog, break_lock=args.break_lock)
 
 
@@ -457,6 +492,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
     if args.unit_s < 0:
         raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
     check_failed_fraction(args)
+    rates_hz = source_rates(args)
     if config is None:
         config = feature_config_from_args(args)
     augmentations = augment.parse_augmentations(getattr(args, "augment", None))
@@ -511,6 +547,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         unit_s=args.unit_s or None,
         committed_runs=frozenset(committed),
         augmentations=augmentations,
+        source_rates_hz=rates_hz,
     )
 
 
@@ -538,6 +575,9 @@ def take_sources(args: argparse.Namespace, *, fingerprint: str) -> TakenSources:
     ``--output`` says were processed with ``fingerprint`` (ConfigError names bad values)."""
     run_date = _run_date(args)
     recording = recording_config_from_args(args)
+    sources.check_store(args.input, flag="--input")
+    if args.manifest:
+        sources.check_store(args.manifest, flag="--manifest")
     listing = list_sources(args, recording)
     if not listing.items and not listing.dead_letters:
         raise ConfigError(f"no inputs found in --manifest {args.manifest!r}")

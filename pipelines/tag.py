@@ -55,11 +55,12 @@ from soundshard.pipelines import runner as runners
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
-from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.tagging import AGGREGATIONS, TagConfig, parse_thresholds
+from soundshard.schemas.uris import redact
 from soundshard.transforms import ledger, models, shards, sources, tagging
 from soundshard.transforms.embeddings import ComputeEmbeddings, check_model, model_digest
-from soundshard.transforms.features import ComputeLogMel
+from soundshard.transforms.features import SOURCE_RATES_HZ, ComputeLogMel
 from soundshard.transforms.models import check_fingerprint
 
 PROG = "soundshard tag"
@@ -261,6 +262,7 @@ class TagRun:
     augmentations: tuple = ()
     keep_fetched: bool = False
     max_batch_windows: int = 2048
+    source_rates_hz: tuple[int, int] = SOURCE_RATES_HZ
 
     @property
     def temp_dir(self) -> str:
@@ -296,8 +298,10 @@ def prepare(args: argparse.Namespace) -> TagRun:
         raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
     if args.max_batch_windows < 1:
         raise ConfigError(f"--max_batch_windows={args.max_batch_windows} must be at least 1")
+    features.check_failed_fraction(args)
+    rates_hz = features.source_rates(args)
     model_uri = args.model.rstrip("/")
-    description = models.read_description(model_uri)
+    description = models.verify_model_folder(model_uri)
     config = model_config(description, model_uri=model_uri)
     check_requested_config(args, description)
     if isinstance(config, EmbeddingConfig):
@@ -373,6 +377,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
         committed_runs=taken.committed_runs,
         unit_s=args.unit_s or None,
         max_batch_windows=args.max_batch_windows,
+        source_rates_hz=rates_hz,
     )
 
 
@@ -482,7 +487,7 @@ class _CommitFn(beam.DoFn):
         manifest["counts"] = summary["counts"]
         manifest["tables"] = dict(outputs)
         manifest["dead_letters_file"] = dead_name
-        data = json.dumps(manifest, indent=2).encode()
+        data = redact(json.dumps(manifest, indent=2)).encode()
         if run.run_date:
             final_moves.append(self._temp_file(f"{ledger.RUNS_DIR}/{run.run_id}.json", data))
         else:
@@ -578,16 +583,26 @@ def read_manifest(output: str) -> dict:
 
 
 def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
-    """Runs the tag command; returns the exit code (0 ok, 1 nothing tagged, 2 config error)."""
+    """Runs the tag command; returns the exit code (as ``soundshard features``: 0 ok, 1 nothing
+    tagged, 2 config error, 5 more than ``--max-failed-fraction`` of the inputs failed, 75 the
+    output folder is in use by another run)."""
     parser = make_parser(prog)
     args, beam_args = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    features.setup_logging(verbose=args.verbose)
     try:
         runners.check_beam_args(beam_args)
-        tag_run = prepare(args)
+        with features.locked_run(args, prog=prog):
+            return _run(args, beam_args, prog=prog)
     except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {redact(str(exc))}", file=sys.stderr)
+        return features.EXIT_CONFIG
+    except OutputLockedError as exc:
+        print(f"{prog}: error: {redact(str(exc))}", file=sys.stderr)
+        return features.EXIT_LOCKED
+
+
+def _run(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str) -> int:
+    tag_run = prepare(args)
     outcome = features.launch(
         tag_run,
         beam_args,
@@ -600,12 +615,13 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
         skipped = tag_run.manifest["incremental"]["unchanged_skipped"]
         print(f"nothing new: all {skipped} input(s) were tagged by earlier runs with this model")
     if outcome != features.RAN:
-        return 0
+        return features.EXIT_OK
     manifest = read_manifest(tag_run.output)
     print(summary_text(manifest, tag_run.output))
-    if manifest["figures"]["files_processed"] == 0:
-        print(
-            f"{prog}: error: no input could be tagged; see {manifest['dead_letters_file']}", file=sys.stderr
-        )
-        return 1
-    return 0
+    return features.exit_code(
+        manifest["figures"],
+        prog=prog,
+        max_failed_fraction=args.max_failed_fraction,
+        what="tagged",
+        where=shards.join(tag_run.output, manifest["dead_letters_file"]),
+    )

@@ -186,7 +186,18 @@ def read_config_file(path: str | Path, *, table: str, what: str) -> dict[str, An
         raise ConfigError(f"{what} config {str(path)!r} is not valid: {exc}") from exc
     if not isinstance(values, dict):
         raise ConfigError(f"{what} config {str(path)!r} must hold a table of keys")
-    return values[table] if isinstance(values.get(table), dict) else values
+    if not isinstance(values.get(table), dict):
+        return values
+    section = values[table]
+    # Keys beside the [table] would be ignored silently, and one set at both levels is ambiguous.
+    for key, value in values.items():
+        if key == table or isinstance(value, dict):
+            continue
+        where = "both at the top level and under" if key in section else "at the top level, outside"
+        raise ConfigError(
+            f"{what} config {str(path)!r} sets {key!r} {where} [{table}]; set each key once, under [{table}]"
+        )
+    return section
 
 
 def load_feature_config(path: str | Path, **overrides: Any) -> FeatureConfig:

@@ -285,8 +285,19 @@ def as_grid(config) -> WindowGrid:
     return config
 
 
+#: Sample rates a header may declare, in Hz (``--source-rates-hz``): outside them the header is
+#: taken for damaged or hostile (a 3.6 KB WAV declaring 1 Hz would make 30 minutes of windows).
+SOURCE_RATES_HZ = (1_000, 2_000_000)
+
+
 def plan(
-    item: SourceItem, config, *, unit_s: float | None = None, keep_reads: int = 0, source=None
+    item: SourceItem,
+    config,
+    *,
+    unit_s: float | None = None,
+    keep_reads: int = 0,
+    source=None,
+    rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
 ) -> list[WorkUnit]:
     """Reads the header of ``item`` (no samples) and splits it into work units.
 
@@ -301,10 +312,12 @@ def plan(
             instead of two when they run here. 0 keeps nothing.
         source: ``item`` already opened by the caller (``_open_checked``), which closes it; by
             default it is opened (and closed) here.
+        rates_hz: ``(lowest, highest)`` sample rate a header may declare.
 
     Raises:
         AudioDecodeError: unreadable header or empty file.
-        AudioValidationError: a header that declares no samples, or too few for one window.
+        AudioValidationError: a header that declares no samples, too few for one window, or a
+            sample rate outside ``rates_hz``.
         StorageError: the object cannot be read from its store.
     """
     grid = as_grid(config)
@@ -323,6 +336,12 @@ def plan(
             data = source.fetched_whole()
     if info.frames <= 0:
         raise AudioValidationError(f"{item.uri} holds no samples ({info.format})", reason="empty_audio")
+    if not rates_hz[0] <= info.samplerate <= rates_hz[1]:
+        raise AudioValidationError(
+            f"{item.uri} declares a sample rate of {info.samplerate} Hz, outside the plausible "
+            f"{rates_hz[0]}..{rates_hz[1]} Hz (a damaged header? set --source-rates-hz otherwise)",
+            reason="implausible_sample_rate",
+        )
     output_samples, total = grid.recording_windows(source_frames=info.frames, source_rate_hz=info.samplerate)
     if total == 0:
         raise AudioValidationError(
@@ -373,12 +392,14 @@ class _ProbeFn(beam.DoFn):
         progress_dir: str | None = None,
         augmentations=(),
         keep_fetched: bool = False,
+        rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
     ):
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
         self._keep_reads = 1 + len(self._augmentations) if keep_fetched else 0
+        self._rates_hz = tuple(rates_hz)
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
@@ -409,6 +430,7 @@ class _ProbeFn(beam.DoFn):
                             unit_s=self._unit_s,
                             keep_reads=self._keep_reads,
                             source=opened.get(i),
+                            rates_hz=self._rates_hz,
                         )
                     except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
                         error = exc
@@ -453,6 +475,7 @@ class PlanUnits(beam.PTransform):
         keep_fetched: Keep the small objects that header reads fetched whole in this process
             for their decoding (``sources.FETCHED``; see :func:`plan`): for runs whose units
             are decoded in the process that planned them (the local runner's threads).
+        rates_hz: ``(lowest, highest)`` sample rate a header may declare (else a dead letter).
     """
 
     def __init__(
@@ -463,6 +486,7 @@ class PlanUnits(beam.PTransform):
         progress_dir: str | None = None,
         augmentations=(),
         keep_fetched: bool = False,
+        rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
     ):
         super().__init__()
         self._config = config
@@ -470,6 +494,7 @@ class PlanUnits(beam.PTransform):
         self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
         self._keep_fetched = keep_fetched
+        self._rates_hz = tuple(rates_hz)
 
     def expand(self, items):
         planner = _ProbeFn(
@@ -478,6 +503,7 @@ class PlanUnits(beam.PTransform):
             self._progress_dir,
             self._augmentations,
             keep_fetched=self._keep_fetched,
+            rates_hz=self._rates_hz,
         )
         batches = items | "BatchForReadAhead" >> beam.BatchElements(
             min_batch_size=PLAN_BATCH, max_batch_size=PLAN_BATCH

@@ -272,6 +272,9 @@ def nightly_dataset(output: str, ledger_rows: pa.Table | None = None) -> dict:
                 manifests[run_id] = json.loads(f.read())
         except FileNotFoundError as exc:
             raise ValueError(f"committed run {run_id} has no manifest {path}") from exc
+    # Run ids start with the second they started: two runs in one second need the start time.
+    runs.sort(key=lambda r: (manifests[r].get("run", {}).get("started_unix_s", 0.0), r))
+    order = {run_id: k for k, run_id in enumerate(runs)}
     latest = manifests[runs[-1]]
     fingerprint = latest["feature_fingerprint"]
     included = [r for r in runs if manifests[r]["feature_fingerprint"] == fingerprint]
@@ -290,8 +293,10 @@ def nightly_dataset(output: str, ledger_rows: pa.Table | None = None) -> dict:
     taken: dict[str, set[str]] = collections.defaultdict(set)
     for row in rows.to_pylist():
         if row["run_id"] in included and row["status"] != DEAD_LETTER and row["windows"]:
-            taken[row["source_uri"]].add(row["run_id"])
-            latest_run[row["source_uri"]] = max(row["run_id"], latest_run.get(row["source_uri"], ""))
+            uri, run_id = row["source_uri"], row["run_id"]
+            taken[uri].add(run_id)
+            if uri not in latest_run or order[run_id] > order[latest_run[uri]]:
+                latest_run[uri] = run_id
     superseded: dict[str, list[str]] = collections.defaultdict(list)
     for uri, run_ids in sorted(taken.items()):
         for run_id in run_ids - {latest_run[uri]}:

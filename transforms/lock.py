@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import fsspec
 
-from soundshard.schemas.errors import OutputLockedError
+from soundshard.schemas.errors import ConfigError, OutputLockedError
 
 LOCK_NAME = "_soundshard.lock"
 _LOG = logging.getLogger(__name__)
@@ -115,7 +115,12 @@ def output_lock(output: str, *, command: str, break_lock: bool = False) -> Itera
     folder = posixpath.dirname(path)
     created = _is_local(fs) and not fs.exists(folder)
     if created:
-        fs.makedirs(folder, exist_ok=True)
+        try:
+            fs.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--output {output}: cannot create the folder ({exc})") from None
+    elif _is_local(fs) and not fs.isdir(folder):
+        raise ConfigError(f"--output {output} is a file, not a folder")
     holder = LockHolder(
         token=uuid.uuid4().hex,
         command=command,
@@ -129,6 +134,8 @@ def output_lock(output: str, *, command: str, break_lock: bool = False) -> Itera
             _create(fs, path, data)
             break
         except FileExistsError:
+            if _is_local(fs) and os.path.isdir(path):
+                raise ConfigError(f"--output {output}: {lock_path(output)} is a folder") from None
             other = _read_holder(fs, path)
             if other is None and attempt == 0:  # released meanwhile
                 continue
@@ -148,6 +155,8 @@ def output_lock(output: str, *, command: str, break_lock: bool = False) -> Itera
                 f"a time. If that run is no longer running (a killed run leaves its lock), run again "
                 f"with --break-lock, or delete {lock_path(output)}"
             ) from None
+        except OSError as exc:  # read-only, no permission, a file in the way, store refused
+            raise ConfigError(f"--output {output}: cannot write there ({exc})") from None
     try:
         yield holder
     finally:

@@ -28,6 +28,7 @@ import pyarrow as pa
 from soundshard.schemas.config import RecordingConfig
 from soundshard.schemas.errors import ConfigError, StorageError
 from soundshard.schemas.records import DeadLetter, SourceItem
+from soundshard.schemas.uris import redact
 from soundshard.transforms import recordings
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".opus")
@@ -620,12 +621,16 @@ def from_manifest(
     input_uri: str,
     columns: ManifestColumns = ManifestColumns(),
     recording: RecordingConfig = DEFAULT_RECORDING,
+    allow_outside_input: bool = False,
 ) -> SourceListing:
     """Sources for each manifest row; bad rows become dead letters, never silent drops.
 
     Relative paths resolve against ``input_uri``; a path not found there is looked up by file name
     anywhere under it (UrbanSound8K keeps ``fold*/`` folders out of its manifest). Start times
     come from the start-time column, else (as ``recording`` says) from recorder file names.
+    A row naming a file outside ``input_uri`` (an absolute path, ``..``, another URL) is a dead
+    letter (``outside_input``) unless ``allow_outside_input``: a manifest must not make a run read
+    whatever it names.
 
     Raises:
         ConfigError: unreadable manifest, no filename column, unknown column names.
@@ -666,6 +671,8 @@ def from_manifest(
             reject("empty_filename", f"row {row_number}: column {filename_col!r} is empty")
             continue
         uri = filename if "://" in filename or posixpath.isabs(filename) else f"{root}/{filename}"
+        if "://" not in uri:  # one spelling per file: 'a/../b.wav' is 'b.wav' (duplicates, bounds)
+            uri = posixpath.normpath(uri)
         clip_id = clip_id_for(uri, root)
         if uri not in listed:
             matches = by_name.get(posixpath.basename(filename), [])
@@ -681,6 +688,15 @@ def from_manifest(
                     clip=clip_id,
                 )
                 continue
+        if not allow_outside_input and not _inside(uri, root):
+            reject(
+                "outside_input",
+                f"row {row_number}: {filename!r} lies outside --input {root!r} "
+                "(--allow-outside-input reads it)",
+                uri=uri,
+                clip=clip_id,
+            )
+            continue
         if uri in seen:
             reject(
                 "duplicate_row",
@@ -703,9 +719,11 @@ def from_manifest(
             try:
                 fold = int(row[fold_col])
             except ValueError:
+                fold = None
+            if fold is None or fold < 0:
                 reject(
                     "bad_fold",
-                    f"row {row_number}: {fold_col}={row[fold_col]!r} is not an integer",
+                    f"row {row_number}: {fold_col}={row[fold_col]!r} is not a fold number (0 or more)",
                     uri=uri,
                     clip=clip_id,
                 )
@@ -733,6 +751,18 @@ def from_manifest(
         all_labels.append(label)
         items.append(item)
     return SourceListing(tuple(unique_clip_ids(items)), tuple(dead), extra_columns, _label_map(all_labels))
+
+
+def _inside(uri: str, root: str) -> bool:
+    """Whether ``uri`` names something under the folder ``root`` (``..`` resolved)."""
+    if "://" in root or "://" in uri:
+        (scheme, _, path), (root_scheme, _, root_path) = uri.partition("://"), root.partition("://")
+        if scheme != root_scheme:
+            return False
+    else:
+        path, root_path = os.path.abspath(uri), os.path.abspath(root)
+    path, root_path = posixpath.normpath(path), posixpath.normpath(root_path)
+    return path.startswith(root_path.rstrip("/") + "/")
 
 
 def _exists(uri: str) -> bool:
@@ -1377,6 +1407,73 @@ def _open_archive(archive_uri: str) -> _OpenArchive:
 def close_archives() -> None:
     """Forgets the archives this process keeps open (called when a worker's DoFns tear down)."""
     _open_archive.cache_clear()
+
+
+def credential_source(protocol: str) -> str:
+    """Where the credentials for a store come from, in words (for messages; never the secret)."""
+    if protocol in ("gs", "gcs"):
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            return f"none needed: the emulator at {os.environ['STORAGE_EMULATOR_HOST']}"
+        key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if key_file:
+            return f"the key file in GOOGLE_APPLICATION_CREDENTIALS ({key_file})"
+        adc = os.path.expanduser("~/.config/gcloud/application_default_credentials.json")
+        if os.path.exists(adc):
+            return f"gcloud's application-default credentials ({adc})"
+        return "the metadata server (no key file or gcloud login found)"
+    if protocol in ("s3", "s3a"):
+        try:
+            import botocore.session
+
+            found = botocore.session.Session().get_credentials()
+        except Exception:  # noqa: BLE001 - only for the message
+            found = None
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("FSSPEC_S3_ENDPOINT_URL")
+        where = f" for the endpoint {endpoint}" if endpoint else ""
+        return (
+            f"the AWS chain's {found.method!r} credentials" if found else "no credentials in the AWS chain"
+        ) + where
+    return "the filesystem's defaults"
+
+
+def check_store(uri: str, *, flag: str, timeout_s: float = 20.0) -> None:
+    """One bounded request to the store behind a remote ``uri`` before a run relies on it.
+
+    Unreachable or refusing stores otherwise surface as a library traceback after the libraries'
+    own retries (80 to 100 s for GCS). This asks once, without retries, for the bucket (or the
+    object) and turns a failure into one line that names the bucket and where the credentials
+    came from.
+
+    Raises:
+        ConfigError: the store cannot be reached in ``timeout_s``, refuses the credentials, or has
+            no such bucket.
+    """
+    if "://" not in uri or uri.startswith("file://") or "::" in uri:
+        return
+    fs, path = _fs_and_path(uri)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol not in ("gs", "gcs", "s3", "s3a"):
+        return
+    bucket = path.split("/", 1)[0]
+    shown = redact(f"{protocol}://{bucket}")
+    single = _single_attempt(fs, StorageRetry(attempts=1, attempt_timeout_s=timeout_s))
+    try:
+        single.info(bucket, timeout=timeout_s)
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {redact(uri)!r}: the bucket {shown} does not exist") from None
+    except (PermissionError, ConfigError) as exc:
+        raise ConfigError(
+            f"{flag} {redact(uri)!r}: the store refused access to {shown} with "
+            f"{credential_source(protocol)} ({redact(str(exc))[:200]})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - unreachable, timed out, or an error the store gave
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            problem = f"the store of {shown} did not answer within {timeout_s:g} s"
+        else:
+            problem = f"cannot reach the store of {shown} ({type(exc).__name__}: {redact(str(exc))[:200]})"
+        raise ConfigError(
+            f"{flag} {redact(uri)!r}: {problem}; credentials: {credential_source(protocol)}"
+        ) from None
 
 
 def open_source(
