@@ -7,6 +7,7 @@ Subcommands:
     train     train a classifier on feature shards (predefined folds, cross-validation)
     evaluate  evaluate a trained model on a fold or split
     tag       tag recordings with a trained model: window scores, file labels, events, summaries
+    score     score a tag output against reference annotations (Audacity/Raven; sed_eval metrics)
     compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,compile-edge} [options]
+USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,score,compile-edge} [options]
 
   demo       synthesise a small labelled dataset and run the pipeline on it (no data needed)
   features   audio folders/globs/manifests -> log-mel windows -> Parquet + TFRecord shards
@@ -23,6 +24,7 @@ USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,compile-edg
   train      train a classifier on feature shards (predefined folds, cross-validation)
   evaluate   evaluate a trained model on a fold or split
   tag        tag recordings with a trained model: window scores, file labels, events, summaries
+  score      score a tag output against reference annotations (Audacity/Raven): F1, error rate, AP
   compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
 
 Run 'soundshard COMMAND --help' for the options of a command."""
@@ -51,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from soundshard.pipelines import tag
 
         return tag.run(rest)
+    if command == "score":
+        from soundshard.pipelines import score
+
+        return score.run(rest)
     if command == "compile-edge":
         from soundshard.pipelines import compile_edge
 
