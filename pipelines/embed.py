@@ -100,6 +100,7 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     features.FeaturesOptions._add_argparse_args(parser)
+    features.add_label_args(parser)
     for action in parser._actions:
         if action.dest == "config":  # the feature config of 'soundshard features'
             action.help = argparse.SUPPRESS

@@ -6,6 +6,7 @@ Local run (FnApiRunner; no network needed)::
         --manifest ../shared/data/esc10/meta.csv --output out/esc10
     soundshard features --input 'recordings/**/*.flac' --output out/night \\
         --config features.toml --direct_num_workers 2
+    soundshard features --input recordings/ --labels --output out/strong   # Audacity/Raven beside
 
 Dataflow (workers need the soundshard package, see ``infra/``)::
 
@@ -46,8 +47,8 @@ from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_featu
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.uris import redact
-from soundshard.transforms import augment, ledger, shards, sources
-from soundshard.transforms.features import SOURCE_RATES_HZ, ComputeLogMel, PlanUnits
+from soundshard.transforms import augment, ledger, shards, sources, strong_labels
+from soundshard.transforms.features import SOURCE_RATES_HZ, AssignWindowLabels, ComputeLogMel, PlanUnits
 
 _LOG = logging.getLogger(__name__)
 #: Exit codes of the commands that run pipelines (features, embed, tag).
@@ -85,6 +86,52 @@ class FeaturesOptions(PipelineOptions):
             "'pitch_shift=-2,pitch_shift=2,time_stretch=0.9' (semitones; stretch rate). Copies are "
             "marked in the augmentation column; training never validates or tests on them.",
         )
+
+
+def add_label_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of strong labels from annotation files (features and embed).
+
+    Added to the command's parser, not to :class:`FeaturesOptions`: Beam's GoogleCloudOptions
+    owns ``--labels`` (Dataflow job labels), and one PipelineOptions parser cannot hold both. On
+    Dataflow, give job labels with Beam's ``--label key=value``.
+    """
+    parser.add_argument(
+        "--labels",
+        action="store_true",
+        help="Strong labels: read each recording's annotation file (the Audacity label track or "
+        "Raven selection table beside it with its stem, or the file named in --labels-column) "
+        "and label each window with the annotations it overlaps (several when they overlap; "
+        "none: background). A recording without one is a dead letter (missing_labels), a "
+        "malformed one too (bad_labels). (Dataflow job labels: Beam's --label key=value.) "
+        "Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--labels-column",
+        "--labels_column",
+        dest="labels_column",
+        default=None,
+        help="With --labels and --manifest: the column naming each recording's annotation file "
+        "(relative to --input like audio paths; '' to use the files beside the recordings). "
+        "Default: %(default)s, i.e. 'labels_file' when the manifest has it.",
+    )
+    parser.add_argument(
+        "--labels-optional",
+        "--labels_optional",
+        dest="labels_optional",
+        action="store_true",
+        help="With --labels: keep recordings without an annotation file, weakly labelled by their "
+        "clip label when they have one, else as all background. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--min-label-overlap",
+        "--min_label_overlap",
+        dest="min_label_overlap",
+        type=float,
+        default=strong_labels.MIN_OVERLAP,
+        help="With --labels: a window takes an annotation's label when they overlap by at least "
+        "this share of the shorter of the two (so an annotation wholly inside a window labels "
+        "it); a point label labels the windows that contain it. Default: %(default)s.",
+    )
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +284,7 @@ def make_parser(prog: str = "soundshard features") -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     FeaturesOptions._add_argparse_args(parser)
+    add_label_args(parser)
     add_feature_flags(parser)
     parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
     return parser
@@ -251,6 +299,7 @@ def recording_config_from_args(args: argparse.Namespace) -> RecordingConfig:
 
 def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> sources.SourceListing:
     """Sources from ``--manifest`` or from listing ``--input``."""
+    labels = strong_labels_from_args(args)
     if args.manifest:
         columns = sources.ManifestColumns(
             filename=args.filename_column,
@@ -265,13 +314,38 @@ def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> source
             columns=columns,
             recording=recording,
             allow_outside_input=args.allow_outside_input,
+            labels=labels,
         )
+    if labels is not None and labels.column:
+        raise ConfigError(f"--labels-column {labels.column!r} needs a --manifest")
     return sources.from_listing(
         args.input,
         label_from_parent=args.label_from_parent,
         member_glob=args.archive_glob,
         recording=recording,
+        labels=labels,
     )
+
+
+def strong_labels_from_args(args: argparse.Namespace) -> sources.StrongLabels | None:
+    """The ``--labels`` settings, or ``None`` without ``--labels`` (commands without these flags
+    too); ConfigError names a flag given without ``--labels`` or a bad value."""
+    if not getattr(args, "labels", False):
+        for flag, given in (
+            ("--labels-column", getattr(args, "labels_column", None) is not None),
+            ("--labels-optional", getattr(args, "labels_optional", False)),
+        ):
+            if given:
+                raise ConfigError(f"{flag} needs --labels")
+        return None
+    try:
+        strong_labels.check_min_overlap(args.min_label_overlap)
+    except ValueError:
+        raise ConfigError(
+            f"--min-label-overlap={args.min_label_overlap} must lie between 0 and 1 (a share of the "
+            "shorter of window and annotation)"
+        ) from None
+    return sources.StrongLabels(optional=args.labels_optional, column=args.labels_column)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +368,7 @@ class FeatureRun:
     augmentations: tuple = ()
     keep_fetched: bool = False
     source_rates_hz: tuple[int, int] = SOURCE_RATES_HZ
+    min_label_overlap: float = strong_labels.MIN_OVERLAP
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -321,12 +396,17 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         dict of PCollections as :func:`build`.
     """
     front = decode_and_compute(p, run, label=label, compute=compute)
+    # Every run passes its windows through (a no-op for recordings without annotations), so the
+    # step graph does not depend on the inputs.
+    labelled = front["windows"] | "AssignWindowLabels" >> AssignWindowLabels(
+        min_overlap=run.min_label_overlap
+    )
     n_shards = (
         front["units"]
         | "ExpectedWindows" >> beam.Map(lambda unit: unit.n_windows)
         | "CountShards" >> shards.ShardCount(config=run.config, spec=run.spec)
     )
-    listing, items, windows = run.listing, front["items"], front["windows"]
+    listing, items, windows = run.listing, front["items"], labelled.windows
     summaries, dead_letters = front["summaries"], front["dead_letters"]
     written = windows | "WriteShards" >> shards.WriteWindowShards(
         config=run.config,
@@ -347,6 +427,7 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         extra_columns=listing.extra_columns,
         n_inputs=listing.n_inputs,
         manifest=run.manifest,
+        label_counts=labelled.label_counts,
     )
     return {
         "units": front["units"],
@@ -493,6 +574,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
     check_failed_fraction(args)
     rates_hz = source_rates(args)
+    labels = strong_labels_from_args(args)
     if config is None:
         config = feature_config_from_args(args)
     augmentations = augment.parse_augmentations(getattr(args, "augment", None))
@@ -524,6 +606,18 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         "recording_config": recording.to_dict(),
         "augmentations": [a.name for a in augmentations],
         "label_map": listing.label_map,
+        "strong_labels": (
+            {
+                "column": labels.column,
+                "optional": labels.optional,
+                "min_overlap": args.min_label_overlap,
+                "rule": "a window takes an annotation's label when they overlap by at least "
+                "min_overlap of the shorter of the two (and more than 1 us); a point label labels "
+                "the windows that contain it; windows with no label are background",
+            }
+            if labels is not None
+            else None
+        ),
         "extra_columns": [fields.EXTRA_PREFIX + c for c in listing.extra_columns],
         "sources": {"input": args.input, "manifest": args.manifest},
         "incremental": (
@@ -548,6 +642,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         committed_runs=frozenset(committed),
         augmentations=augmentations,
         source_rates_hz=rates_hz,
+        min_label_overlap=args.min_label_overlap if labels is not None else strong_labels.MIN_OVERLAP,
     )
 
 
@@ -695,6 +790,12 @@ def summary_text(dataset: dict, output: str) -> str:
     if dataset["label_map"]:
         per_label = dataset["counts"]["clips_by_label"]
         lines.append("clips by label   " + ", ".join(f"{k} {v}" for k, v in per_label.items()))
+    strong = dataset.get("counts", {}).get("strong_labels") or {}
+    if strong.get("recordings"):
+        lines.append(
+            f"strong labels    {strong['recordings']} recordings, {strong['windows']} windows "
+            f"({strong['background_windows']} background, {strong['multi_label_windows']} multi-label)"
+        )
     if fig["dead_letters_by_reason"]:
         lines.append(
             "dead letters     " + ", ".join(f"{k} {v}" for k, v in fig["dead_letters_by_reason"].items())

@@ -35,6 +35,11 @@ class SourceItem:
         content: A digest of the file's content (the store's MD5/CRC32C/ETag, or the SHA-256 of a
             local file in incremental runs), so that a file touched but not changed is not taken
             on again; ``None`` when unknown.
+        annotations: Strong labels (``--labels``): the events of the recording's annotation file
+            as ``(start_s, end_s, label)``, seconds from the recording start, sorted; ``()`` for
+            a recording annotated as all background; ``None`` when it has no annotation file
+            (weakly labelled by ``label``, or unlabelled). The units of a split recording carry
+            only the events that can meet their windows.
     """
 
     uri: str
@@ -51,6 +56,12 @@ class SourceItem:
     deployment: str | None = None
     augmentation: str | None = None
     content: str | None = None
+    annotations: tuple[tuple[float, float, str], ...] | None = None
+
+    @property
+    def strong(self) -> bool:
+        """True when the recording's windows are labelled from its annotations."""
+        return self.annotations is not None
 
     @property
     def public_uri(self) -> str:
@@ -127,6 +138,9 @@ class WindowBatch:
         start_s: float64 ``[n_windows]`` window starts, seconds from the recording start.
         end_s: float64 ``[n_windows]`` window ends.
         first_window_index: Index of the first window within the recording.
+        labels: For a strongly labelled source (``source.annotations`` set): per window, the
+            sorted labels of the events it overlaps (``()``: background), set by
+            ``transforms.features.AssignWindowLabels``; ``None`` otherwise.
     """
 
     source: SourceItem
@@ -134,6 +148,7 @@ class WindowBatch:
     start_s: np.ndarray
     end_s: np.ndarray
     first_window_index: int = 0
+    labels: tuple[tuple[str, ...], ...] | None = None
 
     @property
     def n_windows(self) -> int:
@@ -190,3 +205,23 @@ class FileSummary:
             unit.n_units,
             augmented=item.augmentation is not None,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelCount:
+    """Strong labels of one batch of windows (for the counts in ``dataset.json``).
+
+    Attributes:
+        clip_id: Clip id of the recording.
+        augmented: True for an offline-augmented copy.
+        n_windows: Windows of the batch.
+        by_label: ``(label, windows)`` pairs, sorted by label; a window with several labels
+            counts for each; ``<background>`` counts the windows without any.
+        multi_label: Windows with more than one label.
+    """
+
+    clip_id: str
+    augmented: bool
+    n_windows: int
+    by_label: tuple[tuple[str, int], ...]
+    multi_label: int

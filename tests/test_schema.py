@@ -15,14 +15,16 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def tf_spec_description(spec) -> dict:
-    return {
-        name: {
+    def describe(f) -> dict:
+        if not hasattr(f, "shape"):  # VarLenFeature: a variable number of values
+            return {"dtype": f.dtype.name, "varlen": True}
+        return {
             "dtype": f.dtype.name,
             "shape": list(f.shape),
             "default": f.default_value.decode() if isinstance(f.default_value, bytes) else f.default_value,
         }
-        for name, f in spec.items()
-    }
+
+    return {name: describe(f) for name, f in spec.items()}
 
 
 def test_arrow_schema_matches_golden():

@@ -25,9 +25,15 @@ from apache_beam.metrics import Metrics
 
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
-from soundshard.schemas.errors import AudioDecodeError, AudioValidationError, DataError, StorageError
-from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch, WorkUnit
-from soundshard.transforms import augment, melspec, units
+from soundshard.schemas.errors import (
+    AudioDecodeError,
+    AudioValidationError,
+    ConfigError,
+    DataError,
+    StorageError,
+)
+from soundshard.schemas.records import DeadLetter, FileSummary, LabelCount, SourceItem, WindowBatch, WorkUnit
+from soundshard.transforms import augment, melspec, strong_labels, units
 from soundshard.transforms.audio import decode_audio
 from soundshard.transforms.sources import (
     FETCHED,
@@ -41,6 +47,7 @@ from soundshard.transforms.sources import (
 NAMESPACE = "soundshard"
 DEAD_LETTERS = "dead_letters"
 SUMMARIES = "summaries"
+LABEL_COUNTS = "label_counts"
 _LOG = logging.getLogger(__name__)
 
 
@@ -255,6 +262,10 @@ class LogMelGrid:
             source_frames=source_frames, source_rate_hz=source_rate_hz, config=self.config
         )
 
+    def window_bounds_s(self, first_window: int, n_windows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end seconds (float64 ``[n_windows]`` each) of windows ``first_window`` on."""
+        return melspec.window_bounds_s(n_windows, self.config, first_window)
+
     def windows_per_unit(self, unit_s: float) -> int | None:
         """Windows per unit of about ``unit_s`` s; ``None`` with recording-scope normalisation."""
         # Recording-scope normalisation needs a whole recording: never split then.
@@ -354,9 +365,31 @@ def plan(
     if data is not None and len(ranges) == 1:
         FETCHED.put(fetched_key(item), data, reads=keep_reads)
     return [
-        WorkUnit(item, info.samplerate, info.frames, output_samples, total, first, n, index, len(ranges))
+        WorkUnit(
+            _unit_item(item, grid, first, n, len(ranges)),
+            info.samplerate,
+            info.frames,
+            output_samples,
+            total,
+            first,
+            n,
+            index,
+            len(ranges),
+        )
         for index, (first, n) in enumerate(ranges)
     ]
+
+
+def _unit_item(item: SourceItem, grid: WindowGrid, first_window: int, n_windows: int, n_units: int):
+    """``item`` as a unit of it carries it: a split recording's units keep only the annotation
+    events that can meet their windows (a day-long recording's thousands of events would otherwise
+    travel with each of its units); labels do not change (``strong_labels.trim_events``)."""
+    bounds = getattr(grid, "window_bounds_s", None)
+    if n_units == 1 or not item.annotations or bounds is None:
+        return item
+    starts, ends = bounds(first_window, n_windows)
+    events = strong_labels.trim_events(item.annotations, start_s=float(starts[0]), end_s=float(ends[-1]))
+    return dataclasses.replace(item, annotations=events)
 
 
 def fetched_key(item: SourceItem) -> tuple:
@@ -722,3 +755,68 @@ class ComputeLogMel(beam.PTransform):
             _LogMelFn(self._config, self._progress_dir)
         ).with_outputs(DEAD_LETTERS, SUMMARIES, main="windows")
         return results
+
+
+class _LabelWindowsFn(beam.DoFn):
+    """Sets the strong labels of the windows of annotated recordings (``strong_labels``) and emits
+    a :class:`LabelCount` per such batch; other batches pass unchanged."""
+
+    def __init__(self, min_overlap: float):
+        self._min_overlap = strong_labels.check_min_overlap(min_overlap)
+
+    def process(self, batch: WindowBatch):
+        item = batch.source
+        if item.annotations is None:
+            yield batch
+            return
+        starts, ends = batch.start_s, batch.end_s
+        if item.augmentation is not None:
+            copy = augment.from_name(item.augmentation)
+            if copy.kind == "time_stretch":
+                # A copy stretched by rate r plays the original's second t at t / r: its windows
+                # are labelled by the stretch of the events, i.e. the original's events at t * r.
+                starts, ends = starts * copy.amount, ends * copy.amount
+        labels = strong_labels.window_labels(starts, ends, item.annotations, min_overlap=self._min_overlap)
+        by_label = strong_labels.count_labels(labels)
+        multi = sum(1 for names in labels if len(names) > 1)
+        count("strong_label_windows", len(labels))
+        count("background_windows", by_label.get(strong_labels.BACKGROUND, 0))
+        yield dataclasses.replace(batch, labels=tuple(labels))
+        yield beam.pvalue.TaggedOutput(
+            LABEL_COUNTS,
+            LabelCount(
+                item.clip_id,
+                augmented=item.augmentation is not None,
+                n_windows=len(labels),
+                by_label=tuple(by_label.items()),
+                multi_label=multi,
+            ),
+        )
+
+
+class AssignWindowLabels(beam.PTransform):
+    """WindowBatches → the same batches, those of annotated recordings with their windows' strong
+    labels (``WindowBatch.labels``), plus a :class:`LabelCount` per such batch.
+
+    ``expand`` returns Beam's outputs tuple: ``.windows`` (WindowBatch) and ``.label_counts``.
+    Works on log-mel and embedding batches alike (labels depend only on window times).
+
+    Args:
+        min_overlap: Share of the shorter of window and event that must overlap for a window to
+            take an event's label (``--min-label-overlap``; see ``transforms/strong_labels.py``).
+
+    Raises:
+        ConfigError: ``min_overlap`` outside [0, 1] (at construction).
+    """
+
+    def __init__(self, *, min_overlap: float = strong_labels.MIN_OVERLAP):
+        super().__init__()
+        try:
+            self._min_overlap = strong_labels.check_min_overlap(min_overlap)
+        except ValueError as exc:
+            raise ConfigError(f"--min-label-overlap: {exc}") from None
+
+    def expand(self, batches):
+        return batches | "LabelWindows" >> beam.ParDo(_LabelWindowsFn(self._min_overlap)).with_outputs(
+            LABEL_COUNTS, main="windows"
+        )

@@ -36,10 +36,10 @@ from apache_beam.utils.windowed_value import WindowedValue
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig, unit_source
-from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, WindowBatch
+from soundshard.schemas.records import DeadLetter, FileSummary, LabelCount, SourceItem, WindowBatch
 from soundshard.schemas.tfexample import tfrecord_frame
 from soundshard.schemas.uris import redact
-from soundshard.transforms import ledger
+from soundshard.transforms import ledger, strong_labels
 
 FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
@@ -381,7 +381,13 @@ class ShardCount(beam.PTransform):
 UNIT_STAGES = ("decode", "features", "embed", "tag")
 
 
-def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLetter], *, n_inputs: int) -> dict:
+def summarize(
+    summaries: Sequence[FileSummary],
+    dead_letters: Sequence[DeadLetter],
+    *,
+    n_inputs: int,
+    label_counts: Sequence[LabelCount] = (),
+) -> dict:
     """Counts per label, fold and split and the run's figures (files, windows, audio seconds).
 
     Summaries come per work unit (embedding runs: per batch of a unit's windows, so
@@ -390,7 +396,20 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
     written: ``partial_files``). So ``files_processed + dead_letter_inputs == inputs``.
     Offline-augmented copies are not inputs: they are counted apart (``augmented_copies``,
     ``augmented_copies_failed``) and their windows are in the counts per label and fold.
+
+    Strongly labelled recordings (those with ``label_counts``) count their windows per window
+    label instead of per clip label: ``windows_by_label`` counts a window under each of its
+    labels and ``<background>`` for windows without any; ``clips_by_label`` counts such a
+    recording once under each label its windows have (``<background>`` when none has one);
+    ``strong_labels`` gives the strongly labelled recordings (offline copies not included),
+    and their windows, background windows and windows with several labels (copies included, as
+    in the other window counts).
     """
+    strong_windows: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    strong_multi = collections.Counter()
+    for c in label_counts:
+        strong_windows[c.clip_id].update(dict(c.by_label))
+        strong_multi[c.clip_id] += c.multi_label
     copies = {s.clip_id for s in summaries if s.augmented}
     failed_copies = {d.clip_id for d in dead_letters if d.augmentation is not None}
     inputs_dead = [d for d in dead_letters if d.augmentation is None]
@@ -404,13 +423,18 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
     windows_by_fold = collections.Counter()
     clips_by_fold = collections.Counter()
     clips_by_split = collections.Counter()
-    for parts in clips.values():
+    for clip_id, parts in clips.items():
         first = parts[0]
         label = first.label if first.label is not None else "<none>"
         fold = str(first.fold) if first.fold is not None else "<none>"
         n_windows = sum(p.n_windows for p in parts)
-        windows_by_label[label] += n_windows
-        clips_by_label[label] += 1
+        if clip_id in strong_windows:
+            windows_by_label.update(strong_windows[clip_id])
+            named = set(strong_windows[clip_id]) - {strong_labels.BACKGROUND}
+            clips_by_label.update(named or {strong_labels.BACKGROUND})
+        else:
+            windows_by_label[label] += n_windows
+            clips_by_label[label] += 1
         windows_by_fold[fold] += n_windows
         clips_by_fold[fold] += 1
         if first.split is not None:
@@ -425,6 +449,14 @@ def summarize(summaries: Sequence[FileSummary], dead_letters: Sequence[DeadLette
             "clips_by_fold": dict(sorted(clips_by_fold.items())),
             "windows_by_fold": dict(sorted(windows_by_fold.items())),
             "clips_by_split": dict(sorted(clips_by_split.items())),
+            "strong_labels": {
+                "recordings": len({c.clip_id for c in label_counts if not c.augmented}),
+                "windows": sum(c.n_windows for c in label_counts),
+                "background_windows": sum(
+                    dict(c.by_label).get(strong_labels.BACKGROUND, 0) for c in label_counts
+                ),
+                "multi_label_windows": sum(strong_multi.values()),
+            },
         },
         "figures": {
             "inputs": n_inputs,
@@ -475,10 +507,12 @@ class _CommitFn(beam.DoFn):
         self._n_inputs = n_inputs
         self._manifest = manifest
 
-    def process(self, _, written, dead_letters, summaries, n_shards, items=()):
+    def process(self, _, written, dead_letters, summaries, n_shards, items=(), label_counts=()):
         spec = self._spec
         manifest = dict(self._manifest)
-        manifest.update(summarize(summaries, dead_letters, n_inputs=self._n_inputs))
+        manifest.update(
+            summarize(summaries, dead_letters, n_inputs=self._n_inputs, label_counts=label_counts)
+        )
         if spec.incremental:
             moves = self._incremental_files(written, dead_letters, summaries, items, manifest)
         else:
@@ -609,6 +643,7 @@ class CommitDataset(beam.PTransform):
         manifest: dataset.json fields known at launch (config, sources, run info); its
             ``run.started_unix_s`` is used for the wall time.
         items: PCollection of the run's :class:`SourceItem` (incremental runs: for the ledger).
+        label_counts: PCollection of :class:`LabelCount` (strong labels), or ``None``.
     """
 
     def __init__(
@@ -625,8 +660,10 @@ class CommitDataset(beam.PTransform):
         n_inputs,
         manifest,
         items=None,
+        label_counts=None,
     ):
         super().__init__()
+        self._label_counts = label_counts
         self._written = written
         self._n_shards = n_shards
         self._dead_letters = dead_letters
@@ -652,6 +689,8 @@ class CommitDataset(beam.PTransform):
             if self._items is None:
                 raise ValueError("an incremental commit needs the run's items (for its ledger)")
             side_inputs["items"] = beam.pvalue.AsList(self._items)
+        if self._label_counts is not None:
+            side_inputs["label_counts"] = beam.pvalue.AsList(self._label_counts)
         return (
             root
             | "CommitTrigger" >> beam.Create([None])

@@ -29,7 +29,7 @@ from soundshard.schemas.config import RecordingConfig
 from soundshard.schemas.errors import ConfigError, StorageError
 from soundshard.schemas.records import DeadLetter, SourceItem
 from soundshard.schemas.uris import redact
-from soundshard.transforms import recordings
+from soundshard.transforms import annotations, recordings, strong_labels
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".opus")
 #: Archive suffixes and the fsspec filesystem (and options) that opens their members.
@@ -46,7 +46,37 @@ _MEMBER_IN_MEMORY_BYTES = 256 * 2**20
 FILENAME_CANDIDATES = ("filename", "slice_file_name", "file", "path")
 LABEL_CANDIDATES = ("label", "category", "class")
 START_TIME_CANDIDATES = ("start_time", "recording_start")
+#: Manifest columns that name a recording's annotation file (``--labels``), first present wins.
+LABELS_FILE_CANDIDATES = ("labels_file",)
+#: Annotation files looked up and read at once while listing: small files, each a few round trips
+#: on an object store, so a few in flight hide the latency without crowding the store.
+ANNOTATION_READERS = 8
 DEFAULT_RECORDING = RecordingConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class StrongLabels:
+    """Where a run's strong (time-stamped) labels come from (``--labels``).
+
+    Each recording's annotation file (an Audacity label track or a Raven selection table, see
+    ``transforms/annotations.py``) is the file named in the manifest's labels column, or else the
+    file beside the recording with its stem (``night1.wav`` → ``night1.txt``,
+    ``night1.Table.1.selections.txt`` or ``night1.selections.txt``).
+
+    Attributes:
+        optional: What a recording without an annotation file becomes. ``False`` (the default):
+            a dead letter (``missing_labels``), because a recording nobody annotated must not
+            train as pure background. ``True``: it is kept, weakly labelled when it has a clip
+            label (manifest label column, ``--label_from_parent``) and otherwise annotated as
+            all background. A file that a manifest names but that does not exist is always a
+            dead letter.
+        column: Manifest column naming each recording's annotation file (relative paths resolve
+            like audio paths); ``None`` takes ``labels_file`` when the manifest has it, ``""``
+            never reads a column (files beside the recordings).
+    """
+
+    optional: bool = False
+    column: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,11 +567,18 @@ def from_listing(
     label_from_parent: bool = False,
     member_glob: str | None = None,
     recording: RecordingConfig = DEFAULT_RECORDING,
+    labels: StrongLabels | None = None,
 ) -> SourceListing:
     """Sources for every audio file under ``input_uri`` and every audio member of its archives.
 
     Labels come from parent folders if asked; start times from recorder file names and sites
-    from the path as ``recording`` says.
+    from the path as ``recording`` says. With ``labels``, each recording's annotation file beside
+    it is read (see :func:`attach_annotations`).
+
+    Raises:
+        ConfigError: nothing found; or ``labels`` with archive members (annotation files are
+            looked up beside plain files only: list the members in a manifest with a labels
+            column, or extract them).
     """
     files = list_audio(input_uri, extensions=AUDIO_EXTENSIONS + tuple(ARCHIVES))
     if not files:
@@ -577,7 +614,17 @@ def from_listing(
             )
         )
     items = [recordings.annotate(item, recording) for item in unique_clip_ids(items)]
-    return SourceListing(tuple(items), tuple(dead), (), _label_map(i.label for i in items))
+    if labels is not None:
+        members = [i.uri for i in items if i.archive_member is not None]
+        if members:
+            raise ConfigError(
+                f"--labels: {len(members)} input(s) are archive members (e.g. {redact(members[0])!r}); "
+                "annotation files are looked up beside plain files only: extract the archive, or "
+                "list its members in a --manifest with a labels_file column"
+            )
+        items, rejected = attach_annotations(items, labels=labels)
+        dead += rejected
+    return SourceListing(tuple(items), tuple(dead), (), label_map_of(items))
 
 
 def read_table(path: str) -> pa.Table:
@@ -622,6 +669,7 @@ def from_manifest(
     columns: ManifestColumns = ManifestColumns(),
     recording: RecordingConfig = DEFAULT_RECORDING,
     allow_outside_input: bool = False,
+    labels: StrongLabels | None = None,
 ) -> SourceListing:
     """Sources for each manifest row; bad rows become dead letters, never silent drops.
 
@@ -631,6 +679,11 @@ def from_manifest(
     A row naming a file outside ``input_uri`` (an absolute path, ``..``, another URL) is a dead
     letter (``outside_input``) unless ``allow_outside_input``: a manifest must not make a run read
     whatever it names.
+
+    With ``labels``, each recording's annotation file is read (:func:`attach_annotations`): the
+    file its row names in the labels column (resolved and bounded like audio paths: a file
+    outside ``input_uri`` is an ``outside_input`` dead letter unless ``allow_outside_input``), or
+    without such a column the file beside the recording. A row may then leave its label empty.
 
     Raises:
         ConfigError: unreadable manifest, no filename column, unknown column names.
@@ -647,7 +700,14 @@ def from_manifest(
     fold_col = _pick(names, columns.fold, ("fold",), "fold")
     split_col = _pick(names, columns.split, ("split",), "split")
     start_col = _pick(names, columns.start_time, START_TIME_CANDIDATES, "start_time")
-    used = {filename_col, label_col, fold_col, split_col, start_col}
+    labels_col = None
+    if labels is not None and labels.column != "":
+        if labels.column is not None and labels.column not in names:
+            raise ConfigError(
+                f"--labels-column {labels.column!r} is not a manifest column; columns: {list(names)}"
+            )
+        labels_col = labels.column or next((c for c in LABELS_FILE_CANDIDATES if c in names), None)
+    used = {filename_col, label_col, fold_col, split_col, start_col, labels_col}
     extra_columns = tuple(n for n in names if n not in used)
 
     root = input_uri.rstrip("/")
@@ -657,9 +717,9 @@ def from_manifest(
         by_name.setdefault(posixpath.basename(uri), []).append(uri)
 
     items: list[SourceItem] = []
+    label_files: list[str | None] = []
     dead: list[DeadLetter] = []
     seen: set[str] = set()
-    all_labels = []
     for row_number, row in enumerate(table.to_pylist(), start=2):  # line 1 is the header
         where = f"{manifest_uri}:{row_number}"
         filename = (row[filename_col] or "").strip()
@@ -705,8 +765,31 @@ def from_manifest(
                 clip=clip_id,
             )
             continue
+        label_file = None
+        if labels_col and (row[labels_col] or "").strip():
+            label_file = _resolve(row[labels_col].strip(), root=root, listed=listed, by_name=by_name)
+            if not allow_outside_input and not _inside(label_file, root):
+                reject(
+                    "outside_input",
+                    f"row {row_number}: {labels_col} {row[labels_col].strip()!r} lies outside --input "
+                    f"{root!r} (--allow-outside-input reads it)",
+                    uri=uri,
+                    clip=clip_id,
+                )
+                continue
+            if label_file not in listed and not _exists(label_file):
+                reject(
+                    "missing_labels",
+                    f"row {row_number}: annotation file {row[labels_col].strip()!r} ({labels_col}) "
+                    f"not found under {root!r}",
+                    stage="source",
+                    uri=uri,
+                    clip=clip_id,
+                )
+                continue
         label = (row[label_col] or "").strip() if label_col else None
-        if label_col and not label:
+        # Under --labels a recording's labels come from its annotations: a clip label is optional.
+        if label_col and not label and labels is None:
             reject(
                 "empty_label",
                 f"row {row_number}: {filename!r} has an empty {label_col!r}",
@@ -748,9 +831,106 @@ def from_manifest(
             reject("bad_start_time", f"row {row_number}: {start_col}: {exc}", uri=uri, clip=clip_id)
             continue
         seen.add(uri)
-        all_labels.append(label)
         items.append(item)
-    return SourceListing(tuple(unique_clip_ids(items)), tuple(dead), extra_columns, _label_map(all_labels))
+        label_files.append(label_file)
+    items = unique_clip_ids(items)
+    if labels is not None:
+        items, rejected = attach_annotations(
+            items, labels=labels, files=label_files if labels_col else None, column=labels_col
+        )
+        dead += rejected
+    return SourceListing(tuple(items), tuple(dead), extra_columns, label_map_of(items))
+
+
+def _resolve(path: str, *, root: str, listed: Mapping, by_name: Mapping[str, list[str]]) -> str:
+    """A manifest path as a URI, as audio paths resolve: against ``root``, else by its file name
+    when exactly one file under ``root`` has it."""
+    uri = path if "://" in path or posixpath.isabs(path) else f"{root}/{path}"
+    if "://" not in uri:
+        uri = posixpath.normpath(uri)
+    if uri not in listed:
+        matches = by_name.get(posixpath.basename(path), [])
+        if len(matches) == 1:
+            return matches[0]
+    return uri
+
+
+def attach_annotations(
+    items: Sequence[SourceItem],
+    *,
+    labels: StrongLabels,
+    files: Sequence[str | None] | None = None,
+    column: str | None = None,
+    workers: int = ANNOTATION_READERS,
+) -> tuple[list[SourceItem], list[DeadLetter]]:
+    """Reads each recording's annotation file into ``SourceItem.annotations`` (on the launcher,
+    ``workers`` files at a time, through fsspec).
+
+    Outcomes per recording: its events (sorted ``(start_s, end_s, label)``; ``()`` for an empty
+    file: annotated, all background); without a file, as ``labels.optional`` says (a dead letter
+    ``missing_labels``, stage ``source``; or kept); a file that does not parse, or has an empty
+    or reserved label, a dead letter ``bad_labels`` whose message names the file and line; a
+    store that fails, ``storage_error``. Never a stop of the run.
+
+    Args:
+        items: The recordings (no archive members).
+        labels: The ``--labels`` settings.
+        files: Per item, the annotation file its manifest row names (``None``: none named);
+            ``None`` looks for the file beside each recording
+            (``transforms.annotations.find_annotation``).
+        column: The manifest column ``files`` come from, for messages.
+        workers: Files looked up and read at once.
+
+    Returns:
+        ``(items kept, dead letters)``, items in their order.
+    """
+    import concurrent.futures
+
+    if files is not None and len(files) != len(items):
+        raise ValueError(f"{len(files)} annotation files for {len(items)} items")
+
+    def read(k: int) -> SourceItem | DeadLetter:
+        item = items[k]
+        try:
+            path = annotations.find_annotation(item.uri) if files is None else files[k]
+            if path is not None:
+                events = strong_labels.events_of(annotations.read_annotations(path), source=path)
+                return dataclasses.replace(item, annotations=events)
+        except annotations.AnnotationError as exc:
+            return DeadLetter(item.uri, item.clip_id, "source", "bad_labels", type(exc).__name__, str(exc))
+        except OSError as exc:  # the store failed while looking for the file: worth a retry
+            message = f"cannot look up the annotation file of {item.uri}: {exc}"
+            return DeadLetter(item.uri, item.clip_id, "source", "storage_error", type(exc).__name__, message)
+        if labels.optional:
+            return item if item.label else dataclasses.replace(item, annotations=())
+        if files is None:
+            stem = posixpath.splitext(posixpath.basename(item.uri.split("::", 1)[0].split("?", 1)[0]))[0]
+            looked = ", ".join(stem + s for s in (*annotations.RAVEN_SUFFIXES, annotations.AUDACITY_SUFFIX))
+            where = f"no annotation file beside it ({looked})"
+        else:
+            where = f"its manifest row names no annotation file (column {column!r} is empty)"
+        return DeadLetter(
+            item.uri,
+            item.clip_id,
+            "source",
+            "missing_labels",
+            "SourceError",
+            f"{item.uri}: {where}; --labels-optional keeps such recordings (as background, or "
+            "weakly labelled by their clip label)",
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        outcomes = list(pool.map(read, range(len(items))))
+    kept = [o for o in outcomes if isinstance(o, SourceItem)]
+    return kept, [o for o in outcomes if isinstance(o, DeadLetter)]
+
+
+def label_map_of(items: Sequence[SourceItem]) -> dict[str, int]:
+    """Label name to index, sorted by name, over the clip labels and annotation labels of
+    ``items``."""
+    names = [i.label for i in items]
+    names += [event[2] for i in items for event in i.annotations or ()]
+    return _label_map(names)
 
 
 def _inside(uri: str, root: str) -> bool:
