@@ -31,6 +31,10 @@ partitions and every file carries the run id)::
     dead_letters.parquet              every input that failed: source, stage, reason, message
     audacity/<clip>.txt               label track per recording (--audacity)
     raven/<clip>.Table.1.selections.txt   selection table per recording (--raven)
+    plots/<clip>.png                  spectrogram, scores, thresholds, events, reference (--plot)
+    snippets/<clip>/<start>_<end>_<label>.flac   each event's audio from the source (--snippets)
+    snippets/index.parquet, index.csv one row per snippet (incremental: snippets/run_date=<date>/
+                                      index-<run>.parquet, beside that night's FLAC folders)
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import uuid
 from collections.abc import Sequence
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from soundshard.pipelines import features
@@ -56,9 +61,12 @@ from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
+from soundshard.schemas.records import SourceItem
 from soundshard.schemas.tagging import AGGREGATIONS, TagConfig, parse_thresholds
 from soundshard.schemas.uris import redact
-from soundshard.transforms import ledger, models, shards, sources, tagging
+from soundshard.transforms import annotations as ann
+from soundshard.transforms import ledger, models, plots, shards, sources, tagging
+from soundshard.transforms import snippets as snip
 from soundshard.transforms.embeddings import ComputeEmbeddings, check_model, model_digest
 from soundshard.transforms.features import SOURCE_RATES_HZ, ComputeLogMel
 from soundshard.transforms.models import check_fingerprint
@@ -68,7 +76,7 @@ _LOG = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
 FORMATS = ("parquet", "csv")
 #: Output folders a replacing run owns (files in them that it did not write are removed).
-OWNED = (*FORMATS, *tagging.LABEL_FILES)
+OWNED = (*FORMATS, *tagging.LABEL_FILES, *tagging.EXTRA_OUTPUTS)
 
 
 def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -109,6 +117,51 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     out.add_argument("--audacity", action="store_true", help="Write an Audacity label track per recording.")
     out.add_argument("--raven", action="store_true", help="Write a Raven selection table per recording.")
+    extra = parser.add_argument_group("plots and snippets")
+    extra.add_argument(
+        "--plot",
+        action="store_true",
+        help="Write plots/<clip>.png per recording: the log-mel spectrogram (log-mel models), the "
+        f"scores of the top {plots.MAX_CLASSES} classes with their thresholds dashed, the events as "
+        f"coloured spans; at most {plots.MAX_COLUMNS} time columns (max-pooled) however long the "
+        "recording. Default: off.",
+    )
+    extra.add_argument(
+        "--plot-reference",
+        "--plot_reference",
+        dest="plot_reference",
+        metavar="FILE_OR_FOLDER",
+        default=None,
+        help="Reference annotations (Audacity label tracks, Raven selection tables) drawn as a lane "
+        "under the events: one file, or a folder whose files are matched to recordings by clip id "
+        "path, else by file name (as `soundshard score --reference`); implies --plot. Default: none.",
+    )
+    extra.add_argument(
+        "--snippets",
+        action="store_true",
+        help="Write each event's audio as snippets/<clip>/<start>_<end>_<label>.flac, read from the "
+        "source at its own sample rate and channels, and an index (snippets/index.parquet, .csv). "
+        "Default: off.",
+    )
+    extra.add_argument(
+        "--snippet-margin-s",
+        "--snippet_margin_s",
+        dest="snippet_margin_s",
+        type=float,
+        default=None,
+        help="Seconds of audio kept before and after each event, clipped to the recording "
+        f"(default: {snip.SnippetOptions.margin_s}).",
+    )
+    extra.add_argument(
+        "--snippet-max-per-label",
+        "--snippet_max_per_label",
+        dest="snippet_max_per_label",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Per recording and label, at most N snippets, the most confident events first "
+        "(default: every event).",
+    )
     rules = parser.add_argument_group("labels and events")
     rules.add_argument(
         "--aggregation",
@@ -238,6 +291,132 @@ def tag_config_from_args(args: argparse.Namespace, description: dict) -> TagConf
     )
 
 
+# -- plots and snippets -----------------------------------------------------------------------------
+
+
+def plot_references(reference: str, items: Sequence[SourceItem]) -> dict[str, str]:
+    """Matches ``--plot-reference`` to the recordings: ``{clip_id: annotation file}``.
+
+    A folder's files match a recording by the clip id's path (``site1/night1.txt`` for clip
+    ``site1/night1``), else by the recording's file name (``pipelines/score.py``'s
+    ``recording_stem``); one file matches the recording of its name, or the only recording.
+    Unlike ``soundshard score``, recordings or files without a partner are no error here (a
+    nightly run sees only part of a reference folder).
+
+    Raises:
+        ConfigError: ``reference`` does not exist; one file would match several recordings (or a
+            recording several files).
+    """
+    import fsspec
+
+    from soundshard.pipelines.score import recording_stem
+
+    fs, path = fsspec.core.url_to_fs(reference)
+    stems = {
+        i.clip_id: recording_stem(clip_id=i.clip_id, source_uri=i.uri, archive_member=i.archive_member)
+        for i in items
+    }
+    matched: dict[str, str] = {}
+    if fs.isdir(path):
+        files = ann.annotation_files(reference.rstrip("/"))
+        by_stem = collections.defaultdict(list)
+        for key in files:
+            by_stem[posixpath.basename(key)].append(key)
+        used: dict[str, str] = {}
+        for clip, stem in stems.items():
+            if clip in files:
+                key = clip
+            else:
+                candidates = by_stem.get(stem, [])
+                if len(candidates) > 1:
+                    raise ConfigError(
+                        f"--plot-reference: recording {clip!r} has several references named {stem!r}: "
+                        f"{[files[k] for k in candidates]}; put them in folders as the clip ids are"
+                    )
+                if not candidates:
+                    continue
+                key = candidates[0]
+            if key in used:
+                raise ConfigError(
+                    f"--plot-reference: {files[key]!r} matches recordings {used[key]!r} and {clip!r}; "
+                    "name it by the clip id's path to tell them apart"
+                )
+            used[key] = clip
+            matched[clip] = files[key]
+    elif fs.isfile(path):
+        stem = ann.annotation_stem(path) or posixpath.splitext(posixpath.basename(path))[0]
+        found = [c for c, s in stems.items() if stem in (c, s)]
+        if len(found) > 1:
+            raise ConfigError(f"--plot-reference {reference!r} matches several recordings by name: {found}")
+        if found:
+            matched[found[0]] = reference
+        elif len(stems) == 1:
+            matched[next(iter(stems))] = reference
+    else:
+        raise ConfigError(f"--plot-reference {reference!r}: no such file or folder")
+    return matched
+
+
+def extra_outputs(
+    args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig, items: Sequence[SourceItem]
+) -> tuple[plots.PlotOptions | None, snip.SnippetOptions | None, dict]:
+    """``--plot`` and ``--snippets`` options, checked, with the reference files read (so one that
+    does not parse stops the run before any audio is read).
+
+    Returns:
+        ``(plot options or None, snippet options or None, their description for run.json)``.
+
+    Raises:
+        ConfigError: naming the bad flag or reference file.
+    """
+    if not args.snippets:
+        for flag, value in (
+            ("--snippet-margin-s", args.snippet_margin_s),
+            ("--snippet-max-per-label", args.snippet_max_per_label),
+        ):
+            if value is not None:
+                raise ConfigError(f"{flag}={value} needs --snippets")
+    snippet_options = None
+    if args.snippets:
+        margin_s = snip.SnippetOptions.margin_s if args.snippet_margin_s is None else args.snippet_margin_s
+        snippet_options = snip.SnippetOptions(margin_s=margin_s, max_per_label=args.snippet_max_per_label)
+    plot = None
+    described = {"plot": None, "snippets": None}
+    if args.plot or args.plot_reference:
+        grid = plots.SpectrogramGrid.from_config(config) if isinstance(config, FeatureConfig) else None
+        references: tuple = ()
+        reference = None
+        if args.plot_reference:
+            matched = plot_references(args.plot_reference, items)
+            references = tuple(
+                (clip, tuple((a.start_s, a.end_s, a.label) for a in ann.read_annotations(uri)))
+                for clip, uri in sorted(matched.items())
+            )
+            if items and not matched:
+                _LOG.warning(
+                    "--plot-reference %s: no recording of this run has a reference", args.plot_reference
+                )
+            reference = {
+                "uri": args.plot_reference,
+                "recordings_matched": len(matched),
+                "recordings_without_reference": len(items) - len(matched),
+            }
+        plot = plots.PlotOptions(grid=grid, references=references)
+        described["plot"] = {
+            "max_columns": grid.max_columns if grid is not None else plots.MAX_COLUMNS,
+            "max_classes": plot.max_classes,
+            "spectrogram": grid is not None,
+            "reference": reference,
+        }
+    if snippet_options is not None:
+        described["snippets"] = {
+            "margin_s": snippet_options.margin_s,
+            "max_per_label": snippet_options.max_per_label,
+            "audio": "FLAC at the source's sample rate and channels",
+        }
+    return plot, snippet_options, described
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 
@@ -263,6 +442,8 @@ class TagRun:
     keep_fetched: bool = False
     max_batch_windows: int = 2048
     source_rates_hz: tuple[int, int] = SOURCE_RATES_HZ
+    plot: plots.PlotOptions | None = None
+    snippets: snip.SnippetOptions | None = None
 
     @property
     def temp_dir(self) -> str:
@@ -319,6 +500,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     formats = FORMATS if args.format == "both" else (args.format,)
     label_files = tuple(k for k in tagging.LABEL_FILES if getattr(args, k))
+    plot, snippet_options, extras = extra_outputs(args, config=config, items=taken.listing.items)
     manifest = {
         "format": "soundshard-tags/1",
         "model": {
@@ -344,6 +526,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
             )
         ),
         "recording_config": taken.recording.to_dict(),
+        "outputs_config": extras,
         "sources": {"input": args.input, "manifest": args.manifest},
         "incremental": (
             {
@@ -378,6 +561,8 @@ def prepare(args: argparse.Namespace) -> TagRun:
         unit_s=args.unit_s or None,
         max_batch_windows=args.max_batch_windows,
         source_rates_hz=rates_hz,
+        plot=plot,
+        snippets=snippet_options,
     )
 
 
@@ -391,8 +576,9 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
 
     Returns:
         dict of PCollections: ``scored`` (ScoredBatch), ``rows`` (TableRows), ``moves`` (Move),
-        ``dead_letters`` (DeadLetter), ``summaries`` (FileSummary) and ``manifest`` (the path of
-        ``run.json``).
+        ``dead_letters`` (DeadLetter of inputs), ``output_dead_letters`` (DeadLetter of plots and
+        snippets that failed), ``tagged`` (TaggedRecording, with ``--plot`` or ``--snippets``),
+        ``summaries`` (FileSummary) and ``manifest`` (the path of ``run.json``).
     """
     if isinstance(run.config, EmbeddingConfig):
         compute = ComputeEmbeddings(run.config, progress_dir=run.progress_dir)
@@ -406,11 +592,19 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
     )
     level = isinstance(run.config, FeatureConfig) and run.config.log_compression == "db"
     scored = front["windows"] | "ScoreWindows" >> tagging.ScoreWindows(handler, level=level)
-    tagged = {
-        "scored": scored["scored"],
-        "summaries": front["summaries"],
-    } | "TagRecordings" >> tagging.TagRecordings(
-        run.tag, temp_dir=run.temp_dir, label_files=run.label_files, high_freq_hz=run.high_freq_hz
+    recordings = {"scored": scored["scored"], "summaries": front["summaries"]}
+    if run.plot is not None and run.plot.grid is not None:
+        recordings["images"] = {
+            "windows": front["windows"],
+            "units": front["units"],
+        } | "SpectrogramColumns" >> tagging.SpectrogramColumns(run.plot.grid)
+    tagged = recordings | "TagRecordings" >> tagging.TagRecordings(
+        run.tag,
+        temp_dir=run.temp_dir,
+        label_files=run.label_files,
+        high_freq_hz=run.high_freq_hz,
+        plot=run.plot,
+        tagged=run.snippets is not None,
     )
     table_moves = tagged["rows"] | "WriteTables" >> tagging.WriteTables(
         temp_dir=run.temp_dir, formats=run.formats, partition=run.partition
@@ -420,13 +614,35 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         | "HourlyParts" >> beam.FlatMap(tagging.hourly_keyed)
         | "HourlySums" >> beam.CombinePerKey(tagging.sum_triples)
     )
-    moves = (table_moves, tagged["moves"]) | "AllMoves" >> beam.Flatten()
+    extra_moves, extra_dead, side = [], [], {}
+    if run.plot is not None:
+        drawn = tagged["tagged"] | "DrawPlots" >> tagging.DrawPlots(
+            run.plot, temp_dir=run.temp_dir, partition=run.partition
+        )
+        extra_moves.append(drawn["moves"])
+        extra_dead.append(drawn["dead_letters"])
+    if run.snippets is not None:
+        cut = tagged["tagged"] | "WriteSnippets" >> tagging.WriteSnippets(
+            run.snippets, temp_dir=run.temp_dir, partition=run.partition
+        )
+        extra_moves.append(cut["moves"])
+        extra_dead.append(cut["dead_letters"])
+        side["snippet_index"] = beam.pvalue.AsList(cut["index"])
+    moves = (table_moves, tagged["moves"], *extra_moves) | "AllMoves" >> beam.Flatten()
     dead_letters = (front["dead_letters"], scored["dead_letters"]) | "TagDeadLetters" >> beam.Flatten()
-    side = dict(
+    # Plots and snippets that failed are dead letters of outputs, not of inputs: written with the
+    # others, but kept out of the input accounting and the ledger (the recording was tagged).
+    output_dead = (
+        tuple(extra_dead) | "OutputDeadLetters" >> beam.Flatten()
+        if extra_dead
+        else p | "NoOutputDeadLetters" >> beam.Create([])
+    )
+    side.update(
         moves=beam.pvalue.AsList(moves),
         dead_letters=beam.pvalue.AsList(dead_letters),
         summaries=beam.pvalue.AsList(front["summaries"]),
         hourly=beam.pvalue.AsList(hourly),
+        output_dead_letters=beam.pvalue.AsList(output_dead),
     )
     if run.run_date is not None:
         side["items"] = beam.pvalue.AsList(front["items"])
@@ -436,6 +652,8 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         "rows": tagged["rows"],
         "moves": moves,
         "dead_letters": dead_letters,
+        "output_dead_letters": output_dead,
+        "tagged": tagged["tagged"],
         "summaries": front["summaries"],
         "manifest": manifest,
     }
@@ -447,10 +665,13 @@ class _CommitFn(beam.DoFn):
     def __init__(self, run: TagRun):
         self._run = run
 
-    def process(self, _, moves, dead_letters, summaries, hourly, items=()):
+    def process(
+        self, _, moves, dead_letters, summaries, hourly, items=(), output_dead_letters=(), snippet_index=()
+    ):
         run = self._run
         manifest = json.loads(json.dumps(run.manifest))
         final_moves, outputs = self._table_moves(moves)
+        extras = self._extra_outputs(moves, snippet_index, final_moves)
         rows = collections.Counter()
         for move in moves:
             if move.kind in tagging.TABLES and move.relative.endswith(f".{run.formats[0]}"):
@@ -464,8 +685,9 @@ class _CommitFn(beam.DoFn):
                 outputs["hourly"].append(relative)
         label_files = collections.Counter(m.kind for m in moves if m.kind in tagging.LABEL_FILES)
         dead_name = shards.dead_letters_name(run_id=run.run_id, run_date=run.run_date)
+        every_dead = [*dead_letters, *output_dead_letters]
         final_moves.append(
-            self._temp_file(dead_name, shards.parquet_bytes(shards.dead_letter_table(dead_letters)))
+            self._temp_file(dead_name, shards.parquet_bytes(shards.dead_letter_table(every_dead)))
         )
         summary = shards.summarize(summaries, dead_letters, n_inputs=run.listing.n_inputs)
         figures = summary["figures"]
@@ -477,6 +699,12 @@ class _CommitFn(beam.DoFn):
                 "hourly_rows": rows["hourly"],
                 "label_files": dict(label_files),
                 "audio_hours": round(figures["audio_s"] / 3600, 4),
+                "plots": len(extras.get("plots", [])),
+                "snippets": extras.get("snippets", {}).get("files", 0),
+                "output_dead_letters": len(output_dead_letters),
+                "output_dead_letters_by_stage": dict(
+                    sorted(collections.Counter(d.stage for d in output_dead_letters).items())
+                ),
             }
         )
         wall_s = time.time() - manifest["run"]["started_unix_s"]
@@ -486,6 +714,7 @@ class _CommitFn(beam.DoFn):
         manifest["figures"] = figures
         manifest["counts"] = summary["counts"]
         manifest["tables"] = dict(outputs)
+        manifest.update(extras)
         manifest["dead_letters_file"] = dead_name
         data = redact(json.dumps(manifest, indent=2)).encode()
         if run.run_date:
@@ -507,6 +736,34 @@ class _CommitFn(beam.DoFn):
         shards.move_into_place([self._temp_file("run.json", data)])  # last: marks a complete run
         shards.remove_tree(run.temp_dir)
         yield shards.join(run.output, "run.json")
+
+    def _extra_outputs(self, moves, snippet_index, final_moves: list[tuple[str, str]]) -> dict:
+        """The plots and snippets of the run for run.json; writes the snippet index (one table,
+        also when empty, so that readers find it) and adds it to ``final_moves``."""
+        run = self._run
+        out = {}
+        if run.plot is not None:
+            out["plots"] = sorted(m.relative for m in moves if m.kind == "plots")
+        if run.snippets is None:
+            return out
+        index = pa.concat_tables([snip.INDEX_SCHEMA.empty_table(), *snippet_index])
+        index = index.sort_by([("clip_id", "ascending"), ("start_s", "ascending"), ("label", "ascending")])
+        names = []
+        for fmt, data in tagging.table_files(index, run.formats).items():
+            if run.partition:
+                relative = posixpath.join("snippets", run.partition, f"index-{run.run_id}.{fmt}")
+            else:
+                relative = f"snippets/index.{fmt}"
+            final_moves.append(self._temp_file(relative, data))
+            names.append(relative)
+        labels = collections.Counter(index.column("label").to_pylist())
+        out["snippets"] = {
+            "index": names,
+            "files": index.num_rows,
+            "by_label": dict(sorted(labels.items())),
+            "audio_s": round(sum(index.column("snippet_duration_s").to_pylist()), 3),
+        }
+        return out
 
     def _name(self, table: str, index: int, fmt: str) -> str:
         run = self._run
@@ -569,6 +826,16 @@ def summary_text(manifest: dict, output: str) -> str:
     ]
     if fig["label_files"]:
         lines.append("label files      " + ", ".join(f"{k} {v}" for k, v in fig["label_files"].items()))
+    if "plots" in manifest or "snippets" in manifest:
+        made = []
+        if "plots" in manifest:
+            made.append(f"plots {fig.get('plots', 0)}")
+        if "snippets" in manifest:
+            made.append(f"snippets {fig.get('snippets', 0)} ({', '.join(manifest['snippets']['index'])})")
+        failed = fig.get("output_dead_letters_by_stage") or {}
+        if failed:
+            made.append("failed: " + ", ".join(f"{k} {v}" for k, v in failed.items()))
+        lines.append("outputs          " + "  ".join(made))
     if fig["dead_letters_by_reason"]:
         lines.append(
             "dead letters     " + ", ".join(f"{k} {v}" for k, v in fig["dead_letters_by_reason"].items())

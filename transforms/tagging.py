@@ -9,6 +9,12 @@ the window, file and event tables and, optionally, an Audacity label track and a
 table (``transforms/events.py`` does the maths). :class:`WriteTables` writes the rows as Parquet
 and CSV files into the run's temporary folder; the commit (``pipelines/tag.py``) moves them into
 place.
+
+Optional outputs per recording: :class:`SpectrogramColumns` pools each unit's log-mel windows
+into a few image columns, :class:`TagRecordings` puts them together with the scores and events
+(``transforms/plots.py``) and :class:`DrawPlots` draws a PNG; :class:`WriteSnippets` cuts each
+event's audio from the source as FLAC (``transforms/snippets.py``). Their failures are dead
+letters of stage ``plots`` and ``snippets``: outputs that failed, not inputs.
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ from soundshard.schemas.errors import DataError
 from soundshard.schemas.records import FileSummary, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms import events as ev
-from soundshard.transforms import training
+from soundshard.transforms import plots, training
+from soundshard.transforms import snippets as snip
 from soundshard.transforms.embeddings import error_parts
-from soundshard.transforms.features import count, dead_letter
+from soundshard.transforms.features import DEAD_LETTERS, count, dead_letter
 from soundshard.transforms.shards import join, parquet_bytes, write_bytes
 
 _LOG = logging.getLogger(__name__)
 TABLES = ("windows", "files", "events")
 LABEL_FILES = ("audacity", "raven")
+#: Per-recording output folders of ``--plot`` and ``--snippets`` (Move kinds too).
+EXTRA_OUTPUTS = ("plots", "snippets")
 #: Rows per table file: a bundle's rows are cut into files of at most this many.
 MAX_ROWS_PER_FILE = 1_000_000
 
@@ -355,23 +364,50 @@ class Move:
     rows: int
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaggedRecording:
+    """A tagged recording's events (and picture), for the outputs made after tagging.
+
+    Attributes:
+        source: The recording.
+        events: Its events, sorted by start.
+        duration_s: Length of the recording, seconds.
+        plot: What its picture shows (``--plot``), or ``None``.
+    """
+
+    source: SourceItem
+    events: tuple[ev.Event, ...]
+    duration_s: float
+    plot: plots.RecordingPlot | None = None
+
+
 class _TagRecordingFn(beam.DoFn):
     def __init__(
-        self, config: TagConfig, *, temp_dir: str, label_files: tuple[str, ...], high_freq_hz: float
+        self,
+        config: TagConfig,
+        *,
+        temp_dir: str,
+        label_files: tuple[str, ...],
+        high_freq_hz: float,
+        plot: plots.PlotOptions | None = None,
+        tagged: bool = False,
     ):
         self._config = config
         self._temp_dir = temp_dir
         self._label_files = label_files
         self._high_freq_hz = high_freq_hz
+        self._plot = plot
+        self._tagged = tagged or plot is not None
 
     def process(self, keyed):
         _, grouped = keyed
         batches: list[ScoredBatch] = sorted(grouped["scored"], key=lambda b: b.first_window_index)
         summaries: list[FileSummary] = list(grouped["summaries"])
+        images: list[plots.UnitImage] = list(grouped.get("images", ()))
         if batches:  # else every unit failed before scoring: their dead letters say why
-            yield from self._tag(batches, summaries)
+            yield from self._tag(batches, summaries, images)
 
-    def _tag(self, batches: list[ScoredBatch], summaries: list[FileSummary]):
+    def _tag(self, batches: list[ScoredBatch], summaries: list[FileSummary], images=()):
         config = self._config
         item = batches[0].source
         scores = np.concatenate([b.scores for b in batches])
@@ -422,38 +458,233 @@ class _TagRecordingFn(beam.DoFn):
             temp = join(self._temp_dir, "labels", relative)
             write_bytes(temp, text.encode())
             yield beam.pvalue.TaggedOutput("moves", Move(kind, temp, relative, len(found)))
+        if self._tagged:
+            picture = None
+            if self._plot is not None:
+                picture = plots.recording_plot(
+                    clip_id=item.clip_id,
+                    source_uri=item.public_uri,
+                    recording_start_us=item.recording_start_us,
+                    start_s=start_s,
+                    end_s=end_s,
+                    scores=scores,
+                    found=found,
+                    label_names=config.label_names,
+                    thresholds=config.window_thresholds,
+                    duration_s=duration_s,
+                    complete=complete,
+                    images=images,
+                    grid=self._plot.grid,
+                    max_classes=self._plot.max_classes,
+                )
+            yield beam.pvalue.TaggedOutput("tagged", TaggedRecording(item, tuple(found), duration_s, picture))
 
 
 class TagRecordings(beam.PTransform):
     """Scored units and per-unit summaries → table rows (and label files) per recording.
 
-    ``expand`` takes ``{"scored": ScoredBatch, "summaries": FileSummary}`` PCollections and
-    returns a dict: ``rows`` (:class:`TableRows`) and ``moves`` (:class:`Move` of label files).
+    ``expand`` takes ``{"scored": ScoredBatch, "summaries": FileSummary}`` PCollections (and
+    ``"images"``: :class:`plots.UnitImage`, for ``plot``) and returns a dict: ``rows``
+    (:class:`TableRows`), ``moves`` (:class:`Move` of label files) and ``tagged``
+    (:class:`TaggedRecording`, with ``plot`` or ``tagged`` set; else empty).
 
     Args:
         config: Thresholds and event rules.
         temp_dir: The run's temporary folder (label files are written under it).
         label_files: Which per-recording label files to write (``audacity``, ``raven``).
         high_freq_hz: Upper frequency of Raven selections (the analysis band's top).
+        plot: Build each recording's picture (``--plot``), or ``None``.
+        tagged: Output every recording's events (for snippets) even without ``plot``.
     """
 
     def __init__(
-        self, config: TagConfig, *, temp_dir: str, label_files: Sequence[str] = (), high_freq_hz: float
+        self,
+        config: TagConfig,
+        *,
+        temp_dir: str,
+        label_files: Sequence[str] = (),
+        high_freq_hz: float,
+        plot: plots.PlotOptions | None = None,
+        tagged: bool = False,
     ):
         super().__init__()
         self._fn = _TagRecordingFn(
-            config, temp_dir=temp_dir, label_files=tuple(label_files), high_freq_hz=high_freq_hz
+            config,
+            temp_dir=temp_dir,
+            label_files=tuple(label_files),
+            high_freq_hz=high_freq_hz,
+            plot=plot,
+            tagged=tagged,
         )
 
     def expand(self, inputs):
         keyed_scores = inputs["scored"] | "KeyScores" >> beam.Map(lambda b: (b.source.clip_id, b))
         keyed_summaries = inputs["summaries"] | "KeySummaries" >> beam.Map(lambda s: (s.clip_id, s))
-        grouped = {
-            "scored": keyed_scores,
-            "summaries": keyed_summaries,
-        } | "ByRecording" >> beam.CoGroupByKey()
-        out = grouped | "TagRecording" >> beam.ParDo(self._fn).with_outputs("moves", main="rows")
-        return {"rows": out.rows, "moves": out.moves}
+        keyed = {"scored": keyed_scores, "summaries": keyed_summaries}
+        if "images" in inputs:
+            keyed["images"] = inputs["images"] | "KeyImages" >> beam.Map(lambda i: (i.clip_id, i))
+        grouped = keyed | "ByRecording" >> beam.CoGroupByKey()
+        out = grouped | "TagRecording" >> beam.ParDo(self._fn).with_outputs("moves", "tagged", main="rows")
+        return {"rows": out.rows, "moves": out.moves, "tagged": out.tagged}
+
+
+# -- plots and snippets -------------------------------------------------------------------------
+
+
+def _unit_image(batch: WindowBatch, *, grid: plots.SpectrogramGrid, totals: dict) -> plots.UnitImage:
+    total = totals.get(batch.source.clip_id, batch.first_window_index + batch.n_windows)
+    columns, values = plots.unit_columns(
+        batch.features, first_window=batch.first_window_index, total_windows=total, grid=grid
+    )
+    return plots.UnitImage(
+        batch.source.clip_id, columns, values, grid.frames_per_column(total), grid.n_columns(total)
+    )
+
+
+class SpectrogramColumns(beam.PTransform):
+    """Log-mel WindowBatches → each unit's spectrogram columns (:class:`plots.UnitImage`).
+
+    The frames of a unit's windows are max-pooled over time so that the whole recording's image
+    has at most ``grid.max_columns`` columns; how many frames a column takes depends on the
+    recording's length, read from its planned units (a side input of one number per recording).
+
+    ``expand`` takes ``{"windows": WindowBatch, "units": WorkUnit}``.
+
+    Args:
+        grid: The model's spectrogram grid.
+    """
+
+    def __init__(self, grid: plots.SpectrogramGrid):
+        super().__init__()
+        self._grid = grid
+
+    def expand(self, inputs):
+        totals = (
+            inputs["units"]
+            | "FirstUnits" >> beam.Filter(lambda u: u.unit_index == 0)
+            | "WindowTotals" >> beam.Map(lambda u: (u.source.clip_id, u.total_windows))
+        )
+        return inputs["windows"] | "PoolSpectrogram" >> beam.Map(
+            _unit_image, grid=self._grid, totals=beam.pvalue.AsDict(totals)
+        )
+
+
+def output_dead_letter(item: SourceItem, stage: str, exc: BaseException, *, reason: str):
+    """A dead letter for an output (``plots``, ``snippets``) that failed (counted as ``reason``
+    unless the error names its own)."""
+    if not isinstance(exc, DataError):
+        exc = DataError(f"{item.public_uri}: {stage} failed: {type(exc).__name__}: {exc}", reason=reason)
+    return dead_letter(item, stage, exc)
+
+
+class _DrawPlotFn(beam.DoFn):
+    def __init__(self, options: plots.PlotOptions, *, temp_dir: str, partition: str):
+        self._options = options
+        self._temp_dir = temp_dir
+        self._partition = partition
+
+    def setup(self):
+        self._references = self._options.reference_map()
+
+    def process(self, tagged: TaggedRecording):
+        if tagged.plot is None:
+            return
+        item = tagged.source
+        relative = posixpath.join("plots", self._partition, safe_relative(item.clip_id) + ".png")
+        try:
+            picture = dataclasses.replace(tagged.plot, reference=self._references.get(item.clip_id))
+            temp = join(self._temp_dir, "plots", relative)
+            write_bytes(temp, plots.plot_png(picture))
+        except Exception as exc:  # noqa: BLE001 - a picture that fails is a dead letter, not a stop
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTERS, output_dead_letter(item, "plots", exc, reason="plot_error")
+            )
+            return
+        count("plots_written")
+        yield Move("plots", temp, relative, len(tagged.events))
+
+
+class DrawPlots(beam.PTransform):
+    """TaggedRecordings → one PNG per recording in the run's temporary folder
+    (``plots/[<partition>/]<clip>.png``).
+
+    ``expand`` returns a dict: ``moves`` (:class:`Move`, kind ``plots``) and ``dead_letters``
+    (stage ``plots``).
+
+    Args:
+        options: What to draw (reference annotations included).
+        temp_dir: The run's temporary folder.
+        partition: Sub-folder of this run's plots (``run_date=...`` in incremental runs) or ``""``.
+    """
+
+    def __init__(self, options: plots.PlotOptions, *, temp_dir: str, partition: str = ""):
+        super().__init__()
+        self._fn = _DrawPlotFn(options, temp_dir=temp_dir, partition=partition)
+
+    def expand(self, tagged):
+        out = tagged | "DrawPlot" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTERS, main="moves")
+        return {"moves": out.moves, "dead_letters": out[DEAD_LETTERS]}
+
+
+class _WriteSnippetsFn(beam.DoFn):
+    def __init__(self, options: snip.SnippetOptions, *, temp_dir: str, partition: str):
+        self._options = options
+        self._temp_dir = temp_dir
+        self._partition = partition
+
+    def teardown(self):
+        from soundshard.transforms.sources import close_archives
+
+        close_archives()
+
+    def process(self, tagged: TaggedRecording):
+        item = tagged.source
+        chosen = snip.select_events(tagged.events, max_per_label=self._options.max_per_label)
+        if len(chosen) < len(tagged.events):
+            count("snippets_over_max_per_label", len(tagged.events) - len(chosen))
+        folder = posixpath.join("snippets", self._partition, safe_relative(item.clip_id))
+        written = []
+        results = snip.write_snippets(
+            item,
+            chosen,
+            options=self._options,
+            temp_dir=join(self._temp_dir, "snippets"),
+            folder=folder,
+        )
+        for event, snippet, error in results:
+            if error is not None:
+                failure = snip.snippet_error(item, event, error)
+                yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "snippets", failure))
+                continue
+            count("snippets_written")
+            written.append(snippet)
+            yield Move("snippets", join(self._temp_dir, "snippets", snippet.relative), snippet.relative, 1)
+        if written:
+            yield beam.pvalue.TaggedOutput("index", snip.index_table(item, written))
+
+
+class WriteSnippets(beam.PTransform):
+    """TaggedRecordings → each event's audio as FLAC in the run's temporary folder
+    (``snippets/[<partition>/]<clip>/<start>_<end>_<label>.flac``), read from the source.
+
+    ``expand`` returns a dict: ``moves`` (:class:`Move`, kind ``snippets``), ``index`` (a
+    ``pa.Table`` of index rows per recording, :data:`snippets.INDEX_SCHEMA`) and ``dead_letters``
+    (stage ``snippets``, one per event whose snippet failed).
+
+    Args:
+        options: Margin, most snippets per label, block size.
+        temp_dir: The run's temporary folder.
+        partition: Sub-folder of this run's snippets (``run_date=...`` in incremental runs) or ``""``.
+    """
+
+    def __init__(self, options: snip.SnippetOptions, *, temp_dir: str, partition: str = ""):
+        super().__init__()
+        self._fn = _WriteSnippetsFn(options, temp_dir=temp_dir, partition=partition)
+
+    def expand(self, tagged):
+        # A recording's events are cut in one call: its source is opened once.
+        out = tagged | "CutSnippets" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTERS, "index", main="moves")
+        return {"moves": out.moves, "index": out.index, "dead_letters": out[DEAD_LETTERS]}
 
 
 # -- writing ------------------------------------------------------------------------------------
