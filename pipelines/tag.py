@@ -62,7 +62,7 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.records import SourceItem
-from soundshard.schemas.tagging import AGGREGATIONS, TagConfig, parse_thresholds
+from soundshard.schemas.tagging import AGGREGATIONS, RULE_DEFAULTS, TagConfig, parse_thresholds
 from soundshard.schemas.uris import redact
 from soundshard.transforms import annotations as ann
 from soundshard.transforms import ledger, models, plots, shards, sources, tagging
@@ -184,24 +184,36 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     rules.add_argument(
         "--hysteresis",
         type=float,
-        default=0.1,
-        help="An event goes on while the score stays above its threshold minus this (0.1).",
+        default=None,
+        help="An event goes on while the score stays above its threshold minus this (default: the "
+        f"model's, else {RULE_DEFAULTS['hysteresis']}).",
     )
     rules.add_argument(
         "--min_duration_s",
         "--min-duration-s",
         dest="min_duration_s",
         type=float,
-        default=0.0,
-        help="Drop events shorter than this (seconds).",
+        default=None,
+        help="Drop events shorter than this, seconds (default: the model's, else "
+        f"{RULE_DEFAULTS['min_duration_s']}).",
+    )
+    rules.add_argument(
+        "--median-filter-windows",
+        "--median_filter_windows",
+        dest="median_filter_windows",
+        type=int,
+        default=None,
+        help="Smooth each class's scores with a running median over this many windows (odd; 1: off) "
+        f"before events are found (default: the model's, else {RULE_DEFAULTS['median_filter_windows']}).",
     )
     rules.add_argument(
         "--max_gap_s",
         "--max-gap-s",
         dest="max_gap_s",
         type=float,
-        default=0.5,
-        help="Merge events of a label separated by at most this (seconds; 0.5).",
+        default=None,
+        help="Merge events of a label separated by at most this, seconds (default: the model's, else "
+        f"{RULE_DEFAULTS['max_gap_s']}).",
     )
     rules.add_argument(
         "--min_level_db",
@@ -278,16 +290,18 @@ def tag_config_from_args(args: argparse.Namespace, description: dict) -> TagConf
         for label, value in parse_thresholds(args.thresholds, names).items():
             window[names.index(label)] = value
             clip[names.index(label)] = value
+    # event rules: the flag, else what the model's training chose (model.json), else the default
+    chosen = description.get("postprocessing") or {}
+    rules = {name: chosen.get(name, default) for name, default in RULE_DEFAULTS.items()}
+    rules.update({name: getattr(args, name) for name in RULE_DEFAULTS if getattr(args, name) is not None})
     return TagConfig(
         label_names=names,
         window_thresholds=tuple(window),
         file_thresholds=tuple(clip),
         aggregation=args.aggregation,
-        hysteresis=args.hysteresis,
-        min_duration_s=args.min_duration_s,
-        max_gap_s=args.max_gap_s,
         min_level_db=args.min_level_db,
         top_k=args.top_k,
+        **rules,
     )
 
 

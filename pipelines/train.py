@@ -45,6 +45,8 @@ MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
 #: default decay of the per-epoch weight average (about the last five epochs)
 WEIGHT_AVERAGE = 0.8
+#: default head (see training.HEADS)
+DEFAULT_HEAD = "softmax"
 
 
 def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
@@ -101,6 +103,40 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         help="Decay of the per-epoch moving average of the weights that early stopping judges and "
         "keeps (0: the raw weights).",
     )
+    parser.add_argument(
+        "--background",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="Features output of recordings or clips with none of the classes (site ambience, other "
+        "sounds); repeatable. Their windows train as negatives, are mixed under training windows "
+        "and set the thresholds; split by the data's folds when they have folds.",
+    )
+    parser.add_argument(
+        "--head",
+        default=DEFAULT_HEAD,
+        choices=training.HEADS,
+        help="softmax: one class per window (with --background, plus a background output that is "
+        "never reported); sigmoid: a probability per class, background windows all zeros. "
+        "Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--background-mix-prob",
+        "--background_mix_prob",
+        dest="background_mix_prob",
+        type=float,
+        default=training.Augmentation().background_mix_prob,
+        help="With --background: probability of mixing a background window under a training "
+        "window, at 0-25 dB below it. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--gain-db",
+        "--gain_db",
+        dest="gain_db",
+        default=None,
+        help="Random gain of training windows, LOW:HIGH dB (e.g. --gain-db=-30:6). Default: "
+        f"{training.Augmentation().gain_db[0]:g}:{training.Augmentation().gain_db[1]:g}.",
+    )
     parser.add_argument("--no-augment", "--no_augment", dest="augment", action="store_false")
     parser.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=None)
     parser.add_argument(
@@ -128,6 +164,18 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
 
 def _augmentation(args: argparse.Namespace) -> training.Augmentation:
     aug = training.Augmentation() if args.augment else training.Augmentation.none()
+    if args.augment:
+        if not 0.0 <= args.background_mix_prob <= 1.0:
+            raise ConfigError(f"--background-mix-prob={args.background_mix_prob} must lie in [0, 1]")
+        aug = dataclasses.replace(aug, background_mix_prob=args.background_mix_prob)
+        if args.gain_db is not None:
+            try:
+                low, high = (float(v) for v in args.gain_db.split(":"))
+            except ValueError:
+                raise ConfigError(f"--gain-db={args.gain_db!r} is not LOW:HIGH in dB, e.g. -30:6") from None
+            if not low <= high:
+                raise ConfigError(f"--gain-db={args.gain_db!r} needs LOW <= HIGH")
+            aug = dataclasses.replace(aug, gain_db=(low, high))
     if args.mixup_alpha is not None:
         if args.mixup_alpha < 0:
             raise ConfigError(f"--mixup-alpha={args.mixup_alpha} must be 0 (off) or positive")
@@ -166,6 +214,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--learning-rate={args.learning_rate} must be positive")
     if not 0.0 <= args.weight_average < 1.0:
         raise ConfigError(f"--weight-average={args.weight_average} must be in [0, 1) (0 is off)")
+    if (args.background or args.head != "softmax") and (args.workers or os.environ.get("TF_CONFIG")):
+        raise ConfigError("--background and --head sigmoid train on one worker (no --workers/TF_CONFIG)")
 
 
 class ClipEarlyStopping(keras.callbacks.Callback):
@@ -184,12 +234,14 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         patience: int,
         aggregation: str,
         average: training.WeightAverage | None = None,
+        n_classes: int | None = None,
     ):
         super().__init__()
         self.validation = validation
         self.patience = patience
         self.aggregation = aggregation
         self.average = average
+        self.n_classes = n_classes  # a background output after the classes is left out
         self.best = -1.0
         self.best_epoch = 0
         self.best_weights = None
@@ -199,8 +251,14 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         if self.average is not None:
             raw = self.model.get_weights()
             self.model.set_weights(self.average.update(raw, averaged=training.trainable_mask(self.model)))
-        probs = training.predict(self.model, self.validation.features)
-        accuracy = training.clip_accuracy(probs, self.validation, method=self.aggregation)
+        probs = training.predict(self.model, self.validation.features)[:, : self.n_classes]
+        if self.validation.weak.any():
+            weak = self.validation.weak
+            accuracy = training.clip_accuracy(
+                probs[weak], self.validation.take(weak), method=self.aggregation
+            )
+        else:  # strong labels only: the mean over classes of the windows' average precision
+            accuracy = events.mean_average_precision(probs, self.validation.truth(probs.shape[1]))
         if logs is not None:
             logs["val_clip_accuracy"] = accuracy
         if accuracy > self.best:
@@ -224,6 +282,7 @@ def train_split(
     output: str,
     cluster: distributed.ClusterConfig | None = None,
     strategy=None,
+    background_data: training.WindowSet | None = None,
 ) -> dict:
     """Trains one model on ``split`` and writes its folder; returns its test metrics.
 
@@ -239,6 +298,16 @@ def train_split(
     n_classes = len(label_names)
     # digitally silent windows (zero padding of short clips) carry their clip's label but no sound
     train = split.train.take(split.train.sounding)
+    head = args.head
+    background = None
+    if background_data is not None:
+        background = training.split_background(background_data, split.description)
+        background_train = background.train.take(background.train.sounding)
+        train = training.concatenate([train, background_train])
+    # windows of none of the classes: background data, and the background of strong labels (the
+    # split keeps only windows with a truth, so every window here without a class is one of them)
+    negatives = train.truth(n_classes).sum(axis=1) == 0
+    with_background_output = head == "softmax" and bool(negatives.any())
     mean, variance = float(train.features.mean()), float(train.features.var())
     # under a multi-worker strategy, variables are mirrored on every worker and kept in step
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -247,42 +316,74 @@ def train_split(
             input_shape=train.features.shape[1:],
             n_classes=n_classes,
             normalization=(mean, variance),
+            head=head,
+            background_output=with_background_output,
         )
+        if head == "sigmoid":
+            loss, accuracy = keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
+        else:
+            loss, accuracy = (
+                keras.losses.CategoricalCrossentropy(),
+                keras.metrics.CategoricalAccuracy(name="accuracy"),
+            )
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(args, len(train))),
-            loss=keras.losses.CategoricalCrossentropy(),
-            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            loss=loss,
+            metrics=[accuracy],
         )
     aug = _augmentation(args)
-    weights = training.balanced_class_weights(train.labels, n_classes) if args.class_weights else None
+    # the multi-worker loop weighs by class; the single-worker one by group (classes, background)
+    weights = (
+        training.balanced_class_weights(train.labels, n_classes)
+        if args.class_weights and not negatives.any() and train.strong is None
+        else None
+    )
     validation = split.validation
+    # thresholds are set on everything held out for validation: the classes and the background
+    calibration = (
+        validation if background is None else training.concatenate([validation, background.validation])
+    )
     started = time.process_time(), time.monotonic()
     if strategy is None:
+
+        def targets_of(windows):
+            return training.training_targets(
+                windows, n_classes=n_classes, head=head, background=with_background_output
+            )
+
         data = training.training_dataset(
             train,
             n_classes=n_classes,
             batch_size=args.batch_size,
             seed=args.seed,
             aug=aug,
-            class_weights=weights,
+            targets=targets_of(train),
+            sample_weights=training.balanced_sample_weights(train.truth(n_classes))
+            if args.class_weights
+            else None,
+            background=train.features[negatives] if negatives.any() else None,
         )
-        val_onehot = np.eye(n_classes, dtype=np.float32)[validation.labels]
         stopper = ClipEarlyStopping(
             validation,
             patience=args.patience,
             aggregation=args.aggregation,
             average=_weight_average(args),
+            n_classes=n_classes,
         )
         history = model.fit(
             data,
             epochs=args.epochs,
             # a dataset, not arrays: Keras' array adapter maps in parallel (see training.predict)
-            validation_data=tf.data.Dataset.from_tensor_slices((validation.features, val_onehot)).batch(256),
+            validation_data=tf.data.Dataset.from_tensor_slices(
+                (calibration.features, targets_of(calibration))
+            ).batch(256),
             callbacks=[stopper],
             shuffle=False,  # the dataset shuffles itself, seeded
             verbose=0 if args.quiet else 2,
         ).history
         best_epoch, best = stopper.best_epoch, stopper.best
+        if with_background_output:
+            model = models.without_background(model, n_classes)
         share = distributed.share_summary(train, np.arange(len(train)), worker_index=0, n_workers=1)
     else:
         # Keras 3's fit() does not run under MultiWorkerMirroredStrategy: a custom loop, same model
@@ -306,8 +407,24 @@ def train_split(
         history, best_epoch, best, share = result.history, result.best_epoch, result.best, result.share
         model = distributed.local_copy(model)
     cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
-    probabilities = training.predict(model, split.test.features)
-    metrics = training.evaluate_predictions(probabilities, split.test, label_names)
+    test = split.test.take(split.test.weak) if split.test.weak.any() else split.test
+    probabilities = training.predict(model, test.features)
+    metrics = training.evaluate_predictions(probabilities, test, label_names)
+    thresholds = validation_thresholds(model, calibration, aggregation=args.aggregation, n_classes=n_classes)
+    if split.test.strongly_labelled.any():
+        strong = split.test.take(split.test.strongly_labelled)
+        metrics["strong_test"] = events.window_f1(
+            training.predict(model, strong.features),
+            strong.truth(n_classes),
+            thresholds["window"],
+            label_names,
+        )
+    if background is not None and len(background.test):
+        metrics["background_test"] = background_false_alarms(
+            training.predict(model, background.test.features),
+            background.test,
+            thresholds=thresholds["window"],
+        )
     metrics["split"] = split.description
     metrics["epochs_run"] = len(history["loss"])
     metrics["best_epoch"] = best_epoch + 1
@@ -330,6 +447,15 @@ def train_split(
     metrics["macs_per_window"] = models.count_macs(model)
     training_config = {
         "model": args.model,
+        "head": head,
+        "background": None
+        if background is None
+        else {
+            "data": list(args.background),
+            "split": background.description,
+            "windows": {"train": len(background_train), "validation": len(background.validation)},
+            "output": "background output, left out of the saved model" if with_background_output else None,
+        },
         "epochs": args.epochs,
         "patience": args.patience,
         "batch_size": args.batch_size,
@@ -339,7 +465,13 @@ def train_split(
         "aggregation": args.aggregation,
         "weight_average": args.weight_average,
         "silent_training_windows_left_out": int(len(split.train) - len(train)),
-        "class_weights": weights.tolist() if weights is not None else None,
+        "class_weights": (
+            weights.tolist()
+            if weights is not None
+            else "balanced: classes and background"
+            if args.class_weights
+            else None
+        ),
         "augmentation": dataclasses.asdict(aug),
         "normalization": {"mean": mean, "variance": variance},
     }
@@ -361,22 +493,39 @@ def train_split(
         split=split.description,
         metrics=metrics,
         history=history,
-        thresholds=validation_thresholds(model, validation, aggregation=args.aggregation),
+        thresholds=thresholds,
     )
     return metrics
 
 
-def validation_thresholds(model, validation: training.WindowSet, *, aggregation: str) -> dict:
-    """Per-class score thresholds with the best one-vs-rest F1 on the validation fold, for windows
-    (events) and for clips (file labels); tagging uses them unless told otherwise."""
+def background_false_alarms(probabilities: np.ndarray, windows: training.WindowSet, *, thresholds) -> dict:
+    """How often held-out background windows (none of the classes) reach a class's threshold."""
+    sounding = windows.sounding
+    alarms = probabilities[sounding] >= np.asarray(thresholds, np.float32)[None, :]
+    return {
+        "windows": int(sounding.sum()),
+        "false_alarm_windows": int(alarms.any(axis=1).sum()),
+        "false_alarm_rate": round(float(alarms.any(axis=1).mean()) if sounding.any() else 0.0, 4),
+    }
+
+
+def validation_thresholds(model, validation: training.WindowSet, *, aggregation: str, n_classes: int) -> dict:
+    """Per-class score thresholds with the best one-vs-rest F1 on the validation data (the classes'
+    windows, and background windows as negatives of every class), for windows (events) and for
+    clips (file labels; weakly labelled clips and background clips); tagging uses them unless told
+    otherwise."""
     probabilities = training.predict(model, validation.features)
+    clip_rows = ~validation.strongly_labelled
     clips, clip_probs = training.aggregate(
-        probabilities, validation.clip_ids, method=aggregation, silent=validation.silent
+        probabilities[clip_rows],
+        validation.clip_ids[clip_rows],
+        method=aggregation,
+        silent=validation.silent[clip_rows],
     )
-    _, clip_truth = training.clip_labels(validation.labels, validation.clip_ids)
+    _, clip_truth = training.clip_labels(validation.labels[clip_rows], validation.clip_ids[clip_rows])
     sounding = validation.sounding
     return {
-        "window": events.best_thresholds(probabilities[sounding], validation.labels[sounding]),
+        "window": events.best_thresholds(probabilities[sounding], validation.truth(n_classes)[sounding]),
         "clip": events.best_thresholds(clip_probs, clip_truth),
         "from": "validation split (best F1 per class, one vs rest)",
         "aggregation": aggregation,
@@ -517,6 +666,9 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                 f"--data {args.data!r} has {len(dataset.get('label_map', {}))} label(s); need 2 or more"
             )
         windows = training.load_windows(args.data, dataset)
+        background_data = (
+            training.load_background(args.background, dataset=dataset) if args.background else None
+        )
         if args.cv:
             folds = sorted(set(windows.folds.tolist()) - {-1})
             if len(folds) < 3:
@@ -558,7 +710,13 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                 f"[train] {args.model}: {split.description}, {len(split.train)} training windows", flush=True
             )
         metrics = train_split(
-            split, dataset=dataset, args=args, output=folder, cluster=cluster, strategy=strategy
+            split,
+            dataset=dataset,
+            args=args,
+            output=folder,
+            cluster=cluster,
+            strategy=strategy,
+            background_data=background_data,
         )
         per_fold[fold] = metrics
         print(

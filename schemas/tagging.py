@@ -27,6 +27,9 @@ class TagConfig(ConfigSerialization):
         min_level_db: Windows whose loudest log-mel value is below this (dB) cannot start or
             continue an event (an activity gate against background noise); ``None`` for no gate.
         top_k: Classes per window in the window table: ``0`` writes every class's score.
+        median_filter_windows: Each class's scores are smoothed over this many consecutive windows
+            (a running median, as the DCASE baselines do) before events are found; ``1`` is off.
+            Odd.
     """
 
     _WHAT = "tag"
@@ -40,6 +43,7 @@ class TagConfig(ConfigSerialization):
     max_gap_s: float = 0.5
     min_level_db: float | None = None
     top_k: int = 0
+    median_filter_windows: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_names", tuple(self.label_names))
@@ -69,6 +73,10 @@ class TagConfig(ConfigSerialization):
             raise ConfigError(f"min_level_db={self.min_level_db} must be finite")
         if not 0 <= self.top_k <= n:
             raise ConfigError(f"top_k={self.top_k} must be between 0 (all classes) and {n}")
+        if self.median_filter_windows < 1 or self.median_filter_windows % 2 == 0:
+            raise ConfigError(
+                f"median_filter_windows={self.median_filter_windows} must be an odd number (1: off)"
+            )
 
     def to_dict(self) -> dict:
         """Plain dict (lists for the tuples)."""
@@ -98,3 +106,10 @@ def parse_thresholds(text: str, label_names: tuple[str, ...]) -> dict[str, float
         except ValueError as exc:
             raise ConfigError(f"--thresholds: {part!r} has no number after '='") from exc
     return out
+
+
+#: The event rules a model folder may carry (``model.json`` → ``postprocessing``, chosen with its
+#: training) and ``soundshard tag``'s flags override.
+EVENT_RULES = ("hysteresis", "min_duration_s", "max_gap_s", "median_filter_windows")
+#: Their values when neither the model nor a flag gives one (TagConfig's defaults).
+RULE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TagConfig) if f.name in EVENT_RULES}

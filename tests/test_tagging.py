@@ -411,3 +411,57 @@ def test_tag_from_and_to_gcs(gcs_env, demo_model, tmp_path):
     assert all(uri.startswith("gs://") for uri in table.column("source_uri").to_pylist())
     assert len(fs.find(f"{out}/raven")) == 32
     assert not [p for p in fs.find(bucket) if "_tmp-" in p]
+
+
+def test_median_filter_removes_single_window_blips_and_never_crosses_a_gap():
+    s = np.array([[0.1], [0.9], [0.1], [0.8], [0.9], [0.7], [0.1], [0.2]])
+    smooth = ev.median_filtered(s, size=3)
+    np.testing.assert_allclose(smooth[:, 0], [0.1, 0.1, 0.8, 0.8, 0.8, 0.7, 0.2, 0.2])
+    assert ev.median_filtered(s, size=1) is s
+    # windows 0-3 and 5-7 (4 missing): each run filtered on its own, edges repeated
+    adjacent = np.array([False, True, True, True, False, True, True, True])
+    apart = ev.median_filtered(s, size=3, adjacent=adjacent)
+    np.testing.assert_allclose(apart[:, 0], [0.1, 0.1, 0.8, 0.8, 0.9, 0.7, 0.2, 0.2])
+    start, end, index = grid(8)
+    blip = scores_of([0.1, 0.9, 0.1, 0.8, 0.9, 0.7, 0.1, 0.1])
+    plain = ev.find_events(blip, start_s=start, end_s=end, window_index=index, config=config(max_gap_s=0))
+    smoothed = ev.find_events(
+        blip,
+        start_s=start,
+        end_s=end,
+        window_index=index,
+        config=config(max_gap_s=0, median_filter_windows=3),
+    )
+    assert [e.n_windows for e in plain if e.label == "a"] == [1, 3]  # the blip at window 1 is an event
+    assert [(e.start_s, e.end_s) for e in smoothed if e.label == "a"] == [(1.25, 3.25)]  # windows 2-5
+    with pytest.raises(ConfigError, match="median_filter_windows=4 must be an odd number"):
+        config(median_filter_windows=4)
+
+
+def test_event_rules_come_from_the_model_unless_a_flag_is_given():
+    description = {
+        "label_names": list(LABELS),
+        "thresholds": {"window": [0.4, 0.6], "clip": [0.5, 0.5]},
+        "postprocessing": {"median_filter_windows": 5, "min_duration_s": 1.0},
+    }
+    args = tag.make_parser().parse_args(["--input", "x", "--model", "m", "--output", "o"])
+    rules = tag.tag_config_from_args(args, description)
+    assert (rules.median_filter_windows, rules.min_duration_s, rules.hysteresis) == (5, 1.0, 0.1)
+    assert rules.window_thresholds == (0.4, 0.6)
+    args = tag.make_parser().parse_args(
+        [
+            "--input",
+            "x",
+            "--model",
+            "m",
+            "--output",
+            "o",
+            "--median-filter-windows",
+            "1",
+            "--min-duration-s",
+            "0",
+        ]
+    )
+    rules = tag.tag_config_from_args(args, description)
+    assert (rules.median_filter_windows, rules.min_duration_s) == (1, 0.0)
+    assert tag.tag_config_from_args(args, {"label_names": list(LABELS)}).max_gap_s == 0.5

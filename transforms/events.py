@@ -109,8 +109,10 @@ def find_events(
 
     Per class: an event starts at a window whose score reaches the class's threshold and goes on
     while consecutive windows (adjacent on the grid) score at least the threshold minus
-    ``config.hysteresis``; events of a label less than ``config.max_gap_s`` apart are merged;
-    events shorter than ``config.min_duration_s`` are dropped. With ``config.min_level_db`` set,
+    ``config.hysteresis``, after each class's scores are smoothed over
+    ``config.median_filter_windows`` windows; events of a label less than ``config.max_gap_s``
+    apart are merged; events shorter than ``config.min_duration_s`` are dropped. With
+    ``config.min_level_db`` set,
     windows quieter than it (``level_db``) take no part in events.
 
     Args:
@@ -136,6 +138,7 @@ def find_events(
     if config.min_level_db is not None and level_db is not None:
         gate = np.asarray(level_db) >= config.min_level_db
     adjacent = np.concatenate([[False], np.diff(window_index) == 1])
+    scores = median_filtered(scores, size=config.median_filter_windows, adjacent=adjacent)
     events = []
     for c, label in enumerate(config.label_names):
         on = config.window_thresholds[c]
@@ -177,6 +180,24 @@ def find_events(
             )
     events.sort(key=lambda e: (e.start_s, e.label))
     return events
+
+
+def median_filtered(scores: np.ndarray, *, size: int, adjacent: np.ndarray | None = None) -> np.ndarray:
+    """Each class's scores ``[n, n_classes]`` replaced by their running median over ``size``
+    windows (odd; 1 returns them as they are). A run of adjacent windows (``adjacent[k]``: window
+    ``k`` follows window ``k - 1`` on the grid) is filtered on its own, its ends repeating their
+    edge values, so a gap in the windows never mixes scores from either side of it."""
+    if size <= 1 or len(scores) == 0:
+        return scores
+    from scipy.ndimage import median_filter
+
+    if adjacent is None:
+        adjacent = np.concatenate([[False], np.ones(len(scores) - 1, bool)])
+    out = np.empty_like(scores)
+    starts = np.flatnonzero(~adjacent)
+    for a, b in zip(starts, np.r_[starts[1:], len(scores)], strict=True):
+        out[a:b] = median_filter(scores[a:b], size=(size, 1), mode="nearest")
+    return out
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,22 +296,24 @@ def best_thresholds(
     scores: np.ndarray, labels: np.ndarray, *, default: float = 0.5, lowest: float = MIN_THRESHOLD
 ) -> list[float]:
     """Per class, the score threshold (0.05 steps from ``lowest`` to 0.95) with the best F1 of
-    "score >= threshold" against "label == class" (one-vs-rest) on held-out data; ties go to the
-    threshold nearest ``default``; a class absent from ``labels`` keeps ``default``.
+    "score >= threshold" against the truth (one-vs-rest) on held-out data; ties go to the
+    threshold nearest ``default``; a class absent from the truth keeps ``default``.
 
     Args:
         scores: ``[n, n_classes]`` scores.
-        labels: ``[n]`` true class indices.
+        labels: ``[n]`` true class indices (-1: none of the classes), or ``[n, n_classes]``
+            multi-hot truth.
         default: Threshold of absent classes, and the preferred one among equals.
         lowest: Lowest threshold considered.
 
     Returns:
         ``n_classes`` thresholds in [``lowest``, 0.95].
     """
+    labels = np.asarray(labels)
     grid = np.round(np.arange(lowest, 0.951, 0.05), 2)
     out = []
     for c in range(scores.shape[1]):
-        truth = labels == c
+        truth = labels == c if labels.ndim == 1 else labels[:, c] > 0
         if not truth.any():
             out.append(default)
             continue
@@ -303,3 +326,46 @@ def best_thresholds(
                 best, best_t = f1, float(t)
         out.append(best_t)
     return out
+
+
+def mean_average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
+    """The mean over classes with true windows of :func:`average_precision` (``scores`` and
+    ``truth`` ``[n, n_classes]``); 0 when no class has any."""
+    from soundshard.transforms.scoring import average_precision
+
+    values = [average_precision(truth[:, c] > 0, scores[:, c]) for c in range(scores.shape[1])]
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else 0.0
+
+
+def window_f1(scores: np.ndarray, truth: np.ndarray, thresholds, label_names) -> dict:
+    """Per class and overall (micro) precision, recall and F1 of "score >= threshold" against a
+    multi-hot ``truth`` ``[n, n_classes]``, with each class's average precision."""
+    from soundshard.transforms.scoring import average_precision
+
+    predicted = scores >= np.asarray(thresholds, np.float32)[None, :]
+    truth = truth > 0
+    per_class = {}
+    for c, name in enumerate(label_names):
+        tp = int((predicted[:, c] & truth[:, c]).sum())
+        fp, fn = int(predicted[:, c].sum()) - tp, int(truth[:, c].sum()) - tp
+        per_class[name] = {
+            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+            "f1": round(2 * tp / (2 * tp + fp + fn), 4) if tp + fp + fn else None,
+            "average_precision": None
+            if not truth[:, c].any()
+            else round(average_precision(truth[:, c], scores[:, c]), 4),
+        }
+    tp = int((predicted & truth).sum())
+    fp, fn = int(predicted.sum()) - tp, int(truth.sum()) - tp
+    return {
+        "windows": len(scores),
+        "per_class": per_class,
+        "micro": {
+            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+            "f1": round(2 * tp / (2 * tp + fp + fn), 4) if tp + fp + fn else None,
+        },
+        "mean_average_precision": round(mean_average_precision(scores, truth), 4),
+    }

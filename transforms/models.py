@@ -51,8 +51,10 @@ def build_model(
     normalization: tuple[np.ndarray, np.ndarray] | None = None,
     dropout: float = 0.5,
     l2: float = 0.001,
+    head: str = "softmax",
+    background_output: bool = False,
 ):
-    """A Keras model by name, ending in a softmax over ``n_classes``.
+    """A Keras model by name, ending in a softmax over ``n_classes`` (or a sigmoid per class).
 
     Args:
         name: One of :data:`MODEL_NAMES`.
@@ -63,6 +65,10 @@ def build_model(
             arrays) baked into the model's first layer; ``None`` leaves inputs as they are.
         dropout: Dropout rate before the dense layers.
         l2: L2 penalty of the dense layers' kernels.
+        head: ``softmax`` (the classes exclude each other) or ``sigmoid`` (a probability per
+            class, several may be present; ``probabilities`` then holds the sigmoids).
+        background_output: With a softmax head, one more output, the background (last): trained
+            on windows of none of the classes; :func:`without_background` leaves it out.
 
     Raises:
         ConfigError: unknown name, or an input shape the model cannot take.
@@ -90,9 +96,28 @@ def build_model(
         if name == "mlp":
             x = layers.Dense(256, activation="relu", kernel_regularizer=keras.regularizers.L2(l2))(x)
             x = layers.Dropout(dropout)(x)
-    outputs = layers.Dense(n_classes, kernel_regularizer=keras.regularizers.L2(l2), name="logits")(x)
-    outputs = layers.Softmax(name="probabilities")(outputs)
+    if head not in ("softmax", "sigmoid"):
+        raise ConfigError(f"head={head!r} is not softmax or sigmoid")
+    width = n_classes + (1 if background_output and head == "softmax" else 0)
+    outputs = layers.Dense(width, kernel_regularizer=keras.regularizers.L2(l2), name="logits")(x)
+    if head == "softmax":
+        outputs = layers.Softmax(name="probabilities")(outputs)
+    else:
+        outputs = layers.Activation("sigmoid", name="probabilities")(outputs)
     return keras.Model(inputs, outputs, name=name)
+
+
+def without_background(model, n_classes: int):
+    """``model`` (softmax with a last background output) as a model of the ``n_classes`` classes'
+    probabilities only: a fixed selection layer (a Dense layer with an identity kernel, so the
+    model stays loadable in safe mode and fully int8-convertible). The probabilities no longer sum
+    to one: what is missing is the background's."""
+    keras = _keras()
+    width = int(model.output_shape[-1])
+    select = keras.layers.Dense(n_classes, use_bias=False, trainable=False, name="classes")
+    outputs = select(model.output)
+    select.set_weights([np.eye(width, n_classes, dtype=np.float32)])
+    return keras.Model(model.input, outputs, name=model.name)
 
 
 def _sbcnn_body(x, *, dropout: float, l2: float, pool: tuple[int, int] = (3, 3)):

@@ -34,6 +34,11 @@ class WindowSet:
         splits: ``[n_windows]`` predefined split name (``""`` when none).
         augmented: bool ``[n_windows]``, true for windows of offline-augmented copies (``None``:
             none are).
+        targets: float32 ``[n_windows, n_classes]`` multi-hot targets where the data has strong
+            labels (``features --labels``), else ``None`` (targets come from ``labels``).
+        strong: bool ``[n_windows]``, true for windows of strongly labelled recordings (their
+            ``labels`` is -1 for background and multi-label windows; ``targets`` holds the truth),
+            or ``None``: none are.
     """
 
     features: np.ndarray
@@ -42,6 +47,8 @@ class WindowSet:
     folds: np.ndarray
     splits: np.ndarray
     augmented: np.ndarray | None = None
+    targets: np.ndarray | None = None
+    strong: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -61,6 +68,31 @@ class WindowSet:
         """bool ``[n_windows]``: true for windows of original recordings (not augmented copies)."""
         return np.ones(len(self), bool) if self.augmented is None else ~self.augmented
 
+    @property
+    def strongly_labelled(self) -> np.ndarray:
+        """bool ``[n_windows]``: windows whose truth is in ``targets`` (strong labels)."""
+        return np.zeros(len(self), bool) if self.strong is None else self.strong
+
+    @property
+    def weak(self) -> np.ndarray:
+        """bool ``[n_windows]``: windows of weakly labelled clips (a label, no strong labels)."""
+        return (self.labels >= 0) & ~self.strongly_labelled
+
+    @property
+    def usable(self) -> np.ndarray:
+        """bool ``[n_windows]``: windows with a truth to train or test on (weak or strong)."""
+        return (self.labels >= 0) | self.strongly_labelled
+
+    def truth(self, n_classes: int) -> np.ndarray:
+        """float32 ``[n_windows, n_classes]``: multi-hot truth (one-hot of ``labels`` for weak
+        windows, ``targets`` for strong ones, zeros for background)."""
+        out = np.zeros((len(self), n_classes), np.float32)
+        rows = np.flatnonzero(self.labels >= 0)
+        out[rows, self.labels[rows]] = 1.0
+        if self.targets is not None and self.strong is not None:
+            out[self.strong] = self.targets[self.strong][:, :n_classes]
+        return out
+
     def take(self, mask: np.ndarray) -> WindowSet:
         """The windows where ``mask`` is true."""
         return WindowSet(
@@ -70,7 +102,138 @@ class WindowSet:
             self.folds[mask],
             self.splits[mask],
             None if self.augmented is None else self.augmented[mask],
+            None if self.targets is None else self.targets[mask],
+            None if self.strong is None else self.strong[mask],
         )
+
+
+#: Heads: ``softmax`` (one class per window; trained with background data, it has one more output,
+#: the background, that the saved model leaves out) or ``sigmoid`` (a probability per class,
+#: background windows have all-zero targets; several classes may be present at once).
+HEADS = ("softmax", "sigmoid")
+
+
+def concatenate(parts: Sequence[WindowSet]) -> WindowSet:
+    """One WindowSet of several (in order)."""
+    augmented = (
+        None if all(p.augmented is None for p in parts) else np.concatenate([~p.originals for p in parts])
+    )
+    n_classes = max((p.targets.shape[1] for p in parts if p.targets is not None), default=None)
+    return WindowSet(
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.labels for p in parts]).astype(np.int32),
+        np.concatenate([p.clip_ids for p in parts]),
+        np.concatenate([p.folds for p in parts]).astype(np.int32),
+        np.concatenate([p.splits for p in parts]),
+        augmented,
+        None if n_classes is None else np.concatenate([p.truth(n_classes) for p in parts]),
+        None if n_classes is None else np.concatenate([p.strongly_labelled for p in parts]),
+    )
+
+
+def load_background(data_dirs: Sequence[str], *, dataset: dict) -> WindowSet:
+    """Windows of background data (``train --background``): features outputs of recordings that
+    hold none of the target classes. Every window is a negative: label ``-1``, its clip id
+    prefixed with ``background/<k>/`` (so it never meets a clip of the data).
+
+    Raises:
+        ConfigError: a folder without features, or with other features than ``dataset``.
+    """
+    parts = []
+    for k, data_dir in enumerate(data_dirs):
+        description = read_dataset_json(data_dir)
+        if description.get("feature_fingerprint") != dataset["feature_fingerprint"]:
+            raise ConfigError(
+                f"--background {data_dir!r} has features {description.get('feature_fingerprint')}, "
+                f"the data {dataset['feature_fingerprint']}: compute both with the same feature config"
+            )
+        windows = load_windows(data_dir, {**description, "label_map": {}})
+        clip_ids = np.asarray([f"background/{k}/{c}" for c in windows.clip_ids], dtype=object)
+        parts.append(
+            dataclasses.replace(windows, clip_ids=clip_ids, labels=np.full(len(windows), -1, np.int32))
+        )
+    return concatenate(parts)
+
+
+def _hash_share(clip_ids: np.ndarray) -> np.ndarray:
+    """A stable number in [0, 1) per clip id (split of background data without folds)."""
+    import hashlib
+
+    return np.asarray(
+        [int.from_bytes(hashlib.sha256(str(c).encode()).digest()[:4], "big") / 2**32 for c in clip_ids]
+    )
+
+
+def split_background(background: WindowSet, description: dict, *, validation_share: float = 0.2) -> Split:
+    """Background windows apportioned to the training, validation and test parts of a split.
+
+    By the split's folds (or split names) when the background data has them, so a clip of a held-out
+    fold is never trained on; otherwise by a stable hash of the clip id: ``validation_share`` of the
+    clips validate (and set thresholds), the rest train, none test.
+    """
+    originals = background.originals
+    if description.get("by") == "fold" and (background.folds >= 0).any():
+        test, validation = description["test_fold"], description["validation_fold"]
+        return Split(
+            train=background.take(~np.isin(background.folds, [test, validation, -1])),
+            validation=background.take(originals & (background.folds == validation)),
+            test=background.take(originals & (background.folds == test)),
+            description={"by": "fold"},
+        )
+    if description.get("by") == "split" and (background.splits != "").any():
+        return Split(
+            train=background.take(background.splits == description["train"]),
+            validation=background.take(originals & (background.splits == description["validation"])),
+            test=background.take(originals & (background.splits == description["test"])),
+            description={"by": "split"},
+        )
+    held = _hash_share(background.clip_ids) < validation_share
+    return Split(
+        train=background.take(~held),
+        validation=background.take(held & originals),
+        test=background.take(np.zeros(len(background), bool)),
+        description={"by": "clip hash", "validation_share": validation_share},
+    )
+
+
+def training_targets(windows: WindowSet, *, n_classes: int, head: str, background: bool) -> np.ndarray:
+    """float32 training targets of ``windows``.
+
+    ``sigmoid``: the multi-hot truth (:meth:`WindowSet.truth`; all zeros for background windows).
+    ``softmax``: the truth spread evenly over a window's classes (one-hot for one class), plus a
+    last background column when ``background``, 1 for windows of no class.
+
+    Raises:
+        ConfigError: an unknown head, or softmax targets for windows of no class without the
+            background output.
+    """
+    if head not in HEADS:
+        raise ConfigError(f"head={head!r} is not one of {HEADS}")
+    truth = windows.truth(n_classes)
+    if head == "sigmoid":
+        return truth
+    present = truth.sum(axis=1, keepdims=True)
+    shares = np.divide(truth, present, out=np.zeros_like(truth), where=present > 0)
+    if not background:
+        if (present == 0).any():
+            raise ConfigError("softmax targets for windows of no class need the background output")
+        return shares
+    return np.concatenate([shares, (present == 0).astype(np.float32)], axis=1)
+
+
+def balanced_sample_weights(truth: np.ndarray) -> np.ndarray:
+    """float32 ``[n]``: ``n / (k * count_g)`` for a window of group ``g``, ``k`` groups present, so
+    every group weighs alike. A window's group is its class (``truth``: ``[n, n_classes]``
+    multi-hot, or ``[n]`` class indices with -1 for none); windows of no class (background) are a
+    group of their own, and so are windows of several classes."""
+    truth = np.asarray(truth)
+    if truth.ndim == 1:
+        keys = truth.astype(np.int64)
+    else:
+        present = truth.sum(axis=1)
+        keys = np.where(present == 0, -1, np.where(present == 1, truth.argmax(axis=1), -2))
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    return (len(keys) / (len(counts) * counts[inverse])).astype(np.float32)
 
 
 def read_dataset_json(data_dir: str) -> dict:
@@ -145,6 +308,13 @@ def load_windows(data_dir: str, dataset: dict) -> WindowSet:
         augmented = np.asarray([a is not None for a in table.column("augmentation").to_pylist()], bool)
     label_map = dataset.get("label_map", {})
     labels = np.asarray([label_map.get(name, -1) for name in table.column("label").to_pylist()], np.int32)
+    targets = strong = None
+    if "strong" in table.column_names:
+        strong = np.asarray(table.column("strong").fill_null(False).to_pylist(), bool)
+        if strong.any():
+            targets = fields.multi_hot(table, label_map)
+        else:
+            strong = None
     return WindowSet(
         features=np.ascontiguousarray(features, dtype=np.float32),
         labels=labels,
@@ -152,6 +322,8 @@ def load_windows(data_dir: str, dataset: dict) -> WindowSet:
         folds=np.nan_to_num(folds.astype(np.float64), nan=-1).astype(np.int32),
         splits=np.asarray([s or "" for s in splits], dtype=object),
         augmented=augmented,
+        targets=targets,
+        strong=strong,
     )
 
 
@@ -184,7 +356,7 @@ def split_by_fold(windows: WindowSet, *, test_fold: int, validation_fold: int | 
             f"--validation-fold {validation_fold} must be a fold of the dataset other than the test fold; "
             f"folds: {folds}"
         )
-    labelled = windows.labels >= 0
+    labelled = windows.usable
     held_out = labelled & windows.originals  # never validate or test on augmented copies
     train_mask = labelled & ~np.isin(windows.folds, [test_fold, validation_fold, -1])
     parts = Split(
@@ -214,7 +386,7 @@ def split_by_name(
     for name in (train, validation, test):
         if name not in present:
             raise ConfigError(f"split {name!r} is not in the dataset; splits: {present}")
-    labelled = windows.labels >= 0
+    labelled = windows.usable
     held_out = labelled & windows.originals
     parts = Split(
         train=windows.take(labelled & (windows.splits == train)),
@@ -254,6 +426,14 @@ class Augmentation:
         freq_mask_bands: Maximum width of a frequency mask in mel bands.
         time_mask_frames: Maximum width of a time mask in frames.
         mixup_alpha: Beta(alpha, alpha) mixing of pairs of windows and their labels; 0 is off.
+        background_mix_prob: Probability of adding a random window of the background data (site
+            ambience, other sounds: ``train --background``) to a training window, as a recording
+            of the sound over that background would sound (powers add). Only with background data.
+        background_snr_db: ``(low, high)`` ratio of the window's mean power to the added
+            background's, in dB, drawn uniformly.
+        gain_db: ``(low, high)`` gain applied to every training window (after any background is
+            mixed in), in dB, drawn uniformly: log-mel values are absolute levels, and the same
+            sound is recorded louder or quieter than in the training clips.
     """
 
     time_shift_frames: int = 4
@@ -263,11 +443,14 @@ class Augmentation:
     freq_mask_bands: int = 8
     time_mask_frames: int = 6
     mixup_alpha: float = 0.2
+    background_mix_prob: float = 0.5
+    background_snr_db: tuple[float, float] = (0.0, 25.0)
+    gain_db: tuple[float, float] = (0.0, 0.0)
 
     @classmethod
     def none(cls) -> Augmentation:
         """No augmentation at all."""
-        return cls(0, 0.0, (10.0, 40.0), 0, 0, 0, 0.0)
+        return cls(0, 0.0, (10.0, 40.0), 0, 0, 0, 0.0, 0.0, (0.0, 25.0), (0.0, 0.0))
 
 
 def augment_window(x, *, aug: Augmentation, seed):
@@ -305,6 +488,16 @@ def augment_window(x, *, aug: Augmentation, seed):
     return x
 
 
+def mix_background(x, background, *, snr_db):
+    """A log-mel window (dB) with a background window added at ``snr_db`` (the ratio of their mean
+    powers): powers add, as they do when the sound is recorded over the background."""
+    import tensorflow as tf
+
+    power, other = tf.pow(10.0, x / 10.0), tf.pow(10.0, background / 10.0)
+    gain = tf.reduce_mean(power) / (tf.reduce_mean(other) + 1e-20) * tf.pow(10.0, -snr_db / 10.0)
+    return 10.0 * tf.math.log(power + gain * other + 1e-20) / tf.math.log(10.0)
+
+
 def training_dataset(
     windows: WindowSet,
     *,
@@ -313,26 +506,63 @@ def training_dataset(
     seed: int,
     aug: Augmentation,
     class_weights: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    sample_weights: np.ndarray | None = None,
+    background: np.ndarray | None = None,
 ):
-    """Shuffled, augmented, batched ``(features, one-hot labels[, sample weights])`` for ``fit``.
+    """Shuffled, augmented, batched ``(features, targets[, sample weights])`` for ``fit``.
 
-    Mixup mixes each batch with a shuffled copy of itself (labels mixed alike), so one-hot
-    targets and a categorical cross-entropy are used throughout.
+    Mixup mixes each batch with a shuffled copy of itself (targets and weights mixed alike).
+
+    Args:
+        windows: The training windows.
+        n_classes: Classes (targets are their one-hot rows unless ``targets`` is given).
+        batch_size: Windows per batch.
+        seed: Seed of shuffling and augmentation.
+        aug: The augmentation.
+        class_weights: ``[n_classes]``: each window weighs its class's weight (``None``: alike).
+        targets: float32 ``[n, width]`` targets instead of the one-hot rows of ``windows.labels``.
+        sample_weights: float32 ``[n]`` weights instead of ``class_weights``.
+        background: float32 ``[m, *window]`` windows mixed into training windows with probability
+            ``aug.background_mix_prob`` (:func:`mix_background`), or ``None``.
     """
     import tensorflow as tf
 
-    onehot = np.eye(n_classes, dtype=np.float32)[windows.labels]
-    data = tf.data.Dataset.from_tensor_slices((windows.features, onehot))
+    if targets is None:
+        targets = np.eye(n_classes, dtype=np.float32)[windows.labels]
+    if sample_weights is None and class_weights is not None:
+        sample_weights = np.asarray(class_weights, np.float32)[windows.labels]
+    weighted = sample_weights is not None
+    columns = (windows.features, targets) + ((sample_weights,) if weighted else ())
+    data = tf.data.Dataset.from_tensor_slices(columns)
     data = data.shuffle(len(windows), seed=seed, reshuffle_each_iteration=True)
     counter = tf.data.Dataset.counter(start=seed * 1_000_003).map(lambda i: tf.stack([i, i * 7 + 1]))
-    data = tf.data.Dataset.zip((data, counter))
     spectral = windows.features.ndim == 3
+    mixing = background is not None and len(background) > 0 and aug.background_mix_prob > 0 and spectral
+    if mixing:
+        others = (
+            tf.data.Dataset.from_tensor_slices(background).shuffle(len(background), seed=seed + 1).repeat()
+        )
+        data = tf.data.Dataset.zip((data, counter, others))
+    else:
+        data = tf.data.Dataset.zip((data, counter))
 
-    def per_window(pair, s):
-        x, y = pair
+    def per_window(row, s, other=None):
+        x = row[0]
+        if mixing:
+            seeds = tf.random.experimental.stateless_split(s + 11, 2)
+            low, high = aug.background_snr_db
+            snr_db = tf.random.stateless_uniform([], seeds[0], low, high)
+            apply = tf.random.stateless_uniform([], seeds[1]) < aug.background_mix_prob
+            x = tf.where(apply, mix_background(x, other, snr_db=snr_db), x)
+        if spectral and aug.gain_db != (0.0, 0.0):
+            low, high = aug.gain_db
+            x = x + tf.random.stateless_uniform(
+                [], tf.random.experimental.stateless_split(s + 17, 1)[0], low, high
+            )
         if spectral:
             x = augment_window(x, aug=aug, seed=s)
-        return x, y
+        return (x, *row[1:])
 
     # A sequential map: augmentation is cheap next to a training step, and TF 2.21's parallel map
     # logs an error line per epoch about an attribute its own runtime does not know.
@@ -341,22 +571,22 @@ def training_dataset(
     if aug.mixup_alpha > 0:
         alpha = aug.mixup_alpha
 
-        def mixup(x, y, s):
+        def mixup(batch, s):
+            x = batch[0]
             n = tf.shape(x)[0]
             g1 = tf.random.stateless_gamma([n], s, alpha=alpha)
             g2 = tf.random.stateless_gamma([n], s + 1, alpha=alpha)
             lam = g1 / (g1 + g2 + 1e-12)
             order = tf.argsort(tf.random.stateless_uniform([n], s + 2))
             lam_x = tf.reshape(lam, [-1] + [1] * (len(x.shape) - 1))
-            x = lam_x * x + (1 - lam_x) * tf.gather(x, order)
-            y = lam[:, None] * y + (1 - lam[:, None]) * tf.gather(y, order)
-            return x, y
+            mixed = [lam_x * x + (1 - lam_x) * tf.gather(x, order)]
+            mixed.append(lam[:, None] * batch[1] + (1 - lam[:, None]) * tf.gather(batch[1], order))
+            if weighted:
+                mixed.append(lam * batch[2] + (1 - lam) * tf.gather(batch[2], order))
+            return tuple(mixed)
 
         batch_seeds = tf.data.Dataset.counter(start=seed * 7_000_003).map(lambda i: tf.stack([i, i + 3]))
-        data = tf.data.Dataset.zip((data, batch_seeds)).map(lambda xy, s: mixup(xy[0], xy[1], s))
-    if class_weights is not None:
-        weights = tf.constant(class_weights, tf.float32)
-        data = data.map(lambda x, y: (x, y, tf.reduce_sum(y * weights, axis=1)))
+        data = tf.data.Dataset.zip((data, batch_seeds)).map(mixup)
     return data.prefetch(tf.data.AUTOTUNE)
 
 
