@@ -47,6 +47,10 @@ MODEL_JSON = "model.json"
 WEIGHT_AVERAGE = 0.8
 #: default head (see training.HEADS)
 DEFAULT_HEAD = "softmax"
+#: Event rules a model folder carries by default (``model.json`` → ``postprocessing``), chosen on
+#: development data (docs/benchmarks.md, "Tagging in soundscapes"): a running median over five
+#: windows (2.3 s at the default hop) removes one- and two-window blips.
+POSTPROCESSING = {"median_filter_windows": 5, "min_duration_s": 0.0}
 
 
 def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
@@ -137,6 +141,35 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         help="Random gain of training windows, LOW:HIGH dB (e.g. --gain-db=-30:6). Default: "
         f"{training.Augmentation().gain_db[0]:g}:{training.Augmentation().gain_db[1]:g}.",
     )
+    events_group = parser.add_argument_group(
+        "event rules written into model.json (soundshard tag uses them unless its flags say otherwise)"
+    )
+    events_group.add_argument(
+        "--median-filter-windows",
+        "--median_filter_windows",
+        dest="median_filter_windows",
+        type=int,
+        default=POSTPROCESSING["median_filter_windows"],
+        help="Running median of each class's scores over this many windows (odd; 1: off). "
+        "Default: %(default)s.",
+    )
+    events_group.add_argument(
+        "--min-duration-s",
+        "--min_duration_s",
+        dest="min_duration_s",
+        type=float,
+        default=POSTPROCESSING["min_duration_s"],
+        help="Shortest event, seconds. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--weak-quiet-db",
+        "--weak_quiet_db",
+        dest="weak_quiet_db",
+        type=float,
+        default=None,
+        help="Leave out of training the windows of a clip-labelled clip that lie more than this many dB "
+        "under the clip's loudest window (its quiet stretches; default: keep them).",
+    )
     parser.add_argument("--no-augment", "--no_augment", dest="augment", action="store_false")
     parser.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=None)
     parser.add_argument(
@@ -214,6 +247,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--learning-rate={args.learning_rate} must be positive")
     if not 0.0 <= args.weight_average < 1.0:
         raise ConfigError(f"--weight-average={args.weight_average} must be in [0, 1) (0 is off)")
+    if args.median_filter_windows < 1 or args.median_filter_windows % 2 == 0:
+        raise ConfigError(f"--median-filter-windows={args.median_filter_windows} must be odd (1: off)")
+    if not args.min_duration_s >= 0:
+        raise ConfigError(f"--min-duration-s={args.min_duration_s} must not be negative")
     if (args.background or args.head != "softmax") and (args.workers or os.environ.get("TF_CONFIG")):
         raise ConfigError("--background and --head sigmoid train on one worker (no --workers/TF_CONFIG)")
 
@@ -298,6 +335,10 @@ def train_split(
     n_classes = len(label_names)
     # digitally silent windows (zero padding of short clips) carry their clip's label but no sound
     train = split.train.take(split.train.sounding)
+    quiet = None
+    if args.weak_quiet_db is not None:  # nor do the quiet stretches of a weakly labelled clip
+        quiet = training.quiet_weak_windows(train, below_db=args.weak_quiet_db)
+        train = train.take(~quiet)
     head = args.head
     background = None
     if background_data is not None:
@@ -464,7 +505,9 @@ def train_split(
         "seed": args.seed,
         "aggregation": args.aggregation,
         "weight_average": args.weight_average,
-        "silent_training_windows_left_out": int(len(split.train) - len(train)),
+        "silent_training_windows_left_out": int((~split.train.sounding).sum()) if len(split.train) else 0,
+        "quiet_weak_windows_left_out": None if quiet is None else int(quiet.sum()),
+        "weak_quiet_db": args.weak_quiet_db,
         "class_weights": (
             weights.tolist()
             if weights is not None
@@ -494,6 +537,10 @@ def train_split(
         metrics=metrics,
         history=history,
         thresholds=thresholds,
+        postprocessing={
+            "median_filter_windows": args.median_filter_windows,
+            "min_duration_s": args.min_duration_s,
+        },
     )
     return metrics
 
@@ -546,6 +593,7 @@ def write_model_folder(
     metrics,
     history,
     thresholds=None,
+    postprocessing=None,
 ) -> None:
     """Writes a model folder (see the module docstring)."""
     os.makedirs(output, exist_ok=True)
@@ -568,6 +616,7 @@ def write_model_folder(
         "split": split,
         "data": {"path": data_dir, "schema_version": dataset.get("schema_version")},
         "thresholds": thresholds,
+        "postprocessing": postprocessing,
     }
     # Sealed as read back (JSON turns tuples into lists, keys into strings), so the digest that
     # loaders recompute from the file is the one written here.

@@ -132,6 +132,7 @@ def test_train_with_background(demo_features, background_features, tmp_path, hea
     assert description["training"]["head"] == head
     assert description["training"]["background"]["windows"]["train"] > 0
     assert description["training"]["augmentation"]["gain_db"] == [-20.0, 0.0]
+    assert description["postprocessing"] == {"median_filter_windows": 5, "min_duration_s": 0.0}
     assert len(description["thresholds"]["window"]) == len(description["label_names"]) == 4
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["background_test"]["windows"] > 0  # fold 1's noise clips, as negatives
