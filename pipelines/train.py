@@ -56,7 +56,13 @@ POSTPROCESSING = {"median_filter_windows": 5, "min_duration_s": 0.0}
 def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
     """Argument parser of ``soundshard train``."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--data", required=True, help="Output folder of `soundshard features`.")
+    parser.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="Output folder of `soundshard features`; repeat it to train on several together "
+        "(e.g. clip-labelled clips and annotated recordings; same feature config).",
+    )
     parser.add_argument("--model", default="sbcnn", choices=models.MODEL_NAMES, help="Architecture.")
     parser.add_argument("--output", required=True, help="Model folder to write.")
     parser.add_argument(
@@ -530,7 +536,7 @@ def train_split(
         output,
         model=model,
         dataset=dataset,
-        data_dir=args.data,
+        data_dir=args.data[0] if len(args.data) == 1 else args.data,
         label_names=label_names,
         training_config=training_config,
         split=split.description,
@@ -709,12 +715,12 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         _check_args(args)
         _augmentation(args)
         cluster = distributed.resolve_cluster(workers=args.workers, worker_index=args.worker_index)
-        dataset = training.read_dataset_json(args.data)
+        dataset, windows = training.load_datasets(args.data)
         if len(dataset.get("label_map", {})) < 2:
             raise ConfigError(
-                f"--data {args.data!r} has {len(dataset.get('label_map', {}))} label(s); need 2 or more"
+                f"--data {', '.join(args.data)} has {len(dataset.get('label_map', {}))} label(s); "
+                "need 2 or more"
             )
-        windows = training.load_windows(args.data, dataset)
         background_data = (
             training.load_background(args.background, dataset=dataset) if args.background else None
         )

@@ -149,3 +149,28 @@ def test_background_with_other_features_is_refused(demo_features, tmp_path, caps
     assert train.run([*argv, "--output", str(tmp_path / "m"), "--quiet"]) == 2
     assert "compute both with the same feature config" in capsys.readouterr().err
     assert train.run([*argv[:2], "--test-fold", "1", "--output", str(tmp_path / "m"), "--gain-db=3:1"]) == 2
+
+
+def test_several_feature_outputs_train_together(demo_features, tmp_path):
+    strong = tmp_path / "strong"
+    write_audio(strong / "site" / "rec.wav", np.zeros(22050 * 3, np.float32) + 0.01, 22050)
+    (strong / "site" / "rec.txt").write_text("0.5\t1.5\tfrog\n")
+    argv = [
+        "--input",
+        str(strong / "site"),
+        "--output",
+        str(tmp_path / "f"),
+        "--labels",
+        "--format",
+        "parquet",
+    ]
+    assert features.run(argv) == 0
+    dataset, windows = training.load_datasets([str(demo_features), str(tmp_path / "f")])
+    assert dataset["label_map"] == {"chirp": 0, "click_train": 1, "frog": 2, "hum": 3, "noise_burst": 4}
+    assert dataset["data"] == [str(demo_features), str(tmp_path / "f")]
+    frog = windows.truth(5)[windows.strongly_labelled]
+    assert frog.shape[0] > 0 and set(frog[:, 2].tolist()) == {0.0, 1.0} and frog[:, [0, 1, 3, 4]].sum() == 0
+    assert (windows.truth(5)[~windows.strongly_labelled].sum(axis=1) == 1).all()  # clips: one-hot
+    _, twice = training.load_datasets([str(demo_features), str(demo_features)])
+    assert {str(c).split("/", 1)[0] for c in twice.clip_ids} == {"0", "1"}  # shared ids kept apart
+    assert len(set(twice.clip_ids.tolist())) == 2 * len(set(windows.clip_ids[~windows.strongly_labelled]))

@@ -131,6 +131,45 @@ def concatenate(parts: Sequence[WindowSet]) -> WindowSet:
     )
 
 
+def load_datasets(data_dirs: Sequence[str]) -> tuple[dict, WindowSet]:
+    """The description and windows of one or several features outputs trained on together
+    (``train --data A --data B``: e.g. clip-labelled clips and annotated recordings).
+
+    The first output's description, with the union of the label maps (sorted, re-indexed: labels
+    are read by name) and ``data`` listing the folders. A clip id that two outputs share gets its
+    output's position as prefix (``1/x``), so two clips never merge.
+
+    Raises:
+        ConfigError: an output without features, or outputs computed with other features.
+    """
+    descriptions = [read_dataset_json(d) for d in data_dirs]
+    first = descriptions[0]
+    for data_dir, description in zip(data_dirs[1:], descriptions[1:], strict=True):
+        if description.get("feature_fingerprint") != first.get("feature_fingerprint"):
+            raise ConfigError(
+                f"--data {data_dir!r} has features {description.get('feature_fingerprint')}, "
+                f"--data {data_dirs[0]!r} {first.get('feature_fingerprint')}: compute both with one config"
+            )
+    names = sorted({name for d in descriptions for name in d.get("label_map", {})})
+    dataset = {**first, "label_map": {name: i for i, name in enumerate(names)}, "data": list(data_dirs)}
+    parts = [load_windows(d, dataset) for d in data_dirs]
+    if len(parts) > 1:
+        seen: dict[str, int] = {}
+        for part in parts:
+            for clip in set(part.clip_ids.tolist()):
+                seen[clip] = seen.get(clip, 0) + 1
+        shared = {c for c, n in seen.items() if n > 1}
+        if shared:
+            parts = [
+                dataclasses.replace(
+                    p,
+                    clip_ids=np.asarray([f"{k}/{c}" if c in shared else c for c in p.clip_ids], dtype=object),
+                )
+                for k, p in enumerate(parts)
+            ]
+    return dataset, concatenate(parts) if len(parts) > 1 else parts[0]
+
+
 def load_background(data_dirs: Sequence[str], *, dataset: dict) -> WindowSet:
     """Windows of background data (``train --background``): features outputs of recordings that
     hold none of the target classes. Every window is a negative: label ``-1``, its clip id
