@@ -167,15 +167,6 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         default=POSTPROCESSING["min_duration_s"],
         help="Shortest event, seconds. Default: %(default)s.",
     )
-    parser.add_argument(
-        "--weak-quiet-db",
-        "--weak_quiet_db",
-        dest="weak_quiet_db",
-        type=float,
-        default=None,
-        help="Leave out of training the windows of a clip-labelled clip that lie more than this many dB "
-        "under the clip's loudest window (its quiet stretches; default: keep them).",
-    )
     parser.add_argument("--no-augment", "--no_augment", dest="augment", action="store_false")
     parser.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=None)
     parser.add_argument(
@@ -341,10 +332,6 @@ def train_split(
     n_classes = len(label_names)
     # digitally silent windows (zero padding of short clips) carry their clip's label but no sound
     train = split.train.take(split.train.sounding)
-    quiet = None
-    if args.weak_quiet_db is not None:  # nor do the quiet stretches of a weakly labelled clip
-        quiet = training.quiet_weak_windows(train, below_db=args.weak_quiet_db)
-        train = train.take(~quiet)
     head = args.head
     background = None
     if background_data is not None:
@@ -512,8 +499,6 @@ def train_split(
         "aggregation": args.aggregation,
         "weight_average": args.weight_average,
         "silent_training_windows_left_out": int((~split.train.sounding).sum()) if len(split.train) else 0,
-        "quiet_weak_windows_left_out": None if quiet is None else int(quiet.sum()),
-        "weak_quiet_db": args.weak_quiet_db,
         "class_weights": (
             weights.tolist()
             if weights is not None

@@ -260,20 +260,6 @@ def training_targets(windows: WindowSet, *, n_classes: int, head: str, backgroun
     return np.concatenate([shares, (present == 0).astype(np.float32)], axis=1)
 
 
-def quiet_weak_windows(windows: WindowSet, *, below_db: float) -> np.ndarray:
-    """bool ``[n_windows]``: windows of weakly labelled clips whose loudest log-mel value lies more
-    than ``below_db`` under their clip's loudest window. A clip label says the sound is somewhere
-    in the clip, not in every window: the quiet stretches between a dog's barks are room tone, and
-    a model taught to call them "dog" calls every quiet room a dog."""
-    if windows.features.ndim < 3 or not len(windows):
-        return np.zeros(len(windows), bool)
-    level = windows.features.reshape(len(windows), -1).max(axis=1)
-    _, inverse = np.unique(np.asarray(windows.clip_ids, dtype=object).astype(str), return_inverse=True)
-    loudest = np.full(inverse.max() + 1, -np.inf)
-    np.maximum.at(loudest, inverse, level)
-    return windows.weak & (level < loudest[inverse] - below_db)
-
-
 def balanced_sample_weights(truth: np.ndarray) -> np.ndarray:
     """float32 ``[n]``: ``n / (k * count_g)`` for a window of group ``g``, ``k`` groups present, so
     every group weighs alike. A window's group is its class (``truth``: ``[n, n_classes]``
