@@ -51,6 +51,7 @@ import pytest
 from soundshard.pipelines import cli
 
 from .emulators import free_port, stop_group, wait_for_port
+from .helpers import listening_sockets
 from .test_object_storage import check_outputs, upload_demo
 
 pytestmark = pytest.mark.slow
@@ -153,17 +154,9 @@ class PortableCluster:
 
     def listening(self) -> set[tuple[str, int]]:
         """``(address, port)`` of every listening TCP socket of the cluster's processes."""
-        import psutil
-
         found = set()
         for root in self.processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                tree = psutil.Process(root.pid)
-                for proc in [tree, *tree.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        for conn in proc.net_connections(kind="tcp"):
-                            if conn.status == psutil.CONN_LISTEN:
-                                found.add((conn.laddr.ip, conn.laddr.port))
+            found |= listening_sockets(root.pid)
         return found
 
     @contextlib.contextmanager
