@@ -1,5 +1,6 @@
 """Background and negatives in training: targets, weights, splits, heads, mixing, thresholds."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -132,7 +133,8 @@ def test_train_with_background(demo_features, background_features, tmp_path, hea
     assert description["training"]["head"] == head
     assert description["training"]["background"]["windows"]["train"] > 0
     assert description["training"]["augmentation"]["gain_db"] == [-20.0, 0.0]
-    assert description["postprocessing"] == {"median_filter_windows": 5, "min_duration_s": 0.0}
+    assert description["postprocessing"] == {"median_filter_windows": 3, "min_duration_s": 0.0}
+    assert "other levels" in description["thresholds"]["from"]
     assert len(description["thresholds"]["window"]) == len(description["label_names"]) == 4
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["background_test"]["windows"] > 0  # fold 1's noise clips, as negatives
@@ -174,3 +176,18 @@ def test_several_feature_outputs_train_together(demo_features, tmp_path):
     _, twice = training.load_datasets([str(demo_features), str(demo_features)])
     assert {str(c).split("/", 1)[0] for c in twice.clip_ids} == {"0", "1"}  # shared ids kept apart
     assert len(set(twice.clip_ids.tolist())) == 2 * len(set(windows.clip_ids[~windows.strongly_labelled]))
+
+
+def test_conditioned_copies_change_level_and_add_background():
+    windows = window_set([0, 1, 0])
+    aug = training.Augmentation(gain_db=(-10.0, -10.0), background_snr_db=(0.0, 0.0))
+    quieter = training.conditioned_copies(windows, None, aug=aug, seed=0)
+    np.testing.assert_allclose(quieter, windows.features - 10.0, atol=1e-4)
+    bed = np.full((2, 4, 3), -60.0, np.float32)
+    level = dataclasses.replace(aug, gain_db=(0.0, 0.0))
+    mixed = training.conditioned_copies(windows, bed, aug=level, seed=0)
+    # at 0 dB the bed is scaled to the window's mean power: the mixture's mean power doubles
+    power = (10 ** (windows.features / 10)).mean(axis=(1, 2))
+    np.testing.assert_allclose((10 ** (mixed / 10)).mean(axis=(1, 2)), 2 * power, rtol=1e-4)
+    again = training.conditioned_copies(windows, bed, aug=level, seed=0)
+    np.testing.assert_array_equal(mixed, again)

@@ -260,6 +260,28 @@ def training_targets(windows: WindowSet, *, n_classes: int, head: str, backgroun
     return np.concatenate([shares, (present == 0).astype(np.float32)], axis=1)
 
 
+def conditioned_copies(
+    windows: WindowSet, background: np.ndarray | None, *, aug: Augmentation, seed: int
+) -> np.ndarray:
+    """float32 copies of ``windows``' log-mel features under the conditions the model is trained
+    for: each at a random gain in ``aug.gain_db`` and, where ``background`` windows are given, with a
+    random one of them added at a random ratio in ``aug.background_snr_db`` (powers add), as
+    :func:`training_dataset` does to training windows. Thresholds set on these hold for sounds at
+    other levels and over other beds than the validation clips' own. Deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    x = windows.features.astype(np.float64)
+    if x.ndim != 3 or not len(x):
+        return windows.features
+    if background is not None and len(background):
+        other = background[rng.integers(len(background), size=len(x))].astype(np.float64)
+        power, noise = 10 ** (x / 10), 10 ** (other / 10)
+        snr_db = rng.uniform(*aug.background_snr_db, size=len(x))
+        gain = power.mean(axis=(1, 2)) / (noise.mean(axis=(1, 2)) + 1e-20) * 10 ** (-snr_db / 10)
+        x = 10 * np.log10(power + gain[:, None, None] * noise + 1e-20)
+    x = x + rng.uniform(*aug.gain_db, size=len(x))[:, None, None]
+    return x.astype(np.float32)
+
+
 def balanced_sample_weights(truth: np.ndarray) -> np.ndarray:
     """float32 ``[n]``: ``n / (k * count_g)`` for a window of group ``g``, ``k`` groups present, so
     every group weighs alike. A window's group is its class (``truth``: ``[n, n_classes]``
