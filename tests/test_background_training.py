@@ -173,6 +173,8 @@ def test_several_feature_outputs_train_together(demo_features, tmp_path):
     frog = windows.truth(5)[windows.strongly_labelled]
     assert frog.shape[0] > 0 and set(frog[:, 2].tolist()) == {0.0, 1.0} and frog[:, [0, 1, 3, 4]].sum() == 0
     assert (windows.truth(5)[~windows.strongly_labelled].sum(axis=1) == 1).all()  # clips: one-hot
+    background = training.load_background([str(tmp_path / "f")], dataset=dataset)  # its labels unused
+    assert (background.labels == -1).all() and background.targets is None and background.strong is None
     _, twice = training.load_datasets([str(demo_features), str(demo_features)])
     assert {str(c).split("/", 1)[0] for c in twice.clip_ids} == {"0", "1"}  # shared ids kept apart
     assert len(set(twice.clip_ids.tolist())) == 2 * len(set(windows.clip_ids[~windows.strongly_labelled]))

@@ -186,11 +186,9 @@ def load_background(data_dirs: Sequence[str], *, dataset: dict) -> WindowSet:
                 f"--background {data_dir!r} has features {description.get('feature_fingerprint')}, "
                 f"the data {dataset['feature_fingerprint']}: compute both with the same feature config"
             )
-        windows = load_windows(data_dir, {**description, "label_map": {}})
+        windows = load_windows(data_dir, description, labelled=False)
         clip_ids = np.asarray([f"background/{k}/{c}" for c in windows.clip_ids], dtype=object)
-        parts.append(
-            dataclasses.replace(windows, clip_ids=clip_ids, labels=np.full(len(windows), -1, np.int32))
-        )
+        parts.append(dataclasses.replace(windows, clip_ids=clip_ids))
     return concatenate(parts)
 
 
@@ -352,11 +350,12 @@ def read_window_table(data_dir: str, dataset: dict, *, columns: Sequence[str] | 
     return table if columns is None else table.select(list(columns))
 
 
-def load_windows(data_dir: str, dataset: dict) -> WindowSet:
+def load_windows(data_dir: str, dataset: dict, *, labelled: bool = True) -> WindowSet:
     """Every window of a features output, from its Parquet shards (all in memory).
 
     Labels are read by name against ``dataset["label_map"]`` (nights of an incremental output
-    each number their own labels).
+    each number their own labels); with ``labelled=False`` every window is unlabelled (``-1``, no
+    strong targets), as background data is, whatever labels it was computed with.
 
     Raises:
         ConfigError: no Parquet shards (the TFRecord-only layout is read by ``tfrecord_dataset``).
@@ -367,10 +366,10 @@ def load_windows(data_dir: str, dataset: dict) -> WindowSet:
     augmented = None
     if "augmentation" in table.column_names:
         augmented = np.asarray([a is not None for a in table.column("augmentation").to_pylist()], bool)
-    label_map = dataset.get("label_map", {})
+    label_map = dataset.get("label_map", {}) if labelled else {}
     labels = np.asarray([label_map.get(name, -1) for name in table.column("label").to_pylist()], np.int32)
     targets = strong = None
-    if "strong" in table.column_names:
+    if labelled and "strong" in table.column_names:
         strong = np.asarray(table.column("strong").fill_null(False).to_pylist(), bool)
         if strong.any():
             targets = fields.multi_hot(table, label_map)
