@@ -123,6 +123,12 @@ def main(argv=None) -> None:
         default=[str(DATA / "soundscape_dev" / "distractors.txt")],
         help="Files naming clips never to use (a column holding clip file names).",
     )
+    parser.add_argument(
+        "--exclude-category",
+        action="append",
+        default=[],
+        help="Negatives categories never to use (to measure how a model does on sounds it never met).",
+    )
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     folds = {int(f) for f in args.folds.split(",")}
@@ -140,7 +146,9 @@ def main(argv=None) -> None:
         negatives = [
             r
             for r in csv.DictReader(f)
-            if int(r["fold"]) in folds and Path(r["filename"]).stem not in excluded
+            if int(r["fold"]) in folds
+            and Path(r["filename"]).stem not in excluded
+            and r["category"] not in args.exclude_category
         ]
     distractors = [DATA / "negatives" / "audio" / r["filename"] for r in negatives if r["kind"] == "event"]
     ambient = [DATA / "negatives" / "audio" / r["filename"] for r in negatives if r["kind"] == "ambient"]
