@@ -224,6 +224,18 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="Activity gate: windows whose loudest log-mel value is below this (dB) take no part in "
         "events (log-mel models).",
     )
+    rules.add_argument(
+        "--min-level-above-floor-db",
+        "--min_level_above_floor_db",
+        dest="min_level_above_floor_db",
+        type=db_or_off,
+        default=None,
+        help="Activity gate relative to each recording's background: windows less than this many dB "
+        "above its floor (the 10th percentile of its windows' loudest log-mel values, as L90) take "
+        "no part in events; recordings under about 30 s are not gated; 'off' for no gate (a sound "
+        "that lasts most of a recording is its background) (default: the model's, else "
+        f"{RULE_DEFAULTS['min_level_above_floor_db']}).",
+    )
     batching = parser.add_argument_group("inference")
     batching.add_argument(
         "--max_batch_windows",
@@ -277,6 +289,16 @@ def check_requested_config(args: argparse.Namespace, description: dict) -> None:
     )
 
 
+def db_or_off(text: str) -> float | str:
+    """A level difference in dB, or ``'off'``."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of dB nor 'off'") from exc
+
+
 def tag_config_from_args(args: argparse.Namespace, description: dict) -> TagConfig:
     """Thresholds (model's validation thresholds < ``--threshold`` < ``--thresholds``) and rules."""
     names = tuple(description["label_names"])
@@ -294,6 +316,7 @@ def tag_config_from_args(args: argparse.Namespace, description: dict) -> TagConf
     chosen = description.get("postprocessing") or {}
     rules = {name: chosen.get(name, default) for name, default in RULE_DEFAULTS.items()}
     rules.update({name: getattr(args, name) for name in RULE_DEFAULTS if getattr(args, name) is not None})
+    rules = {name: None if value == "off" else value for name, value in rules.items()}
     return TagConfig(
         label_names=names,
         window_thresholds=tuple(window),

@@ -39,7 +39,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from soundshard.schemas.errors import ConfigError  # noqa: E402
-from soundshard.transforms import distributed, events, models, training  # noqa: E402
+from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
+from soundshard.transforms import calibration, distributed, events, models, training  # noqa: E402
 
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
@@ -47,10 +48,12 @@ MODEL_JSON = "model.json"
 WEIGHT_AVERAGE = 0.8
 #: default head (see training.HEADS)
 DEFAULT_HEAD = "softmax"
-#: Event rules a model folder carries by default (``model.json`` → ``postprocessing``), chosen on
-#: development data (docs/benchmarks.md, "Tagging in soundscapes"): a running median over three
-#: windows (1.4 s at the default hop) removes one-window blips (five also merged close events).
-POSTPROCESSING = {"median_filter_windows": 3, "min_duration_s": 0.0}
+#: Event rules a model folder carries (``model.json`` → ``postprocessing``) when its validation data
+#: holds no annotated recordings to set them on (transforms/calibration.py), chosen on development
+#: data (docs/benchmarks.md, "Tagging in soundscapes"): a running median over three windows (1.4 s
+#: at the default hop) removes one-window blips; windows less than 6 dB above the recording's floor
+#: (its background level) take no part in events.
+POSTPROCESSING = {"median_filter_windows": 3, "min_duration_s": 0.0, "min_level_above_floor_db": 6.0}
 
 
 def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
@@ -155,9 +158,11 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "--median_filter_windows",
         dest="median_filter_windows",
         type=int,
-        default=POSTPROCESSING["median_filter_windows"],
-        help="Running median of each class's scores over this many windows (odd; 1: off). "
-        "Default: %(default)s.",
+        default=None,
+        help="Running median of each class's scores over this many windows (odd; 1: off). Default: "
+        "the length whose events score best on the validation data's annotated recordings (with "
+        "hysteresis, merging gap and floor gate), else "
+        f"{POSTPROCESSING['median_filter_windows']}.",
     )
     events_group.add_argument(
         "--min-duration-s",
@@ -244,7 +249,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--learning-rate={args.learning_rate} must be positive")
     if not 0.0 <= args.weight_average < 1.0:
         raise ConfigError(f"--weight-average={args.weight_average} must be in [0, 1) (0 is off)")
-    if args.median_filter_windows < 1 or args.median_filter_windows % 2 == 0:
+    if args.median_filter_windows is not None and (
+        args.median_filter_windows < 1 or args.median_filter_windows % 2 == 0
+    ):
         raise ConfigError(f"--median-filter-windows={args.median_filter_windows} must be odd (1: off)")
     if not args.min_duration_s >= 0:
         raise ConfigError(f"--min-duration-s={args.min_duration_s} must not be negative")
@@ -447,6 +454,11 @@ def train_split(
     thresholds = validation_thresholds(
         model, calibration, aggregation=args.aggregation, n_classes=n_classes, aug=aug, seed=args.seed
     )
+    postprocessing, calibrated = event_rules(
+        model, validation, thresholds=thresholds, label_names=label_names, args=args
+    )
+    if calibrated is not None:
+        metrics["event_rules"] = calibrated
     if split.test.strongly_labelled.any():
         strong = split.test.take(split.test.strongly_labelled)
         metrics["strong_test"] = events.window_f1(
@@ -454,6 +466,9 @@ def train_split(
             strong.truth(n_classes),
             thresholds["window"],
             label_names,
+        )
+        metrics["strong_test_events"] = recording_scores(
+            model, strong, thresholds=thresholds, label_names=label_names, rules=postprocessing
         )
     if background is not None and len(background.test):
         metrics["background_test"] = background_false_alarms(
@@ -530,12 +545,76 @@ def train_split(
         metrics=metrics,
         history=history,
         thresholds=thresholds,
-        postprocessing={
-            "median_filter_windows": args.median_filter_windows,
-            "min_duration_s": args.min_duration_s,
-        },
+        postprocessing=postprocessing,
     )
     return metrics
+
+
+def annotated_recordings(model, windows: training.WindowSet, *, n_classes: int) -> list:
+    """The model's scores of annotated recordings' windows, per recording, with their strong
+    labels and levels (:class:`calibration.Recording`)."""
+    return calibration.recordings(
+        training.predict(model, windows.features),
+        windows.truth(n_classes),
+        clip_ids=windows.clip_ids,
+        times=windows.times,
+        level_db=windows.features.reshape(len(windows), -1).max(axis=1),
+        silent=windows.silent,
+    )
+
+
+def recording_scores(
+    model, windows: training.WindowSet, *, thresholds: dict, label_names: Sequence[str], rules: dict
+) -> dict:
+    """Segment and event F1 (micro) of the events the model folder's rules find in annotated
+    recordings (``windows``: all their windows), against their strong labels."""
+    n_classes = len(label_names)
+    recs = annotated_recordings(model, windows, n_classes=n_classes)
+    config = TagConfig(
+        label_names=tuple(label_names),
+        window_thresholds=tuple(thresholds["window"]),
+        file_thresholds=tuple(thresholds["clip"]),
+        **{k: v for k, v in rules.items() if k in EVENT_RULES},
+    )
+    found = calibration.counts(recs, config)
+    total = found.sum(axis=0)
+    event_f1, segment_f1 = (round(float(v), 4) for v in calibration.f1(total))
+    return {"recordings": len(recs), "segment_f1": segment_f1, "event_f1": event_f1}
+
+
+def event_rules(
+    model,
+    validation: training.WindowSet,
+    *,
+    thresholds: dict,
+    label_names: Sequence[str],
+    args: argparse.Namespace,
+) -> tuple[dict, dict | None]:
+    """The event rules for ``model.json`` (``postprocessing``) and, where the validation data
+    holds annotated recordings, what setting them there measured (else ``None``): the rules whose
+    events score best on those recordings (:func:`calibration.calibrate`), else
+    :data:`POSTPROCESSING`; ``--median-filter-windows`` and ``--min-duration-s`` fix theirs."""
+    fixed = {"min_duration_s": args.min_duration_s}
+    if args.median_filter_windows is not None:
+        fixed["median_filter_windows"] = args.median_filter_windows
+    strong = validation.take(validation.strongly_labelled)
+    if not len(strong) or strong.times is None:
+        return {**POSTPROCESSING, **fixed, "from": "defaults (no annotated validation recordings)"}, None
+    n_classes = len(label_names)
+    recs = annotated_recordings(model, strong, n_classes=n_classes)
+    config = TagConfig(
+        label_names=tuple(label_names),
+        window_thresholds=tuple(thresholds["window"]),
+        file_thresholds=tuple(thresholds["clip"]),
+        min_duration_s=args.min_duration_s,
+    )
+    grid = {**calibration.GRID, **{k: (v,) for k, v in fixed.items() if k in calibration.GRID}}
+    result = calibration.calibrate(recs, config, grid=grid)
+    rules = {**result["rules"], **fixed}
+    return {
+        **rules,
+        "from": f"best mean of segment and event F1 on {len(recs)} annotated validation recording(s)",
+    }, result
 
 
 def background_false_alarms(probabilities: np.ndarray, windows: training.WindowSet, *, thresholds) -> dict:

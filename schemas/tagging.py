@@ -26,6 +26,11 @@ class TagConfig(ConfigSerialization):
         max_gap_s: Events of one label separated by at most this much are merged into one.
         min_level_db: Windows whose loudest log-mel value is below this (dB) cannot start or
             continue an event (an activity gate against background noise); ``None`` for no gate.
+        min_level_above_floor_db: Windows less than this many dB above the recording's background
+            level (its floor: the 10th percentile of its sounding windows' loudest log-mel values,
+            as L90 is of a sound level) cannot start or continue an event; ``None`` for no gate.
+            Recordings of fewer than ``FLOOR_MIN_WINDOWS`` sounding windows have no floor (a clip
+            may be one sound throughout) and are not gated.
         top_k: Classes per window in the window table: ``0`` writes every class's score.
         median_filter_windows: Each class's scores are smoothed over this many consecutive windows
             (a running median, as the DCASE baselines do) before events are found; ``1`` is off.
@@ -42,6 +47,7 @@ class TagConfig(ConfigSerialization):
     min_duration_s: float = 0.0
     max_gap_s: float = 0.5
     min_level_db: float | None = None
+    min_level_above_floor_db: float | None = 6.0
     top_k: int = 0
     median_filter_windows: int = 1
 
@@ -71,6 +77,9 @@ class TagConfig(ConfigSerialization):
                 raise ConfigError(f"{name}={value} must be a finite number >= 0")
         if self.min_level_db is not None and not math.isfinite(self.min_level_db):
             raise ConfigError(f"min_level_db={self.min_level_db} must be finite")
+        floor = self.min_level_above_floor_db
+        if floor is not None and not (math.isfinite(floor) and floor >= 0):
+            raise ConfigError(f"min_level_above_floor_db={floor} must be a finite number >= 0 (or off)")
         if not 0 <= self.top_k <= n:
             raise ConfigError(f"top_k={self.top_k} must be between 0 (all classes) and {n}")
         if self.median_filter_windows < 1 or self.median_filter_windows % 2 == 0:
@@ -110,6 +119,16 @@ def parse_thresholds(text: str, label_names: tuple[str, ...]) -> dict[str, float
 
 #: The event rules a model folder may carry (``model.json`` → ``postprocessing``, chosen with its
 #: training) and ``soundshard tag``'s flags override.
-EVENT_RULES = ("hysteresis", "min_duration_s", "max_gap_s", "median_filter_windows")
+EVENT_RULES = (
+    "hysteresis",
+    "min_duration_s",
+    "max_gap_s",
+    "median_filter_windows",
+    "min_level_above_floor_db",
+)
+#: A recording's floor (``min_level_above_floor_db``) is its windows' level at this percentile.
+FLOOR_PERCENTILE = 10.0
+#: Recordings with fewer sounding windows than this (about 30 s at the default hop) have no floor.
+FLOOR_MIN_WINDOWS = 64
 #: Their values when neither the model nor a flag gives one (TagConfig's defaults).
 RULE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TagConfig) if f.name in EVENT_RULES}

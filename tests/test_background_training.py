@@ -133,7 +133,12 @@ def test_train_with_background(demo_features, background_features, tmp_path, hea
     assert description["training"]["head"] == head
     assert description["training"]["background"]["windows"]["train"] > 0
     assert description["training"]["augmentation"]["gain_db"] == [-20.0, 0.0]
-    assert description["postprocessing"] == {"median_filter_windows": 3, "min_duration_s": 0.0}
+    assert description["postprocessing"] == {
+        "median_filter_windows": 3,
+        "min_duration_s": 0.0,
+        "min_level_above_floor_db": 6.0,
+        "from": "defaults (no annotated validation recordings)",
+    }
     assert "other levels" in description["thresholds"]["from"]
     assert len(description["thresholds"]["window"]) == len(description["label_names"]) == 4
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -165,9 +170,13 @@ def test_several_feature_outputs_train_together(demo_features, tmp_path):
         "--labels",
         "--format",
         "parquet",
+        "--num_shards",
+        "3",  # each output is read by its own shard list, whatever the other's
     ]
     assert features.run(argv) == 0
     dataset, windows = training.load_datasets([str(demo_features), str(tmp_path / "f")])
+    n_first = len(training.load_windows(str(demo_features), training.read_dataset_json(str(demo_features))))
+    assert len(windows) == n_first + 6  # the 3 s recording's windows (0.95 s, hop 0.46 s)
     assert dataset["label_map"] == {"chirp": 0, "click_train": 1, "frog": 2, "hum": 3, "noise_burst": 4}
     assert dataset["data"] == [str(demo_features), str(tmp_path / "f")]
     frog = windows.truth(5)[windows.strongly_labelled]

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import uuid
+from functools import partial
 from pathlib import Path
 
 import fsspec
@@ -465,3 +466,55 @@ def test_event_rules_come_from_the_model_unless_a_flag_is_given():
     rules = tag.tag_config_from_args(args, description)
     assert (rules.median_filter_windows, rules.min_duration_s) == (1, 0.0)
     assert tag.tag_config_from_args(args, {"label_names": list(LABELS)}).max_gap_s == 0.5
+
+
+def test_floor_gate_rule_from_the_model_a_flag_or_off():
+    parse = tag.make_parser().parse_args
+    base = ["--input", "x", "--model", "m", "--output", "o"]
+    old_model = {"label_names": list(LABELS)}  # written before the gate: the default applies
+    assert tag.tag_config_from_args(parse(base), old_model).min_level_above_floor_db == 6.0
+    ungated = {"label_names": list(LABELS), "postprocessing": {"min_level_above_floor_db": None}}
+    assert tag.tag_config_from_args(parse(base), ungated).min_level_above_floor_db is None
+    flagged = parse([*base, "--min-level-above-floor-db", "9"])
+    assert tag.tag_config_from_args(flagged, ungated).min_level_above_floor_db == 9.0
+    off = parse([*base, "--min-level-above-floor-db", "off"])
+    assert tag.tag_config_from_args(off, old_model).min_level_above_floor_db is None
+    with pytest.raises(SystemExit):
+        parse([*base, "--min-level-above-floor-db", "loud"])
+    with pytest.raises(ConfigError, match="min_level_above_floor_db=-3.0 must be a finite number >= 0"):
+        config(min_level_above_floor_db=-3.0)
+
+
+def test_floor_gate_keeps_what_stands_above_the_recordings_background():
+    n = 200
+    start = np.arange(n) * 0.5
+    end = start + 1.0
+    level = np.full(n, -40.0)
+    scores = np.zeros((n, 2), np.float32)
+    scores[20:24, 0] = 0.9  # an event barely above the bed (2 dB)
+    level[20:24] = -38.0
+    scores[100:104, 0] = 0.9  # one well above it (20 dB)
+    level[100:104] = -20.0
+    found = partial(ev.find_events, scores, start_s=start, end_s=end, window_index=np.arange(n))
+    gated = found(config=config(min_level_above_floor_db=6.0), level_db=level)
+    assert [(e.start_s, e.end_s) for e in gated] == [(50.25, 52.25)]  # cells of windows 100-103
+    assert len(found(config=config(min_level_above_floor_db=None), level_db=level)) == 2
+    # digitally silent windows are no background: left out of the floor, it stays at the bed
+    silent = np.zeros(n, bool)
+    silent[150:] = True
+    quiet = level.copy()
+    quiet[150:] = -100.0
+    assert ev.level_floor(quiet, silent=silent) == -40.0
+    assert ev.level_floor(quiet) == -100.0
+    assert len(found(config=config(min_level_above_floor_db=6.0), level_db=quiet, silent=silent)) == 1
+    # a short recording has no floor: one sound may fill it
+    assert ev.level_floor(level[:63]) is None
+    short = ev.find_events(
+        scores[:63] + 0.9 * (np.arange(63) < 10)[:, None] * [1, 0],
+        start_s=start[:63],
+        end_s=end[:63],
+        window_index=np.arange(63),
+        config=config(min_level_above_floor_db=6.0),
+        level_db=level[:63],
+    )
+    assert len(short) == 2

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from soundshard.schemas.tagging import TagConfig
+from soundshard.schemas.tagging import FLOOR_MIN_WINDOWS, FLOOR_PERCENTILE, TagConfig
 from soundshard.transforms import training
 
 HOUR_US = 3_600_000_000
@@ -104,6 +104,7 @@ def find_events(
     config: TagConfig,
     level_db: np.ndarray | None = None,
     duration_s: float | None = None,
+    silent: np.ndarray | None = None,
 ) -> list[Event]:
     """Events of every label in one recording, sorted by start then label.
 
@@ -113,7 +114,9 @@ def find_events(
     ``config.median_filter_windows`` windows; events of a label less than ``config.max_gap_s``
     apart are merged; events shorter than ``config.min_duration_s`` are dropped. With
     ``config.min_level_db`` set,
-    windows quieter than it (``level_db``) take no part in events.
+    windows quieter than it (``level_db``) take no part in events; with
+    ``config.min_level_above_floor_db`` set, neither do windows less than that above the
+    recording's floor (:func:`level_floor`).
 
     Args:
         scores: ``[n, n_classes]`` window scores, windows sorted by index.
@@ -124,6 +127,7 @@ def find_events(
         level_db: ``[n]`` loudest log-mel value of each window, for the activity gate.
         duration_s: Length of the recording: events end there at the latest (the last window
             may be padded beyond it).
+        silent: ``[n]`` digitally silent windows, left out of the recording's floor.
 
     Returns:
         The events.
@@ -137,6 +141,10 @@ def find_events(
     gate = np.ones(n, dtype=bool)
     if config.min_level_db is not None and level_db is not None:
         gate = np.asarray(level_db) >= config.min_level_db
+    if config.min_level_above_floor_db is not None and level_db is not None:
+        floor = level_floor(level_db, silent=silent)
+        if floor is not None:
+            gate &= np.asarray(level_db) >= floor + config.min_level_above_floor_db
     adjacent = np.concatenate([[False], np.diff(window_index) == 1])
     scores = median_filtered(scores, size=config.median_filter_windows, adjacent=adjacent)
     events = []
@@ -180,6 +188,18 @@ def find_events(
             )
     events.sort(key=lambda e: (e.start_s, e.label))
     return events
+
+
+def level_floor(level_db: np.ndarray, *, silent: np.ndarray | None = None) -> float | None:
+    """A recording's background level: the ``FLOOR_PERCENTILE`` th percentile of its sounding
+    windows' levels (as L90, the level exceeded 90 % of the time, is of a sound level meter's
+    readings), or ``None`` with fewer than ``FLOOR_MIN_WINDOWS`` sounding windows (a short clip
+    may hold one sound throughout: no background to stand above)."""
+    level_db = np.asarray(level_db, np.float64)
+    heard = level_db if silent is None else level_db[~np.asarray(silent, bool)]
+    if len(heard) < FLOOR_MIN_WINDOWS:
+        return None
+    return float(np.percentile(heard, FLOOR_PERCENTILE))
 
 
 def median_filtered(scores: np.ndarray, *, size: int, adjacent: np.ndarray | None = None) -> np.ndarray:

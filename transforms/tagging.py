@@ -429,6 +429,7 @@ class _TagRecordingFn(beam.DoFn):
             config=config,
             level_db=level,
             duration_s=duration_s if complete else None,
+            silent=silent,
         )
         merged = ScoredBatch(item, int(window_index[0]), start_s, end_s, scores, level, silent)
         yield TableRows("windows", window_table(item, merged, config, window_index))

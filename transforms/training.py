@@ -39,6 +39,8 @@ class WindowSet:
         strong: bool ``[n_windows]``, true for windows of strongly labelled recordings (their
             ``labels`` is -1 for background and multi-label windows; ``targets`` holds the truth),
             or ``None``: none are.
+        times: float64 ``[n_windows, 3]``: each window's index on its recording's grid, start and
+            end in seconds, or ``None`` where not read (events on validation recordings need them).
     """
 
     features: np.ndarray
@@ -49,6 +51,7 @@ class WindowSet:
     augmented: np.ndarray | None = None
     targets: np.ndarray | None = None
     strong: np.ndarray | None = None
+    times: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -104,6 +107,7 @@ class WindowSet:
             None if self.augmented is None else self.augmented[mask],
             None if self.targets is None else self.targets[mask],
             None if self.strong is None else self.strong[mask],
+            None if self.times is None else self.times[mask],
         )
 
 
@@ -128,6 +132,7 @@ def concatenate(parts: Sequence[WindowSet]) -> WindowSet:
         augmented,
         None if n_classes is None else np.concatenate([p.truth(n_classes) for p in parts]),
         None if n_classes is None else np.concatenate([p.strongly_labelled for p in parts]),
+        None if any(p.times is None for p in parts) else np.concatenate([p.times for p in parts]),
     )
 
 
@@ -152,7 +157,11 @@ def load_datasets(data_dirs: Sequence[str]) -> tuple[dict, WindowSet]:
             )
     names = sorted({name for d in descriptions for name in d.get("label_map", {})})
     dataset = {**first, "label_map": {name: i for i, name in enumerate(names)}, "data": list(data_dirs)}
-    parts = [load_windows(d, dataset) for d in data_dirs]
+    # each output's own shards, read with the union of the labels
+    parts = [
+        load_windows(d, {**description, "label_map": dataset["label_map"]})
+        for d, description in zip(data_dirs, descriptions, strict=True)
+    ]
     if len(parts) > 1:
         seen: dict[str, int] = {}
         for part in parts:
@@ -384,7 +393,17 @@ def load_windows(data_dir: str, dataset: dict, *, labelled: bool = True) -> Wind
         augmented=augmented,
         targets=targets,
         strong=strong,
+        times=_window_times(table),
     )
+
+
+def _window_times(table: pa.Table) -> np.ndarray | None:
+    """``[n, 3]`` window index, start and end (s) of each row, or ``None`` without those columns."""
+    names = ("window_index", "start_s", "end_s")
+    if not set(names) <= set(table.column_names):
+        return None
+    columns = [table.column(name).to_numpy(zero_copy_only=False) for name in names]
+    return np.stack(columns, axis=1).astype(np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
