@@ -570,16 +570,19 @@ def recording_scores(
     recordings (``windows``: all their windows), against their strong labels."""
     n_classes = len(label_names)
     recs = annotated_recordings(model, windows, n_classes=n_classes)
-    config = TagConfig(
+    found = calibration.counts(recs, tag_config(label_names, thresholds, rules))
+    segment_f1, event_f1 = calibration.overall(found)
+    return {"recordings": len(recs), "segment_f1": round(segment_f1, 4), "event_f1": round(event_f1, 4)}
+
+
+def tag_config(label_names: Sequence[str], thresholds: dict, rules: dict) -> TagConfig:
+    """How ``soundshard tag`` would use a model folder with these thresholds and event rules."""
+    return TagConfig(
         label_names=tuple(label_names),
         window_thresholds=tuple(thresholds["window"]),
         file_thresholds=tuple(thresholds["clip"]),
         **{k: v for k, v in rules.items() if k in EVENT_RULES},
     )
-    found = calibration.counts(recs, config)
-    total = found.sum(axis=0)
-    event_f1, segment_f1 = (round(float(v), 4) for v in calibration.f1(total))
-    return {"recordings": len(recs), "segment_f1": segment_f1, "event_f1": event_f1}
 
 
 def event_rules(
@@ -602,14 +605,8 @@ def event_rules(
         return {**POSTPROCESSING, **fixed, "from": "defaults (no annotated validation recordings)"}, None
     n_classes = len(label_names)
     recs = annotated_recordings(model, strong, n_classes=n_classes)
-    config = TagConfig(
-        label_names=tuple(label_names),
-        window_thresholds=tuple(thresholds["window"]),
-        file_thresholds=tuple(thresholds["clip"]),
-        min_duration_s=args.min_duration_s,
-    )
     grid = {**calibration.GRID, **{k: (v,) for k, v in fixed.items() if k in calibration.GRID}}
-    result = calibration.calibrate(recs, config, grid=grid)
+    result = calibration.calibrate(recs, tag_config(label_names, thresholds, fixed), grid=grid)
     rules = {**result["rules"], **fixed}
     return {
         **rules,

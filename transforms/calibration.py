@@ -192,6 +192,13 @@ def f1(counts: np.ndarray) -> np.ndarray:
     return np.divide(2 * counts[..., 0], total, out=np.zeros(total.shape), where=total > 0)
 
 
+def overall(found: np.ndarray) -> tuple[float, float]:
+    """``(segment F1, event F1)`` of :func:`counts`, micro over every class (as sed_eval's overall
+    figures: false alarms of classes without reference events count too)."""
+    event_f1, segment_f1 = f1(np.asarray(found).sum(axis=0))
+    return float(segment_f1), float(event_f1)
+
+
 def calibrate(
     recs: Sequence[Recording],
     config: TagConfig,
@@ -219,8 +226,7 @@ def calibrate(
     for values in itertools.product(*(grid[k] for k in names)):
         rules = dict(zip(names, values, strict=True))
         found = counts(recs, dataclasses.replace(config, **rules), collar_s=collar_s, segment_s=segment_s)
-        total = found.sum(axis=0)  # [2, 3]: micro over every class (false alarms of all count)
-        event_f1, segment_f1 = (float(v) for v in f1(total))
+        segment_f1, event_f1 = overall(found)
         score = (event_f1 + segment_f1) / 2
         if best is None or score > best[0] + 1e-12:
             best = (score, rules, found, event_f1, segment_f1)

@@ -10,7 +10,8 @@ sounds over an ambient bed) and ``../shared/data/longform`` (10 min, clips betwe
 with ``soundshard tag`` and its defaults (the model's thresholds and event rules), scored by
 ``soundshard score`` (sed_eval: segment F1 on 1 s segments, event F1 with a 0.5 s onset collar,
 offsets not evaluated; segment average precision). Then, as ablations of the tagging rules (a fixed
-list, not a search): no median filter, one threshold of 0.5 for every class, and an activity gate.
+list, not a search): no median filter, one threshold of 0.5 for every class, no gate above the
+recording's floor, and an absolute activity gate.
 The soundscape is development data: settings are not tuned to it per class or per file.
 """
 
@@ -39,6 +40,7 @@ RECORDINGS = {
 ABLATIONS = {
     "no median filter": ["--median-filter-windows", "1"],
     "threshold 0.5 for all": ["--threshold", "0.5"],
+    "no gate above the floor": ["--min-level-above-floor-db", "off"],
     "gate -50 dB": ["--min-level-db", "-50"],
 }
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
