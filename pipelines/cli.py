@@ -27,7 +27,18 @@ USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,score,compi
   score      score a tag output against reference annotations (Audacity/Raven): F1, error rate, AP
   compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
 
-Run 'soundshard COMMAND --help' for the options of a command."""
+Run 'soundshard COMMAND --help' for the options of a command; 'soundshard --version' for the version."""
+
+
+def version() -> str:
+    """The installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("soundshard")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"soundshard {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "features":
         from soundshard.pipelines import features

@@ -43,7 +43,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from soundshard.pipelines import runner as runners
 from soundshard.schemas import fields
-from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
+from soundshard.schemas.config import FeatureConfig, RecordingConfig, attribute_docs, load_feature_config
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.uris import redact
@@ -258,8 +258,17 @@ def _parse_value(text: str, hint) -> typing.Any:
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per FeatureConfig field (``--n_mels 40``); given values override ``--config``."""
     group = parser.add_argument_group("feature config (override --config)")
+    docs = attribute_docs(FeatureConfig)
     for field in dataclasses.fields(FeatureConfig):
-        group.add_argument(f"--{field.name}", dest=f"feature__{field.name}", default=None, metavar="VALUE")
+        default = "none" if field.default is None else field.default
+        names = [f"--{field.name.replace('_', '-')}", f"--{field.name}"]
+        group.add_argument(
+            *dict.fromkeys(names),
+            dest=f"feature__{field.name}",
+            default=None,
+            metavar="VALUE",
+            help=f"{docs.get(field.name, '')} Default: {default}.".strip().replace("%", "%%"),
+        )
 
 
 def feature_config_from_args(args: argparse.Namespace) -> FeatureConfig:

@@ -66,7 +66,9 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         help="Output folder of `soundshard features`; repeat it to train on several together "
         "(e.g. clip-labelled clips and annotated recordings; same feature config).",
     )
-    parser.add_argument("--model", default="sbcnn", choices=models.MODEL_NAMES, help="Architecture.")
+    parser.add_argument(
+        "--model", default="sbcnn", choices=models.MODEL_NAMES, help="Architecture. Default: %(default)s."
+    )
     parser.add_argument("--output", required=True, help="Model folder to write.")
     parser.add_argument(
         "--test-fold", "--test_fold", dest="test_fold", type=int, help="Fold held out for testing."
@@ -86,26 +88,50 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         action="store_true",
         help="Use the dataset's split column (train/validation/test) instead of folds.",
     )
-    parser.add_argument("--epochs", type=int, default=100, help="Maximum epochs.")
+    parser.add_argument("--epochs", type=int, default=100, help="Most epochs. Default: %(default)s.")
     parser.add_argument(
-        "--patience", type=int, default=30, help="Early stopping: epochs without improvement."
+        "--patience",
+        type=int,
+        default=30,
+        help="Early stopping: stop after this many epochs without a better validation clip accuracy. "
+        "Default: %(default)s.",
     )
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
-    parser.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        default=64,
+        help="Windows per training step. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        "--learning_rate",
+        dest="learning_rate",
+        type=float,
+        default=2e-3,
+        help="Adam's learning rate at the start of the schedule. Default: %(default)s.",
+    )
     parser.add_argument(
         "--lr-schedule",
         "--lr_schedule",
         dest="lr_schedule",
         default="cosine",
         choices=("cosine", "constant"),
-        help="Learning-rate schedule over --epochs.",
+        help="Learning-rate schedule over --epochs. Default: %(default)s.",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of initial weights, shuffling and augmentation (runs with one seed repeat). "
+        "Default: %(default)s.",
+    )
     parser.add_argument(
         "--aggregation",
         default="mean",
         choices=training.AGGREGATIONS,
-        help="Clip aggregation for early stopping.",
+        help="Clip aggregation for early stopping. Default: %(default)s.",
     )
     parser.add_argument(
         "--weight-average",
@@ -114,7 +140,7 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         type=float,
         default=WEIGHT_AVERAGE,
         help="Decay of the per-epoch moving average of the weights that early stopping judges and "
-        "keeps (0: the raw weights).",
+        "keeps (0: the raw weights). Default: %(default)s.",
     )
     parser.add_argument(
         "--background",
@@ -172,14 +198,29 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         default=POSTPROCESSING["min_duration_s"],
         help="Shortest event, seconds. Default: %(default)s.",
     )
-    parser.add_argument("--no-augment", "--no_augment", dest="augment", action="store_false")
-    parser.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=None)
+    parser.add_argument(
+        "--no-augment",
+        "--no_augment",
+        dest="augment",
+        action="store_false",
+        help="Train on the windows as they are: no time shift, SpecAugment masks, gain, background "
+        "mixing or mixup (on by default).",
+    )
+    parser.add_argument(
+        "--mixup-alpha",
+        "--mixup_alpha",
+        dest="mixup_alpha",
+        type=float,
+        default=None,
+        help="Mixup of pairs of windows and their labels, Beta(alpha, alpha); 0 is off. Default: "
+        f"{training.Augmentation().mixup_alpha} (with augmentation on).",
+    )
     parser.add_argument(
         "--no-class-weights",
         "--no_class_weights",
         dest="class_weights",
         action="store_false",
-        help="Do not weight classes by inverse frequency.",
+        help="Do not weight classes (and background) by inverse frequency (weighted by default).",
     )
     parser.add_argument("--quiet", action="store_true", help="No per-epoch progress.")
     parser.add_argument(

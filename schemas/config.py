@@ -39,6 +39,30 @@ _RESAMPLE_QUALITY = ("QQ", "LQ", "MQ", "HQ", "VHQ")
 _MEL_NORM = ("slaney", "none")
 
 
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Each attribute's description in ``cls``'s Google-style ``Attributes:`` docstring section, as
+    one line of plain text (double backquotes dropped): the help of the flags made from it."""
+    docs: dict[str, list[str]] = {}
+    inside = False
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if not text:
+            break
+        name, sep, rest = text.partition(": ")
+        if sep and line.startswith(" " * 8) and not line.startswith(" " * 12) and name.isidentifier():
+            current = name
+            docs[current] = [rest]
+        elif current is not None:
+            docs[current].append(text)
+    return {name: " ".join(parts).replace("``", "") for name, parts in docs.items()}
+
+
 class ConfigSerialization:
     """JSON round trip of a frozen config dataclass; unknown keys are rejected by name.
 

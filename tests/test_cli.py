@@ -1,12 +1,16 @@
 """The installed ``soundshard`` command, run as a user would."""
 
+import argparse
+import dataclasses
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from soundshard.pipelines import cli
+from soundshard.pipelines import cli, features
+from soundshard.schemas.config import FeatureConfig, attribute_docs
 
 
 def soundshard(*args, cwd):
@@ -59,3 +63,19 @@ def test_usage_and_unknown_command(capsys):
     assert cli.main(["--help"]) == 0
     assert cli.main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"soundshard {importlib.metadata.version('soundshard')}\n"
+
+
+def test_feature_flags_say_what_they_set_and_their_default():
+    parser = argparse.ArgumentParser()
+    features.add_feature_flags(parser)
+    actions = {a.dest: a for a in parser._actions}
+    docs = attribute_docs(FeatureConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(FeatureConfig)}  # every field documented
+    assert actions["feature__n_mels"].help == "Number of mel bands. Default: 60."
+    assert actions["feature__fmax_hz"].help.endswith("Default: none.")
+    assert "clamped at max - top_db per window" in actions["feature__top_db"].help  # continuation line
+    assert actions["feature__sample_rate_hz"].option_strings == ["--sample-rate-hz", "--sample_rate_hz"]
+    args = parser.parse_args(["--n-mels", "40", "--top_db", "60"])
+    assert features.feature_config_from_args(argparse.Namespace(config=None, **vars(args))).n_mels == 40
