@@ -710,9 +710,11 @@ class _CommitFn(beam.DoFn):
         final_moves, outputs = self._table_moves(moves)
         extras = self._extra_outputs(moves, snippet_index, final_moves)
         rows = collections.Counter()
+        by_label = collections.Counter()
         for move in moves:
             if move.kind in tagging.TABLES and move.relative.endswith(f".{run.formats[0]}"):
                 rows[move.kind] += move.rows
+                by_label.update(dict(move.labels))
         hourly_rows = tagging.hourly_table(hourly)
         rows["hourly"] = hourly_rows.num_rows
         if hourly_rows.num_rows:
@@ -733,6 +735,7 @@ class _CommitFn(beam.DoFn):
                 "recordings_tagged": rows["files"],
                 "windows_scored": rows["windows"],
                 "events": rows["events"],
+                "events_by_label": dict(sorted(by_label.items(), key=lambda kv: (-kv[1], kv[0]))),
                 "hourly_rows": rows["hourly"],
                 "label_files": dict(label_files),
                 "audio_hours": round(figures["audio_s"] / 3600, 4),
@@ -858,9 +861,16 @@ def summary_text(manifest: dict, output: str) -> str:
         f"dead letters {fig['dead_letters']}  (all accounted for: {fig['accounted_for']})",
         f"audio            {fig['audio_s']:.1f} s ({fig['audio_hours']:.3f} h) in {fig['wall_s']:.1f} s "
         f"({fig['speed_x_realtime']}x real time)",
-        f"windows          {fig['windows_scored']}  events {fig['events']}  hourly rows {fig['hourly_rows']}",
+        f"windows          {fig['windows_scored']}  events {fig['events']}  hourly rows {fig['hourly_rows']}"
+        + (
+            " (no recording start times: recorder file names or --start_time_column give them)"
+            if fig["hourly_rows"] == 0 and fig["events"]
+            else ""
+        ),
         f"model            {manifest['model']['uri']}  ({manifest['thresholds_from']} thresholds)",
     ]
+    if fig.get("events_by_label"):
+        lines.append("events by label  " + ", ".join(f"{k} {v}" for k, v in fig["events_by_label"].items()))
     if fig["label_files"]:
         lines.append("label files      " + ", ".join(f"{k} {v}" for k, v in fig["label_files"].items()))
     if "plots" in manifest or "snippets" in manifest:

@@ -257,6 +257,11 @@ def test_tag_demo_set_tables_label_files_and_accounting(demo_features, demo_mode
     assert set(events["clip_id"]) <= set(files["clip_id"])
     # the CSV tables hold the same rows
     assert len(pd.read_csv(next((out / "csv" / "events").glob("*.csv")))) == len(events)
+    assert fig["events_by_label"] == events["label"].value_counts().to_dict()
+    assert list(fig["events_by_label"].values()) == sorted(fig["events_by_label"].values(), reverse=True)
+    summary = tag.summary_text(manifest, str(out))
+    assert "events by label  " + ", ".join(f"{k} {v}" for k, v in fig["events_by_label"].items()) in summary
+    assert "hourly rows 0 (no recording start times" in summary  # the demo clips have none
     dead = pq.read_table(out / "dead_letters.parquet").to_pylist()
     assert sorted(d["reason"] for d in dead) == ["decode_error", "empty_file"]
     # one label file per tagged recording, holding that recording's events

@@ -19,6 +19,7 @@ letters of stage ``plots`` and ``snippets``: outputs that failed, not inputs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import logging
@@ -356,12 +357,14 @@ class Move:
         temp_path: Where it was written.
         relative: Its path under the output folder.
         rows: Rows it holds (label files: events).
+        labels: For event tables, ``(label, events)`` pairs of the rows it holds.
     """
 
     kind: str
     temp_path: str
     relative: str
     rows: int
+    labels: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -736,11 +739,14 @@ class _WriteTablesFn(beam.DoFn):
         if merged.num_rows == 0:
             return
         name = f"part-{uuid.uuid4().hex[:12]}"
+        labels = ()
+        if table == "events":
+            labels = tuple(sorted(collections.Counter(merged.column("label").to_pylist()).items()))
         for fmt, data in table_files(merged, self._formats).items():
             relative = posixpath.join(fmt, table, self._partition, f"{name}.{fmt}")
             temp = join(self._temp_dir, "tables", relative)
             write_bytes(temp, data)
-            yield Move(table, temp, relative, merged.num_rows)
+            yield Move(table, temp, relative, merged.num_rows, labels)
 
 
 class WriteTables(beam.PTransform):
