@@ -116,7 +116,7 @@ def _regex(action: argparse.Action) -> str | None:
         return "^-?[0-9]+$"
     if action.type is float:
         return r"^-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
-    return None
+    return getattr(action.type, "pattern", None)  # a parser type that says what it accepts
 
 
 def _help(action: argparse.Action, name: str) -> str:

@@ -299,6 +299,11 @@ def db_or_off(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number of dB nor 'off'") from exc
 
 
+#: What ``db_or_off`` accepts (Flex template parameters check values against it) and an example.
+db_or_off.pattern = r"^(off|[0-9]+\.?[0-9]*|\.[0-9]+)$"
+db_or_off.example = "6"
+
+
 def tag_config_from_args(args: argparse.Namespace, description: dict) -> TagConfig:
     """Thresholds (model's validation thresholds < ``--threshold`` < ``--thresholds``) and rules."""
     names = tuple(description["label_names"])

@@ -126,6 +126,8 @@ def test_template_metadata_names_every_option(filename, make_parser, required):
             value = str(list(action.choices)[0])
         elif action.type in (int, float):
             value = "1"
+        elif hasattr(action.type, "example"):
+            value = action.type.example
         else:
             value = "text"
         assert all(re.fullmatch(regex, value) for regex in p.get("regexes", [])), (p, value)
