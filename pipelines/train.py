@@ -768,31 +768,40 @@ def write_model_folder(
 
 
 def _write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(value, f, indent=2)
 
 
-def plot_confusion(matrix, label_names, path: str) -> None:
-    """Clip-level confusion matrix as a PNG."""
+def plot_confusion(matrix, label_names, path: str, *, title: str = "") -> None:
+    """Clip-level confusion matrix as a PNG: counts, and each row divided by its clips."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     matrix = np.asarray(matrix)
+    rows = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
     size = max(4.0, 0.6 * len(label_names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(label_names)), label_names, rotation=60, ha="right")
-    ax.set_yticks(range(len(label_names)), label_names)
-    for (i, j), value in np.ndenumerate(matrix):
-        ax.text(
-            j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black"
-        )
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"clip accuracy {np.trace(matrix) / max(1, matrix.sum()):.3f}")
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size + 1.2))
+    for ax, values, text, scale in (
+        (axes[0], matrix, str, matrix.max()),
+        (axes[1], shares, "{:.2f}".format, 1.0),
+    ):
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=max(scale, 1e-9))
+        ax.set_xticks(range(len(label_names)), label_names, rotation=60, ha="right")
+        ax.set_yticks(range(len(label_names)), label_names)
+        for (i, j), value in np.ndenumerate(values):
+            color = "white" if value > scale / 2 else "black"
+            ax.text(j, i, text(value), ha="center", va="center", color=color, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    axes[0].set_title("clips")
+    axes[1].set_title("share of each true class")
+    accuracy = np.trace(matrix) / max(1, matrix.sum())
+    fig.suptitle(f"{title}{': ' if title else ''}clip accuracy {accuracy:.3f} ({int(matrix.sum())} clips)")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -926,8 +935,56 @@ def make_evaluate_parser(prog: str = "soundshard evaluate") -> argparse.Argument
     parser.add_argument("--data", required=True, help="Output folder of `soundshard features`.")
     parser.add_argument("--fold", type=int, help="Evaluate on this fold.")
     parser.add_argument("--split", help="Evaluate on this split name.")
-    parser.add_argument("--output", help="Write the metrics as JSON here.")
+    parser.add_argument(
+        "--output",
+        help="Write the metrics to this .json file, and the clip confusion matrix (counts and "
+        "row-normalised) beside it as <name>-confusion.png. Default: none.",
+    )
+    parser.add_argument(
+        "--allow-training-data",
+        "--allow_training_data",
+        dest="allow_training_data",
+        action="store_true",
+        help="Evaluate on a fold or split the model was trained or validated on (refused by "
+        "default: its figures would flatter the model).",
+    )
     return parser
+
+
+def seen_in_training(description: dict, *, fold: int | None, split: str | None) -> str | None:
+    """Why the fold or split asked for took part in training the model (``None`` if it did not)."""
+    used = description.get("split") or {}
+    if fold is not None and used.get("by") == "fold":
+        if fold in used.get("train_folds", []):
+            return f"fold {fold} is one of the folds the model was trained on {used['train_folds']}"
+        if fold == used.get("validation_fold"):
+            return f"fold {fold} chose the model's epoch and thresholds (its validation fold)"
+    if (
+        split is not None
+        and used.get("by") == "split"
+        and split in (used.get("train"), used.get("validation"))
+    ):
+        return f"split {split!r} took part in training the model (train {used.get('train')!r}, " + (
+            f"validation {used.get('validation')!r})"
+        )
+    return None
+
+
+def evaluation_text(metrics: dict, *, aggregation: str) -> str:
+    """The figures of ``soundshard evaluate``: accuracy per level, then a per-class table (clips,
+    ``aggregation`` of their windows)."""
+    lines = [f"{'':<14} {'n':>6} {'accuracy':>9} {'macro F1':>9}"]
+    for key in ("window", "clip_mean", "clip_max", "clip_majority"):
+        m = metrics[key]
+        lines.append(f"{key:<14} {m['n']:>6} {m['accuracy']:>9.3f} {m['macro_f1']:>9.3f}")
+    clips = metrics[f"clip_{aggregation}"]
+    lines += ["", f"per class (clips, {aggregation} of their windows)"]
+    lines.append(f"{'class':<20} {'clips':>6} {'precision':>10} {'recall':>7} {'F1':>6}")
+    for name, m in clips["per_class"].items():
+        lines.append(
+            f"{name:<20} {m['support']:>6} {m['precision']:>10.3f} {m['recall']:>7.3f} {m['f1']:>6.3f}"
+        )
+    return "\n".join(lines)
 
 
 def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard evaluate") -> int:
@@ -936,7 +993,12 @@ def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard e
     try:
         if (args.fold is None) == (args.split is None):
             raise ConfigError("give exactly one of --fold N or --split NAME")
+        if args.output and not args.output.endswith(".json"):
+            raise ConfigError(f"--output {args.output!r} must name a .json file")
         model, description, dataset = models.load_with_data(args.model, args.data)
+        seen = seen_in_training(description, fold=args.fold, split=args.split)
+        if seen and not args.allow_training_data:
+            raise ConfigError(f"{seen}; evaluate on held-out data, or give --allow-training-data")
         windows = training.load_windows(args.data, dataset)
         labelled = windows.labels >= 0
         if args.fold is not None:
@@ -951,10 +1013,23 @@ def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard e
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    if seen:
+        print(f"{prog}: warning: {seen}: these figures flatter the model", file=sys.stderr)
+    label_names = description["label_names"]
     probabilities = training.predict(model, part.features)
-    metrics = training.evaluate_predictions(probabilities, part, description["label_names"])
-    for key in ("window", "clip_mean", "clip_max", "clip_majority"):
-        print(f"{key:<14} accuracy {metrics[key]['accuracy']:.3f}  macro F1 {metrics[key]['macro_f1']:.3f}")
+    metrics = training.evaluate_predictions(probabilities, part, label_names)
+    aggregation = description.get("training", {}).get("aggregation", "mean")
+    print(evaluation_text(metrics, aggregation=aggregation))
     if args.output:
+        where = f"fold {args.fold}" if args.fold is not None else f"split {args.split!r}"
+        metrics["evaluated"] = {"model": args.model, "data": args.data, "on": where, "seen_in_training": seen}
         _write_json(args.output, metrics)
+        picture = args.output.removesuffix(".json") + "-confusion.png"
+        plot_confusion(
+            metrics[f"clip_{aggregation}"]["confusion_matrix"],
+            label_names,
+            picture,
+            title=f"{os.path.basename(args.model.rstrip('/'))} on {where} of {args.data}",
+        )
+        print(f"-> {args.output}\n-> {picture}")
     return 0

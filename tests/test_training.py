@@ -201,8 +201,24 @@ def test_train_and_evaluate_on_the_demo_set(demo_features, tmp_path, capsys):
         )
         == 0
     )
-    assert json.loads(report.read_text())["clip_mean"] == metrics["clip_mean"]
-    assert "clip_mean" in capsys.readouterr().out
+    written = json.loads(report.read_text())
+    assert written["clip_mean"] == metrics["clip_mean"]
+    assert written["evaluated"]["on"] == "fold 1" and written["evaluated"]["seen_in_training"] is None
+    assert (tmp_path / "eval-confusion.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "clip_mean" in printed and "per class (clips, mean of their windows)" in printed
+    hum = metrics["clip_mean"]["per_class"]["hum"]
+    assert f"{'hum':<20} {hum['support']:>6} {hum['precision']:>10.3f}" in printed
+    evaluate = ["--model", str(out), "--data", str(demo_features)]
+    # folds the model learnt from or was validated on are refused, unless allowed (with a warning)
+    assert train.run_evaluate([*evaluate, "--fold", "3"]) == 2
+    assert "fold 3 is one of the folds the model was trained on [3, 4]" in capsys.readouterr().err
+    assert train.run_evaluate([*evaluate, "--fold", "2"]) == 2
+    assert "fold 2 chose the model's epoch and thresholds" in capsys.readouterr().err
+    assert train.run_evaluate([*evaluate, "--fold", "3", "--allow-training-data"]) == 0
+    assert "warning: fold 3 is one of the folds the model was trained on" in capsys.readouterr().err
+    assert train.run_evaluate([*evaluate, "--fold", "1", "--output", str(tmp_path / "e.txt")]) == 2
+    assert "must name a .json file" in capsys.readouterr().err
 
 
 def test_train_refuses_bad_requests(demo_features, tmp_path, capsys):
