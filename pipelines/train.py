@@ -764,7 +764,13 @@ def write_model_folder(
     plot_confusion(
         metrics["clip_mean"]["confusion_matrix"], label_names, os.path.join(output, "confusion_matrix.png")
     )
-    plot_history(history, os.path.join(output, "learning_curves.png"))
+    plot_history(
+        history,
+        os.path.join(output, "learning_curves.png"),
+        best_epoch=metrics.get("best_epoch"),
+        title=f"{training_config.get('model')}, tested on "
+        + (f"fold {split.get('test_fold')}" if split.get("by") == "fold" else f"split {split.get('test')!r}"),
+    )
 
 
 def _write_json(path: str, value) -> None:
@@ -806,25 +812,33 @@ def plot_confusion(matrix, label_names, path: str, *, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_history(history: dict, path: str) -> None:
-    """Loss and accuracy per epoch as a PNG."""
+def plot_history(history: dict, path: str, *, best_epoch: int | None = None, title: str = "") -> None:
+    """Loss and accuracy per epoch (numbered from 1) as a PNG, the kept epoch (``best_epoch``,
+    from 1) marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("loss", "val_loss"):
-        if key in history:
-            left.plot(history[key], label=key)
-    for key in ("accuracy", "val_accuracy", "val_clip_accuracy"):
-        if key in history:
-            right.plot(history[key], label=key)
-    left.set_xlabel("epoch")
-    right.set_xlabel("epoch")
-    for axes in (left, right):
+    for axes, keys in (
+        (left, ("loss", "val_loss")),
+        (right, ("accuracy", "val_accuracy", "val_clip_accuracy")),
+    ):
+        for key in keys:
+            if key in history:
+                axes.plot(range(1, len(history[key]) + 1), history[key], label=key)
+        if best_epoch is not None:
+            axes.axvline(
+                best_epoch, color="grey", linestyle="--", linewidth=1, label=f"kept: epoch {best_epoch}"
+            )
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if axes.lines:
             axes.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
