@@ -761,11 +761,16 @@ class _CommitFn(beam.DoFn):
         manifest["tables"] = dict(outputs)
         manifest.update(extras)
         manifest["dead_letters_file"] = dead_name
+        # a replacing run owns the output folder: what an earlier run left in its folders goes,
+        # those this run does not write again included (e.g. raven/ without --raven this time)
+        stale = {} if run.run_date else self._stale({dst for _, dst in final_moves})
+        if stale:
+            manifest["replaced"] = {folder: len(paths) for folder, paths in stale.items()}
         data = redact(json.dumps(manifest, indent=2)).encode()
         if run.run_date:
             final_moves.append(self._temp_file(f"{ledger.RUNS_DIR}/{run.run_id}.json", data))
-        else:
-            self._remove_stale({dst for _, dst in final_moves})
+        elif stale:
+            FileSystems.delete([p for paths in stale.values() for p in paths])
         shards.move_into_place(final_moves)
         if run.run_date:
             rows_table = ledger.ledger_table(
@@ -838,16 +843,18 @@ class _CommitFn(beam.DoFn):
         shards.write_bytes(temp, data)
         return temp, shards.join(self._run.output, relative)
 
-    def _remove_stale(self, finals: set[str]) -> None:
-        """A replacing run owns its table and label folders: what an earlier run left there goes."""
+    def _stale(self, finals: set[str]) -> dict[str, list[str]]:
+        """Per output folder, the files an earlier run left there that this run does not write."""
+        stale = {}
         for folder in OWNED:
-            stale = [
+            paths = [
                 p
                 for p in shards.matching_paths(shards.join(self._run.output, folder, "**"))
                 if p not in finals
             ]
-            if stale:
-                FileSystems.delete(stale)
+            if paths:
+                stale[folder] = paths
+        return stale
 
 
 def _stem(relative: str) -> str:
@@ -892,6 +899,9 @@ def summary_text(manifest: dict, output: str) -> str:
         lines.append(
             "dead letters     " + ", ".join(f"{k} {v}" for k, v in fig["dead_letters_by_reason"].items())
         )
+    if manifest.get("replaced"):
+        removed = ", ".join(f"{k} {v}" for k, v in manifest["replaced"].items())
+        lines.append(f"replaced         an earlier run's outputs here; files removed: {removed}")
     return "\n".join(lines)
 
 

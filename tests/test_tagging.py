@@ -286,6 +286,11 @@ def test_tag_demo_set_tables_label_files_and_accounting(demo_features, demo_mode
     )
     assert len(list((out / "parquet" / "files").glob("*.parquet"))) == 1
     assert not list((out / "audacity").rglob("*.txt"))  # label files of the earlier run are gone
+    again = json.loads((out / "run.json").read_text())
+    assert again["replaced"]["audacity"] == 32 and again["replaced"]["raven"] == 32  # and said so
+    assert "replaced         an earlier run's outputs here; files removed: " in tag.summary_text(
+        again, str(out)
+    )
 
 
 @pytest.mark.slow
