@@ -79,3 +79,17 @@ def test_feature_flags_say_what_they_set_and_their_default():
     assert actions["feature__sample_rate_hz"].option_strings == ["--sample-rate-hz", "--sample_rate_hz"]
     args = parser.parse_args(["--n-mels", "40", "--top_db", "60"])
     assert features.feature_config_from_args(argparse.Namespace(config=None, **vars(args))).n_mels == 40
+
+
+def test_train_and_evaluate_help_load_no_tensorflow(tmp_path):
+    # help and argument errors print at once, with no library start-up lines before them
+    for command in ("train", "evaluate"):
+        done = soundshard(command, "--help", cwd=tmp_path)
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: soundshard {command}")
+        assert done.stderr == ""
+    done = soundshard("train", "--data", "x", cwd=tmp_path)  # no --output
+    assert done.returncode == 2 and done.stderr.startswith("usage: soundshard train")
+    assert "required: --output" in done.stderr
+    check = "import sys, soundshard.pipelines.train; print(sorted({'keras', 'tensorflow'} & {*sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert loaded.stdout.strip() == "[]"
