@@ -13,8 +13,11 @@ Subcommands:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 
 USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,score,compile-edge} [options]
 
@@ -41,8 +44,57 @@ def version() -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def native_stderr_aside() -> Iterator[str]:
+    """Native libraries' writes to the process's stderr (TensorFlow's and absl's start-up lines,
+    CUDA probes on machines without a GPU, LiteRT's delegate notice) go to a log file, yielded;
+    Python's ``sys.stderr`` (soundshard's messages, progress, warnings, tracebacks) stays on the
+    terminal. Child processes inherit the redirection."""
+    sys.stderr.flush()
+    fd, path = tempfile.mkstemp(prefix="soundshard-", suffix=".log")
+    terminal = os.dup(2)
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, errors="backslashreplace")
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        sys.stderr.close()
+        sys.stderr = python_stderr
+
+
+def console() -> int:
+    """The console script: :func:`main`, with native libraries' stderr chatter kept in a log
+    file (shown again with ``--verbose``; its path printed when the command fails)."""
+    argv = sys.argv[1:]
+    if "--verbose" in argv or not _is_fd(sys.stderr):
+        return main(argv)
+    code = 1
+    with native_stderr_aside() as log:
+        try:
+            code = main(argv)
+        finally:
+            failed = code not in (0, 2)
+            if failed and os.path.getsize(log):
+                print(f"soundshard: library messages of this run are in {log}", file=sys.stderr)
+    if not failed:
+        os.unlink(log)
+    return code
+
+
+def _is_fd(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``soundshard`` console script; returns the exit code."""
+    """Runs a ``soundshard`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -84,4 +136,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

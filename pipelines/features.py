@@ -497,12 +497,23 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+def _own_or_serious(record: logging.LogRecord) -> bool:
+    """Without ``--verbose``: soundshard's own warnings, and other libraries' errors only (their
+    warnings about platforms and resources are not the user's business)."""
+    return record.name.startswith("soundshard") or record.levelno >= logging.ERROR
+
+
 def setup_logging(*, verbose: bool) -> None:
-    """Logs at INFO with ``--verbose`` (else WARNING), through handlers that redact credentials."""
+    """Logs at INFO with ``--verbose`` (else WARNING, and of other libraries only errors), through
+    handlers that redact credentials."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     for handler in logging.getLogger().handlers:
         if not isinstance(handler.formatter, RedactingFormatter):
             handler.setFormatter(RedactingFormatter(handler.formatter._fmt if handler.formatter else None))
+        if not verbose and _own_or_serious not in handler.filters:
+            handler.addFilter(_own_or_serious)
+        elif verbose and _own_or_serious in handler.filters:
+            handler.removeFilter(_own_or_serious)
 
 
 def source_rates(args: argparse.Namespace) -> tuple[int, int]:

@@ -29,6 +29,14 @@ def soundshard(*args, cwd):
 def test_demo_runs_with_no_arguments(tmp_path):
     result = soundshard("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # the terminal shows soundshard's lines only: no start-up chatter of TensorFlow, absl, CUDA
+    # probes, LiteRT or Beam (native libraries' stderr goes to a log file, removed on success)
+    chatter = ("absl", "E0000", "I0000", "W0000", "cuda", "oneDNN", "XNNPACK delegate", "WARNING:", "INFO:")
+    for line in (result.stdout + result.stderr).splitlines():
+        assert not any(word.lower() in line.lower() for word in chatter), line
+    assert result.stderr.splitlines() == [
+        line for line in result.stderr.splitlines() if line.startswith(("[features]", "[tag]"))
+    ]
     assert "inputs           34  processed 32  dead letters 2  (all accounted for: True)" in result.stdout
     assert "dead letters     decode_error 1, empty_file 1" in result.stdout
     dataset = json.loads((tmp_path / "soundshard-demo" / "features" / "dataset.json").read_text())
@@ -93,3 +101,28 @@ def test_train_and_evaluate_help_load_no_tensorflow(tmp_path):
     check = "import sys, soundshard.pipelines.train; print(sorted({'keras', 'tensorflow'} & {*sys.modules}))"
     loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_native_stderr_goes_to_a_log_that_failures_point_to(tmp_path):
+    # a failing command keeps the library log and says where it is; a clean one removes it
+    script = (
+        "import os, sys\n"
+        "from soundshard.pipelines import cli\n"
+        "def fail(argv):\n"
+        "    os.write(2, b'native chatter\\n')\n"
+        "    print('own message', file=sys.stderr)\n"
+        "    return int(argv[0])\n"
+        "cli.main = fail\n"
+        "sys.argv = ['soundshard', sys.argv[1]]\n"
+        "sys.exit(cli.console())\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    ok = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stderr == "own message\n" and not list(tmp_path.glob("*.log"))
+    bad = subprocess.run([sys.executable, "-c", script, "3"], capture_output=True, text=True, env=env)
+    (log,) = tmp_path.glob("soundshard-*.log")
+    assert (
+        bad.returncode == 3
+        and bad.stderr == f"own message\nsoundshard: library messages of this run are in {log}\n"
+    )
+    assert log.read_text() == "native chatter\n"
