@@ -319,9 +319,39 @@ def run_remote(p: beam.Pipeline, options: PipelineOptions) -> bool:
     return True
 
 
+def _clock(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_line(totals: dict, *, total_files: int, label: str, elapsed_s: float) -> str:
+    """One progress line from the workers' summed totals (``ProgressReporter.FIELDS``): files and
+    work units done, audio done (hours), speed as audio seconds per second (x real time), and the
+    time left once every file is planned (from the audio left at the speed so far)."""
+    parts = [f"[{label}] files {totals.get('files', 0)}/{total_files}"]
+    units, planned = totals.get("units", 0), totals.get("units_planned", 0)
+    if planned:
+        parts.append(f"units {units}/{planned}")
+    audio, audio_planned = totals.get("audio_s", 0.0), totals.get("audio_s_planned", 0.0)
+    if audio_planned:
+        parts.append(f"audio {audio / 3600:.2f}/{audio_planned / 3600:.2f} h")
+    parts.append(f"windows {totals.get('windows', 0)}")
+    speed = audio / elapsed_s if elapsed_s > 0 else 0.0
+    if audio > 0:
+        parts.append(f"{speed:.0f}x real time")
+    all_planned = total_files and totals.get("files_planned", 0) >= total_files
+    if all_planned and speed > 0 and units < planned:
+        parts.append(f"ETA {_clock(max(0.0, audio_planned - audio) / speed)}")
+    parts.append(_clock(elapsed_s))
+    return "  ".join(parts)
+
+
 @contextlib.contextmanager
 def progress(total_files: int, *, label: str) -> Iterator[str]:
-    """Yields a folder the workers write progress files to, and prints a progress line.
+    """Yields a folder the workers write progress files to, and prints a progress line
+    (:func:`progress_line`).
 
     On a terminal the line is redrawn twice a second; otherwise one line every 10 s.
     """
@@ -330,20 +360,21 @@ def progress(total_files: int, *, label: str) -> Iterator[str]:
     tty = sys.stderr.isatty()
     started = time.monotonic()
 
-    def totals() -> tuple[int, int]:
-        files = windows = 0
+    def totals() -> dict:
+        out: dict = {}
         for name in os.listdir(directory):
             if name.endswith(".json"):
                 with contextlib.suppress(OSError, ValueError):
                     with open(os.path.join(directory, name)) as f:
                         state = json.load(f)
-                    files += state["files"]
-                    windows += state["windows"]
-        return files, windows
+                    for key, value in state.items():
+                        out[key] = out.get(key, 0) + value
+        return out
 
     def line() -> str:
-        files, windows = totals()
-        return f"[{label}] files {files}/{total_files}  windows {windows}  {time.monotonic() - started:.0f} s"
+        return progress_line(
+            totals(), total_files=total_files, label=label, elapsed_s=time.monotonic() - started
+        )
 
     def loop():
         last = time.monotonic()

@@ -876,7 +876,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         print(
             f"[train] {split.description.get('test_fold', 'test')}: clip accuracy (mean) "
             f"{metrics['clip_mean']['accuracy']:.3f}, window accuracy {metrics['window']['accuracy']:.3f}, "
-            f"{metrics['epochs_run']} epochs, {metrics['train_cpu_s']:.0f} CPU s -> {folder}",
+            f"{metrics['epochs_run']} epochs (best {metrics['best_epoch']}), "
+            f"{metrics['train_wall_s']:.0f} s ({metrics['train_cpu_s']:.0f} CPU s) -> {folder}",
             flush=True,
         )
     if args.cv:

@@ -79,17 +79,21 @@ class ProgressReporter:
     nothing.
     """
 
+    #: What is counted: files finished, windows computed, work units planned and done, files
+    #: planned, and seconds of audio planned and done.
+    FIELDS = ("files", "windows", "units_planned", "units", "files_planned", "audio_s_planned", "audio_s")
+
     def __init__(self, directory: str | None, role: str = "features"):
         name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}-{role}.json"
         self._path = os.path.join(directory, name) if directory else None
-        self._files = 0
-        self._windows = 0
+        self._totals = dict.fromkeys(self.FIELDS, 0)
         self._last = 0.0
 
-    def add(self, *, files: int, windows: int) -> None:
-        """Adds work done and writes it out if the last write is 0.5 s old."""
-        self._files += files
-        self._windows += windows
+    def add(self, **done) -> None:
+        """Adds work done (keywords among :attr:`FIELDS`) and writes it out if the last write is
+        0.5 s old."""
+        for key, value in done.items():
+            self._totals[key] += value
         if self._path and time.monotonic() - self._last > 0.5:
             self.flush()
 
@@ -99,9 +103,16 @@ class ProgressReporter:
             return
         tmp = self._path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"files": self._files, "windows": self._windows}, f)
+            json.dump(self._totals, f)
         os.replace(tmp, self._path)
         self._last = time.monotonic()
+
+
+def unit_audio_s(unit: WorkUnit) -> float:
+    """Seconds of its recording a work unit stands for (its share of the windows), for progress."""
+    if unit.source_sample_rate_hz <= 0 or unit.total_windows <= 0:
+        return 0.0
+    return unit.source_frames / unit.source_sample_rate_hz * unit.n_windows / unit.total_windows
 
 
 def _count_retry(exc: BaseException) -> None:
@@ -475,17 +486,29 @@ class _ProbeFn(beam.DoFn):
     def _outputs(self, item: SourceItem, planned: list[WorkUnit] | None, error: BaseException | None):
         if error is not None:
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "plan", error))
-            self._progress.add(files=1, windows=0)
+            self._progress.add(files=1, files_planned=1)
             return
-        yield from planned
         whole = planned[0]
-        for aug in self._augmentations:  # copies of a readable recording, each decoded whole
-            copy = dataclasses.replace(
-                item, clip_id=augment.copy_clip_id(item.clip_id, aug), augmentation=aug.name
+        copies = [  # copies of a readable recording, each decoded whole
+            dataclasses.replace(
+                whole,
+                source=dataclasses.replace(
+                    item, clip_id=augment.copy_clip_id(item.clip_id, aug), augmentation=aug.name
+                ),
+                first_window=0,
+                n_windows=whole.total_windows,
+                unit_index=0,
+                n_units=1,
             )
-            yield dataclasses.replace(
-                whole, source=copy, first_window=0, n_windows=whole.total_windows, unit_index=0, n_units=1
-            )
+            for aug in self._augmentations
+        ]
+        self._progress.add(
+            files_planned=1,
+            units_planned=len(planned) + len(copies),
+            audio_s_planned=sum(unit_audio_s(u) for u in [*planned, *copies]),
+        )
+        yield from planned
+        yield from copies
 
     def finish_bundle(self):
         self._progress.flush()
@@ -641,9 +664,10 @@ class DecodeUnitFn(beam.DoFn):
             audio, span = decode_unit(unit, self._grid, where=where)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(unit.source, "decode", exc, where=where))
-            self._progress.add(files=int(unit.unit_index == unit.n_units - 1), windows=0)
-            return
-        yield from self.process_audio(unit, audio, span, where)
+            self._progress.add(files=int(unit.unit_index == unit.n_units - 1))
+        else:
+            yield from self.process_audio(unit, audio, span, where)
+        self._progress.add(units=1, audio_s=unit_audio_s(unit))
 
     def process_audio(self, unit: WorkUnit, audio, span: units.SourceRange | None, where: str):
         """Outputs of one decoded unit (``span`` is ``None`` for a whole recording)."""
@@ -702,7 +726,7 @@ class _LogMelFn(DecodeUnitFn):
                 raise DataError(f"{where}: features contain non-finite values", reason="non_finite_features")
         except Exception as exc:  # noqa: BLE001
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "features", exc, where=where))
-            self._progress.add(files=int(last_unit), windows=0)
+            self._progress.add(files=int(last_unit))
             return
         n_windows = features.shape[0]
         starts, ends = melspec.window_bounds_s(n_windows, config, first_window=unit.first_window)
