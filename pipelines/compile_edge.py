@@ -390,13 +390,13 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
     verification["held_out"] = (
         f"fold {split['test_fold']}" if split.get("by") == "fold" else f"split {split.get('test', 'test')!r}"
     )
-    fit = edge.budget(
-        target,
-        model_bytes=len(flatbuffer),
-        feature_flash_bytes=tables.flash_bytes,
-        arena_bytes=arena_bytes,
-        feature_ram_bytes=tables.ram_bytes,
-    )
+    sizes = {
+        "model_bytes": len(flatbuffer),
+        "feature_flash_bytes": tables.flash_bytes,
+        "arena_bytes": arena_bytes,
+        "feature_ram_bytes": tables.ram_bytes,
+    }
+    fit = edge.budget(target, **sizes)
     problems = []
     drop = -verification["clip_accuracy"]["delta_pp"]
     if drop > args.max_accuracy_drop:
@@ -582,6 +582,16 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
     if status != "ok":
         print(f"{prog}: {status}: " + "; ".join(problems), file=sys.stderr)
         print(f"{prog}: figures in {os.path.join(args.output, 'report.md')}", file=sys.stderr)
+        if verified:
+            fits_on = [
+                n for n, t in sorted(TARGETS.items()) if n != target.name and edge.budget(t, **sizes)["fits"]
+            ]
+            print(
+                f"{prog}: hint: a model of this size fits "
+                + (", ".join(fits_on) if fits_on else "none of the targets")
+                + "; the microcontroller-sized model is `soundshard train --model edgecnn`",
+                file=sys.stderr,
+            )
         return EXIT_VERIFICATION if not verified else EXIT_OVER_BUDGET
     print(f"[compile-edge] artifact -> {args.output} ({len(manifest['files']) + 3} files)", flush=True)
     return 0

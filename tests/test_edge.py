@@ -399,6 +399,9 @@ def test_over_budget_target_fails_with_the_figures(artifact, edge_model, demo_fe
     flash_needed = m["model_bytes"] + m["budget"]["flash"]["feature_tables_bytes"] + 16 * 1024
     assert f"flash {flash_needed / 1024:.1f} KiB of 48.0 KiB on tiny-m0" in captured.out
     assert "over budget" in captured.err and "OVER by" in captured.err
+    # and says where a model of this size would fit (the edge model fits every real target)
+    fits = ", ".join(sorted(t for t in edge_schema.TARGETS if t != "tiny-m0"))
+    assert f"hint: a model of this size fits {fits}; the microcontroller-sized model is" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "over budget" and report["budget"]["fits"] is False
