@@ -67,7 +67,7 @@ class FeaturesOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         add_source_args(parser)
-        parser.add_argument("--output", help="Output folder (local or gs://, s3://...).")
+        parser.add_argument("--output", help="Output folder (local or gs://, s3://...). Required.")
         parser.add_argument("--config", help="Feature config file (TOML or JSON); flags override it.")
         parser.add_argument(
             "--format",
@@ -137,7 +137,10 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
 def add_source_args(parser: argparse.ArgumentParser) -> None:
     """Flags of what to read and how (shared by features, embed and tag): inputs, manifest
     columns, recording times and sites, archives, nightly mode and work units."""
-    parser.add_argument("--input", help="Folder, glob ('**' allowed) or file; local, gs://, s3://...")
+    parser.add_argument(
+        "--input",
+        help="Folder, glob ('**' allowed) or file; local, gs://, s3://... Required.",
+    )
     parser.add_argument("--manifest", help="CSV or Parquet manifest; relative paths resolve against --input.")
     parser.add_argument("--filename_column", default=None, help="Manifest column with audio paths.")
     parser.add_argument("--label_column", default=None, help="Manifest label column ('' for none).")

@@ -96,9 +96,9 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
                 "settings (ledger in <output>/ledger/); this run's tables go under "
                 "<table>/run_date=<date>/ instead of replacing the outputs."
             )
-    parser.add_argument("--output", help="Output folder (local or gs://, s3://...).")
+    parser.add_argument("--output", help="Output folder (local or gs://, s3://...). Required.")
     parser.add_argument(
-        "--model", help="Model folder written by `soundshard train` (local or gs://, s3://...)."
+        "--model", help="Model folder written by `soundshard train` (local or gs://, s3://...). Required."
     )
     parser.add_argument(
         "--config",
