@@ -58,7 +58,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What the wheel is built from (pyproject.toml names README.md as the long description).
-SOURCES = ("pyproject.toml", "README.md", "pipelines", "transforms", "schemas")
+SOURCES = ("pyproject.toml", "README.md", "api", "pipelines", "transforms", "schemas")
 JOB_TIMEOUT_S = 300
 LOOPBACK_HOSTS = {"127.0.0.1", "::ffff:127.0.0.1"}
 
