@@ -9,6 +9,7 @@ Subcommands:
     tag       tag recordings with a trained model: window scores, file labels, events, summaries
     score     score a tag output against reference annotations (Audacity/Raven; sed_eval metrics)
     info      what a features/embedding output, a model folder or a tag output holds
+    config    a commented template of every feature setting, or a config file checked
     compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
 """
 
@@ -20,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
-USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,score,info,compile-edge} [options]
+USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,score,info,config,compile-edge} [options]
 
   demo       synthesise a small labelled dataset and run the pipeline on it (no data needed)
   features   audio folders/globs/manifests -> log-mel windows -> Parquet + TFRecord shards
@@ -30,6 +31,7 @@ USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,score,info,
   tag        tag recordings with a trained model: window scores, file labels, events, summaries
   score      score a tag output against reference annotations (Audacity/Raven): F1, error rate, AP
   info       what a features/embedding output, a model folder or a tag output holds
+  config     a commented template of every feature setting (--defaults), or a file checked (--check)
   compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
 
 Run 'soundshard COMMAND --help' for the options of a command; 'soundshard --version' for the version."""
@@ -129,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from soundshard.pipelines import info
 
         return info.run(rest)
+    if command == "config":
+        from soundshard.pipelines import configs
+
+        return configs.run(rest)
     if command == "compile-edge":
         from soundshard.pipelines import compile_edge
 
