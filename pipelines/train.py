@@ -399,6 +399,8 @@ def train_split(
             aggregation=args.aggregation,
             average=_weight_average(args),
             n_classes=n_classes,
+            epochs=args.epochs,
+            report=not args.quiet,
         )
         history = model.fit(
             data,
@@ -409,7 +411,7 @@ def train_split(
             ).batch(256),
             callbacks=[stopper],
             shuffle=False,  # the dataset shuffles itself, seeded
-            verbose=0 if args.quiet else 2,
+            verbose=0,  # the stopper prints one line per epoch
         ).history
         best_epoch, best = stopper.best_epoch, stopper.best
         if with_background_output:
@@ -792,6 +794,19 @@ def plot_history(history: dict, path: str, *, best_epoch: int | None = None, tit
     plt.close(fig)
 
 
+def split_text(description: dict) -> str:
+    """``test fold 4, validation fold 5, training folds 1, 2, 3`` (or the split names)."""
+    d = description
+    if d.get("by") == "fold":
+        train = ", ".join(str(f) for f in d.get("train_folds", []))
+        test, validation = d.get("test_fold"), d.get("validation_fold")
+        return f"test fold {test}, validation fold {validation}, training folds {train}"
+    if d.get("by") == "split":
+        names = (d.get(k) for k in ("train", "validation", "test"))
+        return "splits train {!r}, validation {!r}, test {!r}".format(*names)
+    return str(d)
+
+
 def summarize_cv(per_fold: dict[int, dict]) -> dict:
     """Mean and standard deviation over folds of the headline figures."""
     keys = ("window", "clip_mean", "clip_max", "clip_majority")
@@ -861,7 +876,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         folder = os.path.join(root, f"fold-{fold}") if args.cv else root
         if not args.quiet:
             print(
-                f"[train] {args.model}: {split.description}, {len(split.train)} training windows", flush=True
+                f"[train] {args.model}, {split_text(split.description)}: {len(split.train)} training windows",
+                flush=True,
             )
         metrics = train_split(
             split,
@@ -874,7 +890,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         )
         per_fold[fold] = metrics
         print(
-            f"[train] {split.description.get('test_fold', 'test')}: clip accuracy (mean) "
+            f"[train] test {'fold ' if 'test_fold' in split.description else 'split '}"
+            f"{split.description.get('test_fold', split.description.get('test'))}: clip accuracy (mean) "
             f"{metrics['clip_mean']['accuracy']:.3f}, window accuracy {metrics['window']['accuracy']:.3f}, "
             f"{metrics['epochs_run']} epochs (best {metrics['best_epoch']}), "
             f"{metrics['train_wall_s']:.0f} s ({metrics['train_cpu_s']:.0f} CPU s) -> {folder}",
