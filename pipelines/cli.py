@@ -10,6 +10,7 @@ Subcommands:
     score     score a tag output against reference annotations (Audacity/Raven; sed_eval metrics)
     info      what a features/embedding output, a model folder or a tag output holds
     config    a commented template of every feature setting, or a config file checked
+    completion  a bash completion script of every command and flag
     compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
 """
 
@@ -21,7 +22,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
-USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,score,info,config,compile-edge} [options]
+USAGE = """usage: soundshard COMMAND [options]
 
   demo       synthesise a small labelled dataset and run the pipeline on it (no data needed)
   features   audio folders/globs/manifests -> log-mel windows -> Parquet + TFRecord shards
@@ -33,6 +34,7 @@ USAGE = """usage: soundshard {demo,features,embed,train,evaluate,tag,score,info,
   info       what a features/embedding output, a model folder or a tag output holds
   config     a commented template of every feature setting (--defaults), or a file checked (--check)
   compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
+  completion bash  a bash completion script (source <(soundshard completion bash))
 
 Run 'soundshard COMMAND --help' for the options of a command; 'soundshard --version' for the version."""
 
@@ -81,6 +83,9 @@ def console() -> int:
     with native_stderr_aside() as log:
         try:
             code = main(argv)
+        except BrokenPipeError:  # the reader went away (`soundshard ... | head`): nothing to say
+            sys.stdout = None  # no flush of the closed pipe at exit
+            code = 0
         finally:
             failed = code not in (0, 2)
             if failed and os.path.getsize(log):
@@ -135,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from soundshard.pipelines import configs
 
         return configs.run(rest)
+    if command == "completion":
+        from soundshard.pipelines import completion
+
+        return completion.run(rest)
     if command == "compile-edge":
         from soundshard.pipelines import compile_edge
 

@@ -57,15 +57,24 @@ def make_dataset(workdir: str, *, seed: int = 0) -> str:
     return manifest
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """Runs the demo; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="soundshard demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="soundshard-demo", help="Folder for the data and outputs.")
-    parser.add_argument("--seed", type=int, default=0)
+def make_parser(prog: str = "soundshard demo") -> argparse.ArgumentParser:
+    """Argument parser of ``soundshard demo``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--workdir", default="soundshard-demo", help="Folder for the data and outputs. Default: %(default)s."
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the synthesised data. Default: %(default)s."
+    )
     parser.add_argument(
         "--no-train", "--no_train", dest="no_train", action="store_true", help="Features only."
     )
-    args, beam_args = parser.parse_known_args(argv)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Runs the demo; returns the exit code."""
+    args, beam_args = make_parser().parse_known_args(argv)
     manifest = make_dataset(args.workdir, seed=args.seed)
     audio = os.path.join(args.workdir, "audio")
     output = os.path.join(args.workdir, "features")

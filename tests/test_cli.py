@@ -126,3 +126,25 @@ def test_native_stderr_goes_to_a_log_that_failures_point_to(tmp_path):
         and bad.stderr == f"own message\nsoundshard: library messages of this run are in {log}\n"
     )
     assert log.read_text() == "native chatter\n"
+
+
+def test_bash_completion_knows_every_command_and_flag(tmp_path):
+    done = soundshard("completion", "bash", cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == ""
+    script = tmp_path / "soundshard.bash"
+    script.write_text(done.stdout)
+
+    def complete(*words: str) -> list[str]:
+        words_text = " ".join(f"'{w}'" for w in words)
+        shell = f"source {script}; COMP_WORDS=({words_text}); COMP_CWORD={len(words) - 1}; _soundshard; "
+        shell += 'printf "%s\\n" "${COMPREPLY[@]}"'
+        out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert sorted(complete("soundshard", "co")) == ["compile-edge", "completion", "config"]
+    assert complete("soundshard", "tag", "--min-level-a") == ["--min-level-above-floor-db"]
+    assert "--test-fold" in complete("soundshard", "train", "--t")
+    assert complete("soundshard", "config", "--d") == ["--defaults"]
+    (tmp_path / "models").mkdir()
+    assert complete("soundshard", "info", "mod") == ["models"]  # paths otherwise
