@@ -79,28 +79,21 @@ def _data_kind(dataset: dict) -> str:
 def _dataset(dataset: dict) -> dict:
     counts, figures = dataset.get("counts", {}), dataset.get("figures", {})
     shards = dataset.get("shards", {})
+    described = ("schema_version", "feature_fingerprint", "feature_config", "feature_shape", "window_s")
     return {
-        "schema_version": dataset.get("schema_version"),
-        "feature_fingerprint": dataset.get("feature_fingerprint"),
-        "feature_config": dataset.get("feature_config"),
-        "feature_shape": dataset.get("feature_shape"),
-        "window_s": dataset.get("window_s"),
-        "window_hop_s": dataset.get("window_hop_s"),
+        **_pick(dataset, *described, "window_hop_s", "nights", "sources"),
         "labels": sorted(dataset.get("label_map", {})),
-        "clips_by_label": counts.get("clips_by_label"),
-        "windows_by_label": counts.get("windows_by_label"),
-        "clips_by_fold": counts.get("clips_by_fold"),
-        "strong_labels": counts.get("strong_labels"),
-        "inputs": figures.get("inputs"),
+        **_pick(counts, "clips_by_label", "windows_by_label", "clips_by_fold", "strong_labels"),
+        **_pick(figures, "inputs", "dead_letters_by_reason", "windows"),
         "processed": figures.get("files_processed"),
         "dead_letters": figures.get("dead_letter_inputs"),
-        "dead_letters_by_reason": figures.get("dead_letters_by_reason"),
-        "windows": figures.get("windows"),
         "audio_hours": None if figures.get("audio_s") is None else round(figures["audio_s"] / 3600, 3),
         "shards": {fmt: len(shards[fmt]) for fmt in ("parquet", "tfrecord") if shards.get(fmt)},
-        "nights": dataset.get("nights"),
-        "sources": dataset.get("sources"),
     }
+
+
+def _pick(source: dict, *keys: str) -> dict:
+    return {key: source.get(key) for key in keys}
 
 
 def _model(model: dict, folder: str) -> dict:
@@ -113,13 +106,9 @@ def _model(model: dict, folder: str) -> dict:
     return {
         "architecture": training_config.get("model"),
         "head": training_config.get("head"),
-        "parameters": metrics.get("parameters"),
-        "macs_per_window": metrics.get("macs_per_window"),
+        **_pick(metrics, "parameters", "macs_per_window", "best_epoch", "epochs_run", "train_wall_s"),
         "classes": names,
-        "input": model.get("input"),
-        "feature_fingerprint": model.get("feature_fingerprint"),
-        "feature_config": model.get("feature_config"),
-        "split": model.get("split"),
+        **_pick(model, "input", "feature_fingerprint", "feature_config", "split"),
         "trained_on": model.get("data", {}).get("path"),
         "background": (training_config.get("background") or {}).get("data"),
         "window_thresholds": dict(zip(names, window, strict=False)) if window else None,
@@ -127,9 +116,6 @@ def _model(model: dict, folder: str) -> dict:
         "event_rules": model.get("postprocessing"),
         "test_clip_accuracy": clip.get("accuracy"),
         "test_clips": clip.get("n"),
-        "best_epoch": metrics.get("best_epoch"),
-        "epochs_run": metrics.get("epochs_run"),
-        "train_wall_s": metrics.get("train_wall_s"),
     }
 
 
