@@ -85,7 +85,7 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         parts.append(f"val clip {accuracy:.3f} ({best})")
         timing = f"{per_epoch:.0f} s per epoch"
         if self.epochs:
-            left = min(self.epochs - done, max(0, self.patience - (epoch - self.best_epoch)))
+            left = self.epochs - done  # early stopping may end it sooner
             timing += f", at most {_duration(left * per_epoch)} left" if left else ""
         parts.append(timing)
         return "  ".join(parts)
