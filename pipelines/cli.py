@@ -17,6 +17,7 @@ Subcommands:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import tempfile
@@ -39,15 +40,28 @@ USAGE = """usage: soundshard COMMAND [options]
 Run 'soundshard COMMAND --help' for the options of a command; 'soundshard --version' for the version."""
 
 
-def version() -> str:
-    """The installed distribution's version."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
+#: Each command: the module under ``soundshard.pipelines`` that runs it, its run function and the
+#: function that builds its argument parser (imported only when the command runs).
+COMMANDS = {
+    "demo": ("demo", "run", "make_parser"),
+    "features": ("features", "run", "make_parser"),
+    "embed": ("embed", "run", "make_parser"),
+    "train": ("train", "run", "make_parser"),
+    "evaluate": ("train", "run_evaluate", "make_evaluate_parser"),
+    "tag": ("tag", "run", "make_parser"),
+    "score": ("score", "run", "make_parser"),
+    "info": ("info", "run", "make_parser"),
+    "config": ("configs", "run", "make_parser"),
+    "compile-edge": ("compile_edge", "run", "make_parser"),
+    "completion": ("completion", "run", "make_parser"),
+}
 
-    try:
-        return installed("soundshard")
-    except PackageNotFoundError:  # run from a checkout that is not installed
-        return "unknown"
+
+def version() -> str:
+    """The installed distribution's version (``soundshard.__version__``)."""
+    import soundshard
+
+    return soundshard.__version__
 
 
 @contextlib.contextmanager
@@ -112,46 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"soundshard {version()}")
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "features":
-        from soundshard.pipelines import features
-
-        return features.run(rest)
-    if command == "embed":
-        from soundshard.pipelines import embed
-
-        return embed.run(rest)
-    if command in ("train", "evaluate"):
-        from soundshard.pipelines import train
-
-        return train.run(rest) if command == "train" else train.run_evaluate(rest)
-    if command == "tag":
-        from soundshard.pipelines import tag
-
-        return tag.run(rest)
-    if command == "score":
-        from soundshard.pipelines import score
-
-        return score.run(rest)
-    if command == "info":
-        from soundshard.pipelines import info
-
-        return info.run(rest)
-    if command == "config":
-        from soundshard.pipelines import configs
-
-        return configs.run(rest)
-    if command == "completion":
-        from soundshard.pipelines import completion
-
-        return completion.run(rest)
-    if command == "compile-edge":
-        from soundshard.pipelines import compile_edge
-
-        return compile_edge.run(rest)
-    if command == "demo":
-        from soundshard.pipelines import demo
-
-        return demo.run(rest)
+    if command in COMMANDS:
+        module, run, _ = COMMANDS[command]
+        return getattr(importlib.import_module(f"soundshard.pipelines.{module}"), run)(rest)
     print(f"soundshard: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

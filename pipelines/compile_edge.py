@@ -387,9 +387,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
         windows=test,
         label_names=label_names,
     )
-    verification["held_out"] = (
-        f"fold {split['test_fold']}" if split.get("by") == "fold" else f"split {split.get('test', 'test')!r}"
-    )
+    verification["held_out"] = training.held_out_name(split)
     sizes = {
         "model_bytes": len(flatbuffer),
         "feature_flash_bytes": tables.flash_bytes,

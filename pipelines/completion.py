@@ -11,37 +11,27 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from soundshard.pipelines.cli import COMMANDS
+
 PROG = "soundshard completion"
-#: Each command and where its parser is built (module, function).
-PARSERS = {
-    "demo": ("demo", "make_parser"),
-    "features": ("features", "make_parser"),
-    "embed": ("embed", "make_parser"),
-    "train": ("train", "make_parser"),
-    "evaluate": ("train", "make_evaluate_parser"),
-    "tag": ("tag", "make_parser"),
-    "score": ("score", "make_parser"),
-    "info": ("info", "make_parser"),
-    "config": ("configs", "make_parser"),
-    "compile-edge": ("compile_edge", "make_parser"),
-}
 
 
 def flags_of(command: str) -> list[str]:
     """Every option string of ``command``'s parser (both spellings of a flag)."""
-    module, function = PARSERS[command]
+    module, _, function = COMMANDS[command]
     parser = getattr(importlib.import_module(f"soundshard.pipelines.{module}"), function)()
     return sorted({s for action in parser._actions for s in action.option_strings})
 
 
 def bash_script() -> str:
     """The completion function: commands first, then each command's flags; paths otherwise."""
-    cases = "\n".join(f'        {command}) opts="{" ".join(flags_of(command))}" ;;' for command in PARSERS)
+    commands = [c for c in COMMANDS if c != "completion"]  # completion's own case is below
+    cases = "\n".join(f'        {command}) opts="{" ".join(flags_of(command))}" ;;' for command in commands)
     return f"""# bash completion of soundshard (soundshard completion bash)
 _soundshard() {{
     local cur="${{COMP_WORDS[COMP_CWORD]}}" opts=""
     if [[ $COMP_CWORD -eq 1 ]]; then
-        COMPREPLY=($(compgen -W "{" ".join(PARSERS)} completion --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "{" ".join(COMMANDS)} --help --version" -- "$cur"))
         return
     fi
     case "${{COMP_WORDS[1]}}" in

@@ -718,8 +718,7 @@ def write_model_folder(
         history,
         os.path.join(output, "learning_curves.png"),
         best_epoch=metrics.get("best_epoch"),
-        title=f"{training_config.get('model')}, tested on "
-        + (f"fold {split.get('test_fold')}" if split.get("by") == "fold" else f"split {split.get('test')!r}"),
+        title=f"{training_config.get('model')}, tested on {training.held_out_name(split)}",
     )
 
 
@@ -890,8 +889,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         )
         per_fold[fold] = metrics
         print(
-            f"[train] test {'fold ' if 'test_fold' in split.description else 'split '}"
-            f"{split.description.get('test_fold', split.description.get('test'))}: clip accuracy (mean) "
+            f"[train] test {training.held_out_name(split.description)}: clip accuracy (mean) "
             f"{metrics['clip_mean']['accuracy']:.3f}, window accuracy {metrics['window']['accuracy']:.3f}, "
             f"{metrics['epochs_run']} epochs (best {metrics['best_epoch']}), "
             f"{metrics['train_wall_s']:.0f} s ({metrics['train_cpu_s']:.0f} CPU s) -> {folder}",

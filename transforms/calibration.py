@@ -17,19 +17,21 @@ that the strong labels mark for a class becomes one event spanning the run's cel
 reference events then lie on the same grid. An event matches a reference event of its class when
 their onsets are at most ``collar_s`` apart (sed_eval's event-based rule with offsets ignored), each
 used once; on a line, greedy matching in time order finds the largest such matching. Segments
-follow sed_eval's segment-based rule: an event makes active every segment it touches.
+follow sed_eval's segment-based rule (``scoring.segment_truth``): an event makes active every
+segment it touches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Sequence
 
 import numpy as np
 
 from soundshard.schemas.tagging import TagConfig
-from soundshard.transforms import events
+from soundshard.transforms import events, scoring
 
 #: Onset collar in seconds and segment length, as ``soundshard score`` uses by default.
 COLLAR_S = 0.5
@@ -74,16 +76,24 @@ class Recording:
     def reference(self, c: int) -> list[tuple[float, float]]:
         """Class ``c``'s reference events: each run of adjacent windows labelled ``c``, as the
         span of its cells."""
+        return self._references[c]
+
+    @functools.cached_property
+    def _references(self) -> list[list[tuple[float, float]]]:
+        # the truth does not change with the rules tried: found once per recording
         cell_start, cell_end = events.window_cells(self.start_s, self.end_s, self.window_index)
-        on = self.truth[:, c] > 0.5
         adjacent = np.concatenate([[False], np.diff(self.window_index) == 1])
         out = []
-        for k in np.flatnonzero(on):
-            if out and adjacent[k] and on[k - 1]:
-                out[-1][1] = float(cell_end[k])
-            else:
-                out.append([float(cell_start[k]), float(cell_end[k])])
-        return [(a, b) for a, b in out]
+        for c in range(self.truth.shape[1]):
+            on = self.truth[:, c] > 0.5
+            spans: list[list[float]] = []
+            for k in np.flatnonzero(on):
+                if spans and adjacent[k] and on[k - 1]:
+                    spans[-1][1] = float(cell_end[k])
+                else:
+                    spans.append([float(cell_start[k]), float(cell_end[k])])
+            out.append([(a, b) for a, b in spans])
+        return out
 
 
 def recordings(
@@ -140,15 +150,6 @@ def matched(reference: Sequence[float], estimated: Sequence[float], *, collar_s:
     return hits
 
 
-def segment_roll(spans: Sequence[tuple[float, float]], *, n_segments: int, segment_s: float = SEGMENT_S):
-    """bool ``[n_segments]``: the segments the spans make active (sed_eval's event roll: from
-    ``floor(onset / segment_s)`` up to ``ceil(offset / segment_s)``)."""
-    roll = np.zeros(n_segments, bool)
-    for start, end in spans:
-        roll[int(np.floor(start / segment_s)) : int(np.ceil(end / segment_s))] = True
-    return roll
-
-
 def counts(
     recs: Sequence[Recording],
     config: TagConfig,
@@ -170,18 +171,18 @@ def counts(
             duration_s=rec.duration_s,
             silent=rec.silent,
         )
-        n_segments = int(np.ceil(rec.duration_s / segment_s))
-        for c, label in enumerate(config.label_names):
-            spans = [(e.start_s, e.end_s) for e in found if e.label == label]
-            ref = rec.reference(c)
-            out[c, 0] += (
-                matched([a for a, _ in ref], [a for a, _ in spans], collar_s=collar_s),
-                len(ref),
-                len(spans),
-            )
-            want = segment_roll(ref, n_segments=n_segments, segment_s=segment_s)
-            got = segment_roll(spans, n_segments=n_segments, segment_s=segment_s)
-            out[c, 1] += (int((want & got).sum()), int(want.sum()), int(got.sum()))
+        labels = config.label_names
+        reference = [(a, b, label) for c, label in enumerate(labels) for a, b in rec.reference(c)]
+        n = scoring.n_segments(rec.duration_s, segment_s=segment_s)
+        want = scoring.segment_truth(reference, labels=labels, segment_s=segment_s, n=n)
+        got = scoring.segment_truth(
+            [(e.start_s, e.end_s, e.label) for e in found], labels=labels, segment_s=segment_s, n=n
+        )
+        out[:, 1] += np.stack([(want & got).sum(axis=0), want.sum(axis=0), got.sum(axis=0)], axis=1)
+        for c, label in enumerate(labels):
+            onsets = [e.start_s for e in found if e.label == label]
+            ref = [a for a, _ in rec.reference(c)]
+            out[c, 0] += (matched(ref, onsets, collar_s=collar_s), len(ref), len(onsets))
     return out
 
 

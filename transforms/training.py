@@ -416,6 +416,13 @@ class Split:
     description: dict
 
 
+def held_out_name(description: dict) -> str:
+    """What a split (``Split.description``) tests on, in words: ``fold 4`` or ``split 'test'``."""
+    if description.get("by") == "fold":
+        return f"fold {description.get('test_fold')}"
+    return f"split {description.get('test', 'test')!r}"
+
+
 def split_by_fold(windows: WindowSet, *, test_fold: int, validation_fold: int | None = None) -> Split:
     """Test on ``test_fold``, validate on ``validation_fold`` (default: the next fold, cyclically),
     train on the other folds.
