@@ -225,3 +225,53 @@ class LabelCount:
     n_windows: int
     by_label: tuple[tuple[str, int], ...]
     multi_label: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LevelBlocks:
+    """Energies of consecutive 100 ms blocks of a recording, or of the part of it a unit owns
+    (the levels stage, ``transforms/levels.py``).
+
+    Block ``b`` holds the recording's samples ``[b * rate // 10, (b + 1) * rate // 10)``.
+
+    Attributes:
+        first_block: Index of the first block.
+        sum_sq: float64 ``[n_blocks, 3]`` sums of squared A-, C- and Z-weighted samples (digital
+            full scale 1).
+        n_samples: int64 ``[n_blocks]`` samples summed (a unit's first and last blocks may be
+            partial; the parts of two units add up to the whole block).
+        fast_max: float64 ``[n_blocks]`` largest F-time-weighted A mean square in the block.
+        fast_min: float64 ``[n_blocks]`` smallest.
+        band_sq: float64 ``[n_blocks, n_bands]`` sums of squared band-filtered samples, or ``None``.
+    """
+
+    first_block: int
+    sum_sq: np.ndarray
+    n_samples: np.ndarray
+    fast_max: np.ndarray
+    fast_min: np.ndarray
+    band_sq: np.ndarray | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks held."""
+        return int(len(self.n_samples))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class UnitLevels:
+    """What one work unit contributes to its recording's levels.
+
+    Attributes:
+        source: The recording.
+        sample_rate_hz: Rate of the signal measured (the analysis rate).
+        blocks: Its blocks.
+        unit_index: Index of the unit within the recording.
+        n_units: Units of the recording.
+    """
+
+    source: SourceItem
+    sample_rate_hz: int
+    blocks: LevelBlocks
+    unit_index: int = 0
+    n_units: int = 1

@@ -1,0 +1,456 @@
+"""Sound levels as a sound-level meter reports them (no Beam imports).
+
+Frequency weightings A, C and Z of IEC 61672-1 as IIR filters designed for any sample rate,
+exponential time weighting F (125 ms) and S (1 s), equivalent continuous levels (Leq) over any
+interval, maxima and minima, statistical levels (L10/L50/L90 from 100 ms Leq), sound exposure level
+(SEL) and base-10 fractional-octave band levels (IEC 61260-1 Butterworth band filters).
+
+Everything is kept as energy until the last step: a work unit of a long recording contributes the
+sums of squared weighted samples of the 100 ms blocks it owns, blocks cut by a unit boundary are
+completed by adding the two units' sums, and decibels are taken only of whole intervals. So a
+recording split into units gives the same levels as the whole file (the unit is decoded with a
+second of pre-roll, which settles the filters and the F time weighting before its first owned
+sample).
+
+Levels are computed on the analysis signal (mono, at the feature sample rate): the same signal the
+model hears and a sensor running the compiled model measures. Its band ends at the resampler's
+cut-off (about 0.45 x the rate), so at 16 kHz A-weighted levels leave out what lies above ~7 kHz.
+
+Decibels are ``10 log10(mean square)`` re digital full scale (a full-scale square wave reads 0 dB,
+a full-scale sine -3.01 dB): "dBFS". A calibration offset (dB SPL of 0 dBFS) turns them into dB
+SPL. Digital silence reads ``SILENCE_DB``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from scipy import optimize, signal
+
+from soundshard.schemas.records import LevelBlocks
+
+#: Length of the blocks energies are kept in: the base of L10/L50/L90 and of event levels.
+BLOCK_S = 0.1
+BLOCKS_PER_S = 10
+#: Time constants of the F (fast) and S (slow) exponential time weightings, seconds.
+FAST_S = 0.125
+SLOW_S = 1.0
+#: What digital silence reads (a floor under the mean square of 1e-15).
+SILENCE_DB = -150.0
+_FLOOR = 10.0 ** (SILENCE_DB / 10.0)
+#: Seconds decoded before a unit's first owned sample so its filters have settled.
+PREROLL_S = 1.0
+#: Weightings kept per block, in this order.
+WEIGHTINGS = ("A", "C", "Z")
+
+# IEC 61672-1:2013 Annex E: pole frequencies of the analogue A and C weightings, Hz.
+_F1, _F2, _F3, _F4 = 20.598997, 107.65265, 737.86223, 12194.217
+
+#: IEC 61672-1:2013 Table 3: nominal frequencies (the exact ones are 1000 * 10^(n/10), n=-20..13),
+#: the A and C weightings (dB) and the class 1 acceptance limits (dB, +upper / -lower; ``inf``
+#: where the standard sets none).
+IEC_NOMINAL_HZ = (
+    10, 12.5, 16, 20, 25, 31.5, 40, 50, 63, 80, 100, 125, 160, 200, 250, 315, 400, 500, 630, 800,
+    1000, 1250, 1600, 2000, 2500, 3150, 4000, 5000, 6300, 8000, 10000, 12500, 16000, 20000,
+)  # fmt: skip
+IEC_A_DB = (
+    -70.4, -63.4, -56.7, -50.5, -44.7, -39.4, -34.6, -30.2, -26.2, -22.5, -19.1, -16.1, -13.4,
+    -10.9, -8.6, -6.6, -4.8, -3.2, -1.9, -0.8, 0.0, 0.6, 1.0, 1.2, 1.3, 1.2, 1.0, 0.5, -0.1, -1.1,
+    -2.5, -4.3, -6.6, -9.3,
+)  # fmt: skip
+IEC_C_DB = (
+    -14.3, -11.2, -8.5, -6.2, -4.4, -3.0, -2.0, -1.3, -0.8, -0.5, -0.3, -0.2, -0.1, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.1, -0.2, -0.3, -0.5, -0.8, -1.3, -2.0, -3.0, -4.4, -6.2, -8.5,
+    -11.2,
+)  # fmt: skip
+CLASS1_UPPER_DB = (
+    3.5, 3.0, 2.5, 2.5, 2.5, 2.0, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.4, 1.4, 1.4, 1.4, 1.4,
+    1.4, 1.1, 1.4, 1.6, 1.6, 1.6, 1.6, 1.6, 2.1, 2.1, 2.1, 2.6, 3.0, 3.5, 4.0,
+)  # fmt: skip
+CLASS1_LOWER_DB = (
+    math.inf, math.inf, 4.5, 2.5, 2.0, 2.0, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.4, 1.4, 1.4,
+    1.4, 1.4, 1.4, 1.1, 1.4, 1.6, 1.6, 1.6, 1.6, 1.6, 2.1, 2.6, 3.1, 3.6, 6.0, 17.0, math.inf,
+)  # fmt: skip
+
+
+def iec_frequencies_hz() -> np.ndarray:
+    """The exact base-10 frequencies of IEC 61672-1's table: ``1000 * 10**(n/10)``, n = -20..13."""
+    return 1000.0 * 10.0 ** (np.arange(-20, 14) / 10.0)
+
+
+def analogue_weighting_db(weighting: str, frequency_hz) -> np.ndarray:
+    """The standard's weighting function (IEC 61672-1 Annex E), 0 dB at 1 kHz."""
+    f2 = np.asarray(frequency_hz, dtype=np.float64) ** 2
+
+    def raw(f2):
+        if weighting == "Z":
+            return np.zeros_like(f2)
+        c = _F4**2 * f2 / ((f2 + _F1**2) * (f2 + _F4**2))
+        if weighting == "C":
+            return 20 * np.log10(c)
+        a = c * f2 / np.sqrt((f2 + _F2**2) * (f2 + _F3**2))
+        return 20 * np.log10(a)
+
+    return raw(f2) - raw(np.array(1e6))
+
+
+def passband_hz(sample_rate_hz: float) -> float:
+    """Top of the band levels and weighting checks can rely on: the resampler passes up to about
+    0.45 x the rate (at 16 kHz, 7.2 kHz)."""
+    return 0.45 * sample_rate_hz
+
+
+@functools.lru_cache(maxsize=32)
+def weighting_sos(weighting: str, sample_rate_hz: int) -> np.ndarray:
+    """Second-order sections ``[n_sections, 6]`` of the A or C weighting at ``sample_rate_hz``.
+
+    The poles and zeros below 1 kHz (20.6, 107.7 and 737.9 Hz) go through the bilinear transform,
+    whose frequency warping is negligible there at any audio rate. The double pole at 12.2 kHz,
+    which the bilinear transform folds into a steep roll-off near Nyquist at low rates (16 kHz:
+    -5.5 dB wrong at 6.3 kHz), becomes a section with a double real pole and a double zero fitted
+    to the analogue magnitude across the pass band. The whole is scaled to 0 dB at 1 kHz. Z
+    weighting has no sections (``[0, 6]``).
+
+    Raises:
+        ValueError: for another weighting or a rate under 1 kHz.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS}")
+    if sample_rate_hz < 1000:
+        raise ValueError(f"sample_rate_hz={sample_rate_hz} is too low for frequency weighting")
+    if weighting == "Z":
+        return np.zeros((0, 6))
+    w = 2 * np.pi
+    if weighting == "A":
+        zeros, poles = [0.0] * 4, [-w * _F1, -w * _F1, -w * _F2, -w * _F3]
+    else:
+        zeros, poles = [0.0] * 2, [-w * _F1, -w * _F1]
+    z, p, k = signal.bilinear_zpk(zeros, poles, 1.0, sample_rate_hz)
+    pole, zero = _high_section(sample_rate_hz)
+    z = np.concatenate([z, [zero, zero]])
+    p = np.concatenate([p, [pole, pole]])
+    sos = signal.zpk2sos(z, p, k)
+    _, h = signal.sosfreqz(sos, worN=[1000.0], fs=sample_rate_hz)
+    sos[0, :3] /= abs(h[0])
+    return sos
+
+
+@functools.lru_cache(maxsize=32)
+def _high_section(sample_rate_hz: int) -> tuple[float, float]:
+    """``(pole, zero)`` of ``(1 - zero z^-1)^2 / (1 - pole z^-1)^2`` matching the analogue double
+    pole at 12.2 kHz (``1 / (1 + (f/f4)^2)``) in dB over the pass band, least squares."""
+    top = min(passband_hz(sample_rate_hz), 20000.0)
+    f = np.geomspace(10.0, top, 256)
+    target = -10 * np.log10(1 + (f / _F4) ** 2) * 2
+    zw = np.exp(-1j * 2 * np.pi * f / sample_rate_hz)
+
+    def error(x):
+        pole, zero = x
+        h = ((1 - zero * zw) / (1 - pole * zw)) ** 2 * ((1 - pole) / (1 - zero)) ** 2
+        return 20 * np.log10(np.abs(h)) - target
+
+    w4 = 2 * np.pi * _F4
+    start = [(2 * sample_rate_hz - w4) / (2 * sample_rate_hz + w4), -0.9]  # the bilinear design
+    fit = optimize.least_squares(error, start, bounds=([-0.99, -1.0], [0.99, 0.5]))
+    return float(fit.x[0]), float(fit.x[1])
+
+
+def weighting_response_db(weighting: str, sample_rate_hz: int, frequency_hz) -> np.ndarray:
+    """Magnitude response (dB) of :func:`weighting_sos` at ``frequency_hz``."""
+    frequency_hz = np.atleast_1d(np.asarray(frequency_hz, dtype=np.float64))
+    sos = weighting_sos(weighting, sample_rate_hz)
+    if len(sos) == 0:
+        return np.zeros_like(frequency_hz)
+    _, h = signal.sosfreqz(sos, worN=frequency_hz, fs=sample_rate_hz)
+    return 20 * np.log10(np.maximum(np.abs(h), 1e-30))
+
+
+def weighted(samples: np.ndarray, *, weighting: str, sample_rate_hz: int) -> np.ndarray:
+    """``samples`` (float ``[n]``) through the weighting filter, float64 ``[n]``."""
+    x = np.asarray(samples, dtype=np.float64)
+    sos = weighting_sos(weighting, sample_rate_hz)
+    return signal.sosfilt(sos, x) if len(sos) else x
+
+
+def time_weighted(
+    squared: np.ndarray, *, sample_rate_hz: int, time_constant_s: float = FAST_S, initial: float | None = None
+) -> np.ndarray:
+    """Exponential time weighting of a squared signal (IEC 61672-1, F or S): mean square ``[n]``.
+
+    Args:
+        squared: float64 ``[n]`` squared (weighted) samples.
+        sample_rate_hz: Their rate.
+        time_constant_s: 0.125 (F) or 1.0 (S).
+        initial: The weighting's state before the first sample (default: the mean square of the
+            first time constant, so the level does not start from silence).
+    """
+    if len(squared) == 0:
+        return np.zeros(0)
+    alpha = -math.expm1(-1.0 / (time_constant_s * sample_rate_hz))
+    if initial is None:
+        initial = float(np.mean(squared[: max(1, round(time_constant_s * sample_rate_hz))]))
+    y, _ = signal.lfilter([alpha], [1.0, alpha - 1.0], squared, zi=[(1.0 - alpha) * initial])
+    return y
+
+
+def db(mean_square) -> np.ndarray:
+    """``10 log10(mean_square)``, digital silence floored at ``SILENCE_DB``."""
+    return 10.0 * np.log10(np.maximum(np.asarray(mean_square, dtype=np.float64), _FLOOR))
+
+
+# -- fractional-octave bands ----------------------------------------------------------------------
+
+
+def band_centres_hz(bands: str, sample_rate_hz: int) -> np.ndarray:
+    """Exact mid-band frequencies (IEC 61260-1 base-10) of ``octave`` or ``third`` bands from
+    25 Hz (thirds) or 31.5 Hz (octaves) up to the last whose upper edge is in the pass band."""
+    if bands == "none":
+        return np.zeros(0)
+    b = {"octave": 1, "third": 3}[bands]
+    g = 10.0**0.3
+    first = -5 if b == 1 else -16  # 31.6 Hz, 25.1 Hz
+    x = np.arange(first, 20 * b if b == 1 else 14)
+    centres = 1000.0 * g ** (x / b)
+    upper = centres * g ** (1 / (2 * b))
+    return centres[upper < passband_hz(sample_rate_hz)]
+
+
+def nominal_hz(centre_hz: float) -> str:
+    """Column name of a band's nominal frequency: ``31.5``, ``1000``, ``6300``."""
+    for nominal in IEC_NOMINAL_HZ:
+        if abs(math.log10(nominal / centre_hz)) < 0.02:
+            return f"{nominal:g}"
+    return f"{centre_hz:.0f}"
+
+
+@functools.lru_cache(maxsize=8)
+def band_sos(bands: str, sample_rate_hz: int) -> tuple[np.ndarray, ...]:
+    """Order-3 Butterworth band-pass sections of each band (IEC 61260-1 class 1 shape)."""
+    b = {"octave": 1, "third": 3}.get(bands)
+    if b is None:
+        return ()
+    g = 10.0**0.3
+    out = []
+    for centre in band_centres_hz(bands, sample_rate_hz):
+        edges = [centre * g ** (-1 / (2 * b)), centre * g ** (1 / (2 * b))]
+        out.append(signal.butter(3, edges, btype="bandpass", fs=sample_rate_hz, output="sos"))
+    return tuple(out)
+
+
+# -- blocks: what a work unit contributes ----------------------------------------------------------
+
+
+def block_start(block: np.ndarray | int, sample_rate_hz: int):
+    """First recording sample of block(s) ``block``."""
+    return (np.asarray(block, dtype=np.int64) * sample_rate_hz) // BLOCKS_PER_S
+
+
+def unit_blocks(
+    samples: np.ndarray,
+    *,
+    sample_rate_hz: int,
+    offset: int,
+    own_start: int,
+    own_end: int,
+    bands: str = "none",
+) -> LevelBlocks:
+    """The blocks of the samples ``[own_start, own_end)`` a unit owns, from its decoded signal.
+
+    Args:
+        samples: float ``[n]`` decoded mono signal; ``samples[0]`` is recording sample ``offset``.
+            Samples before ``own_start`` (pre-roll) settle the filters and are not counted.
+        sample_rate_hz: Its rate.
+        offset: Recording sample index of ``samples[0]``.
+        own_start: First recording sample the unit owns (>= ``offset``).
+        own_end: Recording sample after the last it owns (clipped to the decoded signal).
+        bands: ``none``, ``octave`` or ``third``.
+
+    Raises:
+        ValueError: when ``own_start`` lies before the decoded signal.
+    """
+    if own_start < offset:
+        raise ValueError(f"own_start={own_start} lies before the decoded signal (offset {offset})")
+    x = np.asarray(samples, dtype=np.float64)
+    lo = own_start - offset
+    hi = max(lo, min(own_end - offset, len(x)))
+    own_end = offset + hi
+    b_lo = max(0, own_start * BLOCKS_PER_S // sample_rate_hz - 1)
+    b_hi = own_end * BLOCKS_PER_S // sample_rate_hz + 2
+    starts = np.clip(block_start(np.arange(b_lo, b_hi), sample_rate_hz), own_start, own_end)
+    counts = np.diff(starts)
+    keep = np.flatnonzero(counts > 0)
+    if len(keep) == 0:
+        empty = np.zeros(0)
+        return LevelBlocks(
+            own_start * BLOCKS_PER_S // sample_rate_hz, np.zeros((0, 3)), np.zeros(0, np.int64), empty, empty
+        )
+    first_block = b_lo + int(keep[0])
+    edges = starts[keep] - offset  # local index of each kept block's first owned sample
+    a2 = weighted(x, weighting="A", sample_rate_hz=sample_rate_hz) ** 2
+    c2 = weighted(x, weighting="C", sample_rate_hz=sample_rate_hz) ** 2
+    fast = time_weighted(a2, sample_rate_hz=sample_rate_hz)
+    z2 = x**2
+    sums = np.stack([np.add.reduceat(s[lo:hi], edges - lo) for s in (a2, c2, z2)], axis=1)
+    band_sq = None
+    sections = band_sos(bands, sample_rate_hz)
+    if sections:
+        band_sq = np.stack(
+            [np.add.reduceat(signal.sosfilt(sos, x)[lo:hi] ** 2, edges - lo) for sos in sections], axis=1
+        )
+    return LevelBlocks(
+        first_block=first_block,
+        sum_sq=sums,
+        n_samples=counts[keep].astype(np.int64),
+        fast_max=np.maximum.reduceat(fast[lo:hi], edges - lo),
+        fast_min=np.minimum.reduceat(fast[lo:hi], edges - lo),
+        band_sq=band_sq,
+    )
+
+
+def merge_blocks(parts) -> LevelBlocks:
+    """One recording's blocks from its units' (any order): a block cut by a unit boundary gets
+    the sum of both parts' energies and samples, the larger maximum and the smaller minimum."""
+    parts = [p for p in parts if p.n_blocks]
+    if not parts:
+        return LevelBlocks(0, np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+    first = min(p.first_block for p in parts)
+    n = max(p.first_block + p.n_blocks for p in parts) - first
+    bands = parts[0].band_sq
+    sum_sq = np.zeros((n, 3))
+    n_samples = np.zeros(n, np.int64)
+    fast_max = np.full(n, -np.inf)
+    fast_min = np.full(n, np.inf)
+    band_sq = None if bands is None else np.zeros((n, bands.shape[1]))
+    for p in parts:
+        s = slice(p.first_block - first, p.first_block - first + p.n_blocks)
+        sum_sq[s] += p.sum_sq
+        n_samples[s] += p.n_samples
+        np.maximum(fast_max[s], p.fast_max, out=fast_max[s])
+        np.minimum(fast_min[s], p.fast_min, out=fast_min[s])
+        if band_sq is not None and p.band_sq is not None:
+            band_sq[s] += p.band_sq
+    return LevelBlocks(first, sum_sq, n_samples, fast_max, fast_min, band_sq)
+
+
+def recording_blocks(samples: np.ndarray, *, sample_rate_hz: int, bands: str = "none") -> LevelBlocks:
+    """The blocks of a whole recording (``samples`` from its first sample)."""
+    return unit_blocks(
+        samples, sample_rate_hz=sample_rate_hz, offset=0, own_start=0, own_end=len(samples), bands=bands
+    )
+
+
+# -- levels over spans -----------------------------------------------------------------------------
+
+
+def span_levels(
+    blocks: LevelBlocks, *, span_s: float, sample_rate_hz: int, offset_db: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Levels of each ``span_s``-second span (aligned to the recording start) the blocks touch.
+
+    Args:
+        blocks: A recording's blocks (:func:`merge_blocks`).
+        span_s: Span length, a multiple of 0.1 s (1 for the per-second table).
+        sample_rate_hz: Rate of the signal the blocks were summed from.
+        offset_db: Calibration offset added to every level (0: dBFS).
+
+    Returns:
+        dict of float64 ``[n_spans]`` arrays: ``start_s``, ``duration_s`` (audio in the span),
+        ``laeq``, ``lceq``, ``lzeq``, ``lafmax``, ``lafmin``, ``la10``, ``la50``, ``la90``
+        (A levels exceeded 10/50/90 % of the time, from the span's 100 ms LAeq), ``lae`` (SEL)
+        and, with bands, ``band_lzeq`` ``[n_spans, n_bands]``; levels in dB plus ``offset_db``.
+    """
+    per = max(1, round(span_s * BLOCKS_PER_S))
+    if blocks.n_blocks == 0:
+        names = (
+            "start_s",
+            "duration_s",
+            "laeq",
+            "lceq",
+            "lzeq",
+            "lafmax",
+            "lafmin",
+            "la10",
+            "la50",
+            "la90",
+            "lae",
+        )
+        return {k: np.zeros(0) for k in names}
+    first_span = blocks.first_block // per
+    last_span = (blocks.first_block + blocks.n_blocks - 1) // per
+    spans = np.arange(first_span, last_span + 1)
+    local = np.maximum(spans * per - blocks.first_block, 0)
+    counts = np.add.reduceat(blocks.n_samples, local).astype(np.float64)
+    ms = np.add.reduceat(blocks.sum_sq, local, axis=0) / np.maximum(counts, 1)[:, None]
+    duration = counts / sample_rate_hz
+    out = {
+        "start_s": spans * (per / BLOCKS_PER_S),
+        "duration_s": duration,
+        "laeq": db(ms[:, 0]) + offset_db,
+        "lceq": db(ms[:, 1]) + offset_db,
+        "lzeq": db(ms[:, 2]) + offset_db,
+        "lafmax": db(np.maximum.reduceat(blocks.fast_max, local)) + offset_db,
+        "lafmin": db(np.minimum.reduceat(blocks.fast_min, local)) + offset_db,
+    }
+    block_la = db(blocks.sum_sq[:, 0] / np.maximum(blocks.n_samples, 1)) + offset_db
+    bounds = np.append(local, blocks.n_blocks)
+    pct = np.array(
+        [np.percentile(block_la[a:b], [90, 50, 10]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    )
+    out["la10"], out["la50"], out["la90"] = pct[:, 0], pct[:, 1], pct[:, 2]
+    out["lae"] = out["laeq"] + 10 * np.log10(np.maximum(duration, 1e-9))
+    if blocks.band_sq is not None:
+        out["band_lzeq"] = (
+            db(np.add.reduceat(blocks.band_sq, local, axis=0) / np.maximum(counts, 1)[:, None]) + offset_db
+        )
+    return out
+
+
+def interval_levels(
+    blocks: LevelBlocks, *, start_s: float, end_s: float, sample_rate_hz: int, offset_db: float = 0.0
+) -> tuple[float, float, float]:
+    """``(laeq, lafmax, lae)`` of the time ``[start_s, end_s)`` of a recording (an event).
+
+    Blocks cut by the interval count with the share of them inside it (energy is assumed even
+    within a 100 ms block); the maximum is that of every block the interval touches.
+    """
+    edges = np.arange(blocks.first_block, blocks.first_block + blocks.n_blocks + 1) * BLOCK_S
+    inside = np.clip(np.minimum(edges[1:], end_s) - np.maximum(edges[:-1], start_s), 0.0, None) / BLOCK_S
+    touched = inside > 0
+    if not touched.any():
+        return SILENCE_DB + offset_db, SILENCE_DB + offset_db, SILENCE_DB + offset_db
+    energy = float(np.sum(blocks.sum_sq[:, 0] * inside))
+    n = float(np.sum(blocks.n_samples * inside))
+    laeq = float(db(energy / max(n, 1.0))) + offset_db
+    lafmax = float(db(blocks.fast_max[touched].max())) + offset_db
+    return laeq, lafmax, laeq + 10 * math.log10(max(n / sample_rate_hz, 1e-9))
+
+
+def energy_inside(blocks: LevelBlocks, intervals) -> float:
+    """Sum of squared A-weighted samples inside the union of ``(start_s, end_s)`` intervals."""
+    edges = np.arange(blocks.first_block, blocks.first_block + blocks.n_blocks + 1) * BLOCK_S
+    share = np.zeros(blocks.n_blocks)
+    for start, end in union(intervals):
+        share += np.clip(np.minimum(edges[1:], end) - np.maximum(edges[:-1], start), 0.0, None) / BLOCK_S
+    return float(np.sum(blocks.sum_sq[:, 0] * np.minimum(share, 1.0)))
+
+
+def union(intervals) -> list[tuple[float, float]]:
+    """Sorted, non-overlapping union of ``(start, end)`` intervals."""
+    out: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def lden(day_db: float | None, evening_db: float | None, night_db: float | None) -> float | None:
+    """Day-evening-night level (EU Directive 2002/49/EC): 12 h day, 4 h evening +5 dB, 8 h
+    night +10 dB; ``None`` unless all three periods have a level."""
+    if day_db is None or evening_db is None or night_db is None:
+        return None
+    energy = 12 * 10 ** (day_db / 10) + 4 * 10 ** ((evening_db + 5) / 10) + 8 * 10 ** ((night_db + 10) / 10)
+    return 10 * math.log10(energy / 24)
