@@ -18,8 +18,10 @@ RAM against the target's budget, and writes::
       model_data.c             the same text, for C11 builds
       soundshard_features.h    sample rate, n_fft, hop, window table, sparse mel filterbank, log and
                                normalisation constants: the steps a device follows (not named
-                               features.h, which would shadow glibc's <features.h> on an -I path)
-      golden_vectors.h/.c      a few held-out windows: audio, features, int8 input, expected output
+                               features.h, which would shadow glibc's <features.h> on an -I path);
+                               A-weighting sections and static inline LAeq code (soundshard_level_*)
+      golden_vectors.h/.c      a few held-out windows: audio, features, int8 input, expected output,
+                               LAeq
       golden/*.npy, golden/golden.json   the same vectors for Python
       manifest.json            hashes, feature config and fingerprint, labels, shapes, quantisation,
                                ops, measured arena, budget, target, source model and dataset
@@ -541,6 +543,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
                 outputs=golden_outputs,
                 labels=golden_labels,
                 clip_names=golden["clips"],
+                sample_rate_hz=config.sample_rate_hz,
             )
         )
         for name, text in sources.items():

@@ -15,7 +15,7 @@ from soundshard.pipelines import compile_edge, train
 from soundshard.schemas import edge as edge_schema
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import cexport, edge, melspec, models, training
+from soundshard.transforms import cexport, edge, levels, melspec, models, training
 
 from .helpers import reseal_model_folder
 
@@ -25,6 +25,10 @@ ONE_CLIP_PP = 12.5
 #: scipy, vectorised), in dB; and the C version (float32 window and weights, double DFT).
 PARITY_TOLERANCE_DB = 0.01
 C_PARITY_TOLERANCE_DB = 0.01
+#: LAeq of a golden window: the header's float32 A-weighting sections with float state against
+#: the levels stage's float64 filter (the float32 rounding of the poles near 20 Hz moves low
+#: tones by ~1e-3 dB).
+C_LAEQ_TOLERANCE_DB = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +267,7 @@ _Static_assert(sizeof(kSoundshardWindow) == SOUNDSHARD_N_FFT * sizeof(float), "w
 _Static_assert(sizeof(kSoundshardMelWeights) == SOUNDSHARD_MEL_N_WEIGHTS * sizeof(float), "mel weights");
 _Static_assert(sizeof(g_golden_output[0]) == SOUNDSHARD_N_LABELS, "one output per label");
 _Static_assert(SOUNDSHARD_GOLDEN_AUDIO_SAMPLES == SOUNDSHARD_WINDOW_SAMPLES, "golden audio is one window");
+_Static_assert(SOUNDSHARD_LEVEL_A_SOS_SIZE == 6 * SOUNDSHARD_LEVEL_A_SECTIONS, "6 coefficients a section");
 
 static float features[SOUNDSHARD_FEATURE_SIZE];
 static double cos_table[SOUNDSHARD_N_FFT], sin_table[SOUNDSHARD_N_FFT];
@@ -320,8 +325,27 @@ int main(void) {
       input_error = d > input_error ? d : input_error;
     }
   }
-  printf("%u %d %s %d %.6f %d\n", g_model_data_len, SOUNDSHARD_N_LABELS, g_model_labels[0], bad,
-         feature_error, input_error);
+  /* LAeq of each window from rest, fed in uneven blocks as a device's audio callback would */
+  double laeq_error = 0.0;
+  for (int g = 0; g < SOUNDSHARD_GOLDEN_N; ++g) {
+    soundshard_level_state level;
+    soundshard_level_reset(&level);
+    const int total = SOUNDSHARD_GOLDEN_AUDIO_SAMPLES;
+    for (int start = 0, block = 1; start < total; start += block, block = 2 * block + 1) {
+      int n = total - start < block ? total - start : block;
+      soundshard_level_process(&level, g_golden_audio[g] + start, n);
+    }
+    if (level.n_samples != SOUNDSHARD_GOLDEN_AUDIO_SAMPLES) bad |= 32;
+    double e = fabs(soundshard_level_laeq_db(&level) - g_golden_laeq_db[g]);
+    laeq_error = e > laeq_error ? e : laeq_error;
+    printf("laeq %d %.6f %.6f\n", g, soundshard_level_laeq_db(&level), (double)g_golden_laeq_db[g]);
+  }
+  if (!(laeq_error <= LAEQ_TOLERANCE_DB)) bad |= 64;
+  soundshard_level_state silent;
+  soundshard_level_reset(&silent);
+  if (soundshard_level_laeq_db(&silent) != SOUNDSHARD_LEVEL_SILENCE_DB) bad |= 128;
+  printf("%u %d %s %d %.6f %d %.6f\n", g_model_data_len, SOUNDSHARD_N_LABELS, g_model_labels[0], bad,
+         feature_error, input_error, laeq_error);
   return bad;
 }
 """
@@ -336,16 +360,34 @@ def test_c_sources_compile_and_match_the_golden_vectors(artifact, tmp_path):
     check.write_text(C_CHECK.replace("#include <stdio.h>", "#include <stdio.h>\n#include <stdlib.h>"))
     exe = tmp_path / "check"
     sources = [check, artifact / "model_data.c", artifact / "golden_vectors.c"]
-    command = ["cc", "-std=c11", "-Wall", "-Werror", "-O2", "-I", artifact, *sources, "-o", exe, "-lm"]
+    command = ["cc", "-std=c11", "-Wall", "-Werror", "-O2", f"-DLAEQ_TOLERANCE_DB={C_LAEQ_TOLERANCE_DB}"]
+    command += ["-I", artifact, *sources, "-o", exe, "-lm"]
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
-    length, n_labels, first_label, bad, feature_error, input_error = run.stdout.split()
+    *laeq_lines, summary = run.stdout.splitlines()
+    length, n_labels, first_label, bad, feature_error, input_error, laeq_error = summary.split()
     m = manifest_of(artifact)
-    assert (int(length), int(n_labels), first_label) == (m["model_bytes"], 4, "chirp")
+    assert (int(length), int(n_labels), first_label, int(bad)) == (m["model_bytes"], 4, "chirp", 0)
     assert float(feature_error) <= C_PARITY_TOLERANCE_DB
     assert int(input_error) <= 1  # float32 rounding at a .5 boundary
+    # the C LAeq of each golden window is the levels stage's (recomputed here from golden/audio.npy)
+    audio = np.load(artifact / "golden" / "audio.npy")
+    rate = m["feature_config"]["sample_rate_hz"]
+    expected = [
+        levels.span_levels(levels.recording_blocks(row, sample_rate_hz=rate), span_s=60, sample_rate_hz=rate)[
+            "laeq"
+        ][0]
+        for row in audio
+    ]
+    assert [line.split()[:2] for line in laeq_lines] == [["laeq", str(g)] for g in range(len(audio))]
+    c_laeq = np.array([float(line.split()[2]) for line in laeq_lines])
+    header_laeq = np.array([float(line.split()[3]) for line in laeq_lines])
+    np.testing.assert_allclose(header_laeq, expected, atol=1e-4)  # float32 literals of the golden file
+    assert np.abs(c_laeq - expected).max() <= C_LAEQ_TOLERANCE_DB
+    assert float(laeq_error) == pytest.approx(np.abs(c_laeq - header_laeq).max(), abs=2e-6)
+    assert np.all(c_laeq > -100)  # real content, not silent windows
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler: model_data.cc compiled as C only")
     command = ["c++", "-std=c++11", "-Wall", "-Werror", "-I", artifact, "-c", artifact / "model_data.cc"]
@@ -503,6 +545,27 @@ def test_c_literals_and_sparse_filterbank():
     assert tables.window_samples == 40 * 256 + 512
     assert edge.arena_with_margin(10_000) == (12_048, 2_048)
     assert edge.arena_with_margin(100_000) == (110_000, 10_000)
+
+
+@pytest.mark.parametrize("sample_rate_hz", [16000, 22050, 44100])
+def test_level_header_carries_the_levels_stage_a_weighting(sample_rate_hz):
+    config = FeatureConfig(sample_rate_hz=sample_rate_hz, n_fft=512, hop_length=256, n_mels=40, fmin_hz=50.0)
+    d, a = parse_header(cexport.features_header(edge.feature_tables(config)))
+    sos = levels.weighting_sos("A", sample_rate_hz)
+    assert d["SOUNDSHARD_LEVEL_A_SECTIONS"] == len(sos) and d["SOUNDSHARD_LEVEL_A_SOS_SIZE"] == sos.size
+    emitted = a["kSoundshardLevelASos"].reshape(-1, 6).astype(np.float32)  # what the C compiler reads
+    np.testing.assert_array_equal(emitted, sos.astype(np.float32))
+    np.testing.assert_array_equal(cexport.level_a_sos(sample_rate_hz), sos.astype(np.float32))
+    assert (emitted[:, 3] == 1.0).all()  # a0 = 1: the C cascade leaves it out
+    assert d["SOUNDSHARD_LEVEL_SILENCE_DB"] == levels.SILENCE_DB
+    assert 10 * np.log10(d["SOUNDSHARD_LEVEL_FLOOR_MEAN_SQUARE"]) == pytest.approx(levels.SILENCE_DB)
+    # the golden LAeq is the levels stage's over the window, the filter from rest
+    rng = np.random.default_rng(7)
+    audio = np.stack([0.1 * rng.standard_normal(sample_rate_hz // 2), np.zeros(sample_rate_hz // 2)])
+    got = cexport.golden_laeq_db(audio, sample_rate_hz=sample_rate_hz)
+    blocks = levels.recording_blocks(audio[0], sample_rate_hz=sample_rate_hz)
+    laeq = levels.span_levels(blocks, span_s=1, sample_rate_hz=sample_rate_hz)["laeq"]
+    assert got[0] == pytest.approx(laeq[0], abs=1e-9) and got[1] == levels.SILENCE_DB
 
 
 def test_demo_ends_with_an_edge_artifact(edge_model, demo_features, tmp_path, capsys):

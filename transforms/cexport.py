@@ -1,4 +1,4 @@
-"""C sources of the edge artifact: model array, feature constants and golden vectors (text only).
+"""C sources of the edge artifact: model array, feature and sound-level code, golden vectors (text only).
 
 Everything here returns file contents as strings; nothing is written. The files compile as C11
 (``cc -std=c11 -Wall -Werror``) and ``model_data.cc`` as C++11 (TensorFlow Lite Micro's
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from soundshard.transforms import melspec
+from soundshard.transforms import levels, melspec
 from soundshard.transforms.edge import FeatureTables
 
 _LOG_COMPRESSION_CODES = {"none": 0, "db": 1, "log": 2}
@@ -171,10 +171,112 @@ def model_data_files(
     return {"model_data.h": header, "model_data.cc": source, "model_data.c": source}
 
 
+def level_a_sos(sample_rate_hz: int) -> np.ndarray:
+    """float32 ``[n_sections, 6]`` A-weighting sections the header carries: ``levels.weighting_sos``
+    rounded to float32 (scipy layout ``b0 b1 b2 a0 a1 a2``, ``a0 = 1``)."""
+    return levels.weighting_sos("A", sample_rate_hz).astype(np.float32)
+
+
+def golden_laeq_db(audio: np.ndarray, *, sample_rate_hz: int) -> np.ndarray:
+    """float64 ``[n]`` LAeq (dBFS) of each golden window as the levels stage computes it: the
+    A-weighting filter from rest over the window's samples, ``10 log10`` of their mean square
+    (digital silence reads ``levels.SILENCE_DB``)."""
+    return np.array(
+        [
+            float(levels.db(np.mean(levels.weighted(row, weighting="A", sample_rate_hz=sample_rate_hz) ** 2)))
+            for row in np.asarray(audio).reshape(len(audio), -1)
+        ]
+    )
+
+
+def _level_lines(sample_rate_hz: int) -> list[str]:
+    sos = level_a_sos(sample_rate_hz)
+    n = len(sos)
+    return [
+        "/* Sound level: LAeq of the samples the features are computed from, as the levels stage",
+        " * (soundshard.transforms.levels) computes it, so a sensor reports the levels of the archive.",
+        " *",
+        " * A weighting (IEC 61672-1) for SOUNDSHARD_SAMPLE_RATE_HZ: SOUNDSHARD_LEVEL_A_SECTIONS",
+        " * second-order sections in kSoundshardLevelASos, 6 coefficients each in the order",
+        " * b0 b1 b2 a0 a1 a2 (a0 = 1), run in cascade as transposed direct form II:",
+        " *   y = b0 x + z0;  z0 = b1 x - a1 y + z1;  z1 = b2 x - a2 y.",
+        " * Filter state and arithmetic are float (single-precision FPU); the sum of squared",
+        " * A-weighted samples is double and the count 64-bit, so hours of audio keep full precision.",
+        " *",
+        " *   soundshard_level_state s;",
+        " *   soundshard_level_reset(&s);                 start of a recording: filter at rest",
+        " *   soundshard_level_process(&s, samples, n);   any block sizes, in order",
+        " *   double laeq = soundshard_level_laeq_db(&s); dBFS since the last reset or interval start",
+        " *   soundshard_level_start_interval(&s);        next interval (e.g. per second): sums",
+        " *                                               cleared, filter state kept",
+        " *",
+        " * LAeq = 10 log10(sum of squares / count) re digital full scale (a full-scale sine reads",
+        " * -3.01 dB); no samples or digital silence read SOUNDSHARD_LEVEL_SILENCE_DB. Add the",
+        " * microphone's calibration (dB SPL of 0 dBFS) for dB SPL. No allocation, C11. */",
+        f"#define SOUNDSHARD_LEVEL_A_SECTIONS {n}",
+        f"#define SOUNDSHARD_LEVEL_A_SOS_SIZE {6 * n}",
+        f"#define SOUNDSHARD_LEVEL_SILENCE_DB ({levels.SILENCE_DB!r})",
+        f"#define SOUNDSHARD_LEVEL_FLOOR_MEAN_SQUARE {10.0 ** (levels.SILENCE_DB / 10.0)!r}",
+        "",
+        "static const float kSoundshardLevelASos[SOUNDSHARD_LEVEL_A_SOS_SIZE] = {",
+        c_values(sos, kind="float", per_line=6),
+        "};",
+        "",
+        "typedef struct soundshard_level_state {",
+        "  float z[SOUNDSHARD_LEVEL_A_SECTIONS][2]; /* transposed direct form II state per section */",
+        "  double sum_sq;                           /* sum of squared A-weighted samples */",
+        "  uint64_t n_samples;                      /* samples in sum_sq */",
+        "} soundshard_level_state;",
+        "",
+        "/* Clears the sums; the filter keeps running (consecutive intervals of one recording). */",
+        "static inline void soundshard_level_start_interval(soundshard_level_state* state) {",
+        "  state->sum_sq = 0.0;",
+        "  state->n_samples = 0;",
+        "}",
+        "",
+        "/* Filter at rest and sums cleared: the start of a recording. */",
+        "static inline void soundshard_level_reset(soundshard_level_state* state) {",
+        "  for (int s = 0; s < SOUNDSHARD_LEVEL_A_SECTIONS; ++s) state->z[s][0] = state->z[s][1] = 0.0f;",
+        "  soundshard_level_start_interval(state);",
+        "}",
+        "",
+        "/* Runs n samples (float, full scale +-1.0) through the A weighting and adds their squares. */",
+        "static inline void soundshard_level_process(soundshard_level_state* state, const float* samples,",
+        "                                            int n) {",
+        "  double sum = 0.0;",
+        "  for (int i = 0; i < n; ++i) {",
+        "    float x = samples[i];",
+        "    for (int s = 0; s < SOUNDSHARD_LEVEL_A_SECTIONS; ++s) {",
+        "      const float* c = &kSoundshardLevelASos[6 * s];",
+        "      float* z = state->z[s];",
+        "      float y = c[0] * x + z[0];",
+        "      z[0] = c[1] * x - c[4] * y + z[1];",
+        "      z[1] = c[2] * x - c[5] * y;",
+        "      x = y;",
+        "    }",
+        "    sum += (double)x * (double)x;",
+        "  }",
+        "  state->sum_sq += sum;",
+        "  state->n_samples += n > 0 ? (uint64_t)n : 0u;",
+        "}",
+        "",
+        "/* LAeq in dBFS of the samples since the last reset or interval start. */",
+        "static inline double soundshard_level_laeq_db(const soundshard_level_state* state) {",
+        "  double mean_square = state->n_samples ? state->sum_sq / (double)state->n_samples : 0.0;",
+        "  return mean_square > SOUNDSHARD_LEVEL_FLOOR_MEAN_SQUARE ? 10.0 * log10(mean_square)",
+        "                                                         : SOUNDSHARD_LEVEL_SILENCE_DB;",
+        "}",
+        "",
+    ]
+
+
 def features_header(tables: FeatureTables) -> str:
     """``soundshard_features.h``: the constants and tables a device needs to compute the model's features.
 
-    Header-only (``static const`` tables), in the steps of ``soundshard.transforms.melspec``.
+    Header-only (``static const`` tables), in the steps of ``soundshard.transforms.melspec``; and
+    the A-weighted sound level of ``soundshard.transforms.levels`` (``static inline``
+    ``soundshard_level_reset``, ``soundshard_level_process``, ``soundshard_level_laeq_db``, with
+    the weighting's sections for the features' sample rate in ``kSoundshardLevelASos``).
     """
     c = tables.config
     ref_db = 10.0 * math.log10(max(c.db_ref, c.amin))
@@ -199,11 +301,13 @@ def features_header(tables: FeatureTables) -> str:
         "   2 = subtract the mean, divide by max(std, SOUNDSHARD_NORM_STD_FLOOR); 0 = none;",
         "9. quantise to the model's int8 input (model_data.h).",
         "Windows start every SOUNDSHARD_WINDOW_HOP_FRAMES frames.",
+        "",
+        "Sound level: the A-weighted LAeq of the same samples (soundshard_level_*, at the end).",
     ]
     lines = [
         _banner("Log-mel feature constants for the device.", steps),
         "#ifndef SOUNDSHARD_FEATURES_H_\n#define SOUNDSHARD_FEATURES_H_\n",
-        "#include <stdint.h>\n",
+        "#include <math.h>\n#include <stdint.h>\n",
         f"#define SOUNDSHARD_FEATURES_FINGERPRINT {c_string(c.fingerprint)}",
         f"#define SOUNDSHARD_SAMPLE_RATE_HZ {c.sample_rate_hz}",
         f"#define SOUNDSHARD_N_FFT {c.n_fft}",
@@ -244,6 +348,7 @@ def features_header(tables: FeatureTables) -> str:
         c_values(tables.weights, kind="float", per_line=6),
         "};",
         "",
+        *_level_lines(c.sample_rate_hz),
         "#endif  /* SOUNDSHARD_FEATURES_H_ */",
         "",
     ]
@@ -258,24 +363,30 @@ def golden_files(
     outputs: np.ndarray,
     labels: np.ndarray,
     clip_names: Sequence[str],
+    sample_rate_hz: int,
 ) -> dict[str, str]:
     """``golden_vectors.h`` and ``golden_vectors.c``: a few held-out windows end to end.
 
     Args:
-        audio: float32 ``[n, window_samples]`` the samples the device frames.
+        audio: float32 ``[n, window_samples]`` the samples the device frames (and measures the
+            level of: ``g_golden_laeq_db`` is :func:`golden_laeq_db` of them).
         features: float32 ``[n, n_mels, window_frames]`` the training features of those windows.
         inputs: int8 ``[n, n_mels, window_frames]`` the quantised model inputs.
         outputs: int8 ``[n, n_labels]`` TensorFlow Lite Micro's outputs.
         labels: int ``[n]`` true label index.
         clip_names: ``[n]`` clip id and window of each.
+        sample_rate_hz: Rate of ``audio`` (the features').
     """
     n = len(audio)
+    laeq = golden_laeq_db(audio, sample_rate_hz=sample_rate_hz)
     header = (
         _banner(
             "Golden vectors: held-out windows from audio to the expected int8 output.",
             [
                 "g_golden_audio[i] -> (soundshard_features.h steps) -> g_golden_features[i] -> (quantise) ->",
                 "g_golden_input[i] -> (model) -> g_golden_output[i] (TFLite Micro, bit-exact).",
+                "g_golden_laeq_db[i]: LAeq (dBFS) of g_golden_audio[i], the A-weighting filter from rest",
+                "(soundshard_level_reset, soundshard_level_process over the window).",
             ],
         )
         + "#ifndef SOUNDSHARD_GOLDEN_VECTORS_H_\n#define SOUNDSHARD_GOLDEN_VECTORS_H_\n\n"
@@ -290,7 +401,8 @@ def golden_files(
         "extern const int8_t g_golden_input[SOUNDSHARD_GOLDEN_N][SOUNDSHARD_GOLDEN_FEATURE_SIZE];\n"
         "extern const int8_t g_golden_output[SOUNDSHARD_GOLDEN_N][SOUNDSHARD_GOLDEN_OUTPUT_SIZE];\n"
         "extern const int g_golden_label[SOUNDSHARD_GOLDEN_N];\n"
-        "extern const char* const g_golden_clip[SOUNDSHARD_GOLDEN_N];\n\n"
+        "extern const char* const g_golden_clip[SOUNDSHARD_GOLDEN_N];\n"
+        "extern const float g_golden_laeq_db[SOUNDSHARD_GOLDEN_N];\n\n"
         '#ifdef __cplusplus\n}  /* extern "C" */\n#endif\n\n'
         "#endif  /* SOUNDSHARD_GOLDEN_VECTORS_H_ */\n"
     )
@@ -320,5 +432,6 @@ def golden_files(
         "const char* const g_golden_clip[SOUNDSHARD_GOLDEN_N] = {"
         + ", ".join(c_string(name) for name in clip_names)
         + "};\n"
+        f"const float g_golden_laeq_db[SOUNDSHARD_GOLDEN_N] = {{{', '.join(c_float(v) for v in laeq)}}};\n"
     )
     return {"golden_vectors.h": header, "golden_vectors.c": source}
