@@ -46,9 +46,11 @@ from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig, RecordingConfig, attribute_docs, load_feature_config
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
+from soundshard.schemas.levels import BANDS, LevelConfig
 from soundshard.schemas.uris import redact
-from soundshard.transforms import augment, ledger, shards, sources, strong_labels
+from soundshard.transforms import augment, ledger, level_tables, shards, sources, strong_labels
 from soundshard.transforms.features import SOURCE_RATES_HZ, AssignWindowLabels, ComputeLogMel, PlanUnits
+from soundshard.transforms.tables import WriteTables
 
 _LOG = logging.getLogger(__name__)
 #: Exit codes of the commands that run pipelines (features, embed, tag).
@@ -287,6 +289,103 @@ def feature_config_from_args(args: argparse.Namespace) -> FeatureConfig:
     return FeatureConfig.from_dict(overrides)
 
 
+def add_level_flags(parser: argparse.ArgumentParser, *, default: bool) -> None:
+    """The levels stage's flags (``features``: off by default; ``tag``: on)."""
+    group = parser.add_argument_group(
+        "sound levels (IEC 61672-1: LAeq, LCeq, LAFmax, L10/L50/L90, SEL, bands)"
+    )
+    group.add_argument(
+        "--levels",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="Write the levels tables (levels_second, levels_interval, levels_hourly, lden) under "
+        "<output>/<format>/. Default: %(default)s.",
+    )
+    group.add_argument(
+        "--level-interval-s",
+        type=float,
+        default=60.0,
+        help="Seconds per row of levels_interval (a whole number). Default: %(default)s.",
+    )
+    group.add_argument(
+        "--level-bands",
+        choices=BANDS,
+        default="none",
+        help="Band levels (LZeq per IEC 61260 band) in levels_interval. Default: %(default)s.",
+    )
+    group.add_argument(
+        "--level-offset-db",
+        type=float,
+        default=None,
+        help="Calibration: dB SPL that 0 dBFS stands for (94 minus what a 94 dB calibrator reads "
+        "in dBFS). Without it (and without a manifest column level_offset_db or a "
+        "--calibration-table entry) levels are dBFS. Default: none.",
+    )
+    group.add_argument(
+        "--calibration-table",
+        default=None,
+        help="CSV of per-sensor calibration: columns site, level_offset_db and optionally "
+        "deployment (sites from --site_pattern). Default: none.",
+    )
+
+
+def calibration_table(uri: str) -> tuple[tuple[str, float], ...]:
+    """``(site or site/deployment, offset_db)`` pairs of a calibration CSV (ConfigError names the
+    file and row of a bad value)."""
+    import csv
+    import io
+
+    try:
+        with FileSystems.open(uri) as f:
+            text = f.read().decode("utf-8-sig")
+    except Exception as exc:  # noqa: BLE001 - any storage failure is a config error here
+        raise ConfigError(f"--calibration-table {redact(uri)!r} cannot be read: {exc}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = set(reader.fieldnames or ())
+    if not {"site", "level_offset_db"} <= columns:
+        raise ConfigError(
+            f"--calibration-table {redact(uri)!r} needs columns 'site' and 'level_offset_db' "
+            f"(has {sorted(columns)})"
+        )
+    pairs = []
+    for line, row in enumerate(reader, start=2):
+        key = row["site"].strip()
+        if row.get("deployment", "").strip():
+            key += "/" + row["deployment"].strip()
+        try:
+            value = float(row["level_offset_db"])
+        except ValueError:
+            raise ConfigError(
+                f"--calibration-table {redact(uri)!r} line {line}: level_offset_db="
+                f"{row['level_offset_db']!r} is not a number"
+            ) from None
+        if not key:
+            raise ConfigError(f"--calibration-table {redact(uri)!r} line {line}: empty site")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def level_config_from_args(args: argparse.Namespace) -> LevelConfig | None:
+    """The LevelConfig of the level flags, or ``None`` without ``--levels``."""
+    if not getattr(args, "levels", False):
+        return None
+    table = calibration_table(args.calibration_table) if args.calibration_table else ()
+    try:
+        return LevelConfig(
+            interval_s=args.level_interval_s,
+            bands=args.level_bands,
+            offset_db=args.level_offset_db,
+            timezone=args.timezone,
+            site_offsets_db=table,
+        )
+    except ConfigError as exc:
+        flag = {"interval_s": "--level-interval-s", "offset_db": "--level-offset-db"}
+        message = str(exc)
+        for name, option in flag.items():
+            message = message.replace(f"{name}=", f"{option}=")
+        raise ConfigError(message) from None
+
+
 def make_parser(prog: str = "soundshard features") -> argparse.ArgumentParser:
     """Argument parser of the features command (Beam flags pass through)."""
     parser = argparse.ArgumentParser(
@@ -297,6 +396,7 @@ def make_parser(prog: str = "soundshard features") -> argparse.ArgumentParser:
     )
     FeaturesOptions._add_argparse_args(parser)
     add_label_args(parser)
+    add_level_flags(parser, default=False)
     add_feature_flags(parser)
     parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
     return parser
@@ -381,6 +481,7 @@ class FeatureRun:
     keep_fetched: bool = False
     source_rates_hz: tuple[int, int] = SOURCE_RATES_HZ
     min_label_overlap: float = strong_labels.MIN_OVERLAP
+    levels: LevelConfig | None = None
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -389,9 +490,9 @@ def build(p: beam.Pipeline, run: FeatureRun):
     Returns:
         dict of PCollections: ``units`` (WorkUnit), ``windows`` (WindowBatch), ``dead_letters``
         (DeadLetter), ``summaries`` (FileSummary), ``written`` (WrittenShard), ``dataset``
-        (dataset.json path).
+        (dataset.json path) and, with levels, ``level_rows`` (TableRows).
     """
-    compute = ComputeLogMel(run.config, progress_dir=run.progress_dir)
+    compute = ComputeLogMel(run.config, progress_dir=run.progress_dir, levels=run.levels)
     return compose(p, run, label="ComputeLogMel", compute=compute)
 
 
@@ -427,6 +528,16 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         extra_columns=listing.extra_columns,
         n_shards=n_shards,
     )
+    level_files = level_rows = level_hours = None
+    if run.levels is not None:
+        measured = front["levels"] | "RecordingLevels" >> level_tables.RecordingLevels(run.levels)
+        level_rows, level_hours = measured["rows"], measured["hours"]
+        spec = run.spec
+        level_files = level_rows | "WriteLevelTables" >> WriteTables(
+            temp_dir=shards.join(spec.temp_dir, "levels"),
+            formats=level_tables.FORMATS,
+            partition=f"run_date={spec.run_date}" if spec.incremental else "",
+        )
     dataset = p | "CommitDataset" >> shards.CommitDataset(
         items=items,
         written=written,
@@ -440,8 +551,11 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         n_inputs=listing.n_inputs,
         manifest=run.manifest,
         label_counts=labelled.label_counts,
+        level_files=level_files,
+        level_hours=level_hours,
+        levels=run.levels,
     )
-    return {
+    out = {
         "units": front["units"],
         "windows": windows,
         "dead_letters": dead_letters,
@@ -449,6 +563,9 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         "written": written,
         "dataset": dataset,
     }
+    if level_rows is not None:
+        out["level_rows"] = level_rows
+    return out
 
 
 def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTransform) -> dict:
@@ -462,7 +579,8 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
 
     Returns:
         dict of PCollections: ``items`` (SourceItem), ``units`` (WorkUnit), ``windows``,
-        ``summaries`` (FileSummary) and ``dead_letters`` (of listing, planning and compute).
+        ``summaries`` (FileSummary), ``dead_letters`` (of listing, planning and compute) and,
+        when ``run.levels`` is set, ``levels`` (UnitLevels).
     """
     listing = run.listing
     items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
@@ -490,6 +608,7 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         "windows": computed["windows"],
         "summaries": computed["summaries"],
         "dead_letters": dead_letters,
+        **({"levels": computed["levels"]} if getattr(run, "levels", None) is not None else {}),
     }
 
 
@@ -601,10 +720,13 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
     if config is None:
         config = feature_config_from_args(args)
     augmentations = augment.parse_augmentations(getattr(args, "augment", None))
+    level_config = level_config_from_args(args)
     if augmentations and not isinstance(config, FeatureConfig):
         raise ConfigError("--augment makes log-mel copies; it is an option of `soundshard features` only")
     taken = take_sources(args, fingerprint=config.fingerprint)
     listing, run_date, recording = taken.listing, taken.run_date, taken.recording
+    if level_config is not None:
+        level_tables.check_offsets(taken.listing.items)
     committed, unchanged = taken.committed_runs, taken.unchanged
     output = args.output.rstrip("/")
     formats = shards.FORMATS if args.format == "both" else (args.format,)
@@ -642,6 +764,11 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
             else None
         ),
         "extra_columns": [fields.EXTRA_PREFIX + c for c in listing.extra_columns],
+        "levels": (
+            level_tables.summary(level_config, sample_rate_hz=config.sample_rate_hz)
+            if level_config is not None
+            else None
+        ),
         "sources": {"input": args.input, "manifest": args.manifest},
         "incremental": (
             {"run_date": run_date, "unchanged_skipped": len(unchanged), "earlier_runs": len(committed)}
@@ -666,6 +793,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         augmentations=augmentations,
         source_rates_hz=rates_hz,
         min_label_overlap=args.min_label_overlap if labels is not None else strong_labels.MIN_OVERLAP,
+        levels=level_config,
     )
 
 

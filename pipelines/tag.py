@@ -61,11 +61,12 @@ from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
+from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.records import SourceItem
 from soundshard.schemas.tagging import AGGREGATIONS, RULE_DEFAULTS, TagConfig, parse_thresholds
 from soundshard.schemas.uris import redact
 from soundshard.transforms import annotations as ann
-from soundshard.transforms import ledger, models, plots, shards, sources, tagging
+from soundshard.transforms import ledger, level_tables, models, plots, shards, sources, tables, tagging
 from soundshard.transforms import snippets as snip
 from soundshard.transforms.embeddings import ComputeEmbeddings, check_model, model_digest
 from soundshard.transforms.features import SOURCE_RATES_HZ, ComputeLogMel
@@ -107,6 +108,7 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     out = parser.add_argument_group("tables")
     out.add_argument("--format", default="both", choices=("both", *FORMATS), help="Table formats to write.")
+    features.add_level_flags(parser, default=True)
     out.add_argument(
         "--top_k",
         "--top-k",
@@ -486,6 +488,7 @@ class TagRun:
     source_rates_hz: tuple[int, int] = SOURCE_RATES_HZ
     plot: plots.PlotOptions | None = None
     snippets: snip.SnippetOptions | None = None
+    levels: LevelConfig | None = None
 
     @property
     def temp_dir(self) -> str:
@@ -534,11 +537,14 @@ def prepare(args: argparse.Namespace) -> TagRun:
                 f"embedding model {config.model_uri!r} changed since the classifier was trained"
             )
     tag = tag_config_from_args(args, description)
+    level_config = features.level_config_from_args(args)
     digest = model_digest(model_uri)
     fingerprint = hashlib.sha256(
         json.dumps([digest, config.fingerprint, tag.to_dict()], sort_keys=True).encode()
     ).hexdigest()[:16]
     taken = features.take_sources(args, fingerprint=fingerprint)
+    if level_config is not None:
+        level_tables.check_offsets(taken.listing.items)
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     formats = FORMATS if args.format == "both" else (args.format,)
     label_files = tuple(k for k in tagging.LABEL_FILES if getattr(args, k))
@@ -557,6 +563,11 @@ def prepare(args: argparse.Namespace) -> TagRun:
         "feature_fingerprint": config.fingerprint,
         "feature_config": config.to_dict(),
         "feature_column": fields.feature_column_of(config),
+        "levels": (
+            level_tables.summary(level_config, sample_rate_hz=config.sample_rate_hz)
+            if level_config is not None
+            else None
+        ),
         "window_s": config.window_s,
         "window_hop_s": config.window_hop_s,
         "tag_config": tag.to_dict(),
@@ -588,6 +599,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
         },
     }
     return TagRun(
+        levels=level_config,
         listing=taken.listing,
         config=config,
         tag=tag,
@@ -623,10 +635,10 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         ``summaries`` (FileSummary) and ``manifest`` (the path of ``run.json``).
     """
     if isinstance(run.config, EmbeddingConfig):
-        compute = ComputeEmbeddings(run.config, progress_dir=run.progress_dir)
+        compute = ComputeEmbeddings(run.config, progress_dir=run.progress_dir, levels=run.levels)
         label = "ComputeEmbeddings"
     else:
-        compute = ComputeLogMel(run.config, progress_dir=run.progress_dir)
+        compute = ComputeLogMel(run.config, progress_dir=run.progress_dir, levels=run.levels)
         label = "ComputeLogMel"
     front = features.decode_and_compute(p, run, label=label, compute=compute)
     handler = handler or tagging.ClassifierHandler(
@@ -635,6 +647,8 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
     level = isinstance(run.config, FeatureConfig) and run.config.log_compression == "db"
     scored = front["windows"] | "ScoreWindows" >> tagging.ScoreWindows(handler, level=level)
     recordings = {"scored": scored["scored"], "summaries": front["summaries"]}
+    if run.levels is not None:
+        recordings["levels"] = front["levels"]
     if run.plot is not None and run.plot.grid is not None:
         recordings["images"] = {
             "windows": front["windows"],
@@ -647,6 +661,7 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         high_freq_hz=run.high_freq_hz,
         plot=run.plot,
         tagged=run.snippets is not None,
+        levels=run.levels,
     )
     table_moves = tagged["rows"] | "WriteTables" >> tagging.WriteTables(
         temp_dir=run.temp_dir, formats=run.formats, partition=run.partition
@@ -686,6 +701,13 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         hourly=beam.pvalue.AsList(hourly),
         output_dead_letters=beam.pvalue.AsList(output_dead),
     )
+    if run.levels is not None:
+        side["level_hours"] = beam.pvalue.AsList(
+            tagged["level_hours"] | "CombineLevelHours" >> beam.CombinePerKey(level_tables.combine_hours)
+        )
+        side["label_energy"] = beam.pvalue.AsList(
+            tagged["label_energy"] | "CombineLabelEnergy" >> beam.CombinePerKey(sum)
+        )
     if run.run_date is not None:
         side["items"] = beam.pvalue.AsList(front["items"])
     manifest = p | "CommitTrigger" >> beam.Create([None]) | "Commit" >> beam.ParDo(_CommitFn(run), **side)
@@ -708,7 +730,17 @@ class _CommitFn(beam.DoFn):
         self._run = run
 
     def process(
-        self, _, moves, dead_letters, summaries, hourly, items=(), output_dead_letters=(), snippet_index=()
+        self,
+        _,
+        moves,
+        dead_letters,
+        summaries,
+        hourly,
+        items=(),
+        output_dead_letters=(),
+        snippet_index=(),
+        level_hours=(),
+        label_energy=(),
     ):
         run = self._run
         manifest = json.loads(json.dumps(run.manifest))
@@ -720,13 +752,19 @@ class _CommitFn(beam.DoFn):
             if move.kind in tagging.TABLES and move.relative.endswith(f".{run.formats[0]}"):
                 rows[move.kind] += move.rows
                 by_label.update(dict(move.labels))
-        hourly_rows = tagging.hourly_table(hourly)
-        rows["hourly"] = hourly_rows.num_rows
-        if hourly_rows.num_rows:
-            for fmt, data in tagging.table_files(hourly_rows, run.formats).items():
-                relative = self._name("hourly", 0, fmt)
-                final_moves.append(self._temp_file(relative, data))
-                outputs["hourly"].append(relative)
+        level_hours = list(level_hours)
+        shares = level_tables.energy_shares(label_energy, level_hours) if run.levels is not None else None
+        combined = {"hourly": tagging.hourly_table(hourly, shares=shares)}
+        if run.levels is not None:
+            combined["levels_hourly"] = level_tables.hourly_levels_table(level_hours)
+            combined["lden"] = level_tables.lden_table(level_hours, timezone=run.levels.timezone)
+        for table, content in combined.items():
+            rows[table] = content.num_rows
+            if content.num_rows:
+                for fmt, data in tagging.table_files(content, run.formats).items():
+                    relative = self._name(table, 0, fmt)
+                    final_moves.append(self._temp_file(relative, data))
+                    outputs[table].append(relative)
         label_files = collections.Counter(m.kind for m in moves if m.kind in tagging.LABEL_FILES)
         dead_name = shards.dead_letters_name(run_id=run.run_id, run_date=run.run_date)
         every_dead = [*dead_letters, *output_dead_letters]
@@ -756,6 +794,10 @@ class _CommitFn(beam.DoFn):
         figures["wall_s"] = round(wall_s, 3)
         figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
         figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
+        if run.levels is not None:
+            figures["level_rows"] = {
+                t: rows[t] for t in (*level_tables.RECORDING_TABLES, *level_tables.COMBINED_TABLES)
+            }
         manifest["figures"] = figures
         manifest["counts"] = summary["counts"]
         manifest["tables"] = dict(outputs)
@@ -817,25 +859,20 @@ class _CommitFn(beam.DoFn):
 
     def _name(self, table: str, index: int, fmt: str) -> str:
         run = self._run
-        return posixpath.join(fmt, table, run.partition, f"part-{run.run_id}-{index:05d}.{fmt}")
+        return tables.table_name(table, index, fmt, run_id=run.run_id, partition=run.partition)
 
     def _table_moves(self, moves) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
         """Final names: table files numbered per table (a part's Parquet and CSV share a number)."""
         run = self._run
         out, outputs = [], collections.defaultdict(list)
-        parts = collections.defaultdict(list)
         for move in moves:
-            if move.kind in tagging.TABLES:
-                parts[move.kind].append(move)
-            else:
+            if move.kind not in tagging.TABLES:
                 out.append((move.temp_path, shards.join(run.output, move.relative)))
-        for table in tagging.TABLES:
-            stems = sorted({_stem(m.relative) for m in parts[table]})
-            number = {stem: i for i, stem in enumerate(stems)}
-            for move in sorted(parts[table], key=lambda m: m.relative):
-                relative = self._name(table, number[_stem(move.relative)], move.relative.rsplit(".", 1)[1])
-                out.append((move.temp_path, shards.join(run.output, relative)))
-                outputs[table].append(relative)
+        for move, relative in tables.numbered(
+            moves, tables=tagging.TABLES, run_id=run.run_id, partition=run.partition
+        ):
+            out.append((move.temp_path, shards.join(run.output, relative)))
+            outputs[move.kind].append(relative)
         return out, outputs
 
     def _temp_file(self, relative: str, data: bytes) -> tuple[str, str]:
@@ -855,10 +892,6 @@ class _CommitFn(beam.DoFn):
             if paths:
                 stale[folder] = paths
         return stale
-
-
-def _stem(relative: str) -> str:
-    return posixpath.splitext(posixpath.basename(relative))[0]
 
 
 # -- command ----------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ class LevelConfig(ConfigSerialization):
             in a calibration table takes precedence.
         timezone: IANA time zone of the day/evening/night periods of Lden (07-19, 19-23, 23-07
             local time).
+        site_offsets_db: Calibration per sensor: ``(key, offset_db)`` pairs, ``key`` a site or
+            ``site/deployment`` (from a calibration table); a deployment's entry wins over its
+            site's.
     """
 
     _WHAT = "level"
@@ -38,8 +41,17 @@ class LevelConfig(ConfigSerialization):
     bands: str = "none"
     offset_db: float | None = None
     timezone: str = "UTC"
+    site_offsets_db: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "site_offsets_db", tuple((str(k), float(v)) for k, v in self.site_offsets_db)
+        )
+        for key, value in self.site_offsets_db:
+            if not (math.isfinite(value) and -50 <= value <= 250):
+                raise ConfigError(
+                    f"calibration of {key!r}: {value} must be a finite number of dB in [-50, 250]"
+                )
         if not (
             math.isfinite(self.interval_s) and self.interval_s >= 1 and float(self.interval_s).is_integer()
         ):
@@ -56,3 +68,9 @@ class LevelConfig(ConfigSerialization):
             zoneinfo.ZoneInfo(self.timezone)
         except Exception as exc:  # noqa: BLE001 - ZoneInfoNotFoundError, ValueError on bad names
             raise ConfigError(f"timezone={self.timezone!r} is not an IANA time zone name") from exc
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists for the pairs)."""
+        values = dataclasses.asdict(self)
+        values["site_offsets_db"] = [list(pair) for pair in self.site_offsets_db]
+        return values

@@ -47,6 +47,7 @@ from soundshard.schemas.errors import ConfigError, DataError
 from soundshard.schemas.records import FileSummary, WorkUnit
 from soundshard.transforms.features import (
     DEAD_LETTERS,
+    LEVELS,
     NAMESPACE,
     SUMMARIES,
     DecodeUnitFn,
@@ -1062,8 +1063,8 @@ class EmbeddingModelHandler(ModelHandler[EmbeddingInput, PredictionResult, Embed
 class _WindowsFn(DecodeUnitFn):
     """Decodes one work unit and emits its windows, one :class:`EmbeddingInput` each (streamed)."""
 
-    def __init__(self, config: EmbeddingConfig, progress_dir: str | None = None):
-        super().__init__(FrameGrid.from_config(config), progress_dir, role="decode")
+    def __init__(self, config: EmbeddingConfig, progress_dir: str | None = None, levels=None):
+        super().__init__(FrameGrid.from_config(config), progress_dir, role="decode", levels=levels)
 
     def process_audio(self, unit: WorkUnit, audio, span, where: str):
         grid: FrameGrid = self._grid
@@ -1215,6 +1216,7 @@ class ComputeEmbeddings(beam.PTransform):
         min_batch_size, max_batch_size, large_model: See :class:`EmbeddingModelHandler`.
         model_handler: Replaces the handler built from the other arguments (tests).
         progress_dir: Local folder for progress files of local runs, or ``None``.
+        levels: What the levels stage measures (a ``levels`` output of UnitLevels), or ``None``.
     """
 
     def __init__(
@@ -1226,9 +1228,11 @@ class ComputeEmbeddings(beam.PTransform):
         large_model: bool = False,
         model_handler: ModelHandler | None = None,
         progress_dir: str | None = None,
+        levels=None,
     ):
         super().__init__()
         self._config = config
+        self._levels = levels
         self._handler = model_handler or EmbeddingModelHandler(
             config, min_batch_size=min_batch_size, max_batch_size=max_batch_size, large_model=large_model
         )
@@ -1236,8 +1240,8 @@ class ComputeEmbeddings(beam.PTransform):
 
     def expand(self, units):
         framed = units | "DecodeAndFrame" >> beam.ParDo(
-            _WindowsFn(self._config, self._progress_dir)
-        ).with_outputs(DEAD_LETTERS, main="windows")
+            _WindowsFn(self._config, self._progress_dir, levels=self._levels)
+        ).with_outputs(DEAD_LETTERS, LEVELS, main="windows")
         inferred, failures = (
             framed.windows | "RunInference" >> RunInference(self._handler).with_exception_handling()
         )
@@ -1250,4 +1254,9 @@ class ComputeEmbeddings(beam.PTransform):
             collected[DEAD_LETTERS],
             failed,
         ) | "EmbeddingDeadLetters" >> beam.Flatten()
-        return {"windows": collected.windows, "dead_letters": dead_letters, "summaries": collected[SUMMARIES]}
+        return {
+            "windows": collected.windows,
+            "dead_letters": dead_letters,
+            "summaries": collected[SUMMARIES],
+            "levels": framed[LEVELS],
+        }

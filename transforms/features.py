@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -32,8 +33,18 @@ from soundshard.schemas.errors import (
     DataError,
     StorageError,
 )
-from soundshard.schemas.records import DeadLetter, FileSummary, LabelCount, SourceItem, WindowBatch, WorkUnit
+from soundshard.schemas.levels import LevelConfig
+from soundshard.schemas.records import (
+    DeadLetter,
+    FileSummary,
+    LabelCount,
+    SourceItem,
+    UnitLevels,
+    WindowBatch,
+    WorkUnit,
+)
 from soundshard.transforms import augment, melspec, strong_labels, units
+from soundshard.transforms import levels as level_maths
 from soundshard.transforms.audio import decode_audio
 from soundshard.transforms.sources import (
     FETCHED,
@@ -47,6 +58,7 @@ from soundshard.transforms.sources import (
 NAMESPACE = "soundshard"
 DEAD_LETTERS = "dead_letters"
 SUMMARIES = "summaries"
+LEVELS = "levels"
 LABEL_COUNTS = "label_counts"
 _LOG = logging.getLogger(__name__)
 
@@ -240,6 +252,10 @@ class WindowGrid(Protocol):
     def source_range(self, unit: WorkUnit) -> units.SourceRange:
         """Source frames a unit decodes (its samples plus a resampling margin)."""
 
+    @property
+    def window_hop_samples(self) -> int:
+        """Samples between the starts of consecutive windows."""
+
 
 @dataclasses.dataclass(frozen=True)
 class LogMelGrid:
@@ -266,6 +282,11 @@ class LogMelGrid:
     def window_s(self) -> float:
         """Seconds a window stands for."""
         return self.config.window_s
+
+    @property
+    def window_hop_samples(self) -> int:
+        """Samples between the starts of consecutive windows."""
+        return self.config.window_hop_frames * self.config.hop_length
 
     def recording_windows(self, *, source_frames: int, source_rate_hz: int) -> tuple[int, int]:
         """``(output_samples, total_windows)`` from a header (``units.recording_windows``)."""
@@ -576,13 +597,16 @@ def unit_where(unit: WorkUnit) -> str:
     return f"{item.uri} (windows {unit.first_window}..{last} of {unit.total_windows})"
 
 
-def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None):
+def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None, preroll_s: float = 0.0):
     """Decodes what a work unit needs: the whole recording, or its source range with a margin.
 
     Args:
         unit: The work unit.
         grid: Its window grid (rate, channel, resampler, source range).
         where: Name of the unit in messages (default :func:`unit_where`).
+        preroll_s: Seconds more to decode before a split unit's range, and the whole rest of the
+            recording for its last unit (the levels stage measures every sample, and its filters
+            settle in the pre-roll).
 
     Returns:
         ``(audio, span)``: the :class:`DecodedAudio` (mono, at ``grid.sample_rate_hz``) and the
@@ -595,6 +619,15 @@ def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None):
     """
     where = where or unit_where(unit)
     span = None if unit.n_units == 1 else grid.source_range(unit)
+    if span is not None and preroll_s > 0:
+        span = units.widen(
+            span,
+            before_frames=math.ceil(preroll_s * unit.source_sample_rate_hz),
+            to_end=unit.unit_index == unit.n_units - 1,
+            source_frames=unit.source_frames,
+            source_rate_hz=unit.source_sample_rate_hz,
+            rate_hz=grid.sample_rate_hz,
+        )
     with contextlib.ExitStack() as stack:
         kept = None
         if span is None and _remote_object(unit.source):
@@ -641,16 +674,27 @@ class DecodeUnitFn(beam.DoFn):
     same for every kind of window; a failure is a ``decode`` dead letter. Subclasses implement
     :meth:`process_audio`.
 
+    With ``levels``, each unit of an original recording (not of an augmented copy) also gives its
+    :class:`UnitLevels` on the ``levels`` output, measured on the decoded signal.
+
     Args:
         grid: The window grid units were planned on.
         progress_dir: Local folder for progress files of local runs, or ``None``.
         role: Name of this stage's progress file.
+        levels: What the levels stage measures, or ``None`` for no levels.
     """
 
-    def __init__(self, grid: WindowGrid, progress_dir: str | None = None, role: str = "features"):
+    def __init__(
+        self,
+        grid: WindowGrid,
+        progress_dir: str | None = None,
+        role: str = "features",
+        levels: LevelConfig | None = None,
+    ):
         self._grid = grid
         self._progress_dir = progress_dir
         self._role = role
+        self._levels = levels
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role=self._role)
@@ -660,14 +704,38 @@ class DecodeUnitFn(beam.DoFn):
 
     def process(self, unit: WorkUnit):
         where = unit_where(unit)
+        measure = self._levels is not None and unit.source.augmentation is None
         try:
-            audio, span = decode_unit(unit, self._grid, where=where)
+            audio, span = decode_unit(
+                unit, self._grid, where=where, preroll_s=level_maths.PREROLL_S if measure else 0.0
+            )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(unit.source, "decode", exc, where=where))
             self._progress.add(files=int(unit.unit_index == unit.n_units - 1))
         else:
+            if measure:
+                yield beam.pvalue.TaggedOutput(LEVELS, self._unit_levels(unit, audio, span))
             yield from self.process_audio(unit, audio, span, where)
         self._progress.add(units=1, audio_s=unit_audio_s(unit))
+
+    def _unit_levels(self, unit: WorkUnit, audio, span: units.SourceRange | None) -> UnitLevels:
+        """The unit's blocks: the samples from its first window's hop to the next unit's."""
+        hop = self._grid.window_hop_samples
+        own_start = 0 if unit.unit_index == 0 else unit.first_window * hop
+        last = unit.unit_index == unit.n_units - 1
+        own_end = len(audio.samples) if span is None else unit.output_samples
+        if not last:
+            own_end = (unit.first_window + unit.n_windows) * hop
+        blocks = level_maths.unit_blocks(
+            audio.samples,
+            sample_rate_hz=audio.sample_rate_hz,
+            offset=0 if span is None else span.output_offset,
+            own_start=own_start,
+            own_end=own_end,
+            bands=self._levels.bands,
+        )
+        count("level_blocks", blocks.n_blocks)
+        return UnitLevels(unit.source, audio.sample_rate_hz, blocks, unit.unit_index, unit.n_units)
 
     def process_audio(self, unit: WorkUnit, audio, span: units.SourceRange | None, where: str):
         """Outputs of one decoded unit (``span`` is ``None`` for a whole recording)."""
@@ -680,8 +748,10 @@ class DecodeUnitFn(beam.DoFn):
 class _LogMelFn(DecodeUnitFn):
     """Decodes one work unit and emits all its windows as one vectorised WindowBatch."""
 
-    def __init__(self, config: FeatureConfig, progress_dir: str | None = None):
-        super().__init__(LogMelGrid(config), progress_dir, role="features")
+    def __init__(
+        self, config: FeatureConfig, progress_dir: str | None = None, levels: LevelConfig | None = None
+    ):
+        super().__init__(LogMelGrid(config), progress_dir, role="features", levels=levels)
         self._config = config
 
     def setup(self):
@@ -762,22 +832,26 @@ class ComputeLogMel(beam.PTransform):
     """WorkUnits → WindowBatches (one per unit), dead letters and per-file summaries.
 
     ``expand`` returns Beam's outputs tuple: ``.windows`` (WindowBatch), ``.dead_letters``
-    (DeadLetter) and ``.summaries`` (FileSummary).
+    (DeadLetter), ``.summaries`` (FileSummary) and ``.levels`` (UnitLevels, with ``levels``).
 
     Args:
         config: Feature configuration (validated).
         progress_dir: Local folder for progress files of local runs, or ``None``.
+        levels: What the levels stage measures, or ``None`` for no levels.
     """
 
-    def __init__(self, config: FeatureConfig, *, progress_dir: str | None = None):
+    def __init__(
+        self, config: FeatureConfig, *, progress_dir: str | None = None, levels: LevelConfig | None = None
+    ):
         super().__init__()
         self._config = config
         self._progress_dir = progress_dir
+        self._levels = levels
 
     def expand(self, items):
         results = items | "DecodeAndFeaturize" >> beam.ParDo(
-            _LogMelFn(self._config, self._progress_dir)
-        ).with_outputs(DEAD_LETTERS, SUMMARIES, main="windows")
+            _LogMelFn(self._config, self._progress_dir, levels=self._levels)
+        ).with_outputs(DEAD_LETTERS, SUMMARIES, LEVELS, main="windows")
         return results
 
 

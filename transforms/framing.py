@@ -60,6 +60,11 @@ class FrameGrid:
         return self.window_samples / self.sample_rate_hz
 
     @property
+    def window_hop_samples(self) -> int:
+        """Samples between window starts (as ``hop_samples``; the name work units ask for)."""
+        return self.hop_samples
+
+    @property
     def hop_s(self) -> float:
         """Seconds between window starts."""
         return self.hop_samples / self.sample_rate_hz

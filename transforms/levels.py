@@ -8,8 +8,8 @@ interval, maxima and minima, statistical levels (L10/L50/L90 from 100 ms Leq), s
 Everything is kept as energy until the last step: a work unit of a long recording contributes the
 sums of squared weighted samples of the 100 ms blocks it owns, blocks cut by a unit boundary are
 completed by adding the two units' sums, and decibels are taken only of whole intervals. So a
-recording split into units gives the same levels as the whole file (the unit is decoded with a
-second of pre-roll, which settles the filters and the F time weighting before its first owned
+recording split into units gives the same levels as the whole file (the unit is decoded with two
+seconds of pre-roll, which settle the filters and the F time weighting before its first owned
 sample).
 
 Levels are computed on the analysis signal (mono, at the feature sample rate): the same signal the
@@ -41,7 +41,7 @@ SLOW_S = 1.0
 SILENCE_DB = -150.0
 _FLOOR = 10.0 ** (SILENCE_DB / 10.0)
 #: Seconds decoded before a unit's first owned sample so its filters have settled.
-PREROLL_S = 1.0
+PREROLL_S = 2.0
 #: Weightings kept per block, in this order.
 WEIGHTINGS = ("A", "C", "Z")
 

@@ -499,7 +499,8 @@ def dead_letter_table(dead_letters: Sequence[DeadLetter]) -> pa.Table:
 
 
 class _CommitFn(beam.DoFn):
-    def __init__(self, *, config, spec, label_map, extra_columns, n_inputs, manifest):
+    def __init__(self, *, config, spec, label_map, extra_columns, n_inputs, manifest, levels=None):
+        self._levels = levels
         self._config = config
         self._spec = spec
         self._label_map = label_map
@@ -507,7 +508,18 @@ class _CommitFn(beam.DoFn):
         self._n_inputs = n_inputs
         self._manifest = manifest
 
-    def process(self, _, written, dead_letters, summaries, n_shards, items=(), label_counts=()):
+    def process(
+        self,
+        _,
+        written,
+        dead_letters,
+        summaries,
+        n_shards,
+        items=(),
+        label_counts=(),
+        level_files=(),
+        level_hours=(),
+    ):
         spec = self._spec
         manifest = dict(self._manifest)
         manifest.update(
@@ -517,6 +529,7 @@ class _CommitFn(beam.DoFn):
             moves = self._incremental_files(written, dead_letters, summaries, items, manifest)
         else:
             moves = self._replacing_files(written, dead_letters, n_shards, manifest)
+        moves.extend(self._level_files(level_files, level_hours, manifest))
         figures = manifest["figures"]
         wall_s = time.time() - manifest["run"]["started_unix_s"]
         figures["wall_s"] = round(wall_s, 3)
@@ -543,6 +556,47 @@ class _CommitFn(beam.DoFn):
         move_into_place([self._temp_file("dataset.json", manifest_bytes)])
         remove_tree(spec.temp_dir)
         yield join(spec.output, "dataset.json")
+
+    def _level_files(self, level_files, level_hours, manifest) -> list[tuple[str, str]]:
+        """Moves of the levels tables (``--levels``); a replacing run also deletes the levels
+        tables an earlier run left in the output folder."""
+        from soundshard.transforms import level_tables, tables
+
+        spec = self._spec
+        partition = f"run_date={spec.run_date}" if spec.incremental else ""
+        moves, outputs, rows = [], collections.defaultdict(list), collections.Counter()
+        if self._levels is not None:
+            for move, relative in tables.numbered(
+                level_files, tables=level_tables.RECORDING_TABLES, run_id=spec.run_id, partition=partition
+            ):
+                moves.append((move.temp_path, join(spec.output, relative)))
+                outputs[move.kind].append(relative)
+                rows[move.kind] += move.rows if relative.endswith(".parquet") else 0
+            hours = list(level_hours)
+            combined = {
+                "levels_hourly": level_tables.hourly_levels_table(hours),
+                "lden": level_tables.lden_table(hours, timezone=self._levels.timezone),
+            }
+            for table, data in combined.items():
+                if data.num_rows:
+                    rows[table] = data.num_rows
+                    for fmt, content in tables.table_files(data, level_tables.FORMATS).items():
+                        relative = tables.table_name(table, 0, fmt, run_id=spec.run_id, partition=partition)
+                        moves.append(self._temp_file(relative, content))
+                        outputs[table].append(relative)
+            manifest["levels"] = {**manifest.get("levels", {}), "tables": dict(outputs), "rows": dict(rows)}
+        if not spec.incremental:
+            finals = {dst for _, dst in moves}
+            stale = [
+                p
+                for fmt in level_tables.FORMATS
+                for table in (*level_tables.RECORDING_TABLES, *level_tables.COMBINED_TABLES)
+                for p in matching_paths(join(spec.output, fmt, table, "**"))
+                if p not in finals
+            ]
+            if stale:
+                FileSystems.delete(stale)
+        return moves
 
     def _temp_file(self, relative: str, data: bytes) -> tuple[str, str]:
         """Writes ``data`` to the temporary folder; returns its move to ``<output>/<relative>``."""
@@ -644,6 +698,10 @@ class CommitDataset(beam.PTransform):
             ``run.started_unix_s`` is used for the wall time.
         items: PCollection of the run's :class:`SourceItem` (incremental runs: for the ledger).
         label_counts: PCollection of :class:`LabelCount` (strong labels), or ``None``.
+        level_files: PCollection of the levels tables' ``Move``s (``transforms/tables.py``), or
+            ``None`` without levels.
+        level_hours: PCollection of combined ``((site, hour_us, level_unit), HourSums)``.
+        levels: The LevelConfig, or ``None``.
     """
 
     def __init__(
@@ -661,9 +719,14 @@ class CommitDataset(beam.PTransform):
         manifest,
         items=None,
         label_counts=None,
+        level_files=None,
+        level_hours=None,
+        levels=None,
     ):
         super().__init__()
         self._label_counts = label_counts
+        self._level_files = level_files
+        self._level_hours = level_hours
         self._written = written
         self._n_shards = n_shards
         self._dead_letters = dead_letters
@@ -676,6 +739,7 @@ class CommitDataset(beam.PTransform):
             extra_columns=tuple(extra_columns),
             n_inputs=n_inputs,
             manifest=manifest,
+            levels=levels,
         )
 
     def expand(self, root):
@@ -691,6 +755,9 @@ class CommitDataset(beam.PTransform):
             side_inputs["items"] = beam.pvalue.AsList(self._items)
         if self._label_counts is not None:
             side_inputs["label_counts"] = beam.pvalue.AsList(self._label_counts)
+        if self._level_files is not None:
+            side_inputs["level_files"] = beam.pvalue.AsList(self._level_files)
+            side_inputs["level_hours"] = beam.pvalue.AsList(self._level_hours)
         return (
             root
             | "CommitTrigger" >> beam.Create([None])

@@ -19,39 +19,41 @@ letters of stage ``plots`` and ``snippets``: outputs that failed, not inputs.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import io
 import logging
 import posixpath
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.transforms.window import GlobalWindows
 
 from soundshard.schemas.errors import DataError
-from soundshard.schemas.records import FileSummary, SourceItem, WindowBatch
+from soundshard.schemas.levels import LevelConfig
+from soundshard.schemas.records import FileSummary, LevelBlocks, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms import events as ev
-from soundshard.transforms import plots, training
+from soundshard.transforms import level_tables, levels, plots, training
 from soundshard.transforms import snippets as snip
 from soundshard.transforms.embeddings import error_parts
 from soundshard.transforms.features import DEAD_LETTERS, count, dead_letter
-from soundshard.transforms.shards import join, parquet_bytes, write_bytes
+from soundshard.transforms.shards import join, write_bytes
+from soundshard.transforms.tables import (  # noqa: F401 - table plumbing, named here for callers
+    Move,
+    TableRows,
+    WriteTables,
+    source_columns,
+    table_files,
+    utc_column,
+)
 
 _LOG = logging.getLogger(__name__)
-TABLES = ("windows", "files", "events")
+TABLES = ("windows", "files", "events", *level_tables.RECORDING_TABLES)
 LABEL_FILES = ("audacity", "raven")
 #: Per-recording output folders of ``--plot`` and ``--snippets`` (Move kinds too).
 EXTRA_OUTPUTS = ("plots", "snippets")
-#: Rows per table file: a bundle's rows are cut into files of at most this many.
-MAX_ROWS_PER_FILE = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -244,23 +246,6 @@ def safe_relative(clip_id: str) -> str:
     return "/".join(parts) or "_"
 
 
-def _utc(start_us: int | None, seconds: np.ndarray) -> pa.Array:
-    if start_us is None:
-        return pa.nulls(len(seconds), pa.timestamp("us", tz="UTC"))
-    values = start_us + np.round(np.asarray(seconds, np.float64) * 1e6).astype(np.int64)
-    return pa.array(values, pa.timestamp("us", tz="UTC"))
-
-
-def _source_columns(item: SourceItem, n: int) -> dict[str, pa.Array]:
-    return {
-        "source_uri": pa.array([item.public_uri] * n, pa.string()),
-        "clip_id": pa.array([item.clip_id] * n, pa.string()),
-        "archive_member": pa.array([item.archive_member] * n, pa.string()),
-        "site": pa.array([item.site] * n, pa.string()),
-        "deployment": pa.array([item.deployment] * n, pa.string()),
-    }
-
-
 def score_column(label: str) -> str:
     """Column of a class's score in the window and file tables."""
     return f"score_{label}"
@@ -271,12 +256,12 @@ def window_table(
 ) -> pa.Table:
     """Rows of the window table for a recording's windows (every class, or the top k)."""
     n = scored.n_windows
-    columns = _source_columns(item, n)
+    columns = source_columns(item, n)
     columns["label"] = pa.array([item.label] * n, pa.string())
     columns["window_index"] = pa.array(window_index, pa.int64())
     columns["start_s"] = pa.array(scored.start_s, pa.float64())
     columns["end_s"] = pa.array(scored.end_s, pa.float64())
-    columns["start_utc"] = _utc(item.recording_start_us, scored.start_s)
+    columns["start_utc"] = utc_column(item.recording_start_us, scored.start_s)
     names = np.asarray(config.label_names, dtype=object)
     best = scored.scores.argmax(axis=1) if n else np.zeros(0, np.int64)
     columns["top_label"] = pa.array(names[best].tolist() if n else [], pa.string())
@@ -294,10 +279,18 @@ def window_table(
     return pa.table(columns)
 
 
-def event_table(item: SourceItem, found: Sequence[ev.Event]) -> pa.Table:
-    """Rows of the event table for a recording's events."""
+def event_table(
+    item: SourceItem,
+    found: Sequence[ev.Event],
+    *,
+    blocks: LevelBlocks | None = None,
+    sample_rate_hz: int = 0,
+    cal: level_tables.Calibration | None = None,
+) -> pa.Table:
+    """Rows of the event table for a recording's events; with the recording's level ``blocks``,
+    each event's LAeq, LAFmax and SEL (``lae``) and their ``level_unit``."""
     n = len(found)
-    columns = _source_columns(item, n)
+    columns = source_columns(item, n)
     columns["label"] = pa.array([e.label for e in found], pa.string())
     starts = np.array([e.start_s for e in found], np.float64)
     ends = np.array([e.end_s for e in found], np.float64)
@@ -307,8 +300,22 @@ def event_table(item: SourceItem, found: Sequence[ev.Event]) -> pa.Table:
     columns["confidence"] = pa.array([e.confidence for e in found], pa.float32())
     columns["peak"] = pa.array([e.peak for e in found], pa.float32())
     columns["n_windows"] = pa.array([e.n_windows for e in found], pa.int32())
-    columns["start_utc"] = _utc(item.recording_start_us, starts)
-    columns["end_utc"] = _utc(item.recording_start_us, ends)
+    columns["start_utc"] = utc_column(item.recording_start_us, starts)
+    columns["end_utc"] = utc_column(item.recording_start_us, ends)
+    if blocks is not None and cal is not None:
+        measured = [
+            levels.interval_levels(
+                blocks,
+                start_s=e.start_s,
+                end_s=e.end_s,
+                sample_rate_hz=sample_rate_hz,
+                offset_db=cal.offset_db,
+            )
+            for e in found
+        ]
+        for j, name in enumerate(("laeq", "lafmax", "lae")):
+            columns[name] = pa.array([m[j] for m in measured], pa.float32())
+        columns["level_unit"] = pa.array([cal.unit] * n, pa.string())
     return pa.table(columns)
 
 
@@ -323,10 +330,10 @@ def file_table(
     n_events: int,
 ) -> pa.Table:
     """The file table's row for a recording: aggregated scores, best label, labels over threshold."""
-    columns = _source_columns(item, 1)
+    columns = source_columns(item, 1)
     best = int(np.argmax(scores))
     columns["label"] = pa.array([item.label], pa.string())
-    columns["recording_start_utc"] = _utc(item.recording_start_us, np.zeros(1))
+    columns["recording_start_utc"] = utc_column(item.recording_start_us, np.zeros(1))
     columns["duration_s"] = pa.array([duration_s], pa.float64())
     columns["n_windows"] = pa.array([n_windows], pa.int64())
     columns["complete"] = pa.array([complete], pa.bool_())
@@ -338,33 +345,6 @@ def file_table(
     for c, label in enumerate(config.label_names):
         columns[score_column(label)] = pa.array([scores[c]], pa.float32())
     return pa.table(columns)
-
-
-@dataclasses.dataclass(frozen=True)
-class TableRows:
-    """Rows of one output table (``windows``, ``files``, ``events``) from one recording."""
-
-    table: str
-    rows: pa.Table
-
-
-@dataclasses.dataclass(frozen=True)
-class Move:
-    """A file written to the run's temporary folder and where the commit puts it.
-
-    Attributes:
-        kind: What it is (``windows``, ``files``, ``events``, ``audacity``, ``raven``).
-        temp_path: Where it was written.
-        relative: Its path under the output folder.
-        rows: Rows it holds (label files: events).
-        labels: For event tables, ``(label, events)`` pairs of the rows it holds.
-    """
-
-    kind: str
-    temp_path: str
-    relative: str
-    rows: int
-    labels: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -394,7 +374,9 @@ class _TagRecordingFn(beam.DoFn):
         high_freq_hz: float,
         plot: plots.PlotOptions | None = None,
         tagged: bool = False,
+        levels: LevelConfig | None = None,
     ):
+        self._levels = levels
         self._config = config
         self._temp_dir = temp_dir
         self._label_files = label_files
@@ -407,10 +389,27 @@ class _TagRecordingFn(beam.DoFn):
         batches: list[ScoredBatch] = sorted(grouped["scored"], key=lambda b: b.first_window_index)
         summaries: list[FileSummary] = list(grouped["summaries"])
         images: list[plots.UnitImage] = list(grouped.get("images", ()))
+        measured = level_tables.recording_blocks(grouped.get("levels", ()))
         if batches:  # else every unit failed before scoring: their dead letters say why
-            yield from self._tag(batches, summaries, images)
+            yield from self._tag(batches, summaries, images, measured)
 
-    def _tag(self, batches: list[ScoredBatch], summaries: list[FileSummary], images=()):
+    def _levels_outputs(self, measured, found):
+        """Level rows, hourly parts and label energies of a recording (``--levels``)."""
+        item, rate, blocks = measured
+        cal = level_tables.calibration(item, self._levels)
+        yield TableRows(
+            "levels_second", level_tables.second_table(item, blocks, sample_rate_hz=rate, cal=cal)
+        )
+        yield TableRows(
+            "levels_interval",
+            level_tables.interval_table(item, blocks, sample_rate_hz=rate, cal=cal, config=self._levels),
+        )
+        for part in level_tables.hour_parts(item, blocks, sample_rate_hz=rate, cal=cal):
+            yield beam.pvalue.TaggedOutput("level_hours", part)
+        for part in level_tables.label_energy_parts(item, blocks, found, sample_rate_hz=rate, cal=cal):
+            yield beam.pvalue.TaggedOutput("label_energy", part)
+
+    def _tag(self, batches: list[ScoredBatch], summaries: list[FileSummary], images=(), measured=None):
         config = self._config
         item = batches[0].source
         scores = np.concatenate([b.scores for b in batches])
@@ -449,7 +448,13 @@ class _TagRecordingFn(beam.DoFn):
                 n_events=len(found),
             ),
         )
-        yield TableRows("events", event_table(item, found))
+        if measured is not None:
+            _, rate, blocks = measured
+            cal = level_tables.calibration(item, self._levels)
+            yield TableRows("events", event_table(item, found, blocks=blocks, sample_rate_hz=rate, cal=cal))
+            yield from self._levels_outputs(measured, found)
+        else:
+            yield TableRows("events", event_table(item, found))
         count("recordings_tagged")
         count("events", len(found))
         name = safe_relative(item.clip_id)
@@ -499,6 +504,8 @@ class TagRecordings(beam.PTransform):
         high_freq_hz: Upper frequency of Raven selections (the analysis band's top).
         plot: Build each recording's picture (``--plot``), or ``None``.
         tagged: Output every recording's events (for snippets) even without ``plot``.
+        levels: With levels (an input ``"levels"`` of UnitLevels): events get their levels, and
+            the outputs ``level_hours`` and ``label_energy`` carry the parts of the hourly tables.
     """
 
     def __init__(
@@ -510,6 +517,7 @@ class TagRecordings(beam.PTransform):
         high_freq_hz: float,
         plot: plots.PlotOptions | None = None,
         tagged: bool = False,
+        levels: LevelConfig | None = None,
     ):
         super().__init__()
         self._fn = _TagRecordingFn(
@@ -519,6 +527,7 @@ class TagRecordings(beam.PTransform):
             high_freq_hz=high_freq_hz,
             plot=plot,
             tagged=tagged,
+            levels=levels,
         )
 
     def expand(self, inputs):
@@ -527,9 +536,19 @@ class TagRecordings(beam.PTransform):
         keyed = {"scored": keyed_scores, "summaries": keyed_summaries}
         if "images" in inputs:
             keyed["images"] = inputs["images"] | "KeyImages" >> beam.Map(lambda i: (i.clip_id, i))
+        if "levels" in inputs:
+            keyed["levels"] = inputs["levels"] | "KeyLevels" >> beam.Map(lambda u: (u.source.clip_id, u))
         grouped = keyed | "ByRecording" >> beam.CoGroupByKey()
-        out = grouped | "TagRecording" >> beam.ParDo(self._fn).with_outputs("moves", "tagged", main="rows")
-        return {"rows": out.rows, "moves": out.moves, "tagged": out.tagged}
+        out = grouped | "TagRecording" >> beam.ParDo(self._fn).with_outputs(
+            "moves", "tagged", "level_hours", "label_energy", main="rows"
+        )
+        return {
+            "rows": out.rows,
+            "moves": out.moves,
+            "tagged": out.tagged,
+            "level_hours": out.level_hours,
+            "label_energy": out.label_energy,
+        }
 
 
 # -- plots and snippets -------------------------------------------------------------------------
@@ -694,79 +713,6 @@ class WriteSnippets(beam.PTransform):
 # -- writing ------------------------------------------------------------------------------------
 
 
-def table_files(table: pa.Table, formats: Sequence[str]) -> dict[str, bytes]:
-    """A table as file contents per format (``parquet``: as the shards; ``csv``: header row, UTC
-    ISO times)."""
-    out = {}
-    if "parquet" in formats:
-        out["parquet"] = parquet_bytes(table)
-    if "csv" in formats:
-        sink = io.BytesIO()
-        pacsv.write_csv(table, sink)
-        out["csv"] = sink.getvalue()
-    return out
-
-
-class _WriteTablesFn(beam.DoFn):
-    """Gathers a bundle's rows per table and writes them as files to the temporary folder."""
-
-    def __init__(self, *, temp_dir: str, formats: tuple[str, ...], partition: str):
-        self._temp_dir = temp_dir
-        self._formats = formats
-        self._partition = partition
-
-    def start_bundle(self):
-        self._pending: dict[str, list[pa.Table]] = {}
-        self._rows: dict[str, int] = {}
-
-    def process(self, rows: TableRows):
-        self._pending.setdefault(rows.table, []).append(rows.rows)
-        self._rows[rows.table] = self._rows.get(rows.table, 0) + rows.rows.num_rows
-        if self._rows[rows.table] >= MAX_ROWS_PER_FILE:
-            yield from self._flush(rows.table)
-
-    def finish_bundle(self):
-        for table in list(self._pending):
-            for move in self._flush(table):
-                yield GlobalWindows.windowed_value(move)
-
-    def _flush(self, table: str):
-        parts = self._pending.pop(table, [])
-        self._rows.pop(table, None)
-        if not parts:
-            return
-        merged = pa.concat_tables(parts, promote_options="default")
-        if merged.num_rows == 0:
-            return
-        name = f"part-{uuid.uuid4().hex[:12]}"
-        labels = ()
-        if table == "events":
-            labels = tuple(sorted(collections.Counter(merged.column("label").to_pylist()).items()))
-        for fmt, data in table_files(merged, self._formats).items():
-            relative = posixpath.join(fmt, table, self._partition, f"{name}.{fmt}")
-            temp = join(self._temp_dir, "tables", relative)
-            write_bytes(temp, data)
-            yield Move(table, temp, relative, merged.num_rows, labels)
-
-
-class WriteTables(beam.PTransform):
-    """TableRows → files in the run's temporary folder (one per table and format per bundle, at
-    ``<format>/<table>/[<partition>/]``); returns their :class:`Move`s for the commit.
-
-    Args:
-        temp_dir: The run's temporary folder.
-        formats: ``parquet`` and/or ``csv``.
-        partition: Sub-folder of each table (``run_date=2026-11-24`` in incremental runs) or ``""``.
-    """
-
-    def __init__(self, *, temp_dir: str, formats: Sequence[str], partition: str = ""):
-        super().__init__()
-        self._fn = _WriteTablesFn(temp_dir=temp_dir, formats=tuple(formats), partition=partition)
-
-    def expand(self, rows):
-        return rows | "WriteTableFiles" >> beam.ParDo(self._fn)
-
-
 def hourly_keyed(rows: TableRows) -> Iterable[tuple[tuple, tuple[int, float, float]]]:
     """``((site, hour_us, label), (events, duration_s, confidence_sum))`` of an event table's rows."""
     if rows.table != "events" or rows.rows.num_rows == 0:
@@ -800,9 +746,16 @@ def sum_triples(values: Iterable[tuple[int, float, float]]) -> tuple[int, float,
     return n, duration, confidence
 
 
-def hourly_table(keyed: Iterable[tuple[tuple, tuple[int, float, float]]]) -> pa.Table:
-    """The hourly summary table from combined ``((site, hour_us, label), sums)`` pairs."""
+def hourly_table(
+    keyed: Iterable[tuple[tuple, tuple[int, float, float]]], *, shares: dict[tuple, float] | None = None
+) -> pa.Table:
+    """The hourly summary table from combined ``((site, hour_us, label), sums)`` pairs; with
+    ``shares`` (levels), ``energy_share``: the share of the hour's A-weighted sound energy that
+    lies inside the label's events."""
     rows = sorted(keyed, key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2]))
+    extra = {}
+    if shares is not None:
+        extra["energy_share"] = pa.array([shares.get(k) for k, _ in rows], pa.float32())
     return pa.table(
         {
             "site": pa.array([k[0] for k, _ in rows], pa.string()),
@@ -811,5 +764,6 @@ def hourly_table(keyed: Iterable[tuple[tuple, tuple[int, float, float]]]) -> pa.
             "events": pa.array([v[0] for _, v in rows], pa.int64()),
             "duration_s": pa.array([v[1] for _, v in rows], pa.float64()),
             "mean_confidence": pa.array([v[2] / v[0] if v[0] else None for _, v in rows], pa.float32()),
+            **extra,
         }
     )

@@ -84,3 +84,22 @@ def recording_windows(*, source_frames: int, source_rate_hz: int, config: Featur
     """``(output_samples, total_windows)`` of a recording from its header."""
     output_samples = resampled_length(source_frames, source_rate_hz, config.sample_rate_hz)
     return output_samples, melspec.window_count(output_samples, config)
+
+
+def widen(
+    span: SourceRange,
+    *,
+    before_frames: int,
+    to_end: bool,
+    source_frames: int,
+    source_rate_hz: int,
+    rate_hz: int,
+) -> SourceRange:
+    """``span`` with at least ``before_frames`` more source frames before it (and, with
+    ``to_end``, everything after it), still starting on the rate ratio's source period so its
+    resampled samples line up with the whole recording's."""
+    g = math.gcd(source_rate_hz, rate_hz)
+    period_in, period_out = source_rate_hz // g, rate_hz // g
+    start = max(0, span.start_frame - (-(-before_frames // period_in) * period_in))
+    end = source_frames if to_end else span.start_frame + span.n_frames
+    return SourceRange(start, max(0, end - start), start // period_in * period_out)
