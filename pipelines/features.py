@@ -303,18 +303,24 @@ def add_level_flags(parser: argparse.ArgumentParser, *, default: bool) -> None:
     )
     group.add_argument(
         "--level-interval-s",
+        "--level_interval_s",
+        dest="level_interval_s",
         type=float,
         default=60.0,
         help="Seconds per row of levels_interval (a whole number). Default: %(default)s.",
     )
     group.add_argument(
         "--level-bands",
+        "--level_bands",
+        dest="level_bands",
         choices=BANDS,
         default="none",
         help="Band levels (LZeq per IEC 61260 band) in levels_interval. Default: %(default)s.",
     )
     group.add_argument(
         "--level-offset-db",
+        "--level_offset_db",
+        dest="level_offset_db",
         type=float,
         default=None,
         help="Calibration: dB SPL that 0 dBFS stands for (94 minus what a 94 dB calibrator reads "
@@ -323,6 +329,8 @@ def add_level_flags(parser: argparse.ArgumentParser, *, default: bool) -> None:
     )
     group.add_argument(
         "--calibration-table",
+        "--calibration_table",
+        dest="calibration_table",
         default=None,
         help="CSV of per-sensor calibration: columns site, level_offset_db and optionally "
         "deployment (sites from --site_pattern). Default: none.",
