@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.records import SourceItem
 from soundshard.transforms import level_tables, levels
 from soundshard.transforms.audio import decode_audio
-from tests.helpers import write_audio
+from tests.helpers import ROOT, write_audio
 
 RATE = 44100
 
@@ -173,7 +175,6 @@ def test_tag_events_carry_levels_and_hours_carry_energy_shares(demo_model, tmp_p
     events = _table(out, "events")
     assert len(events) > 0 and set(events.level_unit) == {"dBFS"}
     np.testing.assert_allclose(events.lae, events.laeq + 10 * np.log10(events.duration_s), atol=1e-3)
-    assert (events.lafmax >= events.laeq - 0.5).all()
     seconds = _table(out, "levels_second")
     assert len(seconds) == 40
     # measured on the analysis signal: the recording decoded and resampled to the model's rate
@@ -203,10 +204,16 @@ def test_tag_events_carry_levels_and_hours_carry_energy_shares(demo_model, tmp_p
         inside = np.zeros(len(block_energy))
         for e in events[events.label == row.label].itertuples():
             a, b = max(e.start_s, lo), min(e.end_s, hi)
-            inside = np.maximum(inside, np.clip(np.minimum(edges[1:], b) - np.maximum(edges[:-1], a), 0, None) / 0.1)
+            inside = np.maximum(
+                inside, np.clip(np.minimum(edges[1:], b) - np.maximum(edges[:-1], a), 0, None) / 0.1
+            )
         hour = block_energy[round(lo * 10) : round(hi * 10)].sum()
         assert row.energy_share == pytest.approx(np.sum(block_energy * inside) / hour, abs=1e-3)
     assert hourly.energy_share.max() > 0.5  # the segments are loud against their quiet gaps
+    report = readme_hourly_report(out)  # the README's DuckDB query, on these tables
+    assert len(report) == len(hourly) and set(report.level_unit) == {"dBFS"}
+    np.testing.assert_allclose(sorted(report.share_percent), sorted(100 * hourly.energy_share), atol=0.06)
+    np.testing.assert_allclose(sorted(set(report.la90)), sorted(level_hours.la90.round(1)), atol=1e-6)
     run = json.loads((out / "run.json").read_text())
     assert run["figures"]["level_rows"]["levels_second"] == 40 and run["levels"]["config"]["interval_s"] == 60
 
@@ -226,6 +233,28 @@ def test_tag_events_carry_levels_and_hours_carry_energy_shares(demo_model, tmp_p
         "laeq" not in _table(plain, "events").columns
         and "energy_share" not in _table(plain, "hourly").columns
     )
+
+
+def _readme_section() -> str:
+    return (ROOT / "README.md").read_text().split("## Noise levels", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_hourly_report(out: Path) -> pd.DataFrame:
+    import duckdb
+
+    query = re.search(r"```sql\n(.*?)```", _readme_section(), re.S).group(1)
+    return duckdb.sql(query.replace("out/tags/", f"{out}/")).df()
+
+
+def test_the_readme_level_commands_parse():
+    block = re.search(r"```\n(.*?)```", _readme_section(), re.S).group(1)
+    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["soundshard", "tag"], ["soundshard", "features"]]
+    for command in commands:
+        parser = {"tag": tag.make_parser, "features": features.make_parser}[command[1]]()
+        args, unknown = parser.parse_known_args(command[2:])
+        assert not unknown and args.levels
+    assert args.level_offset_db == 118.2 and args.level_bands == "third" and args.level_interval_s == 900
 
 
 # -- parts of the tables ------------------------------------------------------------------------------

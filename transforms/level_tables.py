@@ -120,7 +120,9 @@ def _finish(columns: dict, cal: Calibration, n: int) -> pa.Table:
 
 def second_table(item: SourceItem, blocks: LevelBlocks, *, sample_rate_hz: int, cal: Calibration) -> pa.Table:
     """Rows of ``levels_second`` for a recording's blocks."""
-    spans = levels.span_levels(blocks, span_s=1.0, sample_rate_hz=sample_rate_hz, offset_db=cal.offset_db)
+    spans = levels.span_levels(
+        blocks, span_s=1.0, sample_rate_hz=sample_rate_hz, offset_db=cal.offset_db, statistics=False
+    )
     columns = _level_columns(item, spans, cal, item.recording_start_us)
     for name in ("laeq", "lceq", "lzeq", "lafmax", "lafmin"):
         columns[name] = pa.array(spans[name], pa.float32())
