@@ -213,7 +213,7 @@ def test_tag_events_carry_levels_and_hours_carry_energy_shares(demo_model, tmp_p
     report = readme_hourly_report(out)  # the README's DuckDB query, on these tables
     assert len(report) == len(hourly) and set(report.level_unit) == {"dBFS"}
     np.testing.assert_allclose(sorted(report.share_percent), sorted(100 * hourly.energy_share), atol=0.06)
-    np.testing.assert_allclose(sorted(set(report.la90)), sorted(level_hours.la90.round(1)), atol=1e-6)
+    np.testing.assert_allclose(sorted(set(report.la90)), sorted(set(level_hours.la90.round(1))), atol=1e-6)
     run = json.loads((out / "run.json").read_text())
     assert run["figures"]["level_rows"]["levels_second"] == 40 and run["levels"]["config"]["interval_s"] == 60
 
