@@ -398,8 +398,11 @@ def _fast_extremes(a2: np.ndarray, edges: np.ndarray, *, lo: int, hi: int, offse
     fast_max = np.full(len(edges), -np.inf)
     fast_min = np.full(len(edges), np.inf)
     block = np.searchsorted(edges, ends[owned], side="right") - 1
-    np.maximum.at(fast_max, block, fast[owned])
-    np.minimum.at(fast_min, block, fast[owned])
+    if len(block):
+        values = fast[owned]
+        starts = np.flatnonzero(np.diff(block, prepend=-1))  # steps are in time order
+        fast_max[block[starts]] = np.maximum.reduceat(values, starts)
+        fast_min[block[starts]] = np.minimum.reduceat(values, starts)
     # a block too short to hold a step's end takes the value in force at its start
     empty = ~np.isfinite(fast_max)
     if empty.any():

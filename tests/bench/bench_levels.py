@@ -7,6 +7,8 @@
    ``--levels --level-bands third``), one worker, 60 s work units, each run in a fresh process,
    the modes interleaved ``--repeats`` times. The figure is the median wall time with levels over
    the median without, minus one: the share of the features run that levels add.
+   With ``--model DIR`` (a model folder from ``soundshard train``), the same for ``soundshard
+   tag`` (levels on, its default) against ``tag --no-levels``.
 2. **Agreement.** The per-second LAeq of the longform recording from ``features --levels
    --sample-rate-hz 44100`` (measured at the file's own rate) against PyOctaveBand
    (``WeightingFilter(rate, "A").filter``, its class 1 design run oversampled, then the mean
@@ -49,8 +51,8 @@ def _soundshard() -> str:
     return str(exe) if exe.exists() else "soundshard"
 
 
-def _features(inputs: Path, out: Path, extra: list[str]) -> float:
-    argv = [_soundshard(), "features", "--input", str(inputs), "--output", str(out), "--format", "parquet"]
+def _features(inputs: Path, out: Path, extra: list[str], *, command: str = "features") -> float:
+    argv = [_soundshard(), command, "--input", str(inputs), "--output", str(out), "--format", "parquet"]
     argv += ["--direct_num_workers", "1", *extra]
     start = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -60,25 +62,42 @@ def _features(inputs: Path, out: Path, extra: list[str]) -> float:
     return wall
 
 
-def cost(repeats: int) -> dict:
+def cost(repeats: int, *, model: str | None = None) -> dict:
+    modes = {m: (extra, "features") for m, extra in MODES.items()}
+    if model:
+        modes["tag-no-levels"] = (["--model", model, "--no-levels"], "tag")
+        modes["tag-levels"] = (["--model", model], "tag")
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "in"
         inputs.mkdir()
         for path in RECORDINGS:
             (inputs / path.name).symlink_to(path)
-        walls = {mode: [] for mode in MODES}
+        walls = {mode: [] for mode in modes}
         _features(inputs, Path(tmp) / "warm", [])  # page cache and first-run effects
         for r in range(repeats):
-            for mode, extra in MODES.items():
-                walls[mode].append(_features(inputs, Path(tmp) / f"{mode}-{r}", extra))
+            for mode, (extra, command) in modes.items():
+                walls[mode].append(_features(inputs, Path(tmp) / f"{mode}-{r}", extra, command=command))
         base = statistics.median(walls["no-levels"])
         return {
             "audio_s": 1800.0,
             "median_wall_s": {m: round(statistics.median(w), 3) for m, w in walls.items()},
             "walls_s": {m: [round(x, 3) for x in w] for m, w in walls.items()},
             "added_share": {
-                m: round(statistics.median(w) / base - 1, 4) for m, w in walls.items() if m != "no-levels"
+                m: round(statistics.median(w) / base - 1, 4)
+                for m, w in walls.items()
+                if m.startswith("levels")
             },
+            **(
+                {
+                    "tag_added_share": round(
+                        statistics.median(walls["tag-levels"]) / statistics.median(walls["tag-no-levels"])
+                        - 1,
+                        4,
+                    )
+                }
+                if model
+                else {}
+            ),
         }
 
 
@@ -121,6 +140,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument(
+        "--model", default=None, help="Model folder: also time `tag` with and without levels."
+    )
     args = parser.parse_args()
     missing = [str(p) for p in RECORDINGS if not p.is_file()]
     if missing:
@@ -128,7 +150,7 @@ def main() -> None:
     report = {"agreement_laeq_1s": agreement()}
     print(json.dumps(report, indent=2), flush=True)
     if not args.skip_cost:
-        report["cost"] = cost(args.repeats)
+        report["cost"] = cost(args.repeats, model=args.model)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
