@@ -327,15 +327,13 @@ def unit_blocks(
         )
     first_block = b_lo + int(keep[0])
     edges = starts[keep] - offset  # local index of each kept block's first owned sample
-    # C first, then A from C (one more section instead of A's three)
+    # C first, then A from C (one more section instead of A's three); squares are summed as
+    # row dot products of views, never written out
     c = _cascade("C", sample_rate_hz, x)
     a = _cascade("C>A", sample_rate_hz, c)
-    a2 = np.square(a, out=a)
-    fast_max, fast_min = _fast_extremes(a2, edges, lo=lo, hi=hi, offset=offset, sample_rate_hz=sample_rate_hz)
-    sums = np.empty((len(edges), 3))
-    sums[:, 0] = np.add.reduceat(a2[lo:hi], edges - lo)
-    sums[:, 1] = np.add.reduceat(np.square(c[lo:hi], out=c[lo:hi]), edges - lo)
-    sums[:, 2] = np.add.reduceat(np.square(x[lo:hi]), edges - lo)
+    fast_max, fast_min = _fast_extremes(a, edges, lo=lo, hi=hi, offset=offset, sample_rate_hz=sample_rate_hz)
+    bounds = np.append(edges, hi)
+    sums = np.stack([_sums_of_squares(y, bounds) for y in (a, c, x)], axis=1)
     band_sq = None
     sections = band_sos(bands, sample_rate_hz)
     if sections:
@@ -350,6 +348,26 @@ def unit_blocks(
         fast_min=fast_min,
         band_sq=band_sq,
     )
+
+
+def _sums_of_squares(y: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Sum of ``y**2`` over each ``[bounds[i], bounds[i + 1])``; the equal-length runs between the
+    first and last ranges as dot products of the rows of one reshaped view."""
+    n = len(bounds) - 1
+    out = np.empty(n)
+    lengths = np.diff(bounds)
+    middle = lengths[1:-1]
+    if n >= 3 and middle.min() == middle.max():
+        length, start = int(middle[0]), int(bounds[1])
+        rows = y[start : start + (n - 2) * length].reshape(n - 2, length)
+        out[1:-1] = np.einsum("ij,ij->i", rows, rows)
+        ends = (0, n - 1)
+    else:
+        ends = range(n)
+    for i in ends:
+        part = y[bounds[i] : bounds[i + 1]]
+        out[i] = part @ part
+    return out
 
 
 def _cascade(which: str, sample_rate_hz: int, x: np.ndarray) -> np.ndarray:
@@ -378,8 +396,9 @@ def _transfer_function(which: str, sample_rate_hz: int):
     return (b, a) if error < 1e-12 else (None, None)
 
 
-def _fast_extremes(a2: np.ndarray, edges: np.ndarray, *, lo: int, hi: int, offset: int, sample_rate_hz: int):
-    """Largest and smallest F-time-weighted A mean square within each block.
+def _fast_extremes(a: np.ndarray, edges: np.ndarray, *, lo: int, hi: int, offset: int, sample_rate_hz: int):
+    """Largest and smallest F-time-weighted A mean square within each block (``a``: the
+    A-weighted samples).
 
     The exponential weighting runs on 1 ms means of the squared samples (steps aligned to the
     recording's sample 0, so a unit and the whole file step alike): within a millisecond the 125 ms
@@ -391,7 +410,8 @@ def _fast_extremes(a2: np.ndarray, edges: np.ndarray, *, lo: int, hi: int, offse
     n_steps = max(0, (hi - first) // step)
     if n_steps == 0 or (first + n_steps * step) <= lo:
         step, first, n_steps = 1, 0, hi
-    means = a2[first : first + n_steps * step].reshape(-1, step).mean(axis=1)
+    rows = a[first : first + n_steps * step].reshape(-1, step)
+    means = np.einsum("ij,ij->i", rows, rows) / step
     fast = time_weighted(means, sample_rate_hz=sample_rate_hz / step)
     ends = first + np.arange(1, len(fast) + 1) * step - 1  # last sample of each step
     owned = (ends >= lo) & (ends < hi)
