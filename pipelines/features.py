@@ -955,6 +955,8 @@ def summary_text(dataset: dict, output: str) -> str:
             f"strong labels    {strong['recordings']} recordings, {strong['windows']} windows "
             f"({strong['background_windows']} background, {strong['multi_label_windows']} multi-label)"
         )
+    if (dataset.get("levels") or {}).get("rows"):
+        lines.append(level_tables.summary_line(dataset["levels"]["rows"], dataset["levels"]))
     if fig["dead_letters_by_reason"]:
         lines.append(
             "dead letters     " + ", ".join(f"{k} {v}" for k, v in fig["dead_letters_by_reason"].items())

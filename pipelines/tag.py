@@ -916,6 +916,8 @@ def summary_text(manifest: dict, output: str) -> str:
     ]
     if fig.get("events_by_label"):
         lines.append("events by label  " + ", ".join(f"{k} {v}" for k, v in fig["events_by_label"].items()))
+    if fig.get("level_rows"):
+        lines.append(level_tables.summary_line(fig["level_rows"], manifest.get("levels") or {}))
     if fig["label_files"]:
         lines.append("label files      " + ", ".join(f"{k} {v}" for k, v in fig["label_files"].items()))
     if "plots" in manifest or "snippets" in manifest:

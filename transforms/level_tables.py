@@ -405,6 +405,21 @@ class RecordingLevels(beam.PTransform):
         return {"rows": out.rows, "hours": hours}
 
 
+def summary_line(rows: dict, levels: dict) -> str:
+    """The run summary's line on levels: rows written and how the decibels are referenced."""
+    config = levels.get("config") or {}
+    calibrated = config.get("offset_db") is not None or config.get("site_offsets_db")
+    return (
+        f"levels           {rows.get('levels_second', 0)} seconds, {rows.get('levels_hourly', 0)} hours, "
+        f"{rows.get('lden', 0)} days (Lden)  "
+        + (
+            "dB SPL where calibrated"
+            if calibrated
+            else "dBFS (uncalibrated) unless a manifest gives level_offset_db"
+        )
+    )
+
+
 def summary(config: LevelConfig, *, sample_rate_hz: int | None) -> dict:
     """What run manifests record of the levels stage."""
     return {
