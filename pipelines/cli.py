@@ -9,6 +9,7 @@ Subcommands:
     tag       tag recordings with a trained model: window scores, file labels, events, summaries
     score     score a tag output against reference annotations (Audacity/Raven; sed_eval metrics)
     info      what a features/embedding output, a model folder or a tag output holds
+    calibrate a sensor's calibration offset from a recording of a sound calibrator
     config    a commented template of every feature setting, or a config file checked
     completion  a bash completion script of every command and flag
     compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
@@ -33,6 +34,7 @@ USAGE = """usage: soundshard COMMAND [options]
   tag        tag recordings with a trained model: window scores, file labels, events, summaries
   score      score a tag output against reference annotations (Audacity/Raven): F1, error rate, AP
   info       what a features/embedding output, a model folder or a tag output holds
+  calibrate  a sensor's calibration offset (dB SPL of 0 dBFS) from a sound calibrator's recording
   config     a commented template of every feature setting (--defaults), or a file checked (--check)
   compile-edge  compile a trained model into a verified int8 TFLite artifact for a microcontroller
   completion bash  a bash completion script (source <(soundshard completion bash))
@@ -51,6 +53,7 @@ COMMANDS = {
     "tag": ("tag", "run", "make_parser"),
     "score": ("score", "run", "make_parser"),
     "info": ("info", "run", "make_parser"),
+    "calibrate": ("calibrate", "run", "make_parser"),
     "config": ("configs", "run", "make_parser"),
     "compile-edge": ("compile_edge", "run", "make_parser"),
     "completion": ("completion", "run", "make_parser"),

@@ -206,3 +206,21 @@ def test_digital_silence_has_a_floor():
         levels.recording_blocks(np.zeros(16000), sample_rate_hz=16000), span_s=1, sample_rate_hz=16000
     )
     assert out["laeq"][0] == levels.SILENCE_DB and out["lafmin"][0] == levels.SILENCE_DB
+
+
+def test_calibrator_offset_from_a_steady_tone():
+    rate = 48000
+    rng = np.random.default_rng(5)
+    noise = 0.002 * rng.standard_normal(2 * rate)
+    x = np.concatenate([noise, _sine(1000, amplitude=0.25, seconds=6, rate_hz=rate), noise])
+    found = levels.calibrator_offset(x, sample_rate_hz=rate, reference_db=114.0)
+    assert found["offset_db"] == pytest.approx(114.0 - 20 * math.log10(0.25 / math.sqrt(2)), abs=0.02)
+    assert 2.0 <= found["start_s"] and found["end_s"] <= 8.0 and found["tone_share"] > 0.99
+    with pytest.raises(ValueError, match="not a 1000 Hz tone"):
+        levels.calibrator_offset(
+            np.concatenate([noise, _sine(500, amplitude=0.25, seconds=6, rate_hz=rate)]), sample_rate_hz=rate
+        )
+    with pytest.raises(ValueError, match="holds within 0.5 dB"):
+        levels.calibrator_offset(
+            np.concatenate([noise, 0.2 * rng.standard_normal(rate)]), sample_rate_hz=rate
+        )

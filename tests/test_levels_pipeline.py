@@ -249,12 +249,19 @@ def readme_hourly_report(out: Path) -> pd.DataFrame:
 def test_the_readme_level_commands_parse():
     block = re.search(r"```\n(.*?)```", _readme_section(), re.S).group(1)
     commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-    assert [c[:2] for c in commands] == [["soundshard", "tag"], ["soundshard", "features"]]
-    for command in commands:
+    assert [c[:2] for c in commands] == [
+        ["soundshard", "tag"],
+        ["soundshard", "features"],
+        ["soundshard", "calibrate"],
+    ]
+    for command in commands[:2]:
         parser = {"tag": tag.make_parser, "features": features.make_parser}[command[1]]()
         args, unknown = parser.parse_known_args(command[2:])
         assert not unknown and args.levels
     assert args.level_offset_db == 118.2 and args.level_bands == "third" and args.level_interval_s == 900
+    from soundshard.pipelines import calibrate
+
+    assert calibrate.make_parser().parse_args(commands[2][2:]).reference_db == 94
 
 
 # -- parts of the tables ------------------------------------------------------------------------------
@@ -322,3 +329,21 @@ def test_calibration_precedence():
     assert level_tables.calibration(SourceItem(uri="x", clip_id="x"), config).source == "config"
     assert level_tables.calibration(SourceItem(uri="x", clip_id="x"), LevelConfig()).unit == "dBFS"
     assert LevelConfig.from_json(config.to_json()) == config
+
+
+def test_calibrate_prints_the_offset_and_a_table_row(tmp_path, capsys):
+    from soundshard.pipelines import calibrate
+
+    rate = 48000
+    quiet = 0.001 * np.random.default_rng(0).standard_normal(rate)
+    tone = _sine(1000, 0.5, 5, rate)
+    path = write_audio(tmp_path / "cal.wav", np.concatenate([quiet, tone, quiet]), rate, subtype="PCM_24")
+    assert calibrate.run([str(path), "--reference-db", "94", "--site", "north", "--deployment", "mic2"]) == 0
+    expected = 94 - 20 * math.log10(0.5 / math.sqrt(2))
+    out = capsys.readouterr().out
+    assert f"north,mic2,{expected:.2f}" in out.splitlines()
+    assert calibrate.run([str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["offset_db"] == pytest.approx(expected, abs=0.01)
+    noise = write_audio(tmp_path / "noise.wav", np.tile(quiet, 5) * np.repeat([1, 9, 1, 9, 1], rate), rate)
+    assert calibrate.run([str(noise)]) == 2
+    assert "is the calibrator on the microphone" in capsys.readouterr().err

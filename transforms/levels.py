@@ -584,3 +584,68 @@ def lden(day_db: float | None, evening_db: float | None, night_db: float | None)
         return None
     energy = 12 * 10 ** (day_db / 10) + 4 * 10 ** ((evening_db + 5) / 10) + 8 * 10 ** ((night_db + 10) / 10)
     return 10 * math.log10(energy / 24)
+
+
+# -- calibration from a calibrator's tone -----------------------------------------------------------
+
+
+def calibrator_offset(
+    samples: np.ndarray,
+    *,
+    sample_rate_hz: int,
+    reference_db: float = 94.0,
+    tone_hz: float = 1000.0,
+    steady_s: float = 3.0,
+) -> dict:
+    """The calibration offset (dB SPL of 0 dBFS) from a recording of a sound calibrator.
+
+    Finds the loudest stretch of ``steady_s`` seconds whose 100 ms levels vary by less than 0.5 dB,
+    checks that at least 90 % of its energy lies within 5 % of ``tone_hz``, and returns
+    ``reference_db`` minus its LZeq (at ``tone_hz`` the A, C and Z weightings agree).
+
+    Returns:
+        ``{"offset_db", "level_dbfs", "start_s", "end_s", "tone_share", "spread_db"}``.
+
+    Raises:
+        ValueError: no steady stretch, or none that is the calibrator's tone (the message gives
+            what was found).
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    per = max(1, round(steady_s * BLOCKS_PER_S))
+    blocks = recording_blocks(x, sample_rate_hz=sample_rate_hz)
+    full = blocks.n_samples == blocks.n_samples.max()
+    level = db(blocks.sum_sq[:, 2] / np.maximum(blocks.n_samples, 1))
+    if full.sum() < per:
+        raise ValueError(f"the recording is shorter than {steady_s:g} s of steady tone")
+    windows = np.lib.stride_tricks.sliding_window_view(level[: int(np.flatnonzero(full)[-1]) + 1], per)
+    spread = windows.max(axis=1) - windows.min(axis=1)
+    sounding = windows.min(axis=1) > SILENCE_DB + 50  # not digital silence
+    steady = np.flatnonzero((spread < 0.5) & sounding)
+    if len(steady) == 0:
+        steadiest = f"{spread[sounding].min():.1f} dB" if sounding.any() else "no sounding stretch"
+        raise ValueError(
+            f"no {steady_s:g} s stretch whose level holds within 0.5 dB (the steadiest: {steadiest}): "
+            "is the calibrator on the microphone for long enough?"
+        )
+    first = int(steady[np.argmax(windows[steady].mean(axis=1))])
+    start = int(block_start(first, sample_rate_hz))
+    end = int(block_start(first + per, sample_rate_hz))
+    part = x[start:end]
+    power = np.abs(np.fft.rfft(part * np.hanning(len(part)))) ** 2
+    frequency = np.fft.rfftfreq(len(part), 1 / sample_rate_hz)
+    share = float(power[np.abs(frequency - tone_hz) <= 0.05 * tone_hz].sum() / max(power.sum(), 1e-300))
+    peak_hz = float(frequency[np.argmax(power)])
+    if share < 0.9:
+        raise ValueError(
+            f"the loudest steady stretch ({start / sample_rate_hz:.1f}-{end / sample_rate_hz:.1f} s) is "
+            f"not a {tone_hz:g} Hz tone: {share:.0%} of its energy lies near it (peak at {peak_hz:.0f} Hz)"
+        )
+    level_dbfs = float(db(np.mean(part**2)))
+    return {
+        "offset_db": round(reference_db - level_dbfs, 3),
+        "level_dbfs": round(level_dbfs, 3),
+        "start_s": start / sample_rate_hz,
+        "end_s": end / sample_rate_hz,
+        "tone_share": round(share, 4),
+        "spread_db": round(float(spread[first]), 3),
+    }
