@@ -89,6 +89,25 @@ def _dataset(dataset: dict) -> dict:
         "dead_letters": figures.get("dead_letter_inputs"),
         "audio_hours": None if figures.get("audio_s") is None else round(figures["audio_s"] / 3600, 3),
         "shards": {fmt: len(shards[fmt]) for fmt in ("parquet", "tfrecord") if shards.get(fmt)},
+        "levels": _levels(dataset.get("levels"), figures=None),
+    }
+
+
+def _levels(levels: dict | None, *, figures: dict | None) -> dict | None:
+    """What a run wrote of the levels tables: rows per table and the settings."""
+    if not levels:
+        return None
+    config = levels.get("config") or {}
+    rows = levels.get("rows") or (figures or {}).get("level_rows") or {}
+    return {
+        "rows": rows,
+        "interval_s": config.get("interval_s"),
+        "bands": config.get("bands"),
+        "calibration": (
+            f"{config['offset_db']:g} dB SPL at 0 dBFS" if config.get("offset_db") is not None else None
+        ),
+        "calibrated_sites": len(config.get("site_offsets_db") or ()),
+        "measured_at_hz": levels.get("measured_at_hz"),
     }
 
 
@@ -137,6 +156,7 @@ def _tags(run: dict, folder: str) -> dict:
         "events": figures.get("events"),
         "events_by_label": by_label,
         "hourly_rows": figures.get("hourly_rows"),
+        "levels": _levels(run.get("levels"), figures=figures),
         "tag_config": run.get("tag_config"),
         "run": run.get("run"),
     }
@@ -164,6 +184,19 @@ def _split(split: dict) -> str | None:
         names = (split.get(k) for k in ("train", "validation", "test"))
         return "splits: train {!r}, validation {!r}, test {!r}".format(*names)
     return json.dumps(split) if split else None
+
+
+def _levels_text(levels: dict | None) -> str | None:
+    if not levels:
+        return None
+    reference = levels.get("calibration") or "dBFS unless a recording's manifest or site is calibrated"
+    if levels.get("calibrated_sites"):
+        reference = f"{levels['calibrated_sites']} calibrated sites, else " + reference
+    bands = "" if levels.get("bands") in (None, "none") else f", {levels['bands']} bands"
+    return (
+        f"{_counts(levels.get('rows'))}; every {levels.get('interval_s'):g} s{bands}; measured at "
+        f"{levels.get('measured_at_hz')} Hz; {reference}"
+    )
 
 
 def summary_text(info: dict) -> str:
@@ -199,6 +232,7 @@ def summary_text(info: dict) -> str:
                 f"({strong['background_windows']} background, {strong['multi_label_windows']} multi-label)",
             )
         add("shards", _counts(info.get("shards")))
+        add("levels", _levels_text(info.get("levels")))
         add("nights", ", ".join(map(str, info["nights"])) if info.get("nights") else None)
     elif kind == "model":
         size = []
@@ -234,6 +268,7 @@ def summary_text(info: dict) -> str:
         add("events", info.get("events"))
         add("events by label", _counts(info.get("events_by_label")))
         add("hourly rows", info.get("hourly_rows"))
+        add("levels", _levels_text(info.get("levels")))
     return "\n".join(lines)
 
 

@@ -109,6 +109,11 @@ def test_features_levels_are_calibrated_split_invariant_and_hourly(tmp_path):
         "lden": 1,
     }
     assert manifest["levels"]["config"]["offset_db"] == 94.0 and manifest["levels"]["measured_at_hz"] == 22050
+    from soundshard.pipelines import info
+
+    described = info.describe(str(tmp_path / "split"))["levels"]
+    assert described["rows"]["levels_hourly"] == 2 and described["calibration"] == "94 dB SPL at 0 dBFS"
+    assert "levels_second 50" in info.summary_text(info.describe(str(tmp_path / "split")))
     csv = _table(tmp_path / "split", "levels_second", fmt="csv")
     np.testing.assert_allclose(csv.laeq, split.laeq, atol=1e-4)
 
