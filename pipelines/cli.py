@@ -58,6 +58,22 @@ COMMANDS = {
     "compile-edge": ("compile_edge", "run", "make_parser"),
     "completion": ("completion", "run", "make_parser"),
 }
+#: Parsers of the commands whose modules import Beam, built without it (``--help`` at once).
+LIGHT_PARSERS = {
+    "features": "features_parser",
+    "embed": "embed_parser",
+    "tag": "tag_parser",
+}
+
+
+def parser_of(command: str):
+    """The argument parser of ``command`` (from ``pipelines/arguments.py`` when it has one there)."""
+    if command in LIGHT_PARSERS:
+        from soundshard.pipelines import arguments
+
+        return getattr(arguments, LIGHT_PARSERS[command])(f"soundshard {command}")
+    module, _, function = COMMANDS[command]
+    return getattr(importlib.import_module(f"soundshard.pipelines.{module}"), function)()
 
 
 def version() -> str:
@@ -130,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:
+        if command in LIGHT_PARSERS and ("-h" in rest or "--help" in rest):
+            try:
+                parser_of(command).parse_known_args(rest)  # prints the help and exits
+            except SystemExit as exc:
+                return int(exc.code or 0)
         module, run, _ = COMMANDS[command]
         return getattr(importlib.import_module(f"soundshard.pipelines.{module}"), run)(rest)
     print(f"soundshard: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -7,19 +7,17 @@ soundshard completion bash > ~/.local/share/bash-completion/completions/soundsha
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
-from soundshard.pipelines.cli import COMMANDS
+from soundshard.pipelines.cli import COMMANDS, parser_of
 
 PROG = "soundshard completion"
 
 
 def flags_of(command: str) -> list[str]:
     """Every option string of ``command``'s parser (both spellings of a flag)."""
-    module, _, function = COMMANDS[command]
-    parser = getattr(importlib.import_module(f"soundshard.pipelines.{module}"), function)()
+    parser = parser_of(command)
     return sorted({s for action in parser._actions for s in action.option_strings})
 
 

@@ -38,7 +38,8 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 
-from soundshard.pipelines import features
+from soundshard.pipelines import arguments, features
+from soundshard.pipelines.arguments import EMBED_CONFIG_FLAGS as _CONFIG_FLAGS
 from soundshard.schemas.embedding import EmbeddingConfig, load_embedding_config
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms.embeddings import ComputeEmbeddings, check_model
@@ -46,36 +47,6 @@ from soundshard.transforms.embeddings import ComputeEmbeddings, check_model
 PROG = "soundshard embed"
 #: EmbeddingConfig fields and their flags (both spellings, ``--input-repr`` and ``--input_repr``).
 #: ``model`` and ``model_uri`` come from ``--model`` / ``--weights``.
-_CONFIG_FLAGS = {
-    "input_repr": ("--input-repr", "--input_repr"),
-    "content_type": ("--content-type", "--content_type"),
-    "embedding_size": ("--embedding-size", "--embedding_size"),
-    "frontend": ("--frontend",),
-    "sample_rate_hz": ("--sample-rate-hz", "--sample_rate_hz"),
-    "window_s": ("--window-s", "--window_s"),
-    "hop_s": ("--hop-s", "--hop_s"),
-    "center": ("--center",),
-    "output": ("--model-output", "--model_output"),
-    "signature": ("--signature",),
-    "model_sha256": ("--model-sha256", "--model_sha256", "--weights-sha256", "--weights_sha256"),
-    "channel": ("--channel",),
-    "resample_quality": ("--resample-quality", "--resample_quality"),
-}
-_HELP = {
-    "input_repr": "OpenL3 spectrogram: linear, mel128 or mel256 (default).",
-    "content_type": "OpenL3 training content: env or music (default).",
-    "embedding_size": "Values per embedding (OpenL3: 512 or 6144, default 6144).",
-    "frontend": "OpenL3 front-end of openl3 0.4 (default) or 0.3 (the one the weights were trained with).",
-    "sample_rate_hz": "Rate the model takes (OpenL3: 48000).",
-    "window_s": "Seconds of audio per embedding (OpenL3: 1).",
-    "hop_s": "Seconds between windows (0.1).",
-    "center": "true: pad half a window before the start, as openl3 (default for OpenL3).",
-    "output": "Output name or index of a SavedModel/TFLite model.",
-    "signature": "SavedModel signature (serving_default).",
-    "model_sha256": "Expected SHA-256 of the weight/model file (checked before the run).",
-    "channel": "Keep this channel (default: mix all down).",
-    "resample_quality": "soxr preset: QQ, LQ, MQ, HQ (default), VHQ.",
-}
 _MODEL_KINDS = ("saved_model", "tflite")
 #: Windows per model call by default: on a CPU, larger batches are no faster per window, and
 #: memory grows with the batch (OpenL3 mel256: ~33 MB of activations per window of a batch).
@@ -92,70 +63,8 @@ class EmbedRun(features.FeatureRun):
 
 
 def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """Argument parser of the embed command (Beam flags pass through)."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Audio → pretrained embeddings (OpenL3, or a SavedModel/TFLite model) → Parquet + "
-        "TFRecord shards. Other flags go to Beam (--runner, --direct_num_workers, --project, ...).",
-        allow_abbrev=False,
-    )
-    features.FeaturesOptions._add_argparse_args(parser)
-    features.add_label_args(parser)
-    for action in parser._actions:
-        if action.dest == "config":  # the feature config of 'soundshard features'
-            action.help = argparse.SUPPRESS
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default=None,
-        help="'openl3' (default), 'saved_model:PATH_OR_URI' (a TF SavedModel folder) or "
-        "'tflite:PATH_OR_URI'.",
-    )
-    group.add_argument(
-        "--weights", default=None, help="OpenL3 weight file openl3_audio_<repr>_<content>.h5 (path or URI)."
-    )
-    group.add_argument(
-        "--model-config",
-        "--model_config",
-        dest="model_config",
-        default=None,
-        help="TOML/JSON model config (keys of EmbeddingConfig, top level or under [embedding]); flags "
-        "override it.",
-    )
-    for name, flags in _CONFIG_FLAGS.items():
-        group.add_argument(*flags, dest=f"embed__{name}", default=None, metavar="VALUE", help=_HELP.get(name))
-    group.add_argument(
-        "--trust-model-code",
-        "--trust_model_code",
-        dest="trust_model_code",
-        action="store_true",
-        help="SavedModels are programs; this runs whatever ops the graph contains. Without it, a "
-        "SavedModel whose graph has ops outside an allow-list of inference ops (reading or writing "
-        "files, Python, printing, ...) is refused before any audio is read. Only for model files "
-        "you trust.",
-    )
-    batching = parser.add_argument_group("inference")
-    batching.add_argument(
-        "--min-batch-size", "--min_batch_size", dest="min_batch_size", type=int, default=None, help="(16)"
-    )
-    batching.add_argument(
-        "--max-batch-size",
-        "--max_batch_size",
-        dest="max_batch_size",
-        type=int,
-        default=None,
-        help="Windows per model call (16); with min < max Beam adapts the size between them. Memory grows "
-        "with it (OpenL3 mel256: ~33 MB per window of a batch).",
-    )
-    batching.add_argument(
-        "--large-model",
-        "--large_model",
-        dest="large_model",
-        action="store_true",
-        help="One model copy per machine, shared by its worker processes (Beam's large_model).",
-    )
-    parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
-    return parser
+    """Argument parser of the embed command (``pipelines/arguments.py``)."""
+    return arguments.embed_parser(prog)
 
 
 def _model_values(args: argparse.Namespace) -> dict:

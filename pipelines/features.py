@@ -41,12 +41,21 @@ import threadpoolctl
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
+from soundshard.pipelines import arguments
 from soundshard.pipelines import runner as runners
+from soundshard.pipelines.arguments import (  # noqa: F401 - the flags' helpers, named here for callers
+    DEFAULT_MAX_FAILED_FRACTION,
+    EXIT_TOO_MANY_FAILURES,
+    add_feature_flags,
+    add_label_args,
+    add_level_flags,
+    add_source_args,
+)
 from soundshard.schemas import fields
-from soundshard.schemas.config import FeatureConfig, RecordingConfig, attribute_docs, load_feature_config
+from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
-from soundshard.schemas.levels import BANDS, LevelConfig
+from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.uris import redact
 from soundshard.transforms import augment, ledger, level_tables, shards, sources, strong_labels
 from soundshard.transforms.features import SOURCE_RATES_HZ, AssignWindowLabels, ComputeLogMel, PlanUnits
@@ -55,12 +64,8 @@ from soundshard.transforms.tables import WriteTables
 _LOG = logging.getLogger(__name__)
 #: Exit codes of the commands that run pipelines (features, embed, tag).
 EXIT_OK, EXIT_NOTHING_PROCESSED, EXIT_CONFIG = 0, 1, 2
-#: More than ``--max-failed-fraction`` of the inputs failed (outputs written all the same).
-EXIT_TOO_MANY_FAILURES = 5
 #: Another run holds the output folder's lock (``EX_TEMPFAIL``: try again later).
 EXIT_LOCKED = 75
-#: Default of ``--max-failed-fraction``: a run where most inputs fail must not look like success.
-DEFAULT_MAX_FAILED_FRACTION = 0.5
 
 
 class FeaturesOptions(PipelineOptions):
@@ -68,177 +73,7 @@ class FeaturesOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        add_source_args(parser)
-        parser.add_argument("--output", help="Output folder (local or gs://, s3://...). Required.")
-        parser.add_argument("--config", help="Feature config file (TOML or JSON); flags override it.")
-        parser.add_argument(
-            "--format",
-            default="both",
-            choices=("both", "parquet", "tfrecord"),
-            help="Shard formats to write.",
-        )
-        parser.add_argument("--num_shards", type=int, default=None, help="Fixed number of shards.")
-        parser.add_argument(
-            "--shard_size_mb", type=float, default=64.0, help="Target shard size when --num_shards is unset."
-        )
-        parser.add_argument(
-            "--augment",
-            default=None,
-            help="Offline augmentation: also write copies of every readable recording, e.g. "
-            "'pitch_shift=-2,pitch_shift=2,time_stretch=0.9' (semitones; stretch rate). Copies are "
-            "marked in the augmentation column; training never validates or tests on them.",
-        )
-
-
-def add_label_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of strong labels from annotation files (features and embed).
-
-    Added to the command's parser, not to :class:`FeaturesOptions`: Beam's GoogleCloudOptions
-    owns ``--labels`` (Dataflow job labels), and one PipelineOptions parser cannot hold both. On
-    Dataflow, give job labels with Beam's ``--label key=value``.
-    """
-    parser.add_argument(
-        "--labels",
-        action="store_true",
-        help="Strong labels: read each recording's annotation file (the Audacity label track or "
-        "Raven selection table beside it with its stem, or the file named in --labels-column) "
-        "and label each window with the annotations it overlaps (several when they overlap; "
-        "none: background). A recording without one is a dead letter (missing_labels), a "
-        "malformed one too (bad_labels). (Dataflow job labels: Beam's --label key=value.) "
-        "Default: %(default)s.",
-    )
-    parser.add_argument(
-        "--labels-column",
-        "--labels_column",
-        dest="labels_column",
-        default=None,
-        help="With --labels and --manifest: the column naming each recording's annotation file "
-        "(relative to --input like audio paths; '' to use the files beside the recordings). "
-        "Default: %(default)s, i.e. 'labels_file' when the manifest has it.",
-    )
-    parser.add_argument(
-        "--labels-optional",
-        "--labels_optional",
-        dest="labels_optional",
-        action="store_true",
-        help="With --labels: keep recordings without an annotation file, weakly labelled by their "
-        "clip label when they have one, else as all background. Default: %(default)s.",
-    )
-    parser.add_argument(
-        "--min-label-overlap",
-        "--min_label_overlap",
-        dest="min_label_overlap",
-        type=float,
-        default=strong_labels.MIN_OVERLAP,
-        help="With --labels: a window takes an annotation's label when they overlap by at least "
-        "this share of the shorter of the two (so an annotation wholly inside a window labels "
-        "it); a point label labels the windows that contain it. Default: %(default)s.",
-    )
-
-
-def add_source_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of what to read and how (shared by features, embed and tag): inputs, manifest
-    columns, recording times and sites, archives, nightly mode and work units."""
-    parser.add_argument(
-        "--input",
-        help="Folder, glob ('**' allowed) or file; local, gs://, s3://... Required.",
-    )
-    parser.add_argument("--manifest", help="CSV or Parquet manifest; relative paths resolve against --input.")
-    parser.add_argument("--filename_column", default=None, help="Manifest column with audio paths.")
-    parser.add_argument("--label_column", default=None, help="Manifest label column ('' for none).")
-    parser.add_argument("--fold_column", default=None, help="Manifest fold column ('' for none).")
-    parser.add_argument("--split_column", default=None, help="Manifest split column ('' for none).")
-    parser.add_argument(
-        "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
-    )
-    parser.add_argument(
-        "--allow-outside-input",
-        "--allow_outside_input",
-        dest="allow_outside_input",
-        action="store_true",
-        help="Read manifest rows that name files outside --input (absolute paths, '..', other "
-        "URLs); by default they are dead letters (outside_input).",
-    )
-    parser.add_argument(
-        "--start_time_column",
-        default=None,
-        help="Manifest column with each recording's start (ISO 8601; default: 'start_time' or "
-        "'recording_start' when present; '' for none).",
-    )
-    parser.add_argument(
-        "--timezone",
-        default="UTC",
-        help="IANA zone of start times given without an offset (file names, manifest).",
-    )
-    parser.add_argument(
-        "--no_time_from_filename",
-        dest="time_from_filename",
-        action="store_false",
-        help="Do not read start times from recorder file names (AudioMoth YYYYMMDD_HHMMSS.WAV, "
-        "Song Meter PREFIX_YYYYMMDD_HHMMSS.wav).",
-    )
-    parser.add_argument(
-        "--site_pattern",
-        default=None,
-        help="Regular expression searched in each input path; named groups 'site' and "
-        "'deployment' fill those columns, e.g. 'sites/(?P<site>[^/]+)/(?P<deployment>[^/]+)/'.",
-    )
-    parser.add_argument(
-        "--archive_glob",
-        default=None,
-        help="Members of tar/zip inputs to read (fnmatch on the member path); default: audio files.",
-    )
-    parser.add_argument(
-        "--incremental",
-        action="store_true",
-        help="Nightly mode: take on only inputs that no earlier run processed with the same "
-        "config (ledger in <output>/ledger/), add this run's shards under "
-        "<format>/run_date=<date>/[site=<site>/] instead of replacing the dataset.",
-    )
-    parser.add_argument(
-        "--run_date",
-        default=None,
-        help="Incremental runs: the partition date, YYYY-MM-DD (default: today, UTC).",
-    )
-    parser.add_argument(
-        "--retry_dead_letters",
-        action="store_true",
-        help="Incremental runs: take on again inputs that earlier runs dead-lettered "
-        "(by default only those that failed for a transient reason, or changed).",
-    )
-    parser.add_argument(
-        "--max-failed-fraction",
-        "--max_failed_fraction",
-        dest="max_failed_fraction",
-        type=float,
-        default=DEFAULT_MAX_FAILED_FRACTION,
-        help=f"Exit with code {EXIT_TOO_MANY_FAILURES} when more than this fraction of the inputs "
-        "became dead letters (their outputs are still written; 1 never fails the run). "
-        "Default: %(default)s.",
-    )
-    parser.add_argument(
-        "--break-lock",
-        "--break_lock",
-        dest="break_lock",
-        action="store_true",
-        help="Remove the output folder's lock first: a run killed while writing there left it "
-        "(check that no run is writing there).",
-    )
-    parser.add_argument(
-        "--source-rates-hz",
-        "--source_rates_hz",
-        dest="source_rates_hz",
-        default=f"{SOURCE_RATES_HZ[0]}:{SOURCE_RATES_HZ[1]}",
-        help="Sample rates a file header may declare, MIN:MAX Hz; a file outside them is a dead "
-        "letter (implausible_sample_rate). Default: %(default)s.",
-    )
-    parser.add_argument(
-        "--unit_s",
-        type=float,
-        default=60.0,
-        help="Split recordings into work units of about this many seconds (0: never split). "
-        "Units decode in parallel and bound memory; values do not depend on the split.",
-    )
+        arguments.add_output_args(parser)
 
 
 def _parse_value(text: str, hint) -> typing.Any:
@@ -260,22 +95,6 @@ def _parse_value(text: str, hint) -> typing.Any:
     return text
 
 
-def add_feature_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per FeatureConfig field (``--n_mels 40``); given values override ``--config``."""
-    group = parser.add_argument_group("feature config (override --config)")
-    docs = attribute_docs(FeatureConfig)
-    for field in dataclasses.fields(FeatureConfig):
-        default = "none" if field.default is None else field.default
-        names = [f"--{field.name.replace('_', '-')}", f"--{field.name}"]
-        group.add_argument(
-            *dict.fromkeys(names),
-            dest=f"feature__{field.name}",
-            default=None,
-            metavar="VALUE",
-            help=f"{docs.get(field.name, '')} Default: {default}.".strip().replace("%", "%%"),
-        )
-
-
 def feature_config_from_args(args: argparse.Namespace) -> FeatureConfig:
     """The FeatureConfig from ``--config`` and the per-field flags (config errors name the value)."""
     hints = typing.get_type_hints(FeatureConfig)
@@ -287,54 +106,6 @@ def feature_config_from_args(args: argparse.Namespace) -> FeatureConfig:
     if args.config:
         return load_feature_config(args.config, **overrides)
     return FeatureConfig.from_dict(overrides)
-
-
-def add_level_flags(parser: argparse.ArgumentParser, *, default: bool) -> None:
-    """The levels stage's flags (``features``: off by default; ``tag``: on)."""
-    group = parser.add_argument_group(
-        "sound levels (IEC 61672-1: LAeq, LCeq, LAFmax, L10/L50/L90, SEL, bands)"
-    )
-    group.add_argument(
-        "--levels",
-        action=argparse.BooleanOptionalAction,
-        default=default,
-        help="Write the levels tables (levels_second, levels_interval, levels_hourly, lden) under "
-        "<output>/<format>/. Default: %(default)s.",
-    )
-    group.add_argument(
-        "--level-interval-s",
-        "--level_interval_s",
-        dest="level_interval_s",
-        type=float,
-        default=60.0,
-        help="Seconds per row of levels_interval (a whole number). Default: %(default)s.",
-    )
-    group.add_argument(
-        "--level-bands",
-        "--level_bands",
-        dest="level_bands",
-        choices=BANDS,
-        default="none",
-        help="Band levels (LZeq per IEC 61260 band) in levels_interval. Default: %(default)s.",
-    )
-    group.add_argument(
-        "--level-offset-db",
-        "--level_offset_db",
-        dest="level_offset_db",
-        type=float,
-        default=None,
-        help="Calibration: dB SPL that 0 dBFS stands for (94 minus what a 94 dB calibrator reads "
-        "in dBFS). Without it (and without a manifest column level_offset_db or a "
-        "--calibration-table entry) levels are dBFS. Default: none.",
-    )
-    group.add_argument(
-        "--calibration-table",
-        "--calibration_table",
-        dest="calibration_table",
-        default=None,
-        help="CSV of per-sensor calibration: columns site, level_offset_db and optionally "
-        "deployment (sites from --site_pattern). Default: none.",
-    )
 
 
 def calibration_table(uri: str) -> tuple[tuple[str, float], ...]:
@@ -395,19 +166,8 @@ def level_config_from_args(args: argparse.Namespace) -> LevelConfig | None:
 
 
 def make_parser(prog: str = "soundshard features") -> argparse.ArgumentParser:
-    """Argument parser of the features command (Beam flags pass through)."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Audio → log-mel windows → Parquet + TFRecord shards. Other flags go to Beam "
-        "(--runner, --direct_num_workers, --project, ...).",
-        allow_abbrev=False,
-    )
-    FeaturesOptions._add_argparse_args(parser)
-    add_label_args(parser)
-    add_level_flags(parser, default=False)
-    add_feature_flags(parser)
-    parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
-    return parser
+    """Argument parser of the features command (``pipelines/arguments.py``)."""
+    return arguments.features_parser(prog)
 
 
 def recording_config_from_args(args: argparse.Namespace) -> RecordingConfig:

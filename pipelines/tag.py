@@ -55,15 +55,16 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from soundshard.pipelines import features
+from soundshard.pipelines import arguments, features
 from soundshard.pipelines import runner as runners
+from soundshard.pipelines.arguments import db_or_off  # noqa: F401 - named here for callers
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.records import SourceItem
-from soundshard.schemas.tagging import AGGREGATIONS, RULE_DEFAULTS, TagConfig, parse_thresholds
+from soundshard.schemas.tagging import RULE_DEFAULTS, TagConfig, parse_thresholds
 from soundshard.schemas.uris import redact
 from soundshard.transforms import annotations as ann
 from soundshard.transforms import ledger, level_tables, models, plots, shards, sources, tables, tagging
@@ -74,183 +75,15 @@ from soundshard.transforms.models import check_fingerprint
 
 PROG = "soundshard tag"
 _LOG = logging.getLogger(__name__)
-DEFAULT_THRESHOLD = 0.5
-FORMATS = ("parquet", "csv")
+DEFAULT_THRESHOLD = arguments.DEFAULT_THRESHOLD
+FORMATS = arguments.TAG_FORMATS
 #: Output folders a replacing run owns (files in them that it did not write are removed).
 OWNED = (*FORMATS, *tagging.LABEL_FILES, *tagging.EXTRA_OUTPUTS)
 
 
 def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """Argument parser of the tag command (Beam flags pass through)."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Tag recordings with a trained model: per-window scores, per-file labels, events, "
-        "hourly summaries (Parquet and CSV), Audacity/Raven label files. Other flags go to Beam "
-        "(--runner, --direct_num_workers, --project, ...).",
-        allow_abbrev=False,
-    )
-    features.add_source_args(parser)
-    for action in parser._actions:
-        if action.dest == "incremental":
-            action.help = (
-                "Nightly mode: tag only inputs that no earlier run tagged with the same model and "
-                "settings (ledger in <output>/ledger/); this run's tables go under "
-                "<table>/run_date=<date>/ instead of replacing the outputs."
-            )
-    parser.add_argument("--output", help="Output folder (local or gs://, s3://...). Required.")
-    parser.add_argument(
-        "--model", help="Model folder written by `soundshard train` (local or gs://, s3://...). Required."
-    )
-    parser.add_argument(
-        "--config",
-        help="Feature config file (TOML or JSON) the tags must be computed with; it must equal the "
-        "model's (checked), default: the model's own.",
-    )
-    out = parser.add_argument_group("tables")
-    out.add_argument("--format", default="both", choices=("both", *FORMATS), help="Table formats to write.")
-    features.add_level_flags(parser, default=True)
-    out.add_argument(
-        "--top_k",
-        "--top-k",
-        dest="top_k",
-        type=int,
-        default=0,
-        help="Classes per window in the window table (0: every class's score, the default).",
-    )
-    out.add_argument("--audacity", action="store_true", help="Write an Audacity label track per recording.")
-    out.add_argument("--raven", action="store_true", help="Write a Raven selection table per recording.")
-    extra = parser.add_argument_group("plots and snippets")
-    extra.add_argument(
-        "--plot",
-        action="store_true",
-        help="Write plots/<clip>.png per recording: the log-mel spectrogram (log-mel models), the "
-        f"scores of the top {plots.MAX_CLASSES} classes with their thresholds dashed, the events as "
-        f"coloured spans; at most {plots.MAX_COLUMNS} time columns (max-pooled) however long the "
-        "recording. Default: off.",
-    )
-    extra.add_argument(
-        "--plot-reference",
-        "--plot_reference",
-        dest="plot_reference",
-        metavar="FILE_OR_FOLDER",
-        default=None,
-        help="Reference annotations (Audacity label tracks, Raven selection tables) drawn as a lane "
-        "under the events: one file, or a folder whose files are matched to recordings by clip id "
-        "path, else by file name (as `soundshard score --reference`); implies --plot. Default: none.",
-    )
-    extra.add_argument(
-        "--snippets",
-        action="store_true",
-        help="Write each event's audio as snippets/<clip>/<start>_<end>_<label>.flac, read from the "
-        "source at its own sample rate and channels, and an index (snippets/index.parquet, .csv). "
-        "Default: off.",
-    )
-    extra.add_argument(
-        "--snippet-margin-s",
-        "--snippet_margin_s",
-        dest="snippet_margin_s",
-        type=float,
-        default=None,
-        help="Seconds of audio kept before and after each event, clipped to the recording "
-        f"(default: {snip.SnippetOptions.margin_s}).",
-    )
-    extra.add_argument(
-        "--snippet-max-per-label",
-        "--snippet_max_per_label",
-        dest="snippet_max_per_label",
-        type=int,
-        default=None,
-        metavar="N",
-        help="Per recording and label, at most N snippets, the most confident events first "
-        "(default: every event).",
-    )
-    rules = parser.add_argument_group("labels and events")
-    rules.add_argument(
-        "--aggregation",
-        choices=AGGREGATIONS,
-        default="mean",
-        help="How a file's window scores combine into its scores (mean, max, majority).",
-    )
-    rules.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="One threshold for every class (default: per class from the model's validation fold, "
-        f"else {DEFAULT_THRESHOLD}).",
-    )
-    rules.add_argument(
-        "--thresholds",
-        default=None,
-        help="Per-class thresholds, e.g. 'dog=0.6,rain=0.4' (override --threshold).",
-    )
-    rules.add_argument(
-        "--hysteresis",
-        type=float,
-        default=None,
-        help="An event goes on while the score stays above its threshold minus this (default: the "
-        f"model's, else {RULE_DEFAULTS['hysteresis']}).",
-    )
-    rules.add_argument(
-        "--min_duration_s",
-        "--min-duration-s",
-        dest="min_duration_s",
-        type=float,
-        default=None,
-        help="Drop events shorter than this, seconds (default: the model's, else "
-        f"{RULE_DEFAULTS['min_duration_s']}).",
-    )
-    rules.add_argument(
-        "--median-filter-windows",
-        "--median_filter_windows",
-        dest="median_filter_windows",
-        type=int,
-        default=None,
-        help="Smooth each class's scores with a running median over this many windows (odd; 1: off) "
-        f"before events are found (default: the model's, else {RULE_DEFAULTS['median_filter_windows']}).",
-    )
-    rules.add_argument(
-        "--max_gap_s",
-        "--max-gap-s",
-        dest="max_gap_s",
-        type=float,
-        default=None,
-        help="Merge events of a label separated by at most this, seconds (default: the model's, else "
-        f"{RULE_DEFAULTS['max_gap_s']}).",
-    )
-    rules.add_argument(
-        "--min_level_db",
-        "--min-level-db",
-        dest="min_level_db",
-        type=float,
-        default=None,
-        help="Activity gate: windows whose loudest log-mel value is below this (dB) take no part in "
-        "events (log-mel models).",
-    )
-    rules.add_argument(
-        "--min-level-above-floor-db",
-        "--min_level_above_floor_db",
-        dest="min_level_above_floor_db",
-        type=db_or_off,
-        default=None,
-        help="Activity gate relative to each recording's background: windows less than this many dB "
-        "above its floor (the 10th percentile of its windows' loudest log-mel values, as L90) take "
-        "no part in events; recordings under about 30 s are not gated; 'off' for no gate (a sound "
-        "that lasts most of a recording is its background) (default: the model's, else "
-        f"{RULE_DEFAULTS['min_level_above_floor_db']}).",
-    )
-    batching = parser.add_argument_group("inference")
-    batching.add_argument(
-        "--max_batch_windows",
-        type=int,
-        default=2048,
-        help="Most windows per model call (Beam batches work units up to this).",
-    )
-    parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
-    features.add_feature_flags(parser)
-    return parser
-
-
-# -- the model and its guard ------------------------------------------------------------------------
+    """Argument parser of the tag command (``pipelines/arguments.py``)."""
+    return arguments.tag_parser(prog)
 
 
 def model_config(description: dict, *, model_uri: str) -> FeatureConfig | EmbeddingConfig:
@@ -289,21 +122,6 @@ def check_requested_config(args: argparse.Namespace, description: dict) -> None:
         {"feature_fingerprint": requested.fingerprint, "feature_config": requested.to_dict()},
         what="the features asked for (--config/flags)",
     )
-
-
-def db_or_off(text: str) -> float | str:
-    """A level difference in dB, or ``'off'``."""
-    if text.strip().lower() == "off":
-        return "off"
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of dB nor 'off'") from exc
-
-
-#: What ``db_or_off`` accepts (Flex template parameters check values against it) and an example.
-db_or_off.pattern = r"^(off|[0-9]+\.?[0-9]*|\.[0-9]+)$"
-db_or_off.example = "6"
 
 
 def tag_config_from_args(args: argparse.Namespace, description: dict) -> TagConfig:

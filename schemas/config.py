@@ -39,6 +39,11 @@ _RESAMPLE_QUALITY = ("QQ", "LQ", "MQ", "HQ", "VHQ")
 _MEL_NORM = ("slaney", "none")
 
 
+#: Sample rates a header may declare, in Hz (``--source-rates-hz``): outside them the header is
+#: taken for damaged or hostile (a 3.6 KB WAV declaring 1 Hz would make 30 minutes of windows).
+SOURCE_RATES_HZ = (1_000, 2_000_000)
+
+
 def attribute_docs(cls: type) -> dict[str, str]:
     """Each attribute's description in ``cls``'s Google-style ``Attributes:`` docstring section, as
     one line of plain text (double backquotes dropped): the help of the flags made from it."""

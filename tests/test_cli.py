@@ -103,6 +103,31 @@ def test_train_and_evaluate_help_load_no_tensorflow(tmp_path):
     assert loaded.stdout.strip() == "[]"
 
 
+def test_pipeline_commands_help_without_beam():
+    # features, embed and tag answer --help from parsers built without Beam; the help is that of
+    # the parser each command runs with
+    script = (
+        "import contextlib, io, sys\n"
+        "from soundshard.pipelines import cli\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    code = cli.main([sys.argv[1], '--runner', 'DirectRunner', '--help'])\n"
+        "print(code, 'apache_beam' in sys.modules, out.getvalue().splitlines()[0])\n"
+    )
+    for command in ("features", "embed", "tag"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, command], capture_output=True, text=True, timeout=120
+        )
+        assert done.stdout.startswith(f"0 False usage: soundshard {command} [-h] [--input INPUT]"), (
+            done.stderr
+        )
+    from soundshard.pipelines import arguments, embed, features, tag
+
+    for module, light in ((features, arguments.features_parser), (embed, arguments.embed_parser)):
+        assert module.make_parser().format_help() == light().format_help()
+    assert tag.make_parser().format_help() == arguments.tag_parser().format_help()
+
+
 def test_native_stderr_goes_to_a_log_that_failures_point_to(tmp_path):
     # a failing command keeps the library log and says where it is; a clean one removes it
     script = (

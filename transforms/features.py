@@ -24,7 +24,7 @@ import soundfile
 import threadpoolctl
 from apache_beam.metrics import Metrics
 
-from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.config import SOURCE_RATES_HZ, FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import (
     AudioDecodeError,
@@ -326,11 +326,6 @@ def as_grid(config) -> WindowGrid:
 
         return FrameGrid.from_config(config)
     return config
-
-
-#: Sample rates a header may declare, in Hz (``--source-rates-hz``): outside them the header is
-#: taken for damaged or hostile (a 3.6 KB WAV declaring 1 Hz would make 30 minutes of windows).
-SOURCE_RATES_HZ = (1_000, 2_000_000)
 
 
 def plan(
