@@ -348,16 +348,59 @@ def progress_line(totals: dict, *, total_files: int, label: str, elapsed_s: floa
     return "  ".join(parts)
 
 
+class _TerminalProgress:
+    """The progress line on a terminal, drawn by rich: a bar of the audio done out of the audio
+    planned, then :func:`progress_line`'s figures (files, units, hours, speed, ETA, elapsed)."""
+
+    def __init__(self, label: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+        from rich.table import Column
+
+        self._progress = Progress(
+            TextColumn(f"[bold]{label}", table_column=Column(no_wrap=True, min_width=len(label))),
+            BarColumn(bar_width=10),
+            # on a narrow terminal the figures' end is cut, never the label or the bar
+            TextColumn(
+                "{task.fields[detail]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)
+            ),
+            console=Console(stderr=True),
+            auto_refresh=False,
+            transient=False,
+        )
+        self._task = self._progress.add_task(label, total=None, detail="")
+        self._prefix = f"[{label}] "
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def show(self, totals: dict, line: str) -> None:
+        planned = totals.get("audio_s_planned") or None
+        self._progress.update(
+            self._task,
+            completed=totals.get("audio_s", 0.0),
+            total=planned,
+            detail=line.removeprefix(self._prefix),
+        )
+        self._progress.refresh()
+
+    def __exit__(self, *exc):
+        self._progress.stop()
+
+
 @contextlib.contextmanager
-def progress(total_files: int, *, label: str) -> Iterator[str]:
-    """Yields a folder the workers write progress files to, and prints a progress line
+def progress(total_files: int, *, label: str, terminal: bool | None = None) -> Iterator[str]:
+    """Yields a folder the workers write progress files to, and shows their progress
     (:func:`progress_line`).
 
-    On a terminal the line is redrawn twice a second; otherwise one line every 10 s.
+    On a terminal (``terminal``; default: whether stderr is one) a rich progress bar of the audio
+    done with those figures, redrawn twice a second; otherwise one plain line every 10 s and at
+    the end.
     """
     directory = tempfile.mkdtemp(prefix="soundshard-progress-")
     stop = threading.Event()
-    tty = sys.stderr.isatty()
+    tty = sys.stderr.isatty() if terminal is None else terminal
     started = time.monotonic()
 
     def totals() -> dict:
@@ -371,29 +414,34 @@ def progress(total_files: int, *, label: str) -> Iterator[str]:
                         out[key] = out.get(key, 0) + value
         return out
 
-    def line() -> str:
-        return progress_line(
-            totals(), total_files=total_files, label=label, elapsed_s=time.monotonic() - started
-        )
+    def line(done: dict) -> str:
+        return progress_line(done, total_files=total_files, label=label, elapsed_s=time.monotonic() - started)
+
+    display = _TerminalProgress(label) if tty else None
 
     def loop():
         last = time.monotonic()
         while not stop.wait(0.5):
-            if tty:
-                sys.stderr.write("\r" + line())
-                sys.stderr.flush()
+            if display is not None:
+                done = totals()
+                display.show(done, line(done))
             elif time.monotonic() - last >= 10:
-                sys.stderr.write(line() + "\n")
+                sys.stderr.write(line(totals()) + "\n")
                 last = time.monotonic()
 
     thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield directory
-    finally:
-        stop.set()
-        thread.join()
-        sys.stdout.flush()
-        sys.stderr.write(("\r" if tty else "") + line() + "\n")
-        sys.stderr.flush()
-        shutil.rmtree(directory, ignore_errors=True)
+    with display or contextlib.nullcontext():
+        thread.start()
+        try:
+            yield directory
+        finally:
+            stop.set()
+            thread.join()
+            sys.stdout.flush()
+            done = totals()
+            if display is not None:
+                display.show(done, line(done))
+            else:
+                sys.stderr.write(line(done) + "\n")
+            sys.stderr.flush()
+            shutil.rmtree(directory, ignore_errors=True)

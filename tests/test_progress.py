@@ -43,3 +43,18 @@ def test_a_long_recording_reports_its_units_as_they_finish(tmp_path, capsys):
     assert re.match(
         r"\[features\] files 1/1  units 5/5  audio 0\.01/0\.01 h  windows 86  \d+x real time  \d+:\d\d$", last
     ), last
+
+
+def test_on_a_terminal_rich_draws_the_bar_and_the_figures(capsys):
+    import json
+    import os
+
+    from soundshard.pipelines.runner import progress
+
+    with progress(2, label="tag", terminal=True) as folder:
+        state = {"files": 1, "files_planned": 2, "units": 3, "units_planned": 4, "audio_s": 90.0}
+        with open(os.path.join(folder, "worker.json"), "w") as f:
+            json.dump({**state, "audio_s_planned": 120.0, "windows": 7}, f)
+    err = capsys.readouterr().err
+    assert "tag" in err and "files 1/2  units 3/4  audio 0.03/0.03 h  windows 7" in err
+    assert "[tag]" not in err  # the label is the bar's own column

@@ -413,9 +413,9 @@ def summary_line(rows: dict, levels: dict) -> str:
         f"levels           {rows.get('levels_second', 0)} seconds, {rows.get('levels_hourly', 0)} hours, "
         f"{rows.get('lden', 0)} days (Lden)  "
         + (
-            "dB SPL where calibrated"
+            "dB SPL where a calibration applies, else dBFS (column level_unit)"
             if calibrated
-            else "dBFS (uncalibrated) unless a manifest gives level_offset_db"
+            else "dBFS, or dB SPL where the manifest gives level_offset_db (column level_unit)"
         )
     )
 
