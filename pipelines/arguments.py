@@ -328,9 +328,13 @@ _EMBED_HELP = {
 
 def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
     """Argument parser of the tag command (Beam flags pass through)."""
-    from soundshard.schemas.tagging import AGGREGATIONS, RULE_DEFAULTS
-    from soundshard.transforms import plots
-    from soundshard.transforms import snippets as snip
+    from soundshard.schemas.tagging import (
+        AGGREGATIONS,
+        PLOT_MAX_CLASSES,
+        PLOT_MAX_COLUMNS,
+        RULE_DEFAULTS,
+        SNIPPET_MARGIN_S,
+    )
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -376,8 +380,8 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
         "--plot",
         action="store_true",
         help="Write plots/<clip>.png per recording: the log-mel spectrogram (log-mel models), the "
-        f"scores of the top {plots.MAX_CLASSES} classes with their thresholds dashed, the events as "
-        f"coloured spans; at most {plots.MAX_COLUMNS} time columns (max-pooled) however long the "
+        f"scores of the top {PLOT_MAX_CLASSES} classes with their thresholds dashed, the events as "
+        f"coloured spans; at most {PLOT_MAX_COLUMNS} time columns (max-pooled) however long the "
         "recording. Default: off.",
     )
     extra.add_argument(
@@ -404,7 +408,7 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="Seconds of audio kept before and after each event, clipped to the recording "
-        f"(default: {snip.SnippetOptions.margin_s}).",
+        f"(default: {SNIPPET_MARGIN_S}).",
     )
     extra.add_argument(
         "--snippet-max-per-label",

@@ -9,6 +9,12 @@ from soundshard.schemas.config import ConfigSerialization
 from soundshard.schemas.errors import ConfigError
 
 AGGREGATIONS = ("mean", "max", "majority")
+#: Most time columns of a recording's picture (``--plot``: spectrogram and score curves).
+PLOT_MAX_COLUMNS = 4000
+#: Most classes whose score curves a picture draws (those with events first, then the highest).
+PLOT_MAX_CLASSES = 6
+#: Seconds of audio kept before and after each event's snippet by default (``--snippets``).
+SNIPPET_MARGIN_S = 0.5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,13 +29,14 @@ import numpy as np
 
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.tagging import PLOT_MAX_CLASSES, PLOT_MAX_COLUMNS
 from soundshard.transforms import events as ev
 from soundshard.transforms import melspec
 
 #: Most time columns of a recording's spectrogram image (and points of its score curves).
-MAX_COLUMNS = 4000
+MAX_COLUMNS = PLOT_MAX_COLUMNS
 #: Most classes whose score curves are drawn (those with events first, then the highest scores).
-MAX_CLASSES = 6
+MAX_CLASSES = PLOT_MAX_CLASSES
 #: Most lanes of events or reference labels; the rest share one ``other`` lane.
 MAX_LANES = 12
 #: Events labelled with text on their span (more would overlap into an unreadable smear).

@@ -32,6 +32,7 @@ import soundfile
 
 from soundshard.schemas.errors import ConfigError, DataError
 from soundshard.schemas.records import SourceItem
+from soundshard.schemas.tagging import SNIPPET_MARGIN_S
 from soundshard.transforms import events as ev
 
 #: Frames copied per read: 2**18 frames of 8 int32 channels is 8 MiB.
@@ -55,7 +56,7 @@ class SnippetOptions:
         block_frames: Frames read and written at a time (bounds memory).
     """
 
-    margin_s: float = 0.5
+    margin_s: float = SNIPPET_MARGIN_S
     max_per_label: int | None = None
     block_frames: int = BLOCK_FRAMES
 
