@@ -121,6 +121,19 @@ def test_pipeline_commands_help_without_beam():
         assert done.stdout.startswith(f"0 False usage: soundshard {command} [-h] [--input INPUT]"), (
             done.stderr
         )
+    every = (
+        "import contextlib, io, sys\n"
+        "from soundshard.pipelines import cli\n"
+        "for command in cli.COMMANDS:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            cli.main([command, '--help'])\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(sorted({'apache_beam', 'tensorflow', 'keras', 'matplotlib', 'librosa'} & {*sys.modules}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", every], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr  # no command's help loads a heavy library
     from soundshard.pipelines import arguments, embed, features, tag
 
     for module, light in ((features, arguments.features_parser), (embed, arguments.embed_parser)):
