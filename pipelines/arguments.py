@@ -50,9 +50,15 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
         choices=("both", "parquet", "tfrecord"),
         help="Shard formats to write.",
     )
-    parser.add_argument("--num_shards", type=int, default=None, help="Fixed number of shards.")
     parser.add_argument(
-        "--shard_size_mb", type=float, default=64.0, help="Target shard size when --num_shards is unset."
+        "--num-shards", "--num_shards", type=int, default=None, help="Fixed number of shards."
+    )
+    parser.add_argument(
+        "--shard-size-mb",
+        "--shard_size_mb",
+        type=float,
+        default=64.0,
+        help="Target shard size when --num_shards is unset.",
     )
     parser.add_argument(
         "--augment",
@@ -117,12 +123,23 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         help="Folder, glob ('**' allowed) or file; local, gs://, s3://... Required.",
     )
     parser.add_argument("--manifest", help="CSV or Parquet manifest; relative paths resolve against --input.")
-    parser.add_argument("--filename_column", default=None, help="Manifest column with audio paths.")
-    parser.add_argument("--label_column", default=None, help="Manifest label column ('' for none).")
-    parser.add_argument("--fold_column", default=None, help="Manifest fold column ('' for none).")
-    parser.add_argument("--split_column", default=None, help="Manifest split column ('' for none).")
     parser.add_argument(
-        "--label_from_parent", action="store_true", help="Without a manifest: label = parent folder name."
+        "--filename-column", "--filename_column", default=None, help="Manifest column with audio paths."
+    )
+    parser.add_argument(
+        "--label-column", "--label_column", default=None, help="Manifest label column ('' for none)."
+    )
+    parser.add_argument(
+        "--fold-column", "--fold_column", default=None, help="Manifest fold column ('' for none)."
+    )
+    parser.add_argument(
+        "--split-column", "--split_column", default=None, help="Manifest split column ('' for none)."
+    )
+    parser.add_argument(
+        "--label-from-parent",
+        "--label_from_parent",
+        action="store_true",
+        help="Without a manifest: label = parent folder name.",
     )
     parser.add_argument(
         "--allow-outside-input",
@@ -133,6 +150,7 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         "URLs); by default they are dead letters (outside_input).",
     )
     parser.add_argument(
+        "--start-time-column",
         "--start_time_column",
         default=None,
         help="Manifest column with each recording's start (ISO 8601; default: 'start_time' or "
@@ -144,6 +162,7 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         help="IANA zone of start times given without an offset (file names, manifest).",
     )
     parser.add_argument(
+        "--no-time-from-filename",
         "--no_time_from_filename",
         dest="time_from_filename",
         action="store_false",
@@ -151,12 +170,14 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         "Song Meter PREFIX_YYYYMMDD_HHMMSS.wav).",
     )
     parser.add_argument(
+        "--site-pattern",
         "--site_pattern",
         default=None,
         help="Regular expression searched in each input path; named groups 'site' and "
         "'deployment' fill those columns, e.g. 'sites/(?P<site>[^/]+)/(?P<deployment>[^/]+)/'.",
     )
     parser.add_argument(
+        "--archive-glob",
         "--archive_glob",
         default=None,
         help="Members of tar/zip inputs to read (fnmatch on the member path); default: audio files.",
@@ -169,11 +190,13 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         "<format>/run_date=<date>/[site=<site>/] instead of replacing the dataset.",
     )
     parser.add_argument(
+        "--run-date",
         "--run_date",
         default=None,
         help="Incremental runs: the partition date, YYYY-MM-DD (default: today, UTC).",
     )
     parser.add_argument(
+        "--retry-dead-letters",
         "--retry_dead_letters",
         action="store_true",
         help="Incremental runs: take on again inputs that earlier runs dead-lettered "
@@ -206,6 +229,7 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         "letter (implausible_sample_rate). Default: %(default)s.",
     )
     parser.add_argument(
+        "--unit-s",
         "--unit_s",
         type=float,
         default=60.0,
@@ -496,6 +520,7 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
     )
     batching = parser.add_argument_group("inference")
     batching.add_argument(
+        "--max-batch-windows",
         "--max_batch_windows",
         type=int,
         default=2048,

@@ -147,7 +147,7 @@ def tag_step(workdir: str, *, model: str, seed: int = 0) -> int:
     out = os.path.join(workdir, "tags")
     print(f"\ntagging a 40 s recording ({os.path.basename(path)}, 10 s work units) with the model -> {out}")
     code = tag.run(
-        ["--input", path, "--model", model, "--output", out, "--unit_s", "10", "--audacity", "--raven"],
+        ["--input", path, "--model", model, "--output", out, "--unit-s", "10", "--audacity", "--raven"],
         prog="soundshard demo",
     )
     if code != 0:

@@ -477,11 +477,11 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
     if not args.output:
         raise ConfigError("--output is required")
     if args.num_shards is not None and args.num_shards < 1:
-        raise ConfigError(f"--num_shards={args.num_shards} must be at least 1")
+        raise ConfigError(f"--num-shards={args.num_shards} must be at least 1")
     if not args.shard_size_mb > 0:
-        raise ConfigError(f"--shard_size_mb={args.shard_size_mb} must be positive")
+        raise ConfigError(f"--shard-size-mb={args.shard_size_mb} must be positive")
     if args.unit_s < 0:
-        raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
+        raise ConfigError(f"--unit-s={args.unit_s} must be 0 (never split) or positive")
     check_failed_fraction(args)
     rates_hz = source_rates(args)
     labels = strong_labels_from_args(args)
@@ -620,14 +620,14 @@ def _run_date(args: argparse.Namespace) -> str | None:
     """The partition date of an incremental run (``None`` otherwise); a bad date is a ConfigError."""
     if not args.incremental:
         if args.run_date is not None or args.retry_dead_letters:
-            raise ConfigError("--run_date and --retry_dead_letters need --incremental")
+            raise ConfigError("--run-date and --retry-dead-letters need --incremental")
         return None
     if args.run_date is None:
         return time.strftime("%Y-%m-%d", time.gmtime())
     try:
         return datetime.date.fromisoformat(args.run_date).isoformat()
     except ValueError as exc:
-        raise ConfigError(f"--run_date={args.run_date!r} is not a date YYYY-MM-DD") from exc
+        raise ConfigError(f"--run-date={args.run_date!r} is not a date YYYY-MM-DD") from exc
 
 
 RAN, NOTHING_NEW, JOB_WRITTEN = "ran", "nothing_new", "job_written"

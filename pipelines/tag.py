@@ -11,7 +11,7 @@ Local run (FnApiRunner; no network needed)::
     soundshard tag --input ../shared/data/longform --model models/esc10-f4 --output out/tags \\
         --audacity --raven
     soundshard tag --input 'recordings/**/*.flac' --model models/esc10-f1 --output out/night \\
-        --incremental --site_pattern 'site=(?P<site>[^/]+)/'
+        --incremental --site-pattern 'site=(?P<site>[^/]+)/'
 
 Dataflow (workers need the soundshard package, see ``infra/``)::
 
@@ -339,9 +339,9 @@ def prepare(args: argparse.Namespace) -> TagRun:
     if not args.model:
         raise ConfigError("--model is required (a folder written by `soundshard train`)")
     if args.unit_s < 0:
-        raise ConfigError(f"--unit_s={args.unit_s} must be 0 (never split) or positive")
+        raise ConfigError(f"--unit-s={args.unit_s} must be 0 (never split) or positive")
     if args.max_batch_windows < 1:
-        raise ConfigError(f"--max_batch_windows={args.max_batch_windows} must be at least 1")
+        raise ConfigError(f"--max-batch-windows={args.max_batch_windows} must be at least 1")
     features.check_failed_fraction(args)
     rates_hz = features.source_rates(args)
     model_uri = args.model.rstrip("/")
@@ -726,7 +726,7 @@ def summary_text(manifest: dict, output: str) -> str:
         f"({fig['speed_x_realtime']}x real time)",
         f"windows          {fig['windows_scored']}  events {fig['events']}  hourly rows {fig['hourly_rows']}"
         + (
-            " (no recording start times: recorder file names or --start_time_column give them)"
+            " (no recording start times: recorder file names or --start-time-column give them)"
             if fig["hourly_rows"] == 0 and fig["events"]
             else ""
         ),

@@ -134,7 +134,7 @@ def test_no_input_succeeding_exits_1(tmp_path):
     [
         (["--fmax_hz", "30000"], "fmax_hz=30000.0 is above the Nyquist"),
         (["--n_mels", "many"], "n_mels='many' must be int"),
-        (["--num_shards", "0"], "--num_shards=0 must be at least 1"),
+        (["--num_shards", "0"], "--num-shards=0 must be at least 1"),
         (["--no_such_flag", "1"], "unknown option(s): --no_such_flag"),
     ],
 )

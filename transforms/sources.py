@@ -67,7 +67,7 @@ class StrongLabels:
         optional: What a recording without an annotation file becomes. ``False`` (the default):
             a dead letter (``missing_labels``), because a recording nobody annotated must not
             train as pure background. ``True``: it is kept, weakly labelled when it has a clip
-            label (manifest label column, ``--label_from_parent``) and otherwise annotated as
+            label (manifest label column, ``--label-from-parent``) and otherwise annotated as
             all background. A file that a manifest names but that does not exist is always a
             dead letter.
         column: Manifest column naming each recording's annotation file (relative paths resolve
@@ -694,7 +694,7 @@ def from_manifest(
     if filename_col is None:
         raise ConfigError(
             f"--manifest {manifest_uri!r} has no filename column (looked for {FILENAME_CANDIDATES}); "
-            f"columns: {names}; set --filename_column"
+            f"columns: {names}; set --filename-column"
         )
     label_col = _pick(names, columns.label, LABEL_CANDIDATES, "label")
     fold_col = _pick(names, columns.fold, ("fold",), "fold")
