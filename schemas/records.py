@@ -126,6 +126,7 @@ class DeadLetter:
         # Dead letters are written out: no credentials in them (messages quote URIs too).
         object.__setattr__(self, "source_uri", redact(self.source_uri))
         object.__setattr__(self, "message", redact(self.message))
+        object.__setattr__(self, "stage", str(self.stage))  # a Stage (schemas/outcomes.py) as its name
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

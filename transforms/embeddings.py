@@ -44,6 +44,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from soundshard.schemas.embedding import EmbeddingBatch, EmbeddingConfig, EmbeddingInput
 from soundshard.schemas.errors import ConfigError, DataError
+from soundshard.schemas.outcomes import Stage
 from soundshard.schemas.records import FileSummary, WorkUnit
 from soundshard.transforms.features import (
     DEAD_LETTERS,
@@ -1121,7 +1122,7 @@ class _CollectFn(beam.DoFn):
             yield from self._flush()
             where = f"{unit.source.uri} (window {window.index} of {unit.total_windows})"
             exc = DataError(f"{where}: embedding contains non-finite values", reason="non_finite_embedding")
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(unit.source, "embed", exc))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(unit.source, Stage.EMBED, exc))
             return
         if run is None:
             run = self._run = _Run(unit, window.index, [], [])
@@ -1191,7 +1192,7 @@ def inference_dead_letters(failure) -> Iterable:
         where = f"{unit.source.uri} (windows {first}..{last} of {unit.total_windows})"
         exc = DataError(f"{where}: inference failed: {error_type}: {message}", reason="inference_error")
         count("windows_failed", len(windows))
-        yield dead_letter(unit.source, "embed", exc)
+        yield dead_letter(unit.source, Stage.EMBED, exc)
 
 
 def error_parts(error) -> tuple[str, str]:

@@ -22,7 +22,6 @@ import apache_beam as beam
 import numpy as np
 import soundfile
 import threadpoolctl
-from apache_beam.metrics import Metrics
 
 from soundshard.schemas.config import SOURCE_RATES_HZ, FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
@@ -34,8 +33,8 @@ from soundshard.schemas.errors import (
     StorageError,
 )
 from soundshard.schemas.levels import LevelConfig
+from soundshard.schemas.outcomes import Stage
 from soundshard.schemas.records import (
-    DeadLetter,
     FileSummary,
     LabelCount,
     SourceItem,
@@ -46,6 +45,7 @@ from soundshard.schemas.records import (
 from soundshard.transforms import augment, melspec, strong_labels, units
 from soundshard.transforms import levels as level_maths
 from soundshard.transforms.audio import decode_audio
+from soundshard.transforms.outcomes import NAMESPACE, count, dead_letter  # noqa: F401 - named here for callers
 from soundshard.transforms.sources import (
     FETCHED,
     StorageRetry,
@@ -55,31 +55,11 @@ from soundshard.transforms.sources import (
     storage_error,
 )
 
-NAMESPACE = "soundshard"
 DEAD_LETTERS = "dead_letters"
 SUMMARIES = "summaries"
 LEVELS = "levels"
 LABEL_COUNTS = "label_counts"
 _LOG = logging.getLogger(__name__)
-
-
-def count(reason: str, n: int = 1) -> None:
-    """Increments the Beam counter ``soundshard/<reason>``."""
-    Metrics.counter(NAMESPACE, reason).inc(n)
-
-
-def dead_letter(item: SourceItem, stage: str, exc: BaseException, *, where: str | None = None) -> DeadLetter:
-    """A dead letter for ``item`` failing at ``stage``; counts it under its reason.
-
-    ``where`` names the part that failed (e.g. a unit's window range) when not the whole file.
-    """
-    reason = exc.reason if isinstance(exc, DataError) else "unexpected_error"
-    if not isinstance(exc, DataError):
-        _LOG.warning("unexpected %s in stage %s for %s", type(exc).__name__, stage, item.uri, exc_info=exc)
-    count(reason)
-    count("dead_letters")
-    message = str(exc) if where is None or where in str(exc) else f"{where}: {exc}"
-    return DeadLetter(item.uri, item.clip_id, stage, reason, type(exc).__name__, message, item.augmentation)
 
 
 class ProgressReporter:
@@ -501,7 +481,7 @@ class _ProbeFn(beam.DoFn):
 
     def _outputs(self, item: SourceItem, planned: list[WorkUnit] | None, error: BaseException | None):
         if error is not None:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "plan", error))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, Stage.PLAN, error))
             self._progress.add(files=1, files_planned=1)
             return
         whole = planned[0]
@@ -705,7 +685,9 @@ class DecodeUnitFn(beam.DoFn):
                 unit, self._grid, where=where, preroll_s=level_maths.PREROLL_S if measure else 0.0
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(unit.source, "decode", exc, where=where))
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTERS, dead_letter(unit.source, Stage.DECODE, exc, where=where)
+            )
             self._progress.add(files=int(unit.unit_index == unit.n_units - 1))
         else:
             if measure:
@@ -790,7 +772,7 @@ class _LogMelFn(DecodeUnitFn):
             if not np.isfinite(features).all():
                 raise DataError(f"{where}: features contain non-finite values", reason="non_finite_features")
         except Exception as exc:  # noqa: BLE001
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "features", exc, where=where))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, Stage.FEATURES, exc, where=where))
             self._progress.add(files=int(last_unit))
             return
         n_windows = features.shape[0]

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from soundshard.schemas.config import RecordingConfig
 from soundshard.schemas.errors import ConfigError, StorageError
+from soundshard.schemas.outcomes import Stage
 from soundshard.schemas.records import DeadLetter, SourceItem
 from soundshard.schemas.uris import redact
 from soundshard.transforms import annotations, recordings, strong_labels
@@ -514,7 +515,12 @@ def expand_archive(
     except Exception as exc:  # noqa: BLE001 - a bad archive is a dead letter, not a stop
         dead.append(
             DeadLetter(
-                uri, prefix, "source", "bad_archive", type(exc).__name__, f"cannot list archive {uri}: {exc}"
+                uri,
+                prefix,
+                Stage.SOURCE,
+                "bad_archive",
+                type(exc).__name__,
+                f"cannot list archive {uri}: {exc}",
             )
         )
         return items, dead
@@ -531,7 +537,9 @@ def expand_archive(
         clip_id = f"{prefix}/{stem}" if member.duplicates == 1 else f"{prefix}/{stem}#{member.occurrence}"
         if problem:
             dead.append(
-                DeadLetter(member_uri, clip_id, "source", "unsafe_member", "SourceError", f"{uri}: {problem}")
+                DeadLetter(
+                    member_uri, clip_id, Stage.SOURCE, "unsafe_member", "SourceError", f"{uri}: {problem}"
+                )
             )
             continue
         label = posixpath.basename(posixpath.dirname(name)) or None if label_from_parent else None
@@ -551,7 +559,7 @@ def expand_archive(
             DeadLetter(
                 uri,
                 prefix,
-                "source",
+                Stage.SOURCE,
                 "archive_incomplete",
                 "ArchiveError",
                 f"archive {uri} cannot be read to its end: {listing.problem}; "
@@ -724,7 +732,7 @@ def from_manifest(
         where = f"{manifest_uri}:{row_number}"
         filename = (row[filename_col] or "").strip()
 
-        def reject(reason: str, message: str, *, stage: str = "manifest", uri: str = where, clip=None):
+        def reject(reason: str, message: str, *, stage: Stage = Stage.MANIFEST, uri: str = where, clip=None):
             dead.append(DeadLetter(uri, clip, stage, reason, "SourceError", message))
 
         if not filename:
@@ -743,7 +751,7 @@ def from_manifest(
                 reject(
                     "missing_file",
                     f"row {row_number}: file {filename!r} not found under {root!r}",
-                    stage="source",
+                    stage=Stage.SOURCE,
                     uri=uri,
                     clip=clip_id,
                 )
@@ -782,7 +790,7 @@ def from_manifest(
                     "missing_labels",
                     f"row {row_number}: annotation file {row[labels_col].strip()!r} ({labels_col}) "
                     f"not found under {root!r}",
-                    stage="source",
+                    stage=Stage.SOURCE,
                     uri=uri,
                     clip=clip_id,
                 )
@@ -897,10 +905,14 @@ def attach_annotations(
                 events = strong_labels.events_of(annotations.read_annotations(path), source=path)
                 return dataclasses.replace(item, annotations=events)
         except annotations.AnnotationError as exc:
-            return DeadLetter(item.uri, item.clip_id, "source", "bad_labels", type(exc).__name__, str(exc))
+            return DeadLetter(
+                item.uri, item.clip_id, Stage.SOURCE, "bad_labels", type(exc).__name__, str(exc)
+            )
         except OSError as exc:  # the store failed while looking for the file: worth a retry
             message = f"cannot look up the annotation file of {item.uri}: {exc}"
-            return DeadLetter(item.uri, item.clip_id, "source", "storage_error", type(exc).__name__, message)
+            return DeadLetter(
+                item.uri, item.clip_id, Stage.SOURCE, "storage_error", type(exc).__name__, message
+            )
         if labels.optional:
             return item if item.label else dataclasses.replace(item, annotations=())
         if files is None:
@@ -912,7 +924,7 @@ def attach_annotations(
         return DeadLetter(
             item.uri,
             item.clip_id,
-            "source",
+            Stage.SOURCE,
             "missing_labels",
             "SourceError",
             f"{item.uri}: {where}; --labels-optional keeps such recordings (as background, or "

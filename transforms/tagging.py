@@ -32,6 +32,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from soundshard.schemas.errors import DataError
 from soundshard.schemas.levels import LevelConfig
+from soundshard.schemas.outcomes import Stage
 from soundshard.schemas.records import FileSummary, LevelBlocks, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms import events as ev
@@ -212,7 +213,7 @@ def _inference_dead_letters(failure) -> Iterable:
         first = element.first_window_index
         where = f"{element.source.uri} (windows {first}..{first + element.n_windows - 1})"
         exc = DataError(f"{where}: classifier failed: {error_type}: {message}", reason="inference_error")
-        yield dead_letter(element.source, "tag", exc)
+        yield dead_letter(element.source, Stage.TAG, exc)
 
 
 class ScoreWindows(beam.PTransform):
@@ -620,7 +621,7 @@ class _DrawPlotFn(beam.DoFn):
             write_bytes(temp, plots.plot_png(picture))
         except Exception as exc:  # noqa: BLE001 - a picture that fails is a dead letter, not a stop
             yield beam.pvalue.TaggedOutput(
-                DEAD_LETTERS, output_dead_letter(item, "plots", exc, reason="plot_error")
+                DEAD_LETTERS, output_dead_letter(item, Stage.PLOTS, exc, reason="plot_error")
             )
             return
         count("plots_written")
@@ -677,7 +678,7 @@ class _WriteSnippetsFn(beam.DoFn):
         for event, snippet, error in results:
             if error is not None:
                 failure = snip.snippet_error(item, event, error)
-                yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, "snippets", failure))
+                yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, Stage.SNIPPETS, failure))
                 continue
             count("snippets_written")
             written.append(snippet)
