@@ -58,7 +58,7 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
         "--shard_size_mb",
         type=float,
         default=64.0,
-        help="Target shard size when --num_shards is unset.",
+        help="Target shard size when --num-shards is unset.",
     )
     parser.add_argument(
         "--augment",
@@ -298,7 +298,7 @@ def add_level_flags(parser: argparse.ArgumentParser, *, default: bool) -> None:
         dest="calibration_table",
         default=None,
         help="CSV of per-sensor calibration: columns site, level_offset_db and optionally "
-        "deployment (sites from --site_pattern). Default: none.",
+        "deployment (sites from --site-pattern). Default: none.",
     )
 
 
@@ -529,9 +529,6 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="Log at INFO level.")
     add_feature_flags(parser)
     return parser
-
-
-# -- the model and its guard ------------------------------------------------------------------------
 
 
 def embed_parser(prog: str = "soundshard embed") -> argparse.ArgumentParser:
