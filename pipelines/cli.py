@@ -42,38 +42,31 @@ USAGE = """usage: soundshard COMMAND [options]
 Run 'soundshard COMMAND --help' for the options of a command; 'soundshard --version' for the version."""
 
 
-#: Each command: the module under ``soundshard.pipelines`` that runs it, its run function and the
-#: function that builds its argument parser (imported only when the command runs).
+#: Each command: the module under ``soundshard.pipelines`` that runs it, its run function, and the
+#: ``module.function`` that builds its argument parser (the pipeline commands' parsers are built in
+#: ``arguments`` without Beam). Modules are imported only when a command runs or shows its help.
 COMMANDS = {
-    "demo": ("demo", "run", "make_parser"),
-    "features": ("features", "run", "make_parser"),
-    "embed": ("embed", "run", "make_parser"),
-    "train": ("train", "run", "make_parser"),
-    "evaluate": ("train", "run_evaluate", "make_evaluate_parser"),
-    "tag": ("tag", "run", "make_parser"),
-    "score": ("score", "run", "make_parser"),
-    "info": ("info", "run", "make_parser"),
-    "calibrate": ("calibrate", "run", "make_parser"),
-    "config": ("configs", "run", "make_parser"),
-    "compile-edge": ("compile_edge", "run", "make_parser"),
-    "completion": ("completion", "run", "make_parser"),
-}
-#: Parsers of the commands whose modules import Beam, built without it (``--help`` at once).
-LIGHT_PARSERS = {
-    "features": "features_parser",
-    "embed": "embed_parser",
-    "tag": "tag_parser",
+    "demo": ("demo", "run", "demo.make_parser"),
+    "features": ("features", "run", "arguments.features_parser"),
+    "embed": ("embed", "run", "arguments.embed_parser"),
+    "train": ("train", "run", "train.make_parser"),
+    "evaluate": ("train", "run_evaluate", "train.make_evaluate_parser"),
+    "tag": ("tag", "run", "arguments.tag_parser"),
+    "score": ("score", "run", "score.make_parser"),
+    "info": ("info", "run", "info.make_parser"),
+    "calibrate": ("calibrate", "run", "calibrate.make_parser"),
+    "config": ("configs", "run", "configs.make_parser"),
+    "compile-edge": ("compile_edge", "run", "compile_edge.make_parser"),
+    "completion": ("completion", "run", "completion.make_parser"),
 }
 
 
 def parser_of(command: str):
-    """The argument parser of ``command`` (from ``pipelines/arguments.py`` when it has one there)."""
-    if command in LIGHT_PARSERS:
-        from soundshard.pipelines import arguments
-
-        return getattr(arguments, LIGHT_PARSERS[command])(f"soundshard {command}")
-    module, _, function = COMMANDS[command]
-    return getattr(importlib.import_module(f"soundshard.pipelines.{module}"), function)()
+    """The argument parser ``command`` runs with."""
+    module, function = COMMANDS[command][2].rsplit(".", 1)
+    return getattr(importlib.import_module(f"soundshard.pipelines.{module}"), function)(
+        f"soundshard {command}"
+    )
 
 
 def version() -> str:
@@ -146,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:
-        if command in LIGHT_PARSERS and ("-h" in rest or "--help" in rest):
+        if "-h" in rest or "--help" in rest:  # from the parser alone: no pipeline module imported
             try:
                 parser_of(command).parse_known_args(rest)  # prints the help and exits
             except SystemExit as exc:

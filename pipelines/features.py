@@ -376,7 +376,7 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         "windows": computed["windows"],
         "summaries": computed["summaries"],
         "dead_letters": dead_letters,
-        **({"levels": computed["levels"]} if getattr(run, "levels", None) is not None else {}),
+        **({"levels": computed["levels"]} if run.levels is not None else {}),
     }
 
 

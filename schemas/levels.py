@@ -15,6 +15,14 @@ UNIT_DBFS = "dBFS"
 UNIT_SPL = "dB SPL"
 
 
+def check_offset_db(value: float, *, name: str, text: str | None = None) -> float:
+    """``value`` as a calibration offset (dB SPL of 0 dBFS), or ConfigError naming ``name`` and
+    the value as given (``text``, default ``value``)."""
+    if not (math.isfinite(value) and -50 <= value <= 250):
+        raise ConfigError(f"{name}={text or value} must be a finite number of dB in [-50, 250]")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class LevelConfig(ConfigSerialization):
     """What the levels stage reports and how its decibels are referenced.
@@ -48,20 +56,15 @@ class LevelConfig(ConfigSerialization):
             self, "site_offsets_db", tuple((str(k), float(v)) for k, v in self.site_offsets_db)
         )
         for key, value in self.site_offsets_db:
-            if not (math.isfinite(value) and -50 <= value <= 250):
-                raise ConfigError(
-                    f"calibration of {key!r}: {value} must be a finite number of dB in [-50, 250]"
-                )
+            check_offset_db(value, name=f"calibration of {key!r}")
         if not (
             math.isfinite(self.interval_s) and self.interval_s >= 1 and float(self.interval_s).is_integer()
         ):
             raise ConfigError(f"interval_s={self.interval_s} must be a whole number of seconds >= 1")
         if self.bands not in BANDS:
             raise ConfigError(f"bands={self.bands!r} is not one of {BANDS}")
-        if self.offset_db is not None and not (
-            math.isfinite(self.offset_db) and -50 <= self.offset_db <= 250
-        ):
-            raise ConfigError(f"offset_db={self.offset_db} must be a finite number of dB in [-50, 250]")
+        if self.offset_db is not None:
+            check_offset_db(self.offset_db, name="offset_db")
         try:
             import zoneinfo
 

@@ -30,8 +30,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from soundshard.schemas.errors import ConfigError
-from soundshard.schemas.levels import UNIT_DBFS, UNIT_SPL, LevelConfig
+from soundshard.schemas.levels import UNIT_DBFS, UNIT_SPL, LevelConfig, check_offset_db
 from soundshard.schemas.records import LevelBlocks, SourceItem, UnitLevels
 from soundshard.transforms import levels
 from soundshard.transforms.tables import TableRows, source_columns, utc_column
@@ -62,20 +61,31 @@ class Calibration:
     source: str
 
 
+def manifest_offset_db(item: SourceItem) -> float | None:
+    """The recording's manifest ``level_offset_db``, or ``None`` when it has none.
+
+    Raises:
+        ConfigError: the value is not a number of dB in [-50, 250] (naming the recording).
+    """
+    text = dict(item.extra).get(OFFSET_COLUMN, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    name = f"manifest column of {item.public_uri}: {OFFSET_COLUMN}"
+    return check_offset_db(value, name=name, text=repr(text))
+
+
 def calibration(item: SourceItem, config: LevelConfig) -> Calibration:
     """The recording's calibration: its manifest's ``level_offset_db``, else its site's (or
     site/deployment's) entry in ``config.site_offsets_db``, else ``config.offset_db``, else none.
-
-    Raises:
-        ValueError: when the manifest value is not a number (the recording becomes a dead letter).
+    (Manifest values are checked on the launcher by :func:`check_offsets`.)
     """
-    extra = dict(item.extra)
-    text = extra.get(OFFSET_COLUMN, "").strip()
-    if text:
-        value = float(text)
-        if not math.isfinite(value):
-            raise ValueError(f"{OFFSET_COLUMN}={text!r} is not a finite number of dB")
-        return Calibration(value, UNIT_SPL, "manifest")
+    offset = manifest_offset_db(item)
+    if offset is not None:
+        return Calibration(offset, UNIT_SPL, "manifest")
     sites = dict(config.site_offsets_db)
     for key in (f"{item.site}/{item.deployment}", f"{item.site}"):
         if key in sites and item.site is not None:
@@ -89,26 +99,15 @@ def check_offsets(items: Iterable[SourceItem]) -> None:
     """Raises ConfigError naming the first recording whose manifest ``level_offset_db`` is not a
     number of dB (checked on the launcher: a run must not measure half its files in dBFS)."""
     for item in items:
-        text = dict(item.extra).get(OFFSET_COLUMN, "").strip()
-        if not text:
-            continue
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and -50 <= value <= 250):
-            raise ConfigError(
-                f"manifest column {OFFSET_COLUMN}={text!r} of {item.public_uri} is not a number of dB "
-                "in [-50, 250]"
-            )
+        manifest_offset_db(item)
 
 
-def _level_columns(item: SourceItem, spans: dict, cal: Calibration, start_us: int | None) -> dict:
+def _level_columns(item: SourceItem, spans: dict) -> dict:
     n = len(spans["start_s"])
     columns = source_columns(item, n)
     columns["start_s"] = pa.array(spans["start_s"], pa.float64())
     columns["duration_s"] = pa.array(spans["duration_s"], pa.float64())
-    columns["start_utc"] = utc_column(start_us, spans["start_s"])
+    columns["start_utc"] = utc_column(item.recording_start_us, spans["start_s"])
     return columns
 
 
@@ -123,7 +122,7 @@ def second_table(item: SourceItem, blocks: LevelBlocks, *, sample_rate_hz: int, 
     spans = levels.span_levels(
         blocks, span_s=1.0, sample_rate_hz=sample_rate_hz, offset_db=cal.offset_db, statistics=False
     )
-    columns = _level_columns(item, spans, cal, item.recording_start_us)
+    columns = _level_columns(item, spans)
     for name in ("laeq", "lceq", "lzeq", "lafmax", "lafmin"):
         columns[name] = pa.array(spans[name], pa.float32())
     return _finish(columns, cal, len(spans["start_s"]))
@@ -136,7 +135,7 @@ def interval_table(
     spans = levels.span_levels(
         blocks, span_s=config.interval_s, sample_rate_hz=sample_rate_hz, offset_db=cal.offset_db
     )
-    columns = _level_columns(item, spans, cal, item.recording_start_us)
+    columns = _level_columns(item, spans)
     for name in ("laeq", "lceq", "lzeq", "lafmax", "lafmin", "la10", "la50", "la90", "lae"):
         columns[name] = pa.array(spans[name], pa.float32())
     if "band_lzeq" in spans:
@@ -357,6 +356,19 @@ def recording_blocks(parts: Iterable[UnitLevels]) -> tuple[SourceItem, int, Leve
     return parts[0].source, parts[0].sample_rate_hz, levels.merge_blocks(p.blocks for p in parts)
 
 
+def recording_rows(
+    item: SourceItem, blocks: LevelBlocks, *, sample_rate_hz: int, cal: Calibration, config: LevelConfig
+) -> list[TableRows]:
+    """A recording's rows of ``levels_second`` and ``levels_interval``."""
+    return [
+        TableRows("levels_second", second_table(item, blocks, sample_rate_hz=sample_rate_hz, cal=cal)),
+        TableRows(
+            "levels_interval",
+            interval_table(item, blocks, sample_rate_hz=sample_rate_hz, cal=cal, config=config),
+        ),
+    ]
+
+
 class _RecordingLevelsFn(beam.DoFn):
     """A recording's units' levels → its ``levels_second`` and ``levels_interval`` rows, and
     its hourly parts (output ``hours``)."""
@@ -371,10 +383,7 @@ class _RecordingLevelsFn(beam.DoFn):
             return
         item, rate, blocks = merged
         cal = calibration(item, self._config)
-        yield TableRows("levels_second", second_table(item, blocks, sample_rate_hz=rate, cal=cal))
-        yield TableRows(
-            "levels_interval", interval_table(item, blocks, sample_rate_hz=rate, cal=cal, config=self._config)
-        )
+        yield from recording_rows(item, blocks, sample_rate_hz=rate, cal=cal, config=self._config)
         for part in hour_parts(item, blocks, sample_rate_hz=rate, cal=cal):
             yield beam.pvalue.TaggedOutput("hours", part)
 

@@ -199,12 +199,15 @@ def weighting_response_db(weighting: str, sample_rate_hz: int, frequency_hz) -> 
 
 
 def weighted(samples: np.ndarray, *, weighting: str, sample_rate_hz: int) -> np.ndarray:
-    """``samples`` (float ``[n]``) through the weighting filter, float64 ``[n]``."""
-    from scipy import signal
-
+    """``samples`` (float ``[n]``) through the weighting filter, float64 ``[n]``: the filtering the
+    levels stage runs (:func:`unit_blocks`), C first and A from C."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS}")
     x = np.asarray(samples, dtype=np.float64)
-    sos = weighting_sos(weighting, sample_rate_hz)
-    return signal.sosfilt(sos, x) if len(sos) else x
+    if weighting == "Z":
+        return x
+    c = _cascade("C", sample_rate_hz, x)
+    return c if weighting == "C" else _cascade("C>A", sample_rate_hz, c)
 
 
 def time_weighted(
@@ -329,7 +332,7 @@ def unit_blocks(
     edges = starts[keep] - offset  # local index of each kept block's first owned sample
     # C first, then A from C (one more section instead of A's three); squares are summed as
     # row dot products of views, never written out
-    c = _cascade("C", sample_rate_hz, x)
+    c = weighted(x, weighting="C", sample_rate_hz=sample_rate_hz)
     a = _cascade("C>A", sample_rate_hz, c)
     fast_max, fast_min = _fast_extremes(a, edges, lo=lo, hi=hi, offset=offset, sample_rate_hz=sample_rate_hz)
     bounds = np.append(edges, hi)
@@ -537,6 +540,12 @@ def span_levels(
     return out
 
 
+def _block_shares(blocks: LevelBlocks, start_s: float, end_s: float) -> np.ndarray:
+    """The share ``[n_blocks]`` (0..1) of each block that lies inside ``[start_s, end_s)``."""
+    edges = np.arange(blocks.first_block, blocks.first_block + blocks.n_blocks + 1) * BLOCK_S
+    return np.clip(np.minimum(edges[1:], end_s) - np.maximum(edges[:-1], start_s), 0.0, None) / BLOCK_S
+
+
 def interval_levels(
     blocks: LevelBlocks, *, start_s: float, end_s: float, sample_rate_hz: int, offset_db: float = 0.0
 ) -> tuple[float, float, float]:
@@ -545,8 +554,7 @@ def interval_levels(
     Blocks cut by the interval count with the share of them inside it (energy is assumed even
     within a 100 ms block); the maximum is that of every block the interval touches.
     """
-    edges = np.arange(blocks.first_block, blocks.first_block + blocks.n_blocks + 1) * BLOCK_S
-    inside = np.clip(np.minimum(edges[1:], end_s) - np.maximum(edges[:-1], start_s), 0.0, None) / BLOCK_S
+    inside = _block_shares(blocks, start_s, end_s)
     touched = inside > 0
     if not touched.any():
         return SILENCE_DB + offset_db, SILENCE_DB + offset_db, SILENCE_DB + offset_db
@@ -559,10 +567,9 @@ def interval_levels(
 
 def energy_inside(blocks: LevelBlocks, intervals) -> float:
     """Sum of squared A-weighted samples inside the union of ``(start_s, end_s)`` intervals."""
-    edges = np.arange(blocks.first_block, blocks.first_block + blocks.n_blocks + 1) * BLOCK_S
-    share = np.zeros(blocks.n_blocks)
-    for start, end in union(intervals):
-        share += np.clip(np.minimum(edges[1:], end) - np.maximum(edges[:-1], start), 0.0, None) / BLOCK_S
+    share = sum(
+        (_block_shares(blocks, start, end) for start, end in union(intervals)), np.zeros(blocks.n_blocks)
+    )
     return float(np.sum(blocks.sum_sq[:, 0] * np.minimum(share, 1.0)))
 
 

@@ -394,16 +394,11 @@ class _TagRecordingFn(beam.DoFn):
         if batches:  # else every unit failed before scoring: their dead letters say why
             yield from self._tag(batches, summaries, images, measured)
 
-    def _levels_outputs(self, measured, found):
+    def _levels_outputs(self, measured, found, cal: level_tables.Calibration):
         """Level rows, hourly parts and label energies of a recording (``--levels``)."""
         item, rate, blocks = measured
-        cal = level_tables.calibration(item, self._levels)
-        yield TableRows(
-            "levels_second", level_tables.second_table(item, blocks, sample_rate_hz=rate, cal=cal)
-        )
-        yield TableRows(
-            "levels_interval",
-            level_tables.interval_table(item, blocks, sample_rate_hz=rate, cal=cal, config=self._levels),
+        yield from level_tables.recording_rows(
+            item, blocks, sample_rate_hz=rate, cal=cal, config=self._levels
         )
         for part in level_tables.hour_parts(item, blocks, sample_rate_hz=rate, cal=cal):
             yield beam.pvalue.TaggedOutput("level_hours", part)
@@ -453,7 +448,7 @@ class _TagRecordingFn(beam.DoFn):
             _, rate, blocks = measured
             cal = level_tables.calibration(item, self._levels)
             yield TableRows("events", event_table(item, found, blocks=blocks, sample_rate_hz=rate, cal=cal))
-            yield from self._levels_outputs(measured, found)
+            yield from self._levels_outputs(measured, found, cal)
         else:
             yield TableRows("events", event_table(item, found))
         count("recordings_tagged")
