@@ -590,7 +590,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
             print(
                 f"{prog}: hint: a model of this size fits "
                 + (", ".join(fits_on) if fits_on else "none of the targets")
-                + "; the microcontroller-sized model is `soundshard train --model edgecnn`",
+                + "; microcontroller-sized models are `soundshard train --model dscnn-xs`, "
+                "`dscnn-s` or `edgecnn`",
                 file=sys.stderr,
             )
         return EXIT_VERIFICATION if not verified else EXIT_OVER_BUDGET

@@ -214,7 +214,8 @@ def summary_text(info: dict) -> str:
         if kind == "features":
             add(
                 "features",
-                f"log-mel {info.get('feature_shape')} at {config.get('sample_rate_hz')} Hz, windows of "
+                f"{_feature_name(config)} {info.get('feature_shape')} at {config.get('sample_rate_hz')} Hz, "
+                "windows of "
                 f"{info['window_s']:.2f} s every {info['window_hop_s']:.2f} s",
             )
         else:
@@ -283,3 +284,10 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     text = json.dumps(info, indent=2) if args.json else summary_text(info)
     print(redact(text))
     return 0
+
+
+def _feature_name(config: dict) -> str:
+    if config.get("feature_type") != "mfcc":
+        return "log-mel"
+    deltas = config.get("mfcc_deltas", 0)
+    return f"MFCC ({config.get('n_mfcc')} coefficients" + (f", {deltas} delta order(s))" if deltas else ")")

@@ -462,7 +462,8 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
     handler = handler or tagging.ClassifierHandler(
         run.model_uri, min_windows=min(64, run.max_batch_windows), max_windows=run.max_batch_windows
     )
-    level = isinstance(run.config, FeatureConfig) and run.config.log_compression == "db"
+    dbs = isinstance(run.config, FeatureConfig) and run.config.log_compression == "db"
+    level = run.config if dbs else None
     scored = front["windows"] | "ScoreWindows" >> tagging.ScoreWindows(handler, level=level)
     recordings = {"scored": scored["scored"], "summaries": front["summaries"]}
     if run.levels is not None:

@@ -37,9 +37,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 
 import numpy as np  # noqa: E402
 
+from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.errors import ConfigError  # noqa: E402
 from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
-from soundshard.transforms import calibration, distributed, events, models, training  # noqa: E402
+from soundshard.transforms import calibration, distributed, events, melspec, models, training  # noqa: E402
 
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
@@ -66,7 +67,27 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "(e.g. clip-labelled clips and annotated recordings; same feature config).",
     )
     parser.add_argument(
-        "--model", default="sbcnn", choices=models.MODEL_NAMES, help="Architecture. Default: %(default)s."
+        "--model",
+        default="sbcnn",
+        choices=models.MODEL_NAMES,
+        help="Architecture: sbcnn (SB-CNN), edgecnn, the depthwise-separable family dscnn-xs/s/m/l "
+        "(xs and s fit cortex-m4-256k as int8), or mlp/linear for embeddings. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--width-multiplier",
+        "--width_multiplier",
+        dest="width_multiplier",
+        type=float,
+        default=1.0,
+        help="dscnn family: scale every layer's filters. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--depth-multiplier",
+        "--depth_multiplier",
+        dest="depth_multiplier",
+        type=float,
+        default=1.0,
+        help="dscnn family: scale the blocks per stage. Default: %(default)s.",
     )
     parser.add_argument("--output", required=True, help="Model folder to write.")
     parser.add_argument(
@@ -289,6 +310,14 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
     if not args.learning_rate > 0:
         raise ConfigError(f"--learning-rate={args.learning_rate} must be positive")
+    if (args.width_multiplier, args.depth_multiplier) != (1.0, 1.0):
+        if not args.model.startswith("dscnn-"):
+            raise ConfigError(
+                f"--width-multiplier and --depth-multiplier scale the dscnn family, not --model {args.model}"
+            )
+        models.dscnn_layout(
+            args.model.partition("-")[2], width=args.width_multiplier, depth=args.depth_multiplier
+        )
     if not 0.0 <= args.weight_average < 1.0:
         raise ConfigError(f"--weight-average={args.weight_average} must be in [0, 1) (0 is off)")
     if args.median_filter_windows is not None and (
@@ -348,6 +377,8 @@ def train_split(
             normalization=(mean, variance),
             head=head,
             background_output=with_background_output,
+            width=args.width_multiplier,
+            depth=args.depth_multiplier,
         )
         if head == "sigmoid":
             loss, accuracy = keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
@@ -361,7 +392,7 @@ def train_split(
             loss=loss,
             metrics=[accuracy],
         )
-    aug = _augmentation(args)
+    aug = training.for_features(_augmentation(args), training.spectral_config(dataset))
     # the multi-worker loop weighs by class; the single-worker one by group (classes, background)
     weights = (
         training.balanced_class_weights(train.labels, n_classes)
@@ -445,8 +476,14 @@ def train_split(
     thresholds = validation_thresholds(
         model, calibration, aggregation=args.aggregation, n_classes=n_classes, aug=aug, seed=args.seed
     )
+    level_config = training.spectral_config(dataset)
     postprocessing, calibrated = event_rules(
-        model, validation, thresholds=thresholds, label_names=label_names, args=args
+        model,
+        validation,
+        thresholds=thresholds,
+        label_names=label_names,
+        args=args,
+        level_config=level_config,
     )
     if calibrated is not None:
         metrics["event_rules"] = calibrated
@@ -459,7 +496,12 @@ def train_split(
             label_names,
         )
         metrics["strong_test_events"] = recording_scores(
-            model, strong, thresholds=thresholds, label_names=label_names, rules=postprocessing
+            model,
+            strong,
+            thresholds=thresholds,
+            label_names=label_names,
+            rules=postprocessing,
+            level_config=level_config,
         )
     if background is not None and len(background.test):
         metrics["background_test"] = background_false_alarms(
@@ -489,6 +531,7 @@ def train_split(
     metrics["macs_per_window"] = models.count_macs(model)
     training_config = {
         "model": args.model,
+        **architecture(args),
         "head": head,
         "background": None
         if background is None
@@ -541,26 +584,49 @@ def train_split(
     return metrics
 
 
-def annotated_recordings(model, windows: training.WindowSet, *, n_classes: int) -> list:
+def architecture(args: argparse.Namespace) -> dict:
+    """The architecture's scaling for model.json (the dscnn family only): its layers as built."""
+    if not args.model.startswith("dscnn-"):
+        return {}
+    layout = models.dscnn_layout(
+        args.model.partition("-")[2], width=args.width_multiplier, depth=args.depth_multiplier
+    )
+    return {
+        "width_multiplier": args.width_multiplier,
+        "depth_multiplier": args.depth_multiplier,
+        "layers": dataclasses.asdict(layout),
+    }
+
+
+def annotated_recordings(
+    model, windows: training.WindowSet, *, n_classes: int, level_config: FeatureConfig | None
+) -> list:
     """The model's scores of annotated recordings' windows, per recording, with their strong
-    labels and levels (:class:`calibration.Recording`)."""
+    labels and levels (:class:`calibration.Recording`; levels as ``tag`` measures them for the
+    gates, from dB spectral windows of ``level_config``; none for embeddings)."""
     return calibration.recordings(
         training.predict(model, windows.features),
         windows.truth(n_classes),
         clip_ids=windows.clip_ids,
         times=windows.times,
-        level_db=windows.features.reshape(len(windows), -1).max(axis=1),
+        level_db=None if level_config is None else melspec.window_level_db(windows.features, level_config),
         silent=windows.silent,
     )
 
 
 def recording_scores(
-    model, windows: training.WindowSet, *, thresholds: dict, label_names: Sequence[str], rules: dict
+    model,
+    windows: training.WindowSet,
+    *,
+    thresholds: dict,
+    label_names: Sequence[str],
+    rules: dict,
+    level_config: FeatureConfig | None,
 ) -> dict:
     """Segment and event F1 (micro) of the events the model folder's rules find in annotated
     recordings (``windows``: all their windows), against their strong labels."""
     n_classes = len(label_names)
-    recs = annotated_recordings(model, windows, n_classes=n_classes)
+    recs = annotated_recordings(model, windows, n_classes=n_classes, level_config=level_config)
     found = calibration.counts(recs, tag_config(label_names, thresholds, rules))
     segment_f1, event_f1 = calibration.overall(found)
     return {"recordings": len(recs), "segment_f1": round(segment_f1, 4), "event_f1": round(event_f1, 4)}
@@ -583,6 +649,7 @@ def event_rules(
     thresholds: dict,
     label_names: Sequence[str],
     args: argparse.Namespace,
+    level_config: FeatureConfig | None,
 ) -> tuple[dict, dict | None]:
     """The event rules for ``model.json`` (``postprocessing``) and, where the validation data
     holds annotated recordings, what setting them there measured (else ``None``): the rules whose
@@ -595,7 +662,7 @@ def event_rules(
     if not len(strong) or strong.times is None:
         return {**POSTPROCESSING, **fixed, "from": "defaults (no annotated validation recordings)"}, None
     n_classes = len(label_names)
-    recs = annotated_recordings(model, strong, n_classes=n_classes)
+    recs = annotated_recordings(model, strong, n_classes=n_classes, level_config=level_config)
     grid = {**calibration.GRID, **{k: (v,) for k, v in fixed.items() if k in calibration.GRID}}
     result = calibration.calibrate(recs, tag_config(label_names, thresholds, fixed), grid=grid)
     rules = {**result["rules"], **fixed}

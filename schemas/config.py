@@ -37,6 +37,13 @@ _NORMALIZATION = ("none", "mean", "standardize")
 _NORMALIZATION_SCOPE = ("window", "recording")
 _RESAMPLE_QUALITY = ("QQ", "LQ", "MQ", "HQ", "VHQ")
 _MEL_NORM = ("slaney", "none")
+_FEATURE_TYPES = ("logmel", "mfcc")
+#: Frames of the Savitzky-Golay window of MFCC deltas (librosa.feature.delta's default width).
+DELTA_WIDTH = 9
+#: Fields added after FEATURE_VERSION 1 with their defaults: at these values they stay out of the
+#: fingerprint, so configs (and the datasets and models made with them) written before the fields
+#: existed keep their fingerprints.
+_LATER_FIELDS = {"feature_type": "logmel", "n_mfcc": 20, "mfcc_deltas": 0}
 
 
 #: Sample rates a header may declare, in Hz (``--source-rates-hz``): outside them the header is
@@ -113,7 +120,7 @@ class ConfigSerialization:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig(ConfigSerialization):
-    """How audio becomes log-mel windows. Validated on construction.
+    """How audio becomes log-mel (or MFCC) windows. Validated on construction.
 
     Attributes:
         sample_rate_hz: Rate every input is resampled to (soxr) before analysis.
@@ -139,6 +146,13 @@ class FeatureConfig(ConfigSerialization):
         normalization_scope: Statistics over each ``"window"`` or over the whole ``"recording"``.
         channel: ``None`` mixes all channels down to mono; an index keeps that channel only.
         resample_quality: soxr quality preset (``QQ``, ``LQ``, ``MQ``, ``HQ``, ``VHQ``).
+        feature_type: ``"logmel"`` (the log-mel window) or ``"mfcc"``: the orthonormal DCT-II of
+            each frame of the log-mel window (after ``top_db``; ``log_compression="db"``), its
+            first ``n_mfcc`` coefficients, as ``librosa.feature.mfcc``; normalisation follows.
+        n_mfcc: MFCC coefficients per frame (``feature_type="mfcc"``).
+        mfcc_deltas: With MFCC, 0 (none), 1 (first derivative) or 2 (first and second) deltas over
+            each window's frames, stacked below the coefficients (``librosa.feature.delta``, width
+            9, ``mode="interp"``): windows of ``[n_mfcc * (1 + mfcc_deltas), window_frames]``.
     """
 
     sample_rate_hz: int = 22050
@@ -161,6 +175,9 @@ class FeatureConfig(ConfigSerialization):
     normalization_scope: str = "window"
     channel: int | None = None
     resample_quality: str = "HQ"
+    feature_type: str = "logmel"
+    n_mfcc: int = 20
+    mfcc_deltas: int = 0
     _WHAT = "feature"
 
     def __post_init__(self) -> None:
@@ -175,9 +192,16 @@ class FeatureConfig(ConfigSerialization):
         return self.sample_rate_hz / 2 if self.fmax_hz is None else float(self.fmax_hz)
 
     @property
+    def feature_rows(self) -> int:
+        """Rows of one window: ``n_mels``, or ``n_mfcc * (1 + mfcc_deltas)`` for MFCC."""
+        if self.feature_type == "mfcc":
+            return self.n_mfcc * (1 + self.mfcc_deltas)
+        return self.n_mels
+
+    @property
     def feature_shape(self) -> tuple[int, int]:
-        """Shape of one window's features, ``[n_mels, window_frames]``."""
-        return (self.n_mels, self.window_frames)
+        """Shape of one window's features, ``[feature_rows, window_frames]``."""
+        return (self.feature_rows, self.window_frames)
 
     @property
     def window_s(self) -> float:
@@ -194,7 +218,8 @@ class FeatureConfig(ConfigSerialization):
     @functools.cached_property
     def fingerprint(self) -> str:
         """Stable 16-hex-digit digest of every field and the feature-maths version."""
-        payload = json.dumps({"feature_version": FEATURE_VERSION, **self.to_dict()}, sort_keys=True)
+        values = {k: v for k, v in self.to_dict().items() if k not in _LATER_FIELDS or _LATER_FIELDS[k] != v}
+        payload = json.dumps({"feature_version": FEATURE_VERSION, **values}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -322,6 +347,29 @@ def _check_values(c: FeatureConfig) -> None:
         c.resample_quality in _RESAMPLE_QUALITY,
         f"resample_quality={c.resample_quality!r} must be one of {_RESAMPLE_QUALITY}",
     )
+    need(c.feature_type in _FEATURE_TYPES, f"feature_type={c.feature_type!r} must be one of {_FEATURE_TYPES}")
+    if c.feature_type == "mfcc":
+        need(
+            1 <= c.n_mfcc <= c.n_mels,
+            f"n_mfcc={c.n_mfcc} must lie in 1..n_mels={c.n_mels} (coefficients of the mel bands)",
+        )
+        need(c.mfcc_deltas in (0, 1, 2), f"mfcc_deltas={c.mfcc_deltas} must be 0, 1 or 2")
+        need(
+            c.log_compression == "db",
+            f"feature_type='mfcc' needs log_compression='db' (MFCC are the DCT of dB log-mels), "
+            f"not {c.log_compression!r}",
+        )
+        need(
+            c.mfcc_deltas == 0 or c.window_frames >= DELTA_WIDTH,
+            f"mfcc_deltas={c.mfcc_deltas} needs window_frames >= {DELTA_WIDTH} (the deltas' width), "
+            f"got {c.window_frames}",
+        )
+    else:
+        for name in ("n_mfcc", "mfcc_deltas"):
+            need(
+                getattr(c, name) == _LATER_FIELDS[name],
+                f"{name}={getattr(c, name)} is for feature_type='mfcc' (feature_type={c.feature_type!r})",
+            )
     empty = _empty_mel_bands(c)
     need(
         not empty,

@@ -81,7 +81,13 @@ FIELDS: tuple[Field, ...] = (
     Field("start_utc", "timestamp", True, "Absolute window start (UTC) when the recording start is known."),
     Field("end_utc", "timestamp", True, "Absolute window end (UTC) when the recording start is known."),
     Field("augmentation", "string", True, "Offline augmentation of this copy (pitch_shift=+2), or null."),
-    Field(FEATURE_COLUMN, "features", False, "Log-mel window, flat row-major [n_mels, n_frames]."),
+    Field(
+        FEATURE_COLUMN,
+        "features",
+        False,
+        "Log-mel window, flat row-major [n_mels, n_frames] (MFCC [n_mfcc * (1 + deltas), n_frames] "
+        "when the feature config's feature_type is mfcc).",
+    ),
     Field("feature_fingerprint", "string", False, "FeatureConfig.fingerprint of the features."),
 )
 

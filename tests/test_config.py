@@ -21,6 +21,18 @@ from soundshard.schemas.errors import ConfigError
         ({"top_db": -3.0}, "top_db=-3.0 must be positive"),
         ({"power": float("nan")}, "power=nan must be finite"),
         ({"resample_quality": "best"}, "resample_quality='best' must be one of"),
+        ({"feature_type": "cqt"}, "feature_type='cqt' must be one of ('logmel', 'mfcc')"),
+        ({"feature_type": "mfcc", "n_mfcc": 61}, "n_mfcc=61 must lie in 1..n_mels=60"),
+        ({"feature_type": "mfcc", "mfcc_deltas": 3}, "mfcc_deltas=3 must be 0, 1 or 2"),
+        (
+            {"feature_type": "mfcc", "log_compression": "log"},
+            "feature_type='mfcc' needs log_compression='db'",
+        ),
+        (
+            {"feature_type": "mfcc", "mfcc_deltas": 1, "window_frames": 5, "window_hop_frames": 5},
+            "mfcc_deltas=1 needs window_frames >= 9",
+        ),
+        ({"n_mfcc": 13}, "n_mfcc=13 is for feature_type='mfcc'"),
     ],
 )
 def test_invalid_values_are_named(changes, fragment):
@@ -50,6 +62,21 @@ def test_json_round_trip_and_fingerprint():
 def test_fingerprint_is_stable_across_versions_of_the_code():
     # Changing the default feature maths must change this value on purpose (bump FEATURE_VERSION).
     assert FeatureConfig().fingerprint == "be6ae7ea2eb7a7e4"
+
+
+def test_mfcc_fields_keep_log_mel_fingerprints_and_shape_the_windows():
+    # configs written before the MFCC fields existed (no such keys) keep their fingerprint
+    old = {
+        k: v
+        for k, v in FeatureConfig().to_dict().items()
+        if k not in ("feature_type", "n_mfcc", "mfcc_deltas")
+    }
+    assert FeatureConfig.from_dict(old).fingerprint == "be6ae7ea2eb7a7e4"
+    mfcc = FeatureConfig(feature_type="mfcc", n_mfcc=20, mfcc_deltas=2)
+    assert mfcc.feature_shape == (60, 41) and mfcc.feature_rows == 60
+    assert mfcc.fingerprint != FeatureConfig().fingerprint
+    assert FeatureConfig(feature_type="mfcc").fingerprint != mfcc.fingerprint
+    assert FeatureConfig(feature_type="mfcc", n_mfcc=13).feature_shape == (13, 41)
 
 
 def test_derived_values_follow_the_literature_defaults():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soundshard.pipelines import compile_edge, train
+from soundshard.pipelines import compile_edge, features, train
 from soundshard.schemas import edge as edge_schema
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import ConfigError
@@ -176,9 +176,9 @@ def parse_header(text: str) -> tuple[dict, dict]:
         else:
             defines[name] = float(value.rstrip("f"))
     arrays = {}
-    pattern = r"static const (float|uint16_t) (\w+)\[\w+\] = \{(.*?)\};"
+    pattern = r"static const (float|uint16_t) (\w+)(?:\[[^\]]+\])+ = \{(.*?)\};"
     for ctype, name, body in re.findall(pattern, text, flags=re.S):
-        values = [v.strip().rstrip("f") for v in body.split(",") if v.strip()]
+        values = [v.strip(" \n{}").rstrip("f") for v in body.split(",") if v.strip(" \n{}")]
         arrays[name] = np.array(values, dtype=np.float64 if ctype == "float" else np.int64)
     return defines, arrays
 
@@ -212,6 +212,22 @@ def reference_log_mel(audio: np.ndarray, d: dict, a: dict) -> np.ndarray:
             out[m, t] = mel
     if d["SOUNDSHARD_HAS_TOP_DB"]:  # 7. top_db over the whole window
         out = np.maximum(out, out.max() - d["SOUNDSHARD_TOP_DB"])
+    if d.get("SOUNDSHARD_FEATURE_TYPE") == 1:  # 7b. MFCC and deltas
+        n_mfcc, frames, half = (
+            d["SOUNDSHARD_N_MFCC"],
+            d["SOUNDSHARD_WINDOW_FRAMES"],
+            d["SOUNDSHARD_DELTA_WIDTH"] // 2,
+        )
+        coefficients = a["kSoundshardDct"].reshape(n_mfcc, n_mels) @ out
+        rows = [coefficients]
+        filters = a.get("kSoundshardDelta", np.zeros(0)).reshape(-1, d["SOUNDSHARD_DELTA_WIDTH"])
+        for order in range(d["SOUNDSHARD_MFCC_DELTAS"]):
+            delta = np.zeros_like(coefficients)
+            for t in range(frames):
+                u = min(max(t, half), frames - 1 - half)
+                delta[:, t] = coefficients[:, u - half : u + half + 1] @ filters[order]
+            rows.append(delta)
+        out = np.concatenate(rows)
     if d["SOUNDSHARD_NORMALIZATION"] >= 1:  # 8. normalise over the window
         out = out - out.mean()
     if d["SOUNDSHARD_NORMALIZATION"] == 2:
@@ -261,8 +277,8 @@ C_CHECK = r"""
 #include "soundshard_features.h"
 
 _Static_assert(SOUNDSHARD_INPUT_SIZE == SOUNDSHARD_FEATURE_SIZE, "model input is one feature window");
-_Static_assert(SOUNDSHARD_INPUT_DIM0 == SOUNDSHARD_N_MELS, "input layout [n_mels, window_frames]");
-_Static_assert(SOUNDSHARD_INPUT_DIM1 == SOUNDSHARD_WINDOW_FRAMES, "input layout [n_mels, window_frames]");
+_Static_assert(SOUNDSHARD_INPUT_DIM0 == SOUNDSHARD_FEATURE_ROWS, "input layout [rows, window_frames]");
+_Static_assert(SOUNDSHARD_INPUT_DIM1 == SOUNDSHARD_WINDOW_FRAMES, "input layout [rows, window_frames]");
 _Static_assert(sizeof(kSoundshardWindow) == SOUNDSHARD_N_FFT * sizeof(float), "window table");
 _Static_assert(sizeof(kSoundshardMelWeights) == SOUNDSHARD_MEL_N_WEIGHTS * sizeof(float), "mel weights");
 _Static_assert(sizeof(g_golden_output[0]) == SOUNDSHARD_N_LABELS, "one output per label");
@@ -270,6 +286,7 @@ _Static_assert(SOUNDSHARD_GOLDEN_AUDIO_SAMPLES == SOUNDSHARD_WINDOW_SAMPLES, "go
 _Static_assert(SOUNDSHARD_LEVEL_A_SOS_SIZE == 6 * SOUNDSHARD_LEVEL_A_SECTIONS, "6 coefficients a section");
 
 static float features[SOUNDSHARD_FEATURE_SIZE];
+static float logmel[SOUNDSHARD_N_MELS * SOUNDSHARD_WINDOW_FRAMES];
 static double cos_table[SOUNDSHARD_N_FFT], sin_table[SOUNDSHARD_N_FFT];
 
 /* Features of one window from the header's constants; a plain DFT stands in for the device FFT. */
@@ -291,14 +308,38 @@ static void log_mel(const float* audio) {
       float mel = 0.0f;
       for (int k = 0; k < kSoundshardMelNBins[m]; ++k)
         mel += kSoundshardMelWeights[kSoundshardMelOffset[m] + k] * power[kSoundshardMelFirstBin[m] + k];
-      features[m * SOUNDSHARD_WINDOW_FRAMES + t] =
+      logmel[m * SOUNDSHARD_WINDOW_FRAMES + t] =
           10.0f * log10f(mel > SOUNDSHARD_AMIN ? mel : SOUNDSHARD_AMIN) - SOUNDSHARD_REF_DB;
     }
   }
-  float peak = features[0];
-  for (int i = 1; i < SOUNDSHARD_FEATURE_SIZE; ++i) peak = features[i] > peak ? features[i] : peak;
-  for (int i = 0; i < SOUNDSHARD_FEATURE_SIZE; ++i)
-    if (features[i] < peak - SOUNDSHARD_TOP_DB) features[i] = peak - SOUNDSHARD_TOP_DB;
+  const int size = SOUNDSHARD_N_MELS * SOUNDSHARD_WINDOW_FRAMES;
+  float peak = logmel[0];
+  for (int i = 1; i < size; ++i) peak = logmel[i] > peak ? logmel[i] : peak;
+  for (int i = 0; i < size; ++i)
+    if (logmel[i] < peak - SOUNDSHARD_TOP_DB) logmel[i] = peak - SOUNDSHARD_TOP_DB;
+#if SOUNDSHARD_FEATURE_TYPE == 1
+  const int frames = SOUNDSHARD_WINDOW_FRAMES, half = SOUNDSHARD_DELTA_WIDTH / 2;
+  for (int k = 0; k < SOUNDSHARD_N_MFCC; ++k)
+    for (int t = 0; t < frames; ++t) {
+      float c = 0.0f;
+      for (int m = 0; m < SOUNDSHARD_N_MELS; ++m)
+        c += kSoundshardDct[k * SOUNDSHARD_N_MELS + m] * logmel[m * frames + t];
+      features[k * frames + t] = c;
+    }
+#if SOUNDSHARD_MFCC_DELTAS > 0
+  for (int o = 1; o <= SOUNDSHARD_MFCC_DELTAS; ++o)
+    for (int k = 0; k < SOUNDSHARD_N_MFCC; ++k)
+      for (int t = 0; t < frames; ++t) {
+        int u = t < half ? half : (t > frames - 1 - half ? frames - 1 - half : t);
+        float d = 0.0f;
+        for (int j = 0; j < SOUNDSHARD_DELTA_WIDTH; ++j)
+          d += kSoundshardDelta[o - 1][j] * features[k * frames + u + j - half];
+        features[(o * SOUNDSHARD_N_MFCC + k) * frames + t] = d;
+      }
+#endif
+#else
+  for (int i = 0; i < size; ++i) features[i] = logmel[i];
+#endif
 }
 
 int main(void) {
@@ -351,11 +392,10 @@ int main(void) {
 """
 
 
-def test_c_sources_compile_and_match_the_golden_vectors(artifact, tmp_path):
+def run_c_check(artifact: Path, tmp_path: Path) -> list[str]:
+    """Compiles C_CHECK against an artifact's sources and runs it: its output lines."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler: `cc` is not on PATH")
-    assert (artifact / "model_data.c").read_text() == (artifact / "model_data.cc").read_text()
-    assert "alignas(16) const unsigned char g_model_data[]" in (artifact / "model_data.c").read_text()
     check = tmp_path / "check.c"
     check.write_text(C_CHECK.replace("#include <stdio.h>", "#include <stdio.h>\n#include <stdlib.h>"))
     exe = tmp_path / "check"
@@ -366,7 +406,13 @@ def test_c_sources_compile_and_match_the_golden_vectors(artifact, tmp_path):
     assert result.returncode == 0, result.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
-    *laeq_lines, summary = run.stdout.splitlines()
+    return run.stdout.splitlines()
+
+
+def test_c_sources_compile_and_match_the_golden_vectors(artifact, tmp_path):
+    assert (artifact / "model_data.c").read_text() == (artifact / "model_data.cc").read_text()
+    assert "alignas(16) const unsigned char g_model_data[]" in (artifact / "model_data.c").read_text()
+    *laeq_lines, summary = run_c_check(artifact, tmp_path)
     length, n_labels, first_label, bad, feature_error, input_error, laeq_error = summary.split()
     m = manifest_of(artifact)
     assert (int(length), int(n_labels), first_label, int(bad)) == (m["model_bytes"], 4, "chirp", 0)
@@ -443,7 +489,7 @@ def test_over_budget_target_fails_with_the_figures(artifact, edge_model, demo_fe
     assert "over budget" in captured.err and "OVER by" in captured.err
     # and says where a model of this size would fit (the edge model fits every real target)
     fits = ", ".join(sorted(t for t in edge_schema.TARGETS if t != "tiny-m0"))
-    assert f"hint: a model of this size fits {fits}; the microcontroller-sized model is" in captured.err
+    assert f"hint: a model of this size fits {fits}; microcontroller-sized models are" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "over budget" and report["budget"]["fits"] is False
@@ -576,3 +622,68 @@ def test_demo_ends_with_an_edge_artifact(edge_model, demo_features, tmp_path, ca
     out = capsys.readouterr().out
     assert "cortex-m4-256k" in out and "artifact: golden_vectors.c" in out and "model_data.h" in out
     assert manifest_of(tmp_path / "edge")["budget"]["fits"] is True
+
+
+def test_edge_sized_dscnn_compiles_to_int8_within_the_cortex_m4_budget(demo_features, tmp_path):
+    """The smallest of the dscnn family, two blocks per stage (so its residual adds are there too),
+    trains, reloads in safe mode and compiles to an int8 artifact that fits cortex-m4-256k, with
+    TFLite Micro agreeing with LiteRT."""
+    folder = tmp_path / "dscnn"
+    argv = ["--data", demo_features, "--model", "dscnn-xs", "--depth-multiplier", 2, "--test-fold", 1]
+    argv += ["--output", folder, "--epochs", 4, "--patience", 4, "--batch-size", 16, "--quiet"]
+    assert train.run([str(a) for a in argv]) == 0
+    model, description = models.load_classifier(str(folder))
+    assert description["training"]["layers"] == {
+        "stem": 16,
+        "stem_stride": 2,
+        "stages": [24, 32, 48, 64],
+        "blocks": 2,
+    }
+    assert any(layer.name.endswith("_add") for layer in model.layers)
+    out = tmp_path / "edge"
+    argv = ["--model", folder, "--data", demo_features, "--target", "cortex-m4-256k", "--output", out]
+    argv += ["--max-accuracy-drop", 100, "--quiet"]
+    assert compile_edge.run([str(a) for a in argv]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok" and report["budget"]["fits"] is True
+    assert {"DEPTHWISE_CONV_2D", "CONV_2D", "ADD", "FULLY_CONNECTED"} <= set(report["int8"]["ops"])
+    agree = report["verification"]["interpreters"]["tflite-micro vs litert-builtin"]
+    assert agree["max_abs_diff_steps"] <= compile_edge.MAX_INTERPRETER_DIFF_STEPS
+
+
+def test_mfcc_features_from_audio_to_the_device_header(demo_features, tmp_path):
+    """MFCC with deltas end to end: features, an edge-sized model, its int8 artifact, and the
+    header's steps in Python and in C giving the training features from the golden audio."""
+    root = demo_features.parent
+    out = tmp_path / "mfcc"
+    argv = ["--input", root / "audio", "--manifest", root / "manifest.csv", "--output", out]
+    argv += ["--format", "parquet", "--feature-type", "mfcc", "--n-mfcc", 13, "--mfcc-deltas", 2]
+    assert features.run([str(a) for a in argv]) == 0
+    config = FeatureConfig.from_dict(json.loads((out / "dataset.json").read_text())["feature_config"])
+    assert config.feature_shape == (39, 41)
+    folder = tmp_path / "model"
+    argv = ["--data", out, "--model", "dscnn-xs", "--test-fold", 1, "--output", folder]
+    argv += ["--epochs", 6, "--patience", 6, "--batch-size", 16, "--quiet"]
+    assert train.run([str(a) for a in argv]) == 0
+    description = json.loads((folder / "model.json").read_text())
+    aug = description["training"]["augmentation"]
+    assert aug["noise_prob"] == 0 and aug["background_mix_prob"] == 0 and aug["freq_mask_bands"] == 0
+    assert aug["gain_profile"][0] == pytest.approx(60**0.5) and not any(aug["gain_profile"][1:])
+    artifact = tmp_path / "edge"
+    argv = ["--model", folder, "--data", out, "--target", "cortex-m4-256k", "--output", artifact]
+    assert compile_edge.run([str(a) for a in [*argv, "--max-accuracy-drop", 100, "--quiet"]]) == 0
+    d, a = parse_header((artifact / "soundshard_features.h").read_text())
+    assert (d["SOUNDSHARD_FEATURE_TYPE"], d["SOUNDSHARD_FEATURE_ROWS"], d["SOUNDSHARD_N_MFCC"]) == (1, 39, 13)
+    assert d["SOUNDSHARD_FEATURE_SIZE"] == 39 * 41 and a["kSoundshardDct"].size == 13 * 60
+    np.testing.assert_allclose(a["kSoundshardDct"].reshape(13, 60), melspec.dct_matrix(13, 60), rtol=1e-6)
+    audio = np.load(artifact / "golden" / "audio.npy")
+    expected = np.load(artifact / "golden" / "features.npy")
+    assert expected.shape[1:] == (39, 41)
+    # a dB error of the log-mels reaches the first coefficient sqrt(n_mels) times
+    tolerance = PARITY_TOLERANCE_DB * 60**0.5
+    for clip_audio, want in zip(audio, expected, strict=True):
+        assert np.abs(reference_log_mel(clip_audio, d, a) - want).max() <= tolerance
+    *_, summary = run_c_check(artifact, tmp_path)
+    _, n_labels, _, bad, feature_error, input_error, _ = summary.split()
+    assert (int(n_labels), int(bad)) == (4, 0)
+    assert float(feature_error) <= C_PARITY_TOLERANCE_DB * 60**0.5 and int(input_error) <= 1

@@ -136,3 +136,38 @@ def test_single_window_recording_is_writable_and_normalised():
     out = melspec.log_mel_windows(tone(duration_s=0.3), FeatureConfig(normalization="standardize"))
     assert out.shape == (1, 60, 41) and out.flags.writeable
     assert abs(out.mean()) < 1e-4
+
+
+@pytest.mark.parametrize("deltas", [0, 1, 2])
+def test_mfcc_windows_match_librosa(deltas):
+    """Each MFCC window is librosa.feature.mfcc of its log-mel window, its deltas
+    librosa.feature.delta of those coefficients over the window's frames."""
+    y = tone(freq_hz=1500.0, duration_s=2.0)
+    config = FeatureConfig(feature_type="mfcc", n_mfcc=13, mfcc_deltas=deltas)
+    got = melspec.log_mel_windows(y, config)
+    log_mel = melspec.log_mel_windows(y, FeatureConfig())
+    assert got.shape == (len(log_mel), 13 * (1 + deltas), 41)
+    for window, spectrogram in zip(got, log_mel, strict=True):
+        coefficients = librosa.feature.mfcc(S=spectrogram, n_mfcc=13)
+        np.testing.assert_allclose(window[:13], coefficients, atol=1e-3)
+        for order in range(1, deltas + 1):
+            expected = librosa.feature.delta(coefficients, order=order)
+            np.testing.assert_allclose(window[13 * order : 13 * (order + 1)], expected, atol=1e-4)
+    # whole-recording MFCC with librosa's own pipeline, on a one-window clip without top_db
+    one = FeatureConfig(feature_type="mfcc", n_mfcc=20, top_db=None)
+    clip = y[: 40 * 512]
+    expected = librosa.feature.mfcc(
+        y=clip, sr=22050, n_mfcc=20, n_fft=1024, hop_length=512, n_mels=60, center=True, pad_mode="constant"
+    )
+    np.testing.assert_allclose(melspec.log_mel_windows(clip, one)[0], expected, rtol=1e-4, atol=2e-3)
+
+
+def test_mfcc_window_level_is_the_mean_band_level():
+    config = FeatureConfig(feature_type="mfcc", n_mfcc=13, mfcc_deltas=1)
+    y = tone(freq_hz=800.0, duration_s=1.5)
+    log_mel = melspec.log_mel_windows(y, FeatureConfig())
+    level = melspec.window_level_db(melspec.log_mel_windows(y, config), config)
+    np.testing.assert_allclose(level, log_mel.mean(axis=1).max(axis=1), atol=1e-3)
+    np.testing.assert_allclose(
+        melspec.window_level_db(log_mel, FeatureConfig()), log_mel.reshape(len(log_mel), -1).max(axis=1)
+    )

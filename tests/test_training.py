@@ -29,6 +29,41 @@ def test_edgecnn_fits_a_microcontroller_budget():
     assert 100_000 <= models.count_macs(model) <= 1_000_000
 
 
+def test_dscnn_family_layout_sizes_and_multipliers():
+    sizes = {}
+    for name in ("dscnn-xs", "dscnn-s", "dscnn-m", "dscnn-l"):
+        model = models.build_model(name, input_shape=(60, 41), n_classes=10)
+        sizes[name] = (model.count_params(), models.count_macs(model))
+        assert model.output_shape == (None, 10)
+    # named sizes grow in parameters and MACs; the smallest two are edge-sized
+    assert [p for p, _ in sizes.values()] == sorted(p for p, _ in sizes.values())
+    assert [m for _, m in sizes.values()] == sorted(m for _, m in sizes.values())
+    assert sizes["dscnn-s"][0] < 40_000 and sizes["dscnn-s"][1] < 1_000_000
+    assert (
+        sizes["dscnn-l"][0] > models.build_model("sbcnn", input_shape=(60, 41), n_classes=10).count_params()
+    )
+    # dscnn-xs by hand: stem 3x3x16 on 30x21, then stages 24/32/48/64 at 15x11, 8x6, 4x3, 2x2
+    xs = models.build_model("dscnn-xs", input_shape=(60, 41), n_classes=10)
+    shapes = [(30, 21, 16), (15, 11, 16), (8, 6, 24), (4, 3, 32), (2, 2, 48)]
+    dw = sum(h * w * c * 9 for h, w, c in shapes[1:])
+    pw = 15 * 11 * 16 * 24 + 8 * 6 * 24 * 32 + 4 * 3 * 32 * 48 + 2 * 2 * 48 * 64
+    assert models.count_macs(xs) == 30 * 21 * 16 * 9 + dw + pw + 64 * 10
+    # residual blocks from a depth of two blocks per stage on
+    m = models.build_model("dscnn-m", input_shape=(60, 41), n_classes=10)
+    assert sum(layer.name.endswith("_add") for layer in m.layers) == 4
+    # multipliers: filters rounded to multiples of 8 (4 below 16), blocks rounded, at least one
+    wide = models.dscnn_layout("s", width=1.5, depth=2.0)
+    assert wide.stem == 32 and wide.stages == (48, 96, 144, 192) and wide.blocks == 2
+    narrow = models.dscnn_layout("xs", width=0.5)
+    assert narrow.stem == 8 and narrow.stages == (12, 16, 24, 32) and narrow.blocks == 1
+    half = models.build_model("dscnn-m", input_shape=(60, 41), n_classes=10, width=0.5, depth=0.5)
+    assert half.count_params() < sizes["dscnn-m"][0] / 3
+    with pytest.raises(ConfigError, match="multipliers scale the dscnn family, not model='sbcnn'"):
+        models.build_model("sbcnn", input_shape=(60, 41), n_classes=10, width=2.0)
+    with pytest.raises(ConfigError, match="must be positive"):
+        models.dscnn_layout("m", width=0.0)
+
+
 def test_mlp_and_linear_on_embeddings_and_bad_names():
     mlp = models.build_model("mlp", input_shape=(512,), n_classes=5)
     assert mlp.output_shape == (None, 5) and mlp.count_params() == 512 * 256 + 256 + 256 * 5 + 5
@@ -36,7 +71,7 @@ def test_mlp_and_linear_on_embeddings_and_bad_names():
     assert linear.count_params() == 512 * 5 + 5
     with pytest.raises(ConfigError, match="model='resnet' is not one of"):
         models.build_model("resnet", input_shape=(60, 41), n_classes=5)
-    with pytest.raises(ConfigError, match=r"needs \[n_mels, n_frames\] inputs, got shape \[512\]"):
+    with pytest.raises(ConfigError, match=r"needs \[n_features, n_frames\] inputs, got shape \[512\]"):
         models.build_model("sbcnn", input_shape=(512,), n_classes=5)
 
 

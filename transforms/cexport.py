@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from soundshard.schemas.config import DELTA_WIDTH
 from soundshard.transforms import levels, melspec
 from soundshard.transforms.edge import FeatureTables
 
@@ -281,9 +282,15 @@ def features_header(tables: FeatureTables) -> str:
     c = tables.config
     ref_db = 10.0 * math.log10(max(c.db_ref, c.amin))
     has_top_db = c.log_compression == "db" and c.top_db is not None
+    mfcc = c.feature_type == "mfcc"
+    shape = (
+        f"MFCC windows [n_mfcc={c.n_mfcc} x (1 + deltas={c.mfcc_deltas}), window_frames={c.window_frames}]"
+        if mfcc
+        else f"log-mel windows [n_mels={c.n_mels}, window_frames={c.window_frames}]"
+    )
     steps = [
-        f"Features {c.fingerprint}: log-mel windows [n_mels={c.n_mels}, window_frames={c.window_frames}],",
-        "row-major (features[m * SOUNDSHARD_WINDOW_FRAMES + t]), computed from mono audio at",
+        f"Features {c.fingerprint}: {shape},",
+        "row-major (features[r * SOUNDSHARD_WINDOW_FRAMES + t]), computed from mono audio at",
         f"{c.sample_rate_hz} Hz (float, full scale +-1.0) as the training features were:",
         "",
         "1. frame: frame t of a window is SOUNDSHARD_N_FFT samples starting at t * SOUNDSHARD_HOP_LENGTH",
@@ -297,6 +304,11 @@ def features_header(tables: FeatureTables) -> str:
         "6. log (SOUNDSHARD_LOG_COMPRESSION): 1 = dB: 10 * log10(max(mel, SOUNDSHARD_AMIN)) -",
         "   SOUNDSHARD_REF_DB; 2 = natural log(mel + SOUNDSHARD_AMIN); 0 = none;",
         "7. top_db (SOUNDSHARD_HAS_TOP_DB): x = max(x, max over the whole window - SOUNDSHARD_TOP_DB);",
+        "7b. MFCC (SOUNDSHARD_FEATURE_TYPE 1; 0 = the log-mels are the features): coefficient k of frame",
+        "   t = sum over m of kSoundshardDct[k * SOUNDSHARD_N_MELS + m] * logmel[m][t], k < N_MFCC;",
+        "   then SOUNDSHARD_MFCC_DELTAS blocks of N_MFCC rows below them: delta order o of row k,",
+        "   frame t = sum over j < SOUNDSHARD_DELTA_WIDTH of kSoundshardDelta[o - 1][j] * c[k][u + j - 4]",
+        "   with u = t clamped to [4, WINDOW_FRAMES - 5] (edge frames repeat the nearest full one);",
         "8. normalise over the window (SOUNDSHARD_NORMALIZATION): 1 = subtract the mean;",
         "   2 = subtract the mean, divide by max(std, SOUNDSHARD_NORM_STD_FLOOR); 0 = none;",
         "9. quantise to the model's int8 input (model_data.h).",
@@ -305,7 +317,7 @@ def features_header(tables: FeatureTables) -> str:
         "Sound level: the A-weighted LAeq of the same samples (soundshard_level_*, at the end).",
     ]
     lines = [
-        _banner("Log-mel feature constants for the device.", steps),
+        _banner(f"{'MFCC' if mfcc else 'Log-mel'} feature constants for the device.", steps),
         "#ifndef SOUNDSHARD_FEATURES_H_\n#define SOUNDSHARD_FEATURES_H_\n",
         "#include <math.h>\n#include <stdint.h>\n",
         f"#define SOUNDSHARD_FEATURES_FINGERPRINT {c_string(c.fingerprint)}",
@@ -317,7 +329,9 @@ def features_header(tables: FeatureTables) -> str:
         f"#define SOUNDSHARD_WINDOW_FRAMES {c.window_frames}",
         f"#define SOUNDSHARD_WINDOW_HOP_FRAMES {c.window_hop_frames}",
         f"#define SOUNDSHARD_WINDOW_SAMPLES {tables.window_samples}",
-        f"#define SOUNDSHARD_FEATURE_SIZE {c.n_mels * c.window_frames}",
+        f"#define SOUNDSHARD_FEATURE_TYPE {int(mfcc)}",
+        f"#define SOUNDSHARD_FEATURE_ROWS {c.feature_rows}",
+        f"#define SOUNDSHARD_FEATURE_SIZE {c.feature_rows * c.window_frames}",
         f"#define SOUNDSHARD_POWER {c_float(c.power)}",
         f"#define SOUNDSHARD_LOG_COMPRESSION {_LOG_COMPRESSION_CODES[c.log_compression]}",
         f"#define SOUNDSHARD_AMIN {c_float(c.amin)}",
@@ -348,11 +362,39 @@ def features_header(tables: FeatureTables) -> str:
         c_values(tables.weights, kind="float", per_line=6),
         "};",
         "",
+        *(_mfcc_lines(tables) if mfcc else []),
         *_level_lines(c.sample_rate_hz),
         "#endif  /* SOUNDSHARD_FEATURES_H_ */",
         "",
     ]
     return "\n".join(lines)
+
+
+def _mfcc_lines(tables: FeatureTables) -> list[str]:
+    c = tables.config
+    lines = [
+        f"#define SOUNDSHARD_N_MFCC {c.n_mfcc}",
+        f"#define SOUNDSHARD_MFCC_DELTAS {c.mfcc_deltas}",
+        f"#define SOUNDSHARD_DELTA_WIDTH {DELTA_WIDTH}",
+        "",
+        "/* Orthonormal DCT-II rows [N_MFCC][N_MELS] (librosa.feature.mfcc). */",
+        "static const float kSoundshardDct[SOUNDSHARD_N_MFCC * SOUNDSHARD_N_MELS] = {",
+        c_values(tables.dct, kind="float", per_line=6),
+        "};",
+        "",
+    ]
+    if c.mfcc_deltas:
+        lines += [
+            "/* Savitzky-Golay delta filters of orders 1.. (librosa.feature.delta, width 9). */",
+            "static const float kSoundshardDelta[SOUNDSHARD_MFCC_DELTAS][SOUNDSHARD_DELTA_WIDTH] = {",
+            ",\n".join(
+                "    {" + c_values(row, kind="float", per_line=9, indent="").strip() + "}"
+                for row in tables.delta
+            ),
+            "};",
+            "",
+        ]
+    return lines
 
 
 def golden_files(

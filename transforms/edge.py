@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.config import DELTA_WIDTH, FeatureConfig
 from soundshard.schemas.edge import TargetProfile
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms import melspec, training
@@ -554,6 +554,8 @@ class FeatureTables:
         band_n_bins: uint16 ``[n_mels]`` number of consecutive bins of each band.
         band_offset: uint16 ``[n_mels]`` index of each band's first weight in ``weights``.
         weights: float32 ``[sum(band_n_bins)]`` the non-zero filterbank weights, band after band.
+        dct: float32 ``[n_mfcc, n_mels]`` the DCT-II rows of MFCC features (empty for log-mels).
+        delta: float32 ``[mfcc_deltas, DELTA_WIDTH]`` the delta filters of orders 1.. (empty: none).
     """
 
     config: FeatureConfig
@@ -562,6 +564,8 @@ class FeatureTables:
     band_n_bins: np.ndarray
     band_offset: np.ndarray
     weights: np.ndarray
+    dct: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    delta: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     @property
     def window_samples(self) -> int:
@@ -572,15 +576,18 @@ class FeatureTables:
     @property
     def flash_bytes(self) -> int:
         """Bytes of the tables in flash."""
-        return 4 * (self.window.size + self.weights.size) + 2 * 3 * self.band_first_bin.size
+        floats = self.window.size + self.weights.size + self.dct.size + self.delta.size
+        return 4 * floats + 2 * 3 * self.band_first_bin.size
 
     @property
     def ram_bytes(self) -> int:
         """Working RAM of the feature computation: an ``n_fft`` frame, the ``n_fft`` float FFT
         output (power computed in place) and one window of float log-mels ``[n_mels,
-        window_frames]`` (``top_db`` needs the window's peak before the values are final)."""
+        window_frames]`` (``top_db`` needs the window's peak before the values are final); for MFCC
+        also the ``[feature_rows, window_frames]`` window the DCT and deltas write."""
         c = self.config
-        return 4 * (2 * c.n_fft + c.n_mels * c.window_frames)
+        mfcc = c.feature_rows * c.window_frames if c.feature_type == "mfcc" else 0
+        return 4 * (2 * c.n_fft + c.n_mels * c.window_frames + mfcc)
 
     def dense_filterbank(self) -> np.ndarray:
         """float32 ``[n_mels, 1 + n_fft // 2]`` rebuilt from the sparse form."""
@@ -630,6 +637,7 @@ def feature_tables(config: FeatureConfig) -> FeatureTables:
     total = sum(counts)
     if total >= 2**16 or config.n_fft // 2 >= 2**16:
         raise ConfigError(f"n_fft={config.n_fft} is too large for the 16-bit filterbank index tables")
+    mfcc = config.feature_type == "mfcc"
     return FeatureTables(
         config=config,
         window=window,
@@ -637,6 +645,12 @@ def feature_tables(config: FeatureConfig) -> FeatureTables:
         band_n_bins=np.asarray(counts, np.uint16),
         band_offset=np.asarray(offsets, np.uint16),
         weights=np.concatenate(weights).astype(np.float32) if weights else np.zeros(0, np.float32),
+        dct=np.array(melspec.dct_matrix(config.n_mfcc, config.n_mels))
+        if mfcc
+        else np.zeros((0, 0), np.float32),
+        delta=np.array(
+            [melspec.delta_coefficients(order) for order in range(1, config.mfcc_deltas + 1)], np.float32
+        ).reshape(config.mfcc_deltas, DELTA_WIDTH),
     )
 
 

@@ -1,8 +1,10 @@
-"""Log-mel features for whole recordings, computed in vectorised form (no Beam imports).
+"""Log-mel (and MFCC) features for whole recordings, computed in vectorised form (no Beam imports).
 
 The maths equal ``librosa.feature.melspectrogram(y, center=True, pad_mode="constant")`` followed
 by ``librosa.power_to_db`` (tested), but run on all frames of a work unit at once in float32 with
-``scipy.fft``, and cut windows as views of one spectrogram instead of recomputing overlaps.
+``scipy.fft``, and cut windows as views of one spectrogram instead of recomputing overlaps. MFCC
+windows are ``librosa.feature.mfcc`` of each log-mel window, with ``librosa.feature.delta`` deltas
+over the window's frames (tested).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import functools
 import numpy as np
 import scipy.fft
 
-from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.config import DELTA_WIDTH, FeatureConfig
 
 _STD_FLOOR = 1e-6
 
@@ -190,6 +192,64 @@ def normalize(windows: np.ndarray, config: FeatureConfig) -> np.ndarray:
     return windows
 
 
+@functools.lru_cache(maxsize=8)
+def dct_matrix(n_mfcc: int, n_mels: int) -> np.ndarray:
+    """float32 ``[n_mfcc, n_mels]``: the first ``n_mfcc`` rows of the orthonormal DCT-II
+    (``scipy.fft.dct(x, type=2, norm="ortho")``, as ``librosa.feature.mfcc``)."""
+    k = np.arange(n_mfcc)[:, None]
+    n = np.arange(n_mels)[None, :]
+    basis = np.cos(np.pi * k * (2 * n + 1) / (2 * n_mels)) * np.sqrt(2.0 / n_mels)
+    basis[0] /= np.sqrt(2.0)
+    matrix = basis.astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
+
+
+@functools.lru_cache(maxsize=4)
+def delta_coefficients(order: int) -> np.ndarray:
+    """float64 ``[DELTA_WIDTH]``: the Savitzky-Golay filter of ``librosa.feature.delta`` (polynomial
+    of degree ``order`` fitted by least squares over ``DELTA_WIDTH`` frames, its ``order``-th
+    derivative at the centre), applied as ``d[t] = sum_j c[j] * x[t + j - DELTA_WIDTH // 2]``."""
+    half = DELTA_WIDTH // 2
+    k = np.arange(-half, half + 1, dtype=np.float64)
+    if order == 1:
+        return k / np.sum(k**2)
+    if order == 2:
+        centred = k**2 - np.mean(k**2)
+        return 2.0 * centred / np.sum(centred**2)
+    raise ValueError(f"order={order} must be 1 or 2")
+
+
+def deltas(x: np.ndarray, order: int) -> np.ndarray:
+    """``order``-th deltas of ``[..., n_frames]`` along the last axis (``librosa.feature.delta``
+    with ``mode="interp"``: the first and last ``DELTA_WIDTH // 2`` frames take the value of the
+    nearest frame with a full window, the derivative of the same fitted polynomial)."""
+    half = DELTA_WIDTH // 2
+    coefficients = delta_coefficients(order).astype(np.float32)
+    views = np.lib.stride_tricks.sliding_window_view(x, DELTA_WIDTH, axis=-1)
+    inner = views @ coefficients
+    return np.concatenate(
+        [np.repeat(inner[..., :1], half, axis=-1), inner, np.repeat(inner[..., -1:], half, axis=-1)], axis=-1
+    ).astype(np.float32)
+
+
+def mfcc_windows(log_mel: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    """MFCC windows ``[n, n_mfcc * (1 + mfcc_deltas), window_frames]`` of log-mel windows
+    ``[n, n_mels, window_frames]`` (dB, after ``top_db``): the coefficients, then their deltas."""
+    coefficients = np.einsum("km,nmt->nkt", dct_matrix(config.n_mfcc, config.n_mels), log_mel)
+    rows = [coefficients] + [deltas(coefficients, order) for order in range(1, config.mfcc_deltas + 1)]
+    return np.concatenate(rows, axis=1).astype(np.float32)
+
+
+def window_level_db(features: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    """float32 ``[n]``: each window's level in dB for the activity and floor gates: the loudest
+    log-mel value, or for MFCC the loudest frame's mean band level (``c0 / sqrt(n_mels)``)."""
+    n = len(features)
+    if config.feature_type == "mfcc":
+        return (features[:, 0, :].max(axis=1) / np.float32(np.sqrt(config.n_mels))).astype(np.float32)
+    return features.reshape(n, -1).max(axis=1) if n else np.zeros(0, np.float32)
+
+
 def log_mel_windows(
     y: np.ndarray,
     config: FeatureConfig,
@@ -199,7 +259,7 @@ def log_mel_windows(
     y_offset: int = 0,
     total_samples: int | None = None,
 ) -> np.ndarray:
-    """Log-mel features of analysis windows of one recording.
+    """Features (log-mel, or MFCC as ``config`` says) of analysis windows of one recording.
 
     By default all windows of ``y`` (a whole recording); with ``first_window``/``n_windows`` and
     ``y_offset``/``total_samples`` the windows of a work unit, from the part of the recording
@@ -214,15 +274,15 @@ def log_mel_windows(
         total_samples: Length of the recording (default: ``y_offset + len(y)``).
 
     Returns:
-        float32 ``[n_windows, n_mels, window_frames]``; window ``k`` starts at frame
-        ``k * window_hop_frames``.
+        float32 ``[n_windows, *config.feature_shape]`` (log-mel ``[n_mels, window_frames]``, or
+        MFCC with ``feature_type="mfcc"``); window ``k`` starts at frame ``k * window_hop_frames``.
     """
     total = y_offset + len(y) if total_samples is None else total_samples
     if n_windows is None:
         n_windows = window_count(total, config) - first_window
     wf, wh = config.window_frames, config.window_hop_frames
     if n_windows <= 0:
-        return np.zeros((0, config.n_mels, wf), dtype=np.float32)
+        return np.zeros((0, *config.feature_shape), dtype=np.float32)
     n_frames = (n_windows - 1) * wh + wf
     power = power_mel_frames(
         y, config, n_frames=n_frames, first_frame=first_window * wh, y_offset=y_offset, total_samples=total
@@ -233,6 +293,8 @@ def log_mel_windows(
     if config.log_compression == "db" and config.top_db is not None:
         peak = windows.max(axis=(1, 2), keepdims=True)
         np.maximum(windows, peak - np.float32(config.top_db), out=windows)
+    if config.feature_type == "mfcc":
+        windows = mfcc_windows(windows, config)
     return normalize(windows, config)
 
 

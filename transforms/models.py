@@ -9,6 +9,14 @@
   depthwise-separable models: a strided 3×3 stem and strided depthwise-separable blocks, global
   average pooling, one dense layer: tens of thousands of parameters and a few hundred thousand
   MACs per window, within a Cortex-M4's budget.
+- ``dscnn-xs`` / ``dscnn-s`` / ``dscnn-m`` / ``dscnn-l``: a scalable family of
+  depthwise-separable CNNs (MobileNet-style: a 3×3 stem, four stages of depthwise 3×3 + pointwise
+  1×1 blocks, each stage halving both axes in its first block, residual connections between the
+  repeated blocks of a stage, global average pooling). Named sizes differ in width, depth and the
+  stem's stride; ``width`` and ``depth`` multipliers scale any of them. ``dscnn-xs`` and
+  ``dscnn-s`` fit a Cortex-M4 with 256 KB of RAM as int8; ``dscnn-l`` is the largest that trains
+  in reasonable time on a laptop CPU. Every op (convolution, depthwise convolution, add, mean,
+  fully connected, softmax) runs in TFLite Micro as int8.
 - ``mlp`` / ``linear``: a small multilayer perceptron (or a linear layer) on flat inputs, for
   embeddings.
 
@@ -25,6 +33,7 @@ who wrote it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -34,7 +43,59 @@ import numpy as np
 
 from soundshard.schemas.errors import ConfigError
 
-MODEL_NAMES = ("sbcnn", "edgecnn", "mlp", "linear")
+
+@dataclasses.dataclass(frozen=True)
+class DscnnSize:
+    """One named size of the ``dscnn`` family.
+
+    Attributes:
+        stem: Filters of the 3×3 stem convolution.
+        stem_stride: Its stride on both axes (2 halves the input at once: less memory and MACs).
+        stages: Filters of the four stages' pointwise convolutions.
+        blocks: Blocks per stage (the first strided, the others residual).
+    """
+
+    stem: int
+    stem_stride: int
+    stages: tuple[int, ...]
+    blocks: int
+
+
+#: Named sizes of the depthwise-separable family, smallest first.
+DSCNN_SIZES = {
+    "xs": DscnnSize(stem=16, stem_stride=2, stages=(24, 32, 48, 64), blocks=1),
+    "s": DscnnSize(stem=24, stem_stride=2, stages=(32, 64, 96, 128), blocks=1),
+    "m": DscnnSize(stem=32, stem_stride=1, stages=(48, 64, 128, 192), blocks=2),
+    "l": DscnnSize(stem=48, stem_stride=1, stages=(64, 128, 192, 256), blocks=3),
+}
+CNN_NAMES = ("sbcnn", "edgecnn", *(f"dscnn-{size}" for size in DSCNN_SIZES))
+MODEL_NAMES = (*CNN_NAMES, "mlp", "linear")
+
+
+def scaled_filters(filters: int, width: float) -> int:
+    """``filters × width`` rounded to a multiple of 8 (4 below 16), at least 8: channel counts that
+    int8 kernels vectorise well."""
+    step = 8 if filters * width >= 16 else 4
+    return max(8, int(round(filters * width / step)) * step)
+
+
+def dscnn_layout(size: str, *, width: float = 1.0, depth: float = 1.0) -> DscnnSize:
+    """The layers of ``dscnn-<size>`` scaled by the ``width`` and ``depth`` multipliers.
+
+    Raises:
+        ConfigError: unknown size, or a multiplier that is not positive.
+    """
+    if size not in DSCNN_SIZES:
+        raise ConfigError(f"dscnn size {size!r} is not one of {tuple(DSCNN_SIZES)}")
+    if not width > 0 or not depth > 0:
+        raise ConfigError(f"width={width} and depth={depth} multipliers must be positive")
+    base = DSCNN_SIZES[size]
+    return DscnnSize(
+        stem=scaled_filters(base.stem, width),
+        stem_stride=base.stem_stride,
+        stages=tuple(scaled_filters(f, width) for f in base.stages),
+        blocks=max(1, int(round(base.blocks * depth))),
+    )
 
 
 def _keras():
@@ -53,6 +114,8 @@ def build_model(
     l2: float = 0.001,
     head: str = "softmax",
     background_output: bool = False,
+    width: float = 1.0,
+    depth: float = 1.0,
 ):
     """A Keras model by name, ending in a softmax over ``n_classes`` (or a sigmoid per class).
 
@@ -69,9 +132,12 @@ def build_model(
             class, several may be present; ``probabilities`` then holds the sigmoids).
         background_output: With a softmax head, one more output, the background (last): trained
             on windows of none of the classes; :func:`without_background` leaves it out.
+        width: Width multiplier of the ``dscnn`` family (filters of every layer).
+        depth: Depth multiplier of the ``dscnn`` family (blocks per stage).
 
     Raises:
-        ConfigError: unknown name, or an input shape the model cannot take.
+        ConfigError: unknown name, an input shape the model cannot take, or multipliers given to a
+            model outside the ``dscnn`` family.
     """
     if name not in MODEL_NAMES:
         raise ConfigError(f"model={name!r} is not one of {MODEL_NAMES}")
@@ -84,13 +150,22 @@ def build_model(
     if normalization is not None:
         mean, variance = normalization
         x = layers.Normalization(axis=None, mean=float(np.mean(mean)), variance=float(np.mean(variance)))(x)
-    if name in ("sbcnn", "edgecnn"):
+    family = name.partition("-")[0]
+    if family != "dscnn" and (width != 1.0 or depth != 1.0):
+        raise ConfigError(f"width and depth multipliers scale the dscnn family, not model={name!r}")
+    if name in CNN_NAMES:
         if len(input_shape) != 2:
             raise ConfigError(
-                f"model={name!r} needs [n_mels, n_frames] inputs, got shape {list(input_shape)}"
+                f"model={name!r} needs [n_features, n_frames] inputs, got shape {list(input_shape)}"
             )
         x = layers.Reshape((*input_shape, 1))(x)
-        x = _sbcnn_body(x, dropout=dropout, l2=l2) if name == "sbcnn" else _edgecnn_body(x, dropout=dropout)
+        if name == "sbcnn":
+            x = _sbcnn_body(x, dropout=dropout, l2=l2)
+        elif name == "edgecnn":
+            x = _edgecnn_body(x, dropout=dropout)
+        else:
+            layout = dscnn_layout(name.partition("-")[2], width=width, depth=depth)
+            x = _dscnn_body(x, layout=layout, dropout=dropout)
     else:
         x = layers.Flatten()(x) if len(input_shape) > 1 else x
         if name == "mlp":
@@ -149,6 +224,33 @@ def _edgecnn_body(x, *, dropout: float, filters: Sequence[int] = (24, 48, 64, 96
         x = layers.Conv2D(width, (1, 1), use_bias=False, name=f"pw{index}")(x)
         x = layers.BatchNormalization(momentum=0.9, name=f"pw{index}_bn")(x)
         x = layers.ReLU(name=f"pw{index}_relu")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dropout(dropout)(x)
+
+
+def _dscnn_body(x, *, layout: DscnnSize, dropout: float):
+    layers = _keras().layers
+
+    def bn_relu(y, name):
+        y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(y)
+        return layers.ReLU(name=f"{name}_relu")(y)
+
+    stride = (layout.stem_stride, layout.stem_stride)
+    x = layers.Conv2D(layout.stem, (3, 3), strides=stride, padding="same", use_bias=False, name="stem")(x)
+    x = bn_relu(x, "stem")
+    for stage, filters in enumerate(layout.stages):
+        for block in range(layout.blocks):
+            name = f"s{stage}b{block}"
+            strides = (2, 2) if block == 0 else (1, 1)
+            y = layers.DepthwiseConv2D(
+                (3, 3), strides=strides, padding="same", use_bias=False, name=f"{name}_dw"
+            )(x)
+            y = bn_relu(y, f"{name}_dw")
+            y = layers.Conv2D(filters, (1, 1), use_bias=False, name=f"{name}_pw")(y)
+            y = layers.BatchNormalization(momentum=0.9, name=f"{name}_pw_bn")(y)
+            if block > 0:  # same shape as the block's input: a residual connection
+                y = layers.Add(name=f"{name}_add")([x, y])
+            x = layers.ReLU(name=f"{name}_relu")(y)
     x = layers.GlobalAveragePooling2D()(x)
     return layers.Dropout(dropout)(x)
 

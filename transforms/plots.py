@@ -51,9 +51,11 @@ class SpectrogramGrid:
         frame_s: Seconds between STFT frames (``hop_length / sample_rate_hz``).
         window_frames: Frames per analysis window.
         window_hop_frames: Frames between window starts.
-        band_hz: Centre frequency of each mel band, Hz (``n_mels`` values).
+        band_hz: Centre frequency of each mel band, Hz (``n_mels`` values); for MFCC the row
+            index of each coefficient (and delta).
         value_name: What the feature values are (colour bar label).
         max_columns: Most time columns of a recording's image.
+        row_name: What the rows are (``Hz``: mel bands by centre frequency; ``coefficient``).
     """
 
     frame_s: float
@@ -62,6 +64,7 @@ class SpectrogramGrid:
     band_hz: tuple[float, ...]
     value_name: str = "log-mel (dB)"
     max_columns: int = MAX_COLUMNS
+    row_name: str = "Hz"
 
     def __post_init__(self) -> None:
         if self.max_columns < 1:
@@ -70,6 +73,17 @@ class SpectrogramGrid:
     @classmethod
     def from_config(cls, config: FeatureConfig, *, max_columns: int = MAX_COLUMNS) -> SpectrogramGrid:
         """The grid of a feature config's windows."""
+        if config.feature_type == "mfcc":
+            deltas = {0: "", 1: ", then deltas", 2: ", then deltas and delta-deltas"}[config.mfcc_deltas]
+            return cls(
+                frame_s=config.hop_length / config.sample_rate_hz,
+                window_frames=config.window_frames,
+                window_hop_frames=config.window_hop_frames,
+                band_hz=tuple(float(i) for i in range(config.feature_rows)),
+                value_name=f"MFCC ({config.n_mfcc} coefficients{deltas})",
+                max_columns=max_columns,
+                row_name="coefficient",
+            )
         edges = melspec.mel_band_edges_hz(config)
         if config.normalization != "none":
             value = f"log-mel ({config.normalization}, per {config.normalization_scope})"
@@ -264,8 +278,9 @@ class RecordingPlot:
         image: float32 ``[n_mels, n_columns]`` spectrogram (NaN: not computed), or ``None``
             (embedding models have no log-mel).
         image_span_s: ``(start, end)`` seconds the image's columns cover.
-        band_hz: Centre frequency of each mel band.
+        band_hz: Centre frequency of each mel band (or row index, see ``row_name``).
         value_name: What the image values are.
+        row_name: What the image rows are (``Hz`` or ``coefficient``).
         n_windows: Windows scored.
         complete: Every unit of the recording was scored.
         reference: Reference annotations ``(start_s, end_s, label)``, or ``None`` for none given.
@@ -289,6 +304,7 @@ class RecordingPlot:
     n_windows: int = 0
     complete: bool = True
     reference: tuple[tuple[float, float, str], ...] | None = None
+    row_name: str = "Hz"
 
 
 def recording_plot(
@@ -356,6 +372,7 @@ def recording_plot(
         value_name=grid.value_name if grid is not None else "",
         n_windows=len(scores),
         complete=complete,
+        row_name=grid.row_name if grid is not None else "Hz",
     )
 
 
@@ -522,7 +539,7 @@ def _draw_spectrogram(axes, plot: RecordingPlot) -> None:
     n_mels = image.shape[0]
     ticks = np.unique(np.linspace(0, n_mels - 1, min(n_mels, 6)).round().astype(int))
     axes.set_yticks(ticks + 0.5, [f"{plot.band_hz[t]:.0f}" for t in ticks], fontsize=8)
-    axes.set_ylabel(f"Hz\n{plot.value_name}", fontsize=8)
+    axes.set_ylabel(f"{plot.row_name}\n{plot.value_name}", fontsize=8)
 
 
 def _draw_scores(axes, plot: RecordingPlot, class_colour: dict) -> None:

@@ -30,13 +30,14 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
+from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import DataError
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.outcomes import Stage
 from soundshard.schemas.records import FileSummary, LevelBlocks, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms import events as ev
-from soundshard.transforms import level_tables, levels, plots, training
+from soundshard.transforms import level_tables, levels, melspec, plots, training
 from soundshard.transforms import snippets as snip
 from soundshard.transforms.embeddings import error_parts
 from soundshard.transforms.features import DEAD_LETTERS, count, dead_letter
@@ -191,9 +192,9 @@ class ClassifierHandler(ModelHandler[WindowBatch, PredictionResult, Classifier])
         }
 
 
-def _scored(result: PredictionResult, *, level: bool) -> ScoredBatch:
+def _scored(result: PredictionResult, *, level: FeatureConfig | None) -> ScoredBatch:
     batch: WindowBatch = result.example
-    level_db = batch.features.reshape(batch.n_windows, -1).max(axis=1) if level else None
+    level_db = melspec.window_level_db(batch.features, level) if level is not None else None
     count("windows_scored", batch.n_windows)
     return ScoredBatch(
         batch.source,
@@ -202,7 +203,7 @@ def _scored(result: PredictionResult, *, level: bool) -> ScoredBatch:
         batch.end_s,
         np.asarray(result.inference, np.float32),
         level_db,
-        training.silent_windows(batch.features),
+        training.silent_windows(batch.features, rule=training.silence_rule(level)),
     )
 
 
@@ -223,10 +224,11 @@ class ScoreWindows(beam.PTransform):
 
     Args:
         handler: The model handler (:class:`ClassifierHandler`).
-        level: Keep each window's loudest feature value (log-mel inputs, for the activity gate).
+        level: The feature config of log-mel or MFCC inputs in dB: keep each window's level
+            (:func:`melspec.window_level_db`, for the activity and floor gates); ``None``: no levels.
     """
 
-    def __init__(self, handler: ModelHandler, *, level: bool = True):
+    def __init__(self, handler: ModelHandler, *, level: FeatureConfig | None = None):
         super().__init__()
         self._handler = handler
         self._level = level

@@ -41,6 +41,7 @@ class WindowSet:
             or ``None``: none are.
         times: float64 ``[n_windows, 3]``: each window's index on its recording's grid, start and
             end in seconds, or ``None`` where not read (events on validation recordings need them).
+        silence_rule: How digital silence shows in these features (:func:`silent_windows`).
     """
 
     features: np.ndarray
@@ -52,6 +53,7 @@ class WindowSet:
     targets: np.ndarray | None = None
     strong: np.ndarray | None = None
     times: np.ndarray | None = None
+    silence_rule: str = "window"
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -59,7 +61,7 @@ class WindowSet:
     @functools.cached_property
     def silent(self) -> np.ndarray:
         """bool ``[n_windows]``: digitally silent windows (:func:`silent_windows`), found once."""
-        return silent_windows(self.features)
+        return silent_windows(self.features, rule=self.silence_rule)
 
     @property
     def sounding(self) -> np.ndarray:
@@ -108,6 +110,7 @@ class WindowSet:
             None if self.targets is None else self.targets[mask],
             None if self.strong is None else self.strong[mask],
             None if self.times is None else self.times[mask],
+            self.silence_rule,
         )
 
 
@@ -133,6 +136,7 @@ def concatenate(parts: Sequence[WindowSet]) -> WindowSet:
         None if n_classes is None else np.concatenate([p.truth(n_classes) for p in parts]),
         None if n_classes is None else np.concatenate([p.strongly_labelled for p in parts]),
         None if any(p.times is None for p in parts) else np.concatenate([p.times for p in parts]),
+        parts[0].silence_rule if parts else "window",
     )
 
 
@@ -285,7 +289,7 @@ def conditioned_copies(
         snr_db = rng.uniform(*aug.background_snr_db, size=len(x))
         gain = power.mean(axis=(1, 2)) / (noise.mean(axis=(1, 2)) + 1e-20) * 10 ** (-snr_db / 10)
         x = 10 * np.log10(power + gain[:, None, None] * noise + 1e-20)
-    x = x + rng.uniform(*aug.gain_db, size=len(x))[:, None, None]
+    x = x + aug.gain_shift(rng.uniform(*aug.gain_db, size=len(x))[:, None, None])
     return x.astype(np.float32)
 
 
@@ -302,6 +306,18 @@ def balanced_sample_weights(truth: np.ndarray) -> np.ndarray:
         keys = np.where(present == 0, -1, np.where(present == 1, truth.argmax(axis=1), -2))
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     return (len(keys) / (len(counts) * counts[inverse])).astype(np.float32)
+
+
+def spectral_config(dataset: dict):
+    """The FeatureConfig of a dataset of dB spectral windows (log-mel or MFCC), or ``None`` (embeddings,
+    or features without dB values): what augmentation in dB and the level gates need."""
+    from soundshard.schemas.config import FeatureConfig
+    from soundshard.schemas.fields import FEATURE_COLUMN
+
+    if dataset.get("feature_column", FEATURE_COLUMN) != FEATURE_COLUMN:
+        return None
+    config = FeatureConfig.from_dict(dataset["feature_config"])
+    return config if config.log_compression == "db" else None
 
 
 def read_dataset_json(data_dir: str) -> dict:
@@ -394,6 +410,7 @@ def load_windows(data_dir: str, dataset: dict, *, labelled: bool = True) -> Wind
         targets=targets,
         strong=strong,
         times=_window_times(table),
+        silence_rule=silence_rule(spectral_config(dataset) if "feature_config" in dataset else None),
     )
 
 
@@ -520,6 +537,9 @@ class Augmentation:
         gain_db: ``(low, high)`` gain applied to every training window (after any background is
             mixed in), in dB, drawn uniformly: log-mel values are absolute levels, and the same
             sound is recorded louder or quieter than in the training clips.
+        gain_profile: How a gain of 1 dB moves each feature row: ``None`` for log-mels in dB (every
+            value by 1 dB); for MFCC ``sqrt(n_mels)`` on the first coefficient and 0 elsewhere (the
+            orthonormal DCT of a constant shift). See :func:`for_features`.
     """
 
     time_shift_frames: int = 4
@@ -532,11 +552,37 @@ class Augmentation:
     background_mix_prob: float = 0.5
     background_snr_db: tuple[float, float] = (0.0, 25.0)
     gain_db: tuple[float, float] = (0.0, 0.0)
+    gain_profile: tuple[float, ...] | None = None
 
     @classmethod
     def none(cls) -> Augmentation:
         """No augmentation at all."""
         return cls(0, 0.0, (10.0, 40.0), 0, 0, 0, 0.0, 0.0, (0.0, 25.0), (0.0, 0.0))
+
+    def gain_shift(self, gain_db):
+        """The change of a window ``[rows, frames]`` at a gain of ``gain_db`` (broadcastable)."""
+        if self.gain_profile is None:
+            return gain_db
+        return gain_db * np.asarray(self.gain_profile, np.float32)[:, None]
+
+
+def for_features(aug: Augmentation, config) -> Augmentation:
+    """``aug`` as it applies to windows of ``config`` (a FeatureConfig, or ``None`` for embeddings,
+    which are never augmented in feature space). Log-mel windows in dB take all of it. MFCC windows
+    are not powers per band: added noise, background mixing (powers add) and frequency masks (mel
+    bands) have no MFCC equivalent and are off; time shift, time masks, mixup and gain (a shift of
+    the first coefficient) stay."""
+    if config is None or config.feature_type != "mfcc":
+        return aug
+    profile = np.zeros(config.feature_rows)
+    profile[0] = np.sqrt(config.n_mels)
+    return dataclasses.replace(
+        aug,
+        noise_prob=0.0,
+        freq_mask_bands=0,
+        background_mix_prob=0.0,
+        gain_profile=tuple(float(v) for v in profile),
+    )
 
 
 def augment_window(x, *, aug: Augmentation, seed):
@@ -643,8 +689,10 @@ def training_dataset(
             x = tf.where(apply, mix_background(x, other, snr_db=snr_db), x)
         if spectral and aug.gain_db != (0.0, 0.0):
             low, high = aug.gain_db
-            x = x + tf.random.stateless_uniform(
-                [], tf.random.experimental.stateless_split(s + 17, 1)[0], low, high
+            x = x + aug.gain_shift(
+                tf.random.stateless_uniform(
+                    [], tf.random.experimental.stateless_split(s + 17, 1)[0], low, high
+                )
             )
         if spectral:
             x = augment_window(x, aug=aug, seed=s)
@@ -751,12 +799,22 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def silent_windows(features: np.ndarray) -> np.ndarray:
-    """bool ``[n_windows]``: windows without any signal, every value equal (digital silence gives a
-    constant log-mel window, e.g. the zero padding of short clips). Vectors (embeddings) are never
-    taken for silent here."""
+def silence_rule(config) -> str:
+    """How digital silence shows in windows of ``config`` (a FeatureConfig or ``None``): ``"window"``
+    (log-mel: every value equal) or ``"frames"`` (MFCC: every frame equal, the DCT of identical
+    log-mel frames)."""
+    return "frames" if config is not None and config.feature_type == "mfcc" else "window"
+
+
+def silent_windows(features: np.ndarray, *, rule: str = "window") -> np.ndarray:
+    """bool ``[n_windows]``: windows without any signal (digital silence gives a constant log-mel
+    window, e.g. the zero padding of short clips): with ``rule="window"`` every value equal, with
+    ``"frames"`` (MFCC) every row constant over the frames. Vectors (embeddings) are never taken
+    for silent here."""
     if features.ndim < 3 or len(features) == 0:
         return np.zeros(len(features), bool)
+    if rule == "frames":
+        return (features.max(axis=2) == features.min(axis=2)).all(axis=1)
     flat = features.reshape(len(features), -1)
     return flat.max(axis=1) == flat.min(axis=1)
 
