@@ -311,3 +311,29 @@ def test_one_line_per_epoch_with_the_best_so_far(monkeypatch):
     )
     line = stopper.epoch_line(59, {"loss": 1.0}, 0.9, improved=True)
     assert line == "epoch 60/60  loss 1.000  val clip 0.900 (new best)  1 s per epoch"
+
+
+def test_early_stopping_leaves_the_best_epochs_weights_in_the_model():
+    """After fit the model holds the weights of the epoch with the best validation clip accuracy
+    (what is saved and tested), not the last epoch's."""
+    from soundshard.transforms.callbacks import ClipEarlyStopping
+
+    features = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], np.float32)
+    validation = training.WindowSet(
+        features,
+        np.array([0, 0, 1, 1], np.int32),
+        np.array(["a", "a", "b", "b"], dtype=object),
+        np.full(4, 2, np.int32),
+        np.full(4, "", dtype=object),
+    )
+    model = models.build_model("linear", input_shape=(2,), n_classes=2)
+    stopper = ClipEarlyStopping(validation, patience=5, aggregation="mean", n_classes=2)
+    stopper.set_model(model)
+    right = [np.eye(2, dtype=np.float32) * 5, np.zeros(2, np.float32)]
+    wrong = [right[0][:, ::-1].copy(), right[1]]
+    for epoch, weights in enumerate([wrong, right, wrong, wrong]):
+        model.set_weights(weights)
+        stopper.on_epoch_end(epoch, {})
+    assert (stopper.best, stopper.best_epoch) == (1.0, 1)
+    stopper.on_train_end()
+    np.testing.assert_array_equal(model.get_weights()[0], right[0])

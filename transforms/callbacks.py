@@ -71,6 +71,10 @@ class ClipEarlyStopping(keras.callbacks.Callback):
                 self.epoch_line(epoch, logs or {}, accuracy, improved=improved), file=sys.stdout, flush=True
             )
 
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
     def epoch_line(self, epoch: int, logs: dict, accuracy: float, *, improved: bool) -> str:
         """``epoch 12/60  loss 1.390  val loss 1.449  val clip 0.812 (best 0.825, epoch 10)  75 s
         per epoch, at most 60 min left``: the last part is the remaining epochs at the mean epoch
@@ -97,7 +101,3 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-    def on_train_end(self, logs=None):
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
