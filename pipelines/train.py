@@ -48,6 +48,9 @@ MODEL_JSON = "model.json"
 WEIGHT_AVERAGE = 0.8
 #: default head (see training.HEADS)
 DEFAULT_HEAD = "softmax"
+#: knowledge distillation: share of the loss from the teacher, and the temperature (Hinton et al.)
+DISTILL_WEIGHT = 0.5
+TEMPERATURE = 2.0
 #: Event rules a model folder carries (``model.json`` → ``postprocessing``) when its validation data
 #: holds no annotated recordings to set them on (transforms/calibration.py), chosen on development
 #: data (docs/benchmarks.md, "Tagging in soundscapes"): a running median over three windows (1.4 s
@@ -196,6 +199,39 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         help="Random gain of training windows, LOW:HIGH dB (e.g. --gain-db=-30:6). Default: "
         f"{training.Augmentation().gain_db[0]:g}:{training.Augmentation().gain_db[1]:g}.",
     )
+    teacher_group = parser.add_argument_group("knowledge distillation")
+    teacher_group.add_argument(
+        "--teacher",
+        metavar="MODEL_DIR",
+        help="A trained model folder (or a --cv output: fold-N/ for each test fold) whose outputs the "
+        "model also learns from: the loss mixes the labels with the teacher's soft targets. The "
+        "teacher must not have trained on the test fold.",
+    )
+    teacher_group.add_argument(
+        "--teacher-data",
+        "--teacher_data",
+        dest="teacher_data",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="Features or embeddings output the teacher reads, when its inputs are not --data's (an "
+        "embedding + MLP teacher); repeatable. Its windows are matched to the training windows by "
+        "clip and time.",
+    )
+    teacher_group.add_argument(
+        "--distill-weight",
+        "--distill_weight",
+        dest="distill_weight",
+        type=float,
+        default=DISTILL_WEIGHT,
+        help="Share of the loss from the teacher's soft targets (0..1). Default: %(default)s.",
+    )
+    teacher_group.add_argument(
+        "--temperature",
+        type=float,
+        default=TEMPERATURE,
+        help="Softening of teacher and student outputs in the distillation loss. Default: %(default)s.",
+    )
     events_group = parser.add_argument_group(
         "event rules written into model.json (soundshard tag uses them unless its flags say otherwise)"
     )
@@ -326,8 +362,18 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--median-filter-windows={args.median_filter_windows} must be odd (1: off)")
     if not args.min_duration_s >= 0:
         raise ConfigError(f"--min-duration-s={args.min_duration_s} must not be negative")
-    if (args.background or args.head != "softmax") and (args.workers or os.environ.get("TF_CONFIG")):
-        raise ConfigError("--background and --head sigmoid train on one worker (no --workers/TF_CONFIG)")
+    if (args.background or args.head != "softmax" or args.teacher) and (
+        args.workers or os.environ.get("TF_CONFIG")
+    ):
+        raise ConfigError(
+            "--background, --teacher and --head sigmoid train on one worker (no --workers/TF_CONFIG)"
+        )
+    if args.teacher_data and not args.teacher:
+        raise ConfigError("--teacher-data names the inputs of a --teacher; give the teacher too")
+    if not 0.0 < args.distill_weight <= 1.0:
+        raise ConfigError(f"--distill-weight={args.distill_weight} must lie in (0, 1]")
+    if not args.temperature > 0:
+        raise ConfigError(f"--temperature={args.temperature} must be positive")
 
 
 def train_split(
@@ -368,6 +414,14 @@ def train_split(
     negatives = train.truth(n_classes).sum(axis=1) == 0
     with_background_output = head == "softmax" and bool(negatives.any())
     mean, variance = float(train.features.mean()), float(train.features.var())
+    width = n_classes + int(with_background_output)
+    distill = (
+        teacher_soft_targets(
+            args, split, train, dataset=dataset, label_names=label_names, head=head, width=width
+        )
+        if args.teacher
+        else None
+    )
     # under a multi-worker strategy, variables are mirrored on every worker and kept in step
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = models.build_model(
@@ -387,10 +441,17 @@ def train_split(
                 keras.losses.CategoricalCrossentropy(),
                 keras.metrics.CategoricalAccuracy(name="accuracy"),
             )
-        model.compile(
+        fitted = model
+        if distill is not None:
+            fitted = training.distillation_model(model, temperature=args.temperature, head=head)
+            loss = training.distillation_loss(
+                width, weight=args.distill_weight, temperature=args.temperature, head=head
+            )
+        fitted.compile(
             optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(args, len(train))),
             loss=loss,
-            metrics=[accuracy],
+            # accuracy of the joined output (labels and soft targets) would mean nothing
+            metrics=[accuracy] if distill is None else [],
         )
     aug = training.for_features(_augmentation(args), training.spectral_config(dataset))
     # the multi-worker loop weighs by class; the single-worker one by group (classes, background)
@@ -407,10 +468,14 @@ def train_split(
     started = time.process_time(), time.monotonic()
     if strategy is None:
 
-        def targets_of(windows):
-            return training.training_targets(
+        def targets_of(windows, soft=None):
+            hard = training.training_targets(
                 windows, n_classes=n_classes, head=head, background=with_background_output
             )
+            if distill is None:
+                return hard
+            # the validation loss of a distilled model weighs the labels on both parts
+            return np.concatenate([hard, hard if soft is None else soft], axis=1)
 
         data = training.training_dataset(
             train,
@@ -418,7 +483,7 @@ def train_split(
             batch_size=args.batch_size,
             seed=args.seed,
             aug=aug,
-            targets=targets_of(train),
+            targets=targets_of(train, None if distill is None else distill.targets),
             sample_weights=training.balanced_sample_weights(train.truth(n_classes))
             if args.class_weights
             else None,
@@ -433,7 +498,7 @@ def train_split(
             epochs=args.epochs,
             report=not args.quiet,
         )
-        history = model.fit(
+        history = fitted.fit(
             data,
             epochs=args.epochs,
             # a dataset, not arrays: Keras' array adapter maps in parallel (see training.predict)
@@ -541,6 +606,7 @@ def train_split(
             "windows": {"train": len(background_train), "validation": len(background.validation)},
             "output": "background output, left out of the saved model" if with_background_output else None,
         },
+        "distillation": None if distill is None else distill.info,
         "epochs": args.epochs,
         "patience": args.patience,
         "batch_size": args.batch_size,
@@ -582,6 +648,158 @@ def train_split(
         postprocessing=postprocessing,
     )
     return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """A teacher's tempered soft targets for the training windows, and what model.json records."""
+
+    targets: np.ndarray
+    info: dict
+
+
+def teacher_folder(teacher: str, split_description: dict) -> str:
+    """The teacher model folder for a split: ``teacher`` itself, or for a ``--cv`` output its
+    ``fold-<test fold>/``.
+
+    Raises:
+        ConfigError: no model folder there.
+    """
+    if os.path.isfile(os.path.join(teacher, models.MODEL_JSON)):
+        return teacher
+    fold = split_description.get("test_fold")
+    candidate = os.path.join(teacher, f"fold-{fold}")
+    if fold is not None and os.path.isfile(os.path.join(candidate, models.MODEL_JSON)):
+        return candidate
+    raise ConfigError(
+        f"--teacher {teacher!r} is neither a model folder nor a cross-validation output with "
+        f"fold-{fold}/ for test fold {fold}"
+    )
+
+
+def check_teacher_split(folder: str, teacher_split: dict, split_description: dict) -> None:
+    """Refuses a teacher that learnt from, or was validated on, the student's test data.
+
+    Raises:
+        ConfigError: naming the folds (or splits) that would leak.
+    """
+    if split_description.get("by") == "fold":
+        test = split_description["test_fold"]
+        seen = list(teacher_split.get("train_folds", [])) + [teacher_split.get("validation_fold")]
+        seen = sorted(f for f in seen if f is not None)
+        if teacher_split.get("by") != "fold" or test in seen:
+            raise ConfigError(
+                f"--teacher {folder!r} was trained or validated on folds {seen}"
+                f", which hold this model's test fold {test}: its soft targets would leak the test data"
+            )
+    elif teacher_split != split_description:
+        raise ConfigError(
+            f"--teacher {folder!r} was trained on split {teacher_split}, this model on {split_description}: "
+            "use a teacher of the same split"
+        )
+
+
+def check_teacher(
+    folder: str,
+    description: dict,
+    split_description: dict,
+    *,
+    label_names: Sequence[str],
+    head: str,
+    dataset: dict,
+    teacher_data: Sequence[str],
+) -> None:
+    """Refuses a teacher of other labels or another head, one that saw the test data, or one of
+    other features than ``dataset``'s without ``--teacher-data``.
+
+    Raises:
+        ConfigError: naming what differs.
+    """
+    if description["feature_fingerprint"] != dataset["feature_fingerprint"] and not teacher_data:
+        raise ConfigError(
+            f"--teacher {folder!r} reads features {description['feature_fingerprint']}, --data has "
+            f"{dataset['feature_fingerprint']}: name the teacher's inputs with --teacher-data"
+        )
+    check_teacher_split(folder, description.get("split") or {}, split_description)
+    if list(description["label_names"]) != list(label_names):
+        raise ConfigError(
+            f"--teacher {folder!r} has labels {description['label_names']}, the data {list(label_names)}"
+        )
+    teacher_head = description.get("training", {}).get("head", "softmax")
+    if teacher_head != head:
+        raise ConfigError(f"--teacher {folder!r} has a {teacher_head} head; this model a {head} head")
+
+
+def teacher_soft_targets(
+    args: argparse.Namespace,
+    split: training.Split,
+    train: training.WindowSet,
+    *,
+    dataset: dict,
+    label_names: Sequence[str],
+    head: str,
+    width: int,
+) -> Distillation:
+    """The teacher's tempered soft targets of the training windows (``[n, width]``).
+
+    The teacher's outputs on the same windows (a teacher of the same features), or on the windows
+    of ``--teacher-data`` carried to the training windows by clip and time
+    (:func:`training.align_by_time`); training windows the teacher has no window for (e.g.
+    background data it did not read) keep their labels as soft targets. Computed once from the
+    windows as stored (offline distillation): augmentation changes the student's inputs, not the
+    targets, and mixup mixes them with the labels.
+
+    Raises:
+        ConfigError: the teacher is not a model folder of the same labels and head, learnt from the
+            test data, or reads other features than ``--data`` without matching ``--teacher-data``.
+    """
+    folder = teacher_folder(args.teacher, split.description)
+    teacher, description = models.load_classifier(folder)
+    check_teacher(
+        folder,
+        description,
+        split.description,
+        label_names=label_names,
+        head=head,
+        dataset=dataset,
+        teacher_data=args.teacher_data,
+    )
+    n_classes = len(label_names)
+    hard = training.training_targets(train, n_classes=n_classes, head=head, background=width > n_classes)
+    if description["feature_fingerprint"] == dataset["feature_fingerprint"] and not args.teacher_data:
+        probabilities = training.predict(teacher, train.features)
+        matched = np.ones(len(train), bool)
+        source = "the training windows"
+    else:
+        teacher_dataset, teacher_windows = training.load_datasets(args.teacher_data)
+        models.check_fingerprint(description, teacher_dataset, what="--teacher-data")
+        probabilities, matched = training.align_by_time(
+            train, teacher_windows, training.predict(teacher, teacher_windows.features)
+        )
+        if not matched.any():
+            raise ConfigError(
+                f"--teacher-data {', '.join(args.teacher_data)} has no window of the training clips "
+                "(clip ids differ)"
+            )
+        source = f"--teacher-data {', '.join(args.teacher_data)}, matched by clip and time"
+    soft = training.teacher_targets(probabilities, head=head, background=width > n_classes)
+    soft = np.where(matched[:, None], soft, hard)
+    targets = training.tempered(soft, temperature=args.temperature, head=head)
+    agreement = float(np.mean(soft[matched].argmax(axis=1) == hard[matched].argmax(axis=1)))
+    return Distillation(
+        targets=targets,
+        info={
+            "teacher": folder,
+            "teacher_model": description.get("training", {}).get("model"),
+            "teacher_features": description["feature_fingerprint"],
+            "soft_targets_from": source,
+            "weight": args.distill_weight,
+            "temperature": args.temperature,
+            "windows_with_teacher_targets": int(matched.sum()),
+            "windows_with_labels_only": int((~matched).sum()),
+            "teacher_agrees_with_labels": round(agreement, 4),
+        },
+    )
 
 
 def architecture(args: argparse.Namespace) -> dict:
@@ -917,6 +1135,19 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                     windows, test_fold=args.test_fold, validation_fold=args.validation_fold
                 )
             }
+        if args.teacher:  # every split's teacher, before any training
+            label_names = sorted(dataset["label_map"], key=dataset["label_map"].get)
+            for split in splits.values():
+                folder = teacher_folder(args.teacher, split.description)
+                check_teacher(
+                    folder,
+                    models.read_description(folder),
+                    split.description,
+                    label_names=label_names,
+                    head=args.head,
+                    dataset=dataset,
+                    teacher_data=args.teacher_data,
+                )
         strategy = None
         if cluster is not None and cluster.n_workers > 1:
             for split in splits.values():

@@ -922,3 +922,113 @@ def evaluate_predictions(probabilities: np.ndarray, windows: WindowSet, label_na
         assert np.array_equal(agg_clips, clips)
         result[f"clip_{method}"] = classification_metrics(truth, clip_probs.argmax(axis=1), label_names)
     return result
+
+
+# -- knowledge distillation ----------------------------------------------------------------------
+
+
+def teacher_targets(probabilities: np.ndarray, *, head: str, background: bool) -> np.ndarray:
+    """float32 soft targets of a student from a teacher model folder's outputs.
+
+    Args:
+        probabilities: ``[n, n_classes]`` the teacher's saved outputs (a softmax model trained with
+            background data gives the classes' share only: the rest is the background's).
+        head: The student's (and teacher's) head, ``softmax`` or ``sigmoid``.
+        background: The student has a background output (softmax): ``[p, 1 - sum p]``; without
+            one the classes' probabilities are renormalised to sum to one.
+    """
+    p = np.clip(np.asarray(probabilities, np.float64), 0.0, 1.0)
+    if head == "sigmoid":
+        return p.astype(np.float32)
+    if background:
+        rest = np.clip(1.0 - p.sum(axis=1, keepdims=True), 0.0, 1.0)
+        p = np.concatenate([p, rest], axis=1)
+    return (p / np.maximum(p.sum(axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def tempered(targets: np.ndarray, *, temperature: float, head: str) -> np.ndarray:
+    """Soft targets at ``temperature`` (Hinton et al. 2015): the softmax of ``log(p) / T`` over the
+    outputs (softmax head), or per class the sigmoid of ``logit(p) / T`` (sigmoid head), computed
+    from probabilities so that any teacher's saved outputs serve."""
+    p = np.clip(np.asarray(targets, np.float64), 1e-12, 1.0)
+    if head == "sigmoid":
+        q, r = p ** (1.0 / temperature), np.clip(1.0 - p, 1e-12, 1.0) ** (1.0 / temperature)
+        return (q / (q + r)).astype(np.float32)
+    logits = np.log(p) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def align_by_time(
+    student: WindowSet, teacher: WindowSet, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A teacher's per-window ``values`` (``[m, k]``, for ``teacher``'s windows) carried to
+    ``student``'s windows of the same clip: the mean over the teacher windows that overlap each
+    student window in time, weighted by the overlap (the nearest teacher window where none
+    overlaps), so windows of other lengths and hops (an embedding model's) map onto log-mel ones.
+
+    Returns:
+        ``(values [n, k], matched [n] bool)``: rows of student windows whose clip the teacher has
+        no window of are zeros and unmatched.
+    """
+    if student.times is None or teacher.times is None:
+        raise ConfigError("the teacher's data and the training data need window start and end times")
+    out = np.zeros((len(student), values.shape[1]), np.float32)
+    matched = np.zeros(len(student), bool)
+    by_clip: dict[str, list[int]] = {}
+    for i, clip in enumerate(teacher.clip_ids):
+        by_clip.setdefault(clip, []).append(i)
+    rows_of: dict[str, list[int]] = {}
+    for i, clip in enumerate(student.clip_ids):
+        if clip in by_clip:
+            rows_of.setdefault(clip, []).append(i)
+    for clip, rows in rows_of.items():
+        t = np.asarray(by_clip[clip])
+        s = np.asarray(rows)
+        t_start, t_end = teacher.times[t, 1], teacher.times[t, 2]
+        s_start, s_end = student.times[s, 1], student.times[s, 2]
+        overlap = np.clip(
+            np.minimum(s_end[:, None], t_end[None, :]) - np.maximum(s_start[:, None], t_start[None, :]),
+            0.0,
+            None,
+        )
+        none = overlap.sum(axis=1) == 0
+        if none.any():
+            centre = (s_start[none] + s_end[none])[:, None] / 2 - (t_start + t_end)[None, :] / 2
+            overlap[np.flatnonzero(none), np.abs(centre).argmin(axis=1)] = 1.0
+        weights = overlap / overlap.sum(axis=1, keepdims=True)
+        out[s] = weights @ values[t]
+        matched[s] = True
+    return out, matched
+
+
+def distillation_model(student, *, temperature: float, head: str):
+    """A model for training ``student`` on labels and a teacher's soft targets together: its one
+    output is the student's probabilities followed by the same logits' probabilities at
+    ``temperature``. It shares every weight with ``student`` (which alone is saved)."""
+    import keras
+
+    layers = keras.layers
+    logits = student.get_layer("logits").output
+    scaled = layers.Rescaling(1.0 / temperature, name="temperature")(logits)
+    soft = layers.Softmax(name="soft")(scaled) if head == "softmax" else layers.Activation("sigmoid")(scaled)
+    joined = layers.Concatenate(name="distillation")([student.output, soft])
+    return keras.Model(student.input, joined, name=f"{student.name}_distillation")
+
+
+def distillation_loss(width: int, *, weight: float, temperature: float, head: str):
+    """Loss of :func:`distillation_model`: targets are ``[labels (width), teacher's tempered
+    soft targets (width)]``; ``(1 - weight) * CE(labels, p) + weight * T^2 * CE(soft, p_T)`` with
+    categorical (softmax head) or per-class binary (sigmoid head) cross-entropy. ``T^2`` keeps the
+    soft part's gradients at the scale of the hard part's (Hinton et al. 2015)."""
+    import keras
+
+    entropy = keras.losses.categorical_crossentropy if head == "softmax" else keras.losses.binary_crossentropy
+
+    def loss(y_true, y_pred):
+        hard = entropy(y_true[:, :width], y_pred[:, :width])
+        soft = entropy(y_true[:, width:], y_pred[:, width:])
+        return (1.0 - weight) * hard + weight * temperature**2 * soft
+
+    return loss
