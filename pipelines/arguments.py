@@ -342,7 +342,8 @@ _EMBED_HELP = {
     "window_s": "Seconds of audio per embedding (OpenL3: 1).",
     "hop_s": "Seconds between windows (0.1).",
     "center": "true: pad half a window before the start, as openl3 (default for OpenL3).",
-    "output": "Output name or index of a SavedModel/TFLite model.",
+    "output": "Output name or index of a SavedModel/TFLite model, or for TFLite the name of an inner "
+    "tensor (a classifier's embedding layer, as BirdNET's).",
     "signature": "SavedModel signature (serving_default).",
     "model_sha256": "Expected SHA-256 of the weight/model file (checked before the run).",
     "channel": "Keep this channel (default: mix all down).",

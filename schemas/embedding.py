@@ -82,7 +82,9 @@ class EmbeddingConfig(ConfigSerialization):
         center: Pad half a window of silence before the start, so window ``k`` is centred on
             ``k * hop_s`` (openl3's ``center=True``).
         output: Other models: output name, or index (tuple outputs; a signature's outputs in
-            sorted-name order; a TFLite model's output details); ``None`` when there is one.
+            sorted-name order; a TFLite model's output details); ``None`` when there is one. For
+            a TFLite model also the name of an intermediate tensor (a classifier's embedding
+            layer, as BirdNET's); a SavedModel gives its signature's outputs only.
         signature: SavedModel signature to call; if the SavedModel has none, the object itself
             is called.
         channel: ``None`` mixes all channels down to mono; an index keeps that channel only.

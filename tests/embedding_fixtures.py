@@ -122,6 +122,23 @@ def make_tflite(
     return path
 
 
+def make_scoring_tflite(path: Path, *, window_samples: int, size: int = EMBEDDING_SIZE) -> Path:
+    """A classifier around the tiny model: its one output is 3 class scores (a softmax of a fixed
+    projection of the embedding); the embedding is the intermediate tensor ``concat``."""
+    import tensorflow as tf
+
+    embed = _tiny_fn(window_samples, size)
+    weights = tf.constant(np.random.default_rng(0).standard_normal((size, 3)).astype(np.float32))
+
+    def scores(waveform):
+        return tf.nn.softmax(tf.matmul(embed(waveform), weights))
+
+    fn = tf.function(scores, input_signature=[tf.TensorSpec([None, window_samples], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+    path.write_bytes(converter.convert())
+    return path
+
+
 def make_waveform_tflite(path: Path, *, frame_samples: int, size: int = EMBEDDING_SIZE) -> Path:
     """A YAMNet-like TFLite model: input one waveform ``[n]`` of any length (shape signature
     ``[-1]``), output ``[n_frames, size]``, the tiny embedding of frames of ``frame_samples``."""

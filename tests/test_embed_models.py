@@ -7,6 +7,7 @@ loaded.
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import re
@@ -332,3 +333,22 @@ def test_the_op_lists_are_deliberate():
         "SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec", "Save",
         "SaveSlices", "Restore", "RestoreSlice", "StringJoin", "StaticRegexFullMatch", "DisableCopyOnRead",
     }  # fmt: skip
+
+
+def test_an_intermediate_tensor_of_a_tflite_model_is_the_embedding(tmp_path):
+    """A BirdNET-style model: its output is class scores, the embedding the tensor before them,
+    named with --model-output; values equal the reference at any batch size."""
+    path = fx.make_scoring_tflite(tmp_path / "scores.tflite", window_samples=16000)
+    windows = np.random.default_rng(1).standard_normal((5, 16000)).astype(np.float32)
+    config = EmbeddingConfig(model="tflite", model_uri=str(path), output="concat", **TINY)
+    model = embeddings.load_embedding_model(config)
+    for n in (1, 2, 5):
+        np.testing.assert_allclose(
+            model.embed(windows[:n]), fx.tiny_embedding(windows[:n]), rtol=1e-5, atol=1e-5
+        )
+    # the output itself is the scores, not the embedding
+    scores = EmbeddingConfig(model="tflite", model_uri=str(path), **{**TINY, "embedding_size": 3})
+    assert embeddings.load_embedding_model(scores).embed(windows[:2]).shape == (2, 3)
+    with pytest.raises(ConfigError) as info:
+        embeddings.load_embedding_model(dataclasses.replace(config, output="no_such_tensor"))
+    assert "is neither an output nor a tensor" in str(info.value) and "concat [1, 5]" in str(info.value)

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -620,11 +621,19 @@ import json, sys
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-path, single, batch, output = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-interpreter = Interpreter(model_path=path)
+path, single, batch = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+output_index, inner = int(sys.argv[4]), sys.argv[5] == "inner"
+options = {}
+if inner:  # an intermediate tensor: kept after invoke, computed by the builtin kernels
+    from ai_edge_litert.interpreter import OpResolverType
+
+    options = {
+        "experimental_preserve_all_tensors": True,
+        "experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    }
+interpreter = Interpreter(model_path=path, **options)
 interpreter.allocate_tensors()
 index = interpreter.get_input_details()[0]["index"]
-output_index = interpreter.get_output_details()[output]["index"]
 shape = list(interpreter.get_input_details()[0]["shape"])
 
 def run(x):
@@ -671,7 +680,7 @@ def _exit_text(returncode: int, stderr: str) -> str:
 
 
 def _probe_tflite(
-    path: str, *, key: tuple, single: list[int] | None, batch: list[int] | None, output: int
+    path: str, *, key: tuple, single: list[int] | None, batch: list[int] | None, output: int, inner: bool
 ) -> dict[str, tuple[bool, str]]:
     """Runs the TFLite trial (``_TFLITE_PROBE_SCRIPT``) in a child process.
 
@@ -685,7 +694,7 @@ def _probe_tflite(
     command = [sys.executable, "-c", _TFLITE_PROBE_SCRIPT, path, json.dumps(single), json.dumps(batch)]
     try:
         done = subprocess.run(
-            [*command, str(output)],
+            [*command, str(output), "inner" if inner else "output"],
             capture_output=True,
             text=True,
             timeout=TFLITE_TRIAL_TIMEOUT_S,
@@ -713,7 +722,13 @@ def _probe_tflite(
 
 class TFLiteEmbedder(EmbeddingModel):
     """A TFLite model on windows (LiteRT's interpreter; the output chosen by name or by index into
-    the output details).
+    the output details, or an intermediate tensor by its name).
+
+    An intermediate tensor (a BirdNET-style model's embedding is the layer before its class
+    scores, not an output) is read after each call from an interpreter that keeps every tensor
+    (``experimental_preserve_all_tensors``) and runs the builtin kernels without delegates (a
+    delegate computes its part of the graph internally and leaves those tensors unwritten); int8
+    tensors are dequantised with their own scale and zero point.
 
     How windows go in follows the input's shape signature:
 
@@ -747,6 +762,7 @@ class TFLiteEmbedder(EmbeddingModel):
         with open(path, "rb") as f:
             self._content = f.read()
         self._local = threading.local()
+        self._inner = False
         try:
             interpreter = self._interpreter()
         except (ValueError, RuntimeError) as exc:
@@ -774,13 +790,29 @@ class TFLiteEmbedder(EmbeddingModel):
         elif selector in by_name:
             position = by_name[selector]
         else:
-            raise ConfigError(
-                f"output={selector!r} is not an output of {self._where}; outputs: {sorted(by_name)}"
-            )
-        self._output_index = outputs[position]["index"]
-        self._choose_layout(path, config=config, output_position=position)
+            position = None
+            inner = {d["name"]: d for d in interpreter.get_tensor_details()}
+            if selector not in inner:
+                candidates = [
+                    f"{d['name']} {[int(n) for n in d['shape']]}"
+                    for d in inner.values()
+                    if len(d["shape"]) >= 2 and np.dtype(d["dtype"]) in (np.float32, np.int8)
+                ]
+                shown = "; ".join(candidates[-20:]) + (" ..." if len(candidates) > 20 else "")
+                raise ConfigError(
+                    f"output={selector!r} is neither an output nor a tensor of {self._where}; outputs: "
+                    f"{sorted(by_name)}; tensors with a batch axis (last 20): {shown}"
+                )
+            self._inner = True
+            self._local = threading.local()  # an interpreter that keeps every tensor, made anew
+            detail = inner[selector]
+        if position is not None:
+            detail = outputs[position]
+        self._output_index = int(detail["index"])
+        self._quantization = _dequantization(detail)
+        self._choose_layout(path, config=config, output_index=self._output_index)
 
-    def _choose_layout(self, path: str, *, config: EmbeddingConfig, output_position: int) -> None:
+    def _choose_layout(self, path: str, *, config: EmbeddingConfig, output_index: int) -> None:
         shape = [int(d) for d in self._input["shape"]]
         signature = [int(d) for d in self._input.get("shape_signature", shape)]
         n = config.window_samples
@@ -818,9 +850,12 @@ class TFLiteEmbedder(EmbeddingModel):
             tuple(shape),
             tuple(call_shape),
             tuple(trial or ()),
-            output_position,
+            output_index,
+            self._inner,
         )
-        verdicts = _probe_tflite(path, key=key, single=single, batch=trial, output=output_position)
+        verdicts = _probe_tflite(
+            path, key=key, single=single, batch=trial, output=output_index, inner=self._inner
+        )
         if single is not None and not verdicts["single"][0]:
             raise ConfigError(f"{cannot}: resized to {call_shape}, a trial run {verdicts['single'][1]}")
         if trial is None:
@@ -844,7 +879,17 @@ class TFLiteEmbedder(EmbeddingModel):
         local = self._local
         interpreter = getattr(local, "interpreter", None)
         if interpreter is None:
-            interpreter = self._new_interpreter(model_content=self._content)
+            options = {}
+            if self._inner:
+                from ai_edge_litert.interpreter import OpResolverType
+
+                options = {
+                    "experimental_preserve_all_tensors": True,
+                    "experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                }
+            with warnings.catch_warnings():  # LiteRT warns that keeping every tensor costs memory
+                warnings.simplefilter("ignore", UserWarning)
+                interpreter = self._new_interpreter(model_content=self._content, **options)
             interpreter.allocate_tensors()
             local.interpreter = interpreter
             local.shape = tuple(int(d) for d in interpreter.get_input_details()[0]["shape"])
@@ -860,7 +905,11 @@ class TFLiteEmbedder(EmbeddingModel):
             local.shape = x.shape
         interpreter.set_tensor(index, x)
         interpreter.invoke()
-        return interpreter.get_tensor(self._output_index).copy()
+        values = interpreter.get_tensor(self._output_index).copy()
+        if self._quantization is not None:
+            scale, zero_point = self._quantization
+            values = (values.astype(np.float32) - zero_point) * scale
+        return values
 
     def _rows(self, values: np.ndarray, *, n_call: int, n_keep: int) -> np.ndarray:
         """The first ``n_keep`` rows ``[n_keep, embedding_size]`` of a call's output."""
@@ -900,6 +949,23 @@ class TFLiteEmbedder(EmbeddingModel):
             out = self._run(np.ascontiguousarray(chunk.reshape(per_call, *self._window_dims)))
             parts.append(self._rows(out, n_call=per_call, n_keep=min(per_call, n - start)))
         return np.concatenate(parts)
+
+
+def _dequantization(detail: dict) -> tuple[float, int] | None:
+    """``(scale, zero_point)`` of an integer tensor of a TFLite model, or ``None`` for a float one.
+
+    Raises:
+        ConfigError: an integer tensor without quantisation parameters (not an embedding).
+    """
+    if np.dtype(detail["dtype"]) == np.float32:
+        return None
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if not scale:
+        raise ConfigError(
+            f"tensor {detail['name']!r} is {np.dtype(detail['dtype']).name} without a quantisation scale; "
+            "an embedding must be float or quantised"
+        )
+    return float(scale), int(zero_point)
 
 
 def _verify_digest(path: str, config: EmbeddingConfig) -> None:
