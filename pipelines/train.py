@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -51,6 +52,8 @@ DEFAULT_HEAD = "softmax"
 #: knowledge distillation: share of the loss from the teacher, and the temperature (Hinton et al.)
 DISTILL_WEIGHT = 0.5
 TEMPERATURE = 2.0
+#: transfer learning: epochs of the new head alone before the backbone is fine-tuned
+FREEZE_EPOCHS = 10
 #: Event rules a model folder carries (``model.json`` → ``postprocessing``) when its validation data
 #: holds no annotated recordings to set them on (transforms/calibration.py), chosen on development
 #: data (docs/benchmarks.md, "Tagging in soundscapes"): a running median over three windows (1.4 s
@@ -74,7 +77,9 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         default="sbcnn",
         choices=models.MODEL_NAMES,
         help="Architecture: sbcnn (SB-CNN), edgecnn, the depthwise-separable family dscnn-xs/s/m/l "
-        "(xs and s fit cortex-m4-256k as int8), or mlp/linear for embeddings. Default: %(default)s.",
+        "(xs and s fit cortex-m4-256k as int8), an image backbone (mobilenetv2, mobilenetv3-small, "
+        "mobilenetv3-large; with --backbone-weights for transfer learning), or mlp/linear for "
+        "embeddings. Default: %(default)s.",
     )
     parser.add_argument(
         "--width-multiplier",
@@ -82,7 +87,7 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         dest="width_multiplier",
         type=float,
         default=1.0,
-        help="dscnn family: scale every layer's filters. Default: %(default)s.",
+        help="dscnn family: scale every layer's filters; image backbones: their alpha. Default: %(default)s.",
     )
     parser.add_argument(
         "--depth-multiplier",
@@ -198,6 +203,26 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         default=None,
         help="Random gain of training windows, LOW:HIGH dB (e.g. --gain-db=-30:6). Default: "
         f"{training.Augmentation().gain_db[0]:g}:{training.Augmentation().gain_db[1]:g}.",
+    )
+    backbone_group = parser.add_argument_group("transfer learning from an image backbone")
+    backbone_group.add_argument(
+        "--backbone-weights",
+        "--backbone_weights",
+        dest="backbone_weights",
+        metavar="PATH",
+        help="Pretrained weights of the backbone without its top (a Keras weights file, e.g. "
+        "ImageNet's mobilenet_v2_..._no_top.h5, of the same width multiplier); never downloaded. "
+        "Default: none (random initial weights).",
+    )
+    backbone_group.add_argument(
+        "--freeze-epochs",
+        "--freeze_epochs",
+        dest="freeze_epochs",
+        type=int,
+        default=FREEZE_EPOCHS,
+        help="With --backbone-weights: epochs that train the new head alone, the backbone frozen, "
+        "before all layers are fine-tuned at a tenth of the learning rate (0: fine-tune from the "
+        "start). Default: %(default)s.",
     )
     teacher_group = parser.add_argument_group("knowledge distillation")
     teacher_group.add_argument(
@@ -315,14 +340,29 @@ def _augmentation(args: argparse.Namespace) -> training.Augmentation:
     return aug
 
 
-def _learning_rate(args: argparse.Namespace, n_train: int):
-    """Constant, or cosine decay from ``--learning-rate`` to 5 % of it over ``--epochs``."""
+def _learning_rate(args: argparse.Namespace, n_train: int, *, scale: float = 1.0, start: int = 0):
+    """Constant, or cosine decay from ``--learning-rate`` (times ``scale``) to 5 % of it over the
+    epochs from ``start`` to ``--epochs``."""
     if args.lr_schedule == "constant":
-        return args.learning_rate
-    steps = max(1, args.epochs * max(1, n_train // args.batch_size))
+        return args.learning_rate * scale
+    steps = max(1, (args.epochs - start) * max(1, n_train // args.batch_size))
     import keras
 
-    return keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=steps, alpha=0.05)
+    return keras.optimizers.schedules.CosineDecay(args.learning_rate * scale, decay_steps=steps, alpha=0.05)
+
+
+def _phase(what: str, first: int, last: int, model, learning_rate: float) -> dict:
+    return {
+        "phase": what,
+        "epochs": [first, last],
+        "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "learning_rate": learning_rate,
+    }
+
+
+def _stopped(stopper) -> bool:
+    """Early stopping ended the run already (no better epoch for ``patience`` epochs)."""
+    return bool(getattr(stopper.model, "stop_training", False))
 
 
 def _weight_average(args: argparse.Namespace) -> training.WeightAverage | None:
@@ -346,7 +386,20 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
     if not args.learning_rate > 0:
         raise ConfigError(f"--learning-rate={args.learning_rate} must be positive")
-    if (args.width_multiplier, args.depth_multiplier) != (1.0, 1.0):
+    if args.backbone_weights is not None:
+        if args.model not in models.BACKBONES:
+            raise ConfigError(
+                f"--backbone-weights are for the image backbones {models.BACKBONES}, not {args.model}"
+            )
+        if not os.path.isfile(args.backbone_weights):
+            raise ConfigError(f"--backbone-weights {args.backbone_weights!r} is not a file")
+    if args.freeze_epochs < 0:
+        raise ConfigError(f"--freeze-epochs={args.freeze_epochs} must not be negative")
+    if args.model in models.BACKBONES and args.depth_multiplier != 1.0:
+        raise ConfigError(f"--depth-multiplier scales the dscnn family, not --model {args.model}")
+    if args.model in models.BACKBONES and (args.workers or os.environ.get("TF_CONFIG")):
+        raise ConfigError("image backbones train on one worker (no --workers/TF_CONFIG)")
+    if (args.width_multiplier, args.depth_multiplier) != (1.0, 1.0) and args.model not in models.BACKBONES:
         if not args.model.startswith("dscnn-"):
             raise ConfigError(
                 f"--width-multiplier and --depth-multiplier scale the dscnn family, not --model {args.model}"
@@ -433,6 +486,7 @@ def train_split(
             background_output=with_background_output,
             width=args.width_multiplier,
             depth=args.depth_multiplier,
+            backbone_weights=args.backbone_weights,
         )
         if head == "sigmoid":
             loss, accuracy = keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
@@ -447,11 +501,17 @@ def train_split(
             loss = training.distillation_loss(
                 width, weight=args.distill_weight, temperature=args.temperature, head=head
             )
+        # accuracy of the joined output (labels and soft targets) would mean nothing
+        fitted_metrics = [accuracy] if distill is None else []
+        # transfer learning: the new head learns on the pretrained features first (the backbone
+        # frozen for --freeze-epochs), then every layer is fine-tuned at a tenth of the rate
+        frozen = models.backbone_layers(model) if args.backbone_weights and args.freeze_epochs > 0 else []
+        for layer in frozen:
+            layer.trainable = False
         fitted.compile(
             optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(args, len(train))),
             loss=loss,
-            # accuracy of the joined output (labels and soft targets) would mean nothing
-            metrics=[accuracy] if distill is None else [],
+            metrics=fitted_metrics,
         )
     aug = training.for_features(_augmentation(args), training.spectral_config(dataset))
     # the multi-worker loop weighs by class; the single-worker one by group (classes, background)
@@ -498,7 +558,8 @@ def train_split(
             epochs=args.epochs,
             report=not args.quiet,
         )
-        history = fitted.fit(
+        fit = functools.partial(
+            fitted.fit,
             data,
             epochs=args.epochs,
             # a dataset, not arrays: Keras' array adapter maps in parallel (see training.predict)
@@ -508,7 +569,36 @@ def train_split(
             callbacks=[stopper],
             shuffle=False,  # the dataset shuffles itself, seeded
             verbose=0,  # the stopper prints one line per epoch
-        ).history
+        )
+        phases = []
+        if frozen:
+            history = fit(epochs=min(args.freeze_epochs, args.epochs)).history
+            phases.append(
+                _phase("head alone, backbone frozen", 1, len(history["loss"]), model, args.learning_rate)
+            )
+            for layer in frozen:
+                layer.trainable = True
+            fitted.compile(
+                optimizer=keras.optimizers.Adam(
+                    learning_rate=_learning_rate(args, len(train), scale=0.1, start=args.freeze_epochs)
+                ),
+                loss=loss,
+                metrics=fitted_metrics,
+            )
+            if args.epochs > args.freeze_epochs and not _stopped(stopper):
+                more = fit(initial_epoch=args.freeze_epochs).history
+                phases.append(
+                    _phase(
+                        "every layer fine-tuned",
+                        args.freeze_epochs + 1,
+                        args.freeze_epochs + len(more["loss"]),
+                        model,
+                        args.learning_rate * 0.1,
+                    )
+                )
+                history = {k: list(history.get(k, [])) + list(more.get(k, [])) for k in {*history, *more}}
+        else:
+            history = fit().history
         best_epoch, best = stopper.best_epoch, stopper.best
         if with_background_output:
             model = models.without_background(model, n_classes)
@@ -575,6 +665,8 @@ def train_split(
             thresholds=thresholds["window"],
         )
     metrics["split"] = split.description
+    if strategy is None and phases:
+        metrics["transfer_phases"] = phases
     metrics["epochs_run"] = len(history["loss"])
     metrics["best_epoch"] = best_epoch + 1
     metrics["best_validation_clip_accuracy"] = round(best, 4)
@@ -597,6 +689,7 @@ def train_split(
     training_config = {
         "model": args.model,
         **architecture(args),
+        **transfer(args),
         "head": head,
         "background": None
         if background is None
@@ -813,6 +906,19 @@ def architecture(args: argparse.Namespace) -> dict:
         "width_multiplier": args.width_multiplier,
         "depth_multiplier": args.depth_multiplier,
         "layers": dataclasses.asdict(layout),
+    }
+
+
+def transfer(args: argparse.Namespace) -> dict:
+    """Transfer learning for model.json (image backbones only)."""
+    if args.model not in models.BACKBONES:
+        return {}
+    return {
+        "width_multiplier": args.width_multiplier,
+        "backbone_weights": None
+        if args.backbone_weights is None
+        else {"file": args.backbone_weights, "sha256": models.file_sha256(args.backbone_weights)},
+        "freeze_epochs": args.freeze_epochs if args.backbone_weights else 0,
     }
 
 
@@ -1135,6 +1241,14 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                     windows, test_fold=args.test_fold, validation_fold=args.validation_fold
                 )
             }
+        if args.backbone_weights:  # weights that do not fit stop the run here, not after the first fold
+            models.build_model(
+                args.model,
+                input_shape=windows.features.shape[1:],
+                n_classes=2,
+                width=args.width_multiplier,
+                backbone_weights=args.backbone_weights,
+            )
         if args.teacher:  # every split's teacher, before any training
             label_names = sorted(dataset["label_map"], key=dataset["label_map"].get)
             for split in splits.values():

@@ -337,3 +337,58 @@ def test_early_stopping_leaves_the_best_epochs_weights_in_the_model():
     assert (stopper.best, stopper.best_epoch) == (1.0, 1)
     stopper.on_train_end()
     np.testing.assert_array_equal(model.get_weights()[0], right[0])
+
+
+def test_image_backbone_loads_pretrained_weights_freezes_then_fine_tunes(demo_features, tmp_path, capsys):
+    """MobileNetV2 (alpha 0.35) on the log-mel image with weights from a file made here: frozen
+    for --freeze-epochs (the saved backbone is then exactly the file's), fine-tuned after."""
+    import keras
+
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None, pooling="avg"
+    )
+    for layer in backbone.layers:  # weights no fresh initialisation would give
+        layer.set_weights(
+            [w + 0.01 * np.random.default_rng(1).standard_normal(w.shape) for w in layer.get_weights()]
+        )
+    weights = tmp_path / "mobilenet_v2_0.35_no_top.weights.h5"
+    backbone.save_weights(str(weights))
+    base = ["--data", str(demo_features), "--model", "mobilenetv2", "--width-multiplier", "0.35"]
+    base += ["--test-fold", "1", "--batch-size", "16", "--quiet", "--backbone-weights", str(weights)]
+    frozen = tmp_path / "frozen"
+    assert train.run([*base, "--output", str(frozen), "--epochs", "2", "--freeze-epochs", "2"]) == 0
+    model, description = models.load_classifier(str(frozen))
+    saved = [w for layer in models.backbone_layers(model) for w in layer.get_weights()]
+    assert len(saved) == len(backbone.get_weights())
+    for got, want in zip(saved, backbone.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    training_config = description["training"]
+    assert training_config["backbone_weights"]["file"] == str(weights)
+    assert len(training_config["backbone_weights"]["sha256"]) == 64 and training_config["freeze_epochs"] == 2
+    tuned = tmp_path / "tuned"
+    assert train.run([*base, "--output", str(tuned), "--epochs", "3", "--freeze-epochs", "1"]) == 0
+    history = json.loads((tuned / "history.json").read_text())
+    assert len(history["loss"]) == 3
+    head, tuning = json.loads((tuned / "metrics.json").read_text())["transfer_phases"]
+    assert (head["epochs"], tuning["epochs"]) == ([1, 1], [2, 3])
+    model, _ = models.load_classifier(str(tuned))
+    everything = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    assert head["trainable_parameters"] < everything / 10 and tuning["trainable_parameters"] == everything
+    assert tuning["learning_rate"] == pytest.approx(head["learning_rate"] / 10)
+    # weights of another width, and flags that do not apply, stop the run before training
+    capsys.readouterr()
+    other = [a if a != "0.35" else "0.5" for a in base]
+    assert train.run([*other, "--output", str(tmp_path / "x"), "--epochs", "1"]) == 2
+    assert "do not fit mobilenetv2 (width multiplier 0.5" in capsys.readouterr().err
+    edge = [
+        "--data",
+        str(demo_features),
+        "--model",
+        "edgecnn",
+        "--test-fold",
+        "1",
+        "--output",
+        str(tmp_path / "y"),
+    ]
+    assert train.run([*edge, "--backbone-weights", str(weights)]) == 2
+    assert "--backbone-weights are for the image backbones" in capsys.readouterr().err

@@ -17,6 +17,12 @@
   ``dscnn-s`` fit a Cortex-M4 with 256 KB of RAM as int8; ``dscnn-l`` is the largest that trains
   in reasonable time on a laptop CPU. Every op (convolution, depthwise convolution, add, mean,
   fully connected, softmax) runs in TFLite Micro as int8.
+- ``mobilenetv2`` / ``mobilenetv3-small`` / ``mobilenetv3-large``: image backbones of Keras
+  Applications on the log-mel image (transfer learning): the window resized to at least 64×64,
+  its one channel repeated to the three an ImageNet model takes, the backbone without its top
+  (global average pooling), dropout and a dense layer. Pretrained weights come only from a file
+  the user names (``backbone_weights``; nothing is downloaded); the width multiplier is the
+  backbone's ``alpha``.
 - ``mlp`` / ``linear``: a small multilayer perceptron (or a linear layer) on flat inputs, for
   embeddings.
 
@@ -34,6 +40,7 @@ who wrote it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -68,7 +75,13 @@ DSCNN_SIZES = {
     "m": DscnnSize(stem=32, stem_stride=1, stages=(48, 64, 128, 192), blocks=2),
     "l": DscnnSize(stem=48, stem_stride=1, stages=(64, 128, 192, 256), blocks=3),
 }
-CNN_NAMES = ("sbcnn", "edgecnn", *(f"dscnn-{size}" for size in DSCNN_SIZES))
+#: Image backbones of Keras Applications (transfer learning), by model name.
+BACKBONES = ("mobilenetv2", "mobilenetv3-small", "mobilenetv3-large")
+#: Smallest side of the image a backbone is given (the log-mel window is resized up to it).
+BACKBONE_MIN_SIDE = 64
+#: Names of the layers before and after an image backbone inside a classifier.
+BACKBONE_INPUT, BACKBONE_OUTPUT = "rgb", "backbone_dropout"
+CNN_NAMES = ("sbcnn", "edgecnn", *(f"dscnn-{size}" for size in DSCNN_SIZES), *BACKBONES)
 MODEL_NAMES = (*CNN_NAMES, "mlp", "linear")
 
 
@@ -116,6 +129,7 @@ def build_model(
     background_output: bool = False,
     width: float = 1.0,
     depth: float = 1.0,
+    backbone_weights: str | None = None,
 ):
     """A Keras model by name, ending in a softmax over ``n_classes`` (or a sigmoid per class).
 
@@ -134,10 +148,12 @@ def build_model(
             on windows of none of the classes; :func:`without_background` leaves it out.
         width: Width multiplier of the ``dscnn`` family (filters of every layer).
         depth: Depth multiplier of the ``dscnn`` family (blocks per stage).
+        backbone_weights: An image backbone's pretrained weights (a Keras weights file of the
+            backbone without its top, e.g. ``..._no_top.h5``), or ``None`` (random initial weights).
 
     Raises:
-        ConfigError: unknown name, an input shape the model cannot take, or multipliers given to a
-            model outside the ``dscnn`` family.
+        ConfigError: unknown name, an input shape the model cannot take, multipliers given to a
+            model they do not scale, or backbone weights that do not fit the backbone.
     """
     if name not in MODEL_NAMES:
         raise ConfigError(f"model={name!r} is not one of {MODEL_NAMES}")
@@ -151,8 +167,13 @@ def build_model(
         mean, variance = normalization
         x = layers.Normalization(axis=None, mean=float(np.mean(mean)), variance=float(np.mean(variance)))(x)
     family = name.partition("-")[0]
-    if family != "dscnn" and (width != 1.0 or depth != 1.0):
+    if name in BACKBONES:
+        if depth != 1.0:
+            raise ConfigError(f"the depth multiplier scales the dscnn family, not model={name!r}")
+    elif family != "dscnn" and (width != 1.0 or depth != 1.0):
         raise ConfigError(f"width and depth multipliers scale the dscnn family, not model={name!r}")
+    if backbone_weights is not None and name not in BACKBONES:
+        raise ConfigError(f"backbone weights are for the image backbones {BACKBONES}, not model={name!r}")
     if name in CNN_NAMES:
         if len(input_shape) != 2:
             raise ConfigError(
@@ -163,6 +184,8 @@ def build_model(
             x = _sbcnn_body(x, dropout=dropout, l2=l2)
         elif name == "edgecnn":
             x = _edgecnn_body(x, dropout=dropout)
+        elif name in BACKBONES:
+            x = _backbone_body(x, name=name, alpha=width, weights=backbone_weights, dropout=dropout)
         else:
             layout = dscnn_layout(name.partition("-")[2], width=width, depth=depth)
             x = _dscnn_body(x, layout=layout, dropout=dropout)
@@ -226,6 +249,51 @@ def _edgecnn_body(x, *, dropout: float, filters: Sequence[int] = (24, 48, 64, 96
         x = layers.ReLU(name=f"pw{index}_relu")(x)
     x = layers.GlobalAveragePooling2D()(x)
     return layers.Dropout(dropout)(x)
+
+
+def _backbone_body(x, *, name: str, alpha: float, weights: str | None, dropout: float):
+    keras = _keras()
+    layers = keras.layers
+    height, width = int(x.shape[1]), int(x.shape[2])
+    size = (max(height, BACKBONE_MIN_SIDE), max(width, BACKBONE_MIN_SIDE))
+    if size != (height, width):
+        x = layers.Resizing(*size, interpolation="bilinear", name="to_image")(x)
+    x = layers.Concatenate(name=BACKBONE_INPUT)([x, x, x])  # the ImageNet filters take three channels
+    if name == "mobilenetv2":
+        make = functools.partial(keras.applications.MobileNetV2, alpha=alpha)
+    else:
+        make = functools.partial(
+            keras.applications.MobileNetV3Small
+            if name.endswith("small")
+            else keras.applications.MobileNetV3Large,
+            alpha=alpha,
+            minimalistic=False,
+            include_preprocessing=False,  # inputs are normalised log-mels, not 0-255 pixels
+        )
+    # Built on this model's tensor (input_tensor), so its layers are this model's own: a nested
+    # model would not round-trip through a .keras file with its weights.
+    try:
+        backbone = make(input_tensor=x, include_top=False, weights=None, pooling="avg")
+    except ValueError as exc:
+        raise ConfigError(f"model={name!r} with width multiplier {alpha}: {exc}") from exc
+    if weights is not None:
+        try:
+            backbone.load_weights(weights)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(
+                f"--backbone-weights {weights!r} do not fit {name} (width multiplier {alpha}, input "
+                f"{[*size, 3]}, no top): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
+    return layers.Dropout(dropout, name=BACKBONE_OUTPUT)(backbone.output)
+
+
+def backbone_layers(model) -> list:
+    """The layers of a classifier's image backbone (between the three-channel image and the
+    dropout after its pooling), or ``[]`` for other models: what is frozen before fine-tuning."""
+    names = [layer.name for layer in model.layers]
+    if BACKBONE_INPUT not in names or BACKBONE_OUTPUT not in names:
+        return []
+    return model.layers[names.index(BACKBONE_INPUT) + 1 : names.index(BACKBONE_OUTPUT)]
 
 
 def _dscnn_body(x, *, layout: DscnnSize, dropout: float):
