@@ -708,6 +708,8 @@ def train_split(
         "seed": args.seed,
         "aggregation": args.aggregation,
         "weight_average": args.weight_average,
+        "parameters": metrics["parameters"],
+        "macs_per_window": metrics["macs_per_window"],
         "silent_training_windows_left_out": int((~split.train.sounding).sum()) if len(split.train) else 0,
         "class_weights": (
             weights.tolist()

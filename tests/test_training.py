@@ -226,6 +226,8 @@ def test_train_and_evaluate_on_the_demo_set(demo_features, tmp_path, capsys):
     description = json.loads((out / "model.json").read_text())
     dataset = json.loads((demo_features / "dataset.json").read_text())
     assert description["feature_fingerprint"] == dataset["feature_fingerprint"]
+    assert description["training"]["parameters"] == metrics["parameters"] == 14_250 - 6 * 96 - 6
+    assert description["training"]["macs_per_window"] == metrics["macs_per_window"] > 500_000
     assert description["label_names"] == sorted(dataset["label_map"])
 
     capsys.readouterr()
