@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -41,25 +42,23 @@ import numpy as np  # noqa: E402
 from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.errors import ConfigError  # noqa: E402
 from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
+from soundshard.schemas.training import TrainConfig, load_train_config  # noqa: E402
 from soundshard.transforms import calibration, distributed, events, melspec, models, training  # noqa: E402
 
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
-#: default decay of the per-epoch weight average (about the last five epochs)
-WEIGHT_AVERAGE = 0.8
-#: default head (see training.HEADS)
-DEFAULT_HEAD = "softmax"
-#: knowledge distillation: share of the loss from the teacher, and the temperature (Hinton et al.)
-DISTILL_WEIGHT = 0.5
-TEMPERATURE = 2.0
-#: transfer learning: epochs of the new head alone before the backbone is fine-tuned
-FREEZE_EPOCHS = 10
 #: Event rules a model folder carries (``model.json`` → ``postprocessing``) when its validation data
 #: holds no annotated recordings to set them on (transforms/calibration.py), chosen on development
 #: data (docs/benchmarks.md, "Tagging in soundscapes"): a running median over three windows (1.4 s
 #: at the default hop) removes one-window blips; windows less than 6 dB above the recording's floor
 #: (its background level) take no part in events.
 POSTPROCESSING = {"median_filter_windows": 3, "min_duration_s": 0.0, "min_level_above_floor_db": 6.0}
+
+
+def _default(name: str) -> str:
+    """A TrainConfig field's default as help text shows it."""
+    value = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return "none" if value is None else str(value)
 
 
 def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
@@ -74,30 +73,38 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        default="sbcnn",
+        default=None,
         choices=models.MODEL_NAMES,
         help="Architecture: sbcnn (SB-CNN), edgecnn, the depthwise-separable family dscnn-xs/s/m/l "
         "(xs and s fit cortex-m4-256k as int8), an image backbone (mobilenetv2, mobilenetv3-small, "
         "mobilenetv3-large; with --backbone-weights for transfer learning), or mlp/linear for "
-        "embeddings. Default: %(default)s.",
+        f"embeddings. Default: {_default('model')}.",
     )
     parser.add_argument(
         "--width-multiplier",
         "--width_multiplier",
         dest="width_multiplier",
         type=float,
-        default=1.0,
-        help="dscnn family: scale every layer's filters; image backbones: their alpha. Default: %(default)s.",
+        default=None,
+        help="dscnn family: scale every layer's filters; image backbones: their alpha. "
+        f"Default: {_default('width_multiplier')}.",
     )
     parser.add_argument(
         "--depth-multiplier",
         "--depth_multiplier",
         dest="depth_multiplier",
         type=float,
-        default=1.0,
-        help="dscnn family: scale the blocks per stage. Default: %(default)s.",
+        default=None,
+        help=f"dscnn family: scale the blocks per stage. Default: {_default('depth_multiplier')}.",
     )
     parser.add_argument("--output", required=True, help="Model folder to write.")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="Training recipe (TOML or JSON; keys of TrainConfig at the top level or under "
+        "[training], e.g. epochs = 60 or gain_db = [-30, 6]); flags given override it. Default: none "
+        "(TrainConfig's defaults).",
+    )
     parser.add_argument(
         "--test-fold", "--test_fold", dest="test_fold", type=int, help="Fold held out for testing."
     )
@@ -116,59 +123,61 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         action="store_true",
         help="Use the dataset's split column (train/validation/test) instead of folds.",
     )
-    parser.add_argument("--epochs", type=int, default=100, help="Most epochs. Default: %(default)s.")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"Most epochs. Default: {_default('epochs')}."
+    )
     parser.add_argument(
         "--patience",
         type=int,
-        default=30,
+        default=None,
         help="Early stopping: stop after this many epochs without a better validation clip accuracy. "
-        "Default: %(default)s.",
+        f"Default: {_default('patience')}.",
     )
     parser.add_argument(
         "--batch-size",
         "--batch_size",
         dest="batch_size",
         type=int,
-        default=64,
-        help="Windows per training step. Default: %(default)s.",
+        default=None,
+        help=f"Windows per training step. Default: {_default('batch_size')}.",
     )
     parser.add_argument(
         "--learning-rate",
         "--learning_rate",
         dest="learning_rate",
         type=float,
-        default=2e-3,
-        help="Adam's learning rate at the start of the schedule. Default: %(default)s.",
+        default=None,
+        help=f"Adam's learning rate at the start of the schedule. Default: {_default('learning_rate')}.",
     )
     parser.add_argument(
         "--lr-schedule",
         "--lr_schedule",
         dest="lr_schedule",
-        default="cosine",
+        default=None,
         choices=("cosine", "constant"),
-        help="Learning-rate schedule over --epochs. Default: %(default)s.",
+        help=f"Learning-rate schedule over --epochs. Default: {_default('lr_schedule')}.",
     )
     parser.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=None,
         help="Seed of initial weights, shuffling and augmentation (runs with one seed repeat). "
-        "Default: %(default)s.",
+        f"Default: {_default('seed')}.",
     )
     parser.add_argument(
         "--aggregation",
-        default="mean",
+        default=None,
         choices=training.AGGREGATIONS,
-        help="Clip aggregation for early stopping. Default: %(default)s.",
+        help=f"Clip aggregation for early stopping. Default: {_default('aggregation')}.",
     )
     parser.add_argument(
         "--weight-average",
         "--weight_average",
         dest="weight_average",
         type=float,
-        default=WEIGHT_AVERAGE,
+        default=None,
         help="Decay of the per-epoch moving average of the weights that early stopping judges and "
-        "keeps (0: the raw weights). Default: %(default)s.",
+        f"keeps (0: the raw weights). Default: {_default('weight_average')}.",
     )
     parser.add_argument(
         "--background",
@@ -181,20 +190,20 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--head",
-        default=DEFAULT_HEAD,
+        default=None,
         choices=training.HEADS,
         help="softmax: one class per window (with --background, plus a background output that is "
         "never reported); sigmoid: a probability per class, background windows all zeros. "
-        "Default: %(default)s.",
+        f"Default: {_default('head')}.",
     )
     parser.add_argument(
         "--background-mix-prob",
         "--background_mix_prob",
         dest="background_mix_prob",
         type=float,
-        default=training.Augmentation().background_mix_prob,
+        default=None,
         help="With --background: probability of mixing a background window under a training "
-        "window, at 0-25 dB below it. Default: %(default)s.",
+        f"window, at 0-25 dB below it. Default: {_default('background_mix_prob')}.",
     )
     parser.add_argument(
         "--gain-db",
@@ -219,10 +228,10 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "--freeze_epochs",
         dest="freeze_epochs",
         type=int,
-        default=FREEZE_EPOCHS,
+        default=None,
         help="With --backbone-weights: epochs that train the new head alone, the backbone frozen, "
         "before all layers are fine-tuned at a tenth of the learning rate (0: fine-tune from the "
-        "start). Default: %(default)s.",
+        f"start). Default: {_default('freeze_epochs')}.",
     )
     teacher_group = parser.add_argument_group("knowledge distillation")
     teacher_group.add_argument(
@@ -248,14 +257,16 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "--distill_weight",
         dest="distill_weight",
         type=float,
-        default=DISTILL_WEIGHT,
-        help="Share of the loss from the teacher's soft targets (0..1). Default: %(default)s.",
+        default=None,
+        help="Share of the loss from the teacher's soft targets (0..1). "
+        f"Default: {_default('distill_weight')}.",
     )
     teacher_group.add_argument(
         "--temperature",
         type=float,
-        default=TEMPERATURE,
-        help="Softening of teacher and student outputs in the distillation loss. Default: %(default)s.",
+        default=None,
+        help="Softening of teacher and student outputs in the distillation loss. "
+        f"Default: {_default('temperature')}.",
     )
     events_group = parser.add_argument_group(
         "event rules written into model.json (soundshard tag uses them unless its flags say otherwise)"
@@ -276,14 +287,16 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "--min_duration_s",
         dest="min_duration_s",
         type=float,
-        default=POSTPROCESSING["min_duration_s"],
-        help="Shortest event, seconds. Default: %(default)s.",
+        default=None,
+        help=f"Shortest event, seconds. Default: {_default('min_duration_s')}.",
     )
     parser.add_argument(
         "--no-augment",
         "--no_augment",
         dest="augment",
-        action="store_false",
+        action="store_const",
+        const=False,
+        default=None,
         help="Train on the windows as they are: no time shift, SpecAugment masks, gain, background "
         "mixing or mixup (on by default).",
     )
@@ -300,7 +313,9 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "--no-class-weights",
         "--no_class_weights",
         dest="class_weights",
-        action="store_false",
+        action="store_const",
+        const=False,
+        default=None,
         help="Do not weight classes (and background) by inverse frequency (weighted by default).",
     )
     parser.add_argument("--quiet", action="store_true", help="No per-epoch progress.")
@@ -319,36 +334,27 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
     return parser
 
 
-def _augmentation(args: argparse.Namespace) -> training.Augmentation:
-    aug = training.Augmentation() if args.augment else training.Augmentation.none()
-    if args.augment:
-        if not 0.0 <= args.background_mix_prob <= 1.0:
-            raise ConfigError(f"--background-mix-prob={args.background_mix_prob} must lie in [0, 1]")
-        aug = dataclasses.replace(aug, background_mix_prob=args.background_mix_prob)
-        if args.gain_db is not None:
-            try:
-                low, high = (float(v) for v in args.gain_db.split(":"))
-            except ValueError:
-                raise ConfigError(f"--gain-db={args.gain_db!r} is not LOW:HIGH in dB, e.g. -30:6") from None
-            if not low <= high:
-                raise ConfigError(f"--gain-db={args.gain_db!r} needs LOW <= HIGH")
-            aug = dataclasses.replace(aug, gain_db=(low, high))
-    if args.mixup_alpha is not None:
-        if args.mixup_alpha < 0:
-            raise ConfigError(f"--mixup-alpha={args.mixup_alpha} must be 0 (off) or positive")
-        aug = dataclasses.replace(aug, mixup_alpha=args.mixup_alpha)
+def _augmentation(config: TrainConfig) -> training.Augmentation:
+    if not config.augment:
+        aug = training.Augmentation.none()
+    else:
+        aug = dataclasses.replace(
+            training.Augmentation(), background_mix_prob=config.background_mix_prob, gain_db=config.gain_db
+        )
+    if config.mixup_alpha is not None:
+        aug = dataclasses.replace(aug, mixup_alpha=config.mixup_alpha)
     return aug
 
 
-def _learning_rate(args: argparse.Namespace, n_train: int, *, scale: float = 1.0, start: int = 0):
-    """Constant, or cosine decay from ``--learning-rate`` (times ``scale``) to 5 % of it over the
-    epochs from ``start`` to ``--epochs``."""
-    if args.lr_schedule == "constant":
-        return args.learning_rate * scale
-    steps = max(1, (args.epochs - start) * max(1, n_train // args.batch_size))
+def _learning_rate(config: TrainConfig, n_train: int, *, scale: float = 1.0, start: int = 0):
+    """Constant, or cosine decay from the learning rate (times ``scale``) to 5 % of it over the
+    epochs from ``start`` to the last."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate * scale
+    steps = max(1, (config.epochs - start) * max(1, n_train // config.batch_size))
     import keras
 
-    return keras.optimizers.schedules.CosineDecay(args.learning_rate * scale, decay_steps=steps, alpha=0.05)
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate * scale, decay_steps=steps, alpha=0.05)
 
 
 def _phase(what: str, first: int, last: int, model, learning_rate: float) -> dict:
@@ -365,11 +371,44 @@ def _stopped(stopper) -> bool:
     return bool(getattr(stopper.model, "stop_training", False))
 
 
-def _weight_average(args: argparse.Namespace) -> training.WeightAverage | None:
-    return training.WeightAverage(args.weight_average) if args.weight_average > 0 else None
+def _weight_average(config: TrainConfig) -> training.WeightAverage | None:
+    return training.WeightAverage(config.weight_average) if config.weight_average > 0 else None
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def recipe(args: argparse.Namespace) -> TrainConfig:
+    """The training recipe: ``--config``'s values (if any), replaced by the flags given.
+
+    Raises:
+        ConfigError: an invalid value, named by its flag when a flag gave it.
+    """
+    given = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            given[field.name] = value
+    if isinstance(given.get("gain_db"), str):
+        text = given["gain_db"]
+        try:
+            low, high = (float(v) for v in text.split(":"))
+        except ValueError:
+            raise ConfigError(f"--gain-db={text!r} is not LOW:HIGH in dB, e.g. -30:6") from None
+        given["gain_db"] = (low, high)
+    try:
+        if args.config:
+            return load_train_config(args.config, **given)
+        return TrainConfig.from_dict(given)
+    except ConfigError as exc:
+        message = str(exc)
+        name = re.match(r"(\w+)=", message)
+        if name and name.group(1) in given:  # the flag's spelling for a value a flag gave
+            message = f"--{name.group(1).replace('_', '-')}{message[len(name.group(1)) :]}"
+        elif args.config and not message.startswith(("cannot read", "training config")):
+            message = f"training config {args.config!r}: {message}"
+        raise ConfigError(message) from exc
+
+
+def _check_args(args: argparse.Namespace, config: TrainConfig) -> None:
+    """Checks the inputs and the run's shape against the recipe (the recipe checks itself)."""
     chosen = [
         name
         for name, on in (
@@ -381,58 +420,33 @@ def _check_args(args: argparse.Namespace) -> None:
     ]
     if len(chosen) != 1:
         raise ConfigError(f"give exactly one of --test-fold N, --cv or --splits (got {chosen or 'none'})")
-    for name in ("epochs", "batch_size", "patience"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    if not args.learning_rate > 0:
-        raise ConfigError(f"--learning-rate={args.learning_rate} must be positive")
     if args.backbone_weights is not None:
-        if args.model not in models.BACKBONES:
+        if config.model not in models.BACKBONES:
             raise ConfigError(
-                f"--backbone-weights are for the image backbones {models.BACKBONES}, not {args.model}"
+                f"--backbone-weights are for the image backbones {models.BACKBONES}, not {config.model}"
             )
         if not os.path.isfile(args.backbone_weights):
             raise ConfigError(f"--backbone-weights {args.backbone_weights!r} is not a file")
-    if args.freeze_epochs < 0:
-        raise ConfigError(f"--freeze-epochs={args.freeze_epochs} must not be negative")
-    if args.model in models.BACKBONES and args.depth_multiplier != 1.0:
-        raise ConfigError(f"--depth-multiplier scales the dscnn family, not --model {args.model}")
-    if args.model in models.BACKBONES and (args.workers or os.environ.get("TF_CONFIG")):
-        raise ConfigError("image backbones train on one worker (no --workers/TF_CONFIG)")
-    if (args.width_multiplier, args.depth_multiplier) != (1.0, 1.0) and args.model not in models.BACKBONES:
-        if not args.model.startswith("dscnn-"):
-            raise ConfigError(
-                f"--width-multiplier and --depth-multiplier scale the dscnn family, not --model {args.model}"
-            )
+    if config.family == "dscnn":
         models.dscnn_layout(
-            args.model.partition("-")[2], width=args.width_multiplier, depth=args.depth_multiplier
+            config.model.partition("-")[2], width=config.width_multiplier, depth=config.depth_multiplier
         )
-    if not 0.0 <= args.weight_average < 1.0:
-        raise ConfigError(f"--weight-average={args.weight_average} must be in [0, 1) (0 is off)")
-    if args.median_filter_windows is not None and (
-        args.median_filter_windows < 1 or args.median_filter_windows % 2 == 0
-    ):
-        raise ConfigError(f"--median-filter-windows={args.median_filter_windows} must be odd (1: off)")
-    if not args.min_duration_s >= 0:
-        raise ConfigError(f"--min-duration-s={args.min_duration_s} must not be negative")
-    if (args.background or args.head != "softmax" or args.teacher) and (
-        args.workers or os.environ.get("TF_CONFIG")
-    ):
+    multi_worker = args.workers or os.environ.get("TF_CONFIG")
+    if config.model in models.BACKBONES and multi_worker:
+        raise ConfigError("image backbones train on one worker (no --workers/TF_CONFIG)")
+    if (args.background or config.head != "softmax" or args.teacher) and multi_worker:
         raise ConfigError(
             "--background, --teacher and --head sigmoid train on one worker (no --workers/TF_CONFIG)"
         )
     if args.teacher_data and not args.teacher:
         raise ConfigError("--teacher-data names the inputs of a --teacher; give the teacher too")
-    if not 0.0 < args.distill_weight <= 1.0:
-        raise ConfigError(f"--distill-weight={args.distill_weight} must lie in (0, 1]")
-    if not args.temperature > 0:
-        raise ConfigError(f"--temperature={args.temperature} must be positive")
 
 
 def train_split(
     split: training.Split,
     *,
     dataset: dict,
+    config: TrainConfig,
     args: argparse.Namespace,
     output: str,
     cluster: distributed.ClusterConfig | None = None,
@@ -450,13 +464,13 @@ def train_split(
 
     from soundshard.transforms.callbacks import ClipEarlyStopping
 
-    keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     label_names = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
     n_classes = len(label_names)
     # digitally silent windows (zero padding of short clips) carry their clip's label but no sound
     train = split.train.take(split.train.sounding)
-    head = args.head
+    head = config.head
     background = None
     if background_data is not None:
         background = training.split_background(background_data, split.description)
@@ -470,7 +484,7 @@ def train_split(
     width = n_classes + int(with_background_output)
     distill = (
         teacher_soft_targets(
-            args, split, train, dataset=dataset, label_names=label_names, head=head, width=width
+            args, config, split, train, dataset=dataset, label_names=label_names, head=head, width=width
         )
         if args.teacher
         else None
@@ -478,14 +492,14 @@ def train_split(
     # under a multi-worker strategy, variables are mirrored on every worker and kept in step
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = models.build_model(
-            args.model,
+            config.model,
             input_shape=train.features.shape[1:],
             n_classes=n_classes,
             normalization=(mean, variance),
             head=head,
             background_output=with_background_output,
-            width=args.width_multiplier,
-            depth=args.depth_multiplier,
+            width=config.width_multiplier,
+            depth=config.depth_multiplier,
             backbone_weights=args.backbone_weights,
         )
         if head == "sigmoid":
@@ -497,27 +511,27 @@ def train_split(
             )
         fitted = model
         if distill is not None:
-            fitted = training.distillation_model(model, temperature=args.temperature, head=head)
+            fitted = training.distillation_model(model, temperature=config.temperature, head=head)
             loss = training.distillation_loss(
-                width, weight=args.distill_weight, temperature=args.temperature, head=head
+                width, weight=config.distill_weight, temperature=config.temperature, head=head
             )
         # accuracy of the joined output (labels and soft targets) would mean nothing
         fitted_metrics = [accuracy] if distill is None else []
         # transfer learning: the new head learns on the pretrained features first (the backbone
         # frozen for --freeze-epochs), then every layer is fine-tuned at a tenth of the rate
-        frozen = models.backbone_layers(model) if args.backbone_weights and args.freeze_epochs > 0 else []
+        frozen = models.backbone_layers(model) if args.backbone_weights and config.freeze_epochs > 0 else []
         for layer in frozen:
             layer.trainable = False
         fitted.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(args, len(train))),
+            optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(config, len(train))),
             loss=loss,
             metrics=fitted_metrics,
         )
-    aug = training.for_features(_augmentation(args), training.spectral_config(dataset))
+    aug = training.for_features(_augmentation(config), training.spectral_config(dataset))
     # the multi-worker loop weighs by class; the single-worker one by group (classes, background)
     weights = (
         training.balanced_class_weights(train.labels, n_classes)
-        if args.class_weights and not negatives.any() and train.strong is None
+        if config.class_weights and not negatives.any() and train.strong is None
         else None
     )
     validation = split.validation
@@ -540,28 +554,28 @@ def train_split(
         data = training.training_dataset(
             train,
             n_classes=n_classes,
-            batch_size=args.batch_size,
-            seed=args.seed,
+            batch_size=config.batch_size,
+            seed=config.seed,
             aug=aug,
             targets=targets_of(train, None if distill is None else distill.targets),
             sample_weights=training.balanced_sample_weights(train.truth(n_classes))
-            if args.class_weights
+            if config.class_weights
             else None,
             background=train.features[negatives] if negatives.any() else None,
         )
         stopper = ClipEarlyStopping(
             validation,
-            patience=args.patience,
-            aggregation=args.aggregation,
-            average=_weight_average(args),
+            patience=config.patience,
+            aggregation=config.aggregation,
+            average=_weight_average(config),
             n_classes=n_classes,
-            epochs=args.epochs,
+            epochs=config.epochs,
             report=not args.quiet,
         )
         fit = functools.partial(
             fitted.fit,
             data,
-            epochs=args.epochs,
+            epochs=config.epochs,
             # a dataset, not arrays: Keras' array adapter maps in parallel (see training.predict)
             validation_data=tf.data.Dataset.from_tensor_slices(
                 (calibration.features, targets_of(calibration))
@@ -572,28 +586,28 @@ def train_split(
         )
         phases = []
         if frozen:
-            history = fit(epochs=min(args.freeze_epochs, args.epochs)).history
+            history = fit(epochs=min(config.freeze_epochs, config.epochs)).history
             phases.append(
-                _phase("head alone, backbone frozen", 1, len(history["loss"]), model, args.learning_rate)
+                _phase("head alone, backbone frozen", 1, len(history["loss"]), model, config.learning_rate)
             )
             for layer in frozen:
                 layer.trainable = True
             fitted.compile(
                 optimizer=keras.optimizers.Adam(
-                    learning_rate=_learning_rate(args, len(train), scale=0.1, start=args.freeze_epochs)
+                    learning_rate=_learning_rate(config, len(train), scale=0.1, start=config.freeze_epochs)
                 ),
                 loss=loss,
                 metrics=fitted_metrics,
             )
-            if args.epochs > args.freeze_epochs and not _stopped(stopper):
-                more = fit(initial_epoch=args.freeze_epochs).history
+            if config.epochs > config.freeze_epochs and not _stopped(stopper):
+                more = fit(initial_epoch=config.freeze_epochs).history
                 phases.append(
                     _phase(
                         "every layer fine-tuned",
-                        args.freeze_epochs + 1,
-                        args.freeze_epochs + len(more["loss"]),
+                        config.freeze_epochs + 1,
+                        config.freeze_epochs + len(more["loss"]),
                         model,
-                        args.learning_rate * 0.1,
+                        config.learning_rate * 0.1,
                     )
                 )
                 history = {k: list(history.get(k, [])) + list(more.get(k, [])) for k in {*history, *more}}
@@ -612,14 +626,14 @@ def train_split(
             train=train,
             validation=validation,
             n_classes=n_classes,
-            batch_size=args.batch_size,
-            seed=args.seed,
+            batch_size=config.batch_size,
+            seed=config.seed,
             aug=aug,
             class_weights=weights,
-            epochs=args.epochs,
-            patience=args.patience,
-            aggregation=args.aggregation,
-            average=_weight_average(args),
+            epochs=config.epochs,
+            patience=config.patience,
+            aggregation=config.aggregation,
+            average=_weight_average(config),
             verbose=not args.quiet,
         )
         history, best_epoch, best, share = result.history, result.best_epoch, result.best, result.share
@@ -629,7 +643,7 @@ def train_split(
     probabilities = training.predict(model, test.features)
     metrics = training.evaluate_predictions(probabilities, test, label_names)
     thresholds = validation_thresholds(
-        model, calibration, aggregation=args.aggregation, n_classes=n_classes, aug=aug, seed=args.seed
+        model, calibration, aggregation=config.aggregation, n_classes=n_classes, aug=aug, seed=config.seed
     )
     level_config = training.spectral_config(dataset)
     postprocessing, calibrated = event_rules(
@@ -637,7 +651,7 @@ def train_split(
         validation,
         thresholds=thresholds,
         label_names=label_names,
-        args=args,
+        config=config,
         level_config=level_config,
     )
     if calibrated is not None:
@@ -676,7 +690,7 @@ def train_split(
             "strategy": "MultiWorkerMirroredStrategy",
             "training_loop": "custom (strategy.run per step)",
             "cluster": cluster.to_dict(),
-            "global_batch_size": args.batch_size,
+            "global_batch_size": config.batch_size,
             "per_worker_batch_size": result.per_worker_batch_size,
             "steps_per_epoch": result.steps_per_epoch,
             "shares": result.shares,
@@ -687,9 +701,9 @@ def train_split(
     metrics["parameters"] = int(model.count_params())
     metrics["macs_per_window"] = models.count_macs(model)
     training_config = {
-        "model": args.model,
-        **architecture(args),
-        **transfer(args),
+        "model": config.model,
+        **architecture(config),
+        **transfer(config, args.backbone_weights),
         "head": head,
         "background": None
         if background is None
@@ -700,14 +714,17 @@ def train_split(
             "output": "background output, left out of the saved model" if with_background_output else None,
         },
         "distillation": None if distill is None else distill.info,
-        "epochs": args.epochs,
-        "patience": args.patience,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "lr_schedule": args.lr_schedule,
-        "seed": args.seed,
-        "aggregation": args.aggregation,
-        "weight_average": args.weight_average,
+        "epochs": config.epochs,
+        "patience": config.patience,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "lr_schedule": config.lr_schedule,
+        "seed": config.seed,
+        "aggregation": config.aggregation,
+        "weight_average": config.weight_average,
+        # the whole recipe as given (train --config takes it back) and its fingerprint
+        "recipe": config.to_dict(),
+        "recipe_fingerprint": config.fingerprint,
         "parameters": metrics["parameters"],
         "macs_per_window": metrics["macs_per_window"],
         "silent_training_windows_left_out": int((~split.train.sounding).sum()) if len(split.train) else 0,
@@ -715,7 +732,7 @@ def train_split(
             weights.tolist()
             if weights is not None
             else "balanced: classes and background"
-            if args.class_weights
+            if config.class_weights
             else None
         ),
         "augmentation": dataclasses.asdict(aug),
@@ -827,6 +844,7 @@ def check_teacher(
 
 def teacher_soft_targets(
     args: argparse.Namespace,
+    config: TrainConfig,
     split: training.Split,
     train: training.WindowSet,
     *,
@@ -879,7 +897,7 @@ def teacher_soft_targets(
         source = f"--teacher-data {', '.join(args.teacher_data)}, matched by clip and time"
     soft = training.teacher_targets(probabilities, head=head, background=width > n_classes)
     soft = np.where(matched[:, None], soft, hard)
-    targets = training.tempered(soft, temperature=args.temperature, head=head)
+    targets = training.tempered(soft, temperature=config.temperature, head=head)
     agreement = float(np.mean(soft[matched].argmax(axis=1) == hard[matched].argmax(axis=1)))
     return Distillation(
         targets=targets,
@@ -888,8 +906,8 @@ def teacher_soft_targets(
             "teacher_model": description.get("training", {}).get("model"),
             "teacher_features": description["feature_fingerprint"],
             "soft_targets_from": source,
-            "weight": args.distill_weight,
-            "temperature": args.temperature,
+            "weight": config.distill_weight,
+            "temperature": config.temperature,
             "windows_with_teacher_targets": int(matched.sum()),
             "windows_with_labels_only": int((~matched).sum()),
             "teacher_agrees_with_labels": round(agreement, 4),
@@ -897,30 +915,30 @@ def teacher_soft_targets(
     )
 
 
-def architecture(args: argparse.Namespace) -> dict:
+def architecture(config: TrainConfig) -> dict:
     """The architecture's scaling for model.json (the dscnn family only): its layers as built."""
-    if not args.model.startswith("dscnn-"):
+    if not config.model.startswith("dscnn-"):
         return {}
     layout = models.dscnn_layout(
-        args.model.partition("-")[2], width=args.width_multiplier, depth=args.depth_multiplier
+        config.model.partition("-")[2], width=config.width_multiplier, depth=config.depth_multiplier
     )
     return {
-        "width_multiplier": args.width_multiplier,
-        "depth_multiplier": args.depth_multiplier,
+        "width_multiplier": config.width_multiplier,
+        "depth_multiplier": config.depth_multiplier,
         "layers": dataclasses.asdict(layout),
     }
 
 
-def transfer(args: argparse.Namespace) -> dict:
+def transfer(config: TrainConfig, backbone_weights: str | None) -> dict:
     """Transfer learning for model.json (image backbones only)."""
-    if args.model not in models.BACKBONES:
+    if config.model not in models.BACKBONES:
         return {}
     return {
-        "width_multiplier": args.width_multiplier,
+        "width_multiplier": config.width_multiplier,
         "backbone_weights": None
-        if args.backbone_weights is None
-        else {"file": args.backbone_weights, "sha256": models.file_sha256(args.backbone_weights)},
-        "freeze_epochs": args.freeze_epochs if args.backbone_weights else 0,
+        if backbone_weights is None
+        else {"file": backbone_weights, "sha256": models.file_sha256(backbone_weights)},
+        "freeze_epochs": config.freeze_epochs if backbone_weights else 0,
     }
 
 
@@ -974,16 +992,16 @@ def event_rules(
     *,
     thresholds: dict,
     label_names: Sequence[str],
-    args: argparse.Namespace,
+    config: TrainConfig,
     level_config: FeatureConfig | None,
 ) -> tuple[dict, dict | None]:
     """The event rules for ``model.json`` (``postprocessing``) and, where the validation data
     holds annotated recordings, what setting them there measured (else ``None``): the rules whose
     events score best on those recordings (:func:`calibration.calibrate`), else
     :data:`POSTPROCESSING`; ``--median-filter-windows`` and ``--min-duration-s`` fix theirs."""
-    fixed = {"min_duration_s": args.min_duration_s}
-    if args.median_filter_windows is not None:
-        fixed["median_filter_windows"] = args.median_filter_windows
+    fixed = {"min_duration_s": config.min_duration_s}
+    if config.median_filter_windows is not None:
+        fixed["median_filter_windows"] = config.median_filter_windows
     strong = validation.take(validation.strongly_labelled)
     if not len(strong) or strong.times is None:
         return {**POSTPROCESSING, **fixed, "from": "defaults (no annotated validation recordings)"}, None
@@ -1218,8 +1236,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
     """Runs ``soundshard train``; returns the exit code (2 on a configuration error)."""
     args = make_parser(prog).parse_args(argv)
     try:
-        _check_args(args)
-        _augmentation(args)
+        config = recipe(args)
+        _check_args(args, config)
         cluster = distributed.resolve_cluster(workers=args.workers, worker_index=args.worker_index)
         dataset, windows = training.load_datasets(args.data)
         if len(dataset.get("label_map", {})) < 2:
@@ -1245,10 +1263,10 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
             }
         if args.backbone_weights:  # weights that do not fit stop the run here, not after the first fold
             models.build_model(
-                args.model,
+                config.model,
                 input_shape=windows.features.shape[1:],
                 n_classes=2,
-                width=args.width_multiplier,
+                width=config.width_multiplier,
                 backbone_weights=args.backbone_weights,
             )
         if args.teacher:  # every split's teacher, before any training
@@ -1260,7 +1278,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                     models.read_description(folder),
                     split.description,
                     label_names=label_names,
-                    head=args.head,
+                    head=config.head,
                     dataset=dataset,
                     teacher_data=args.teacher_data,
                 )
@@ -1268,7 +1286,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         if cluster is not None and cluster.n_workers > 1:
             for split in splits.values():
                 distributed.check_batch(
-                    len(split.train), batch_size=args.batch_size, n_workers=cluster.n_workers
+                    len(split.train), batch_size=config.batch_size, n_workers=cluster.n_workers
                 )
             # before any other TensorFlow op: collective ops are configured at start-up
             strategy = distributed.make_strategy(cluster)
@@ -1289,12 +1307,14 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         folder = os.path.join(root, f"fold-{fold}") if args.cv else root
         if not args.quiet:
             print(
-                f"[train] {args.model}, {split_text(split.description)}: {len(split.train)} training windows",
+                f"[train] {config.model}, {split_text(split.description)}: "
+                f"{len(split.train)} training windows",
                 flush=True,
             )
         metrics = train_split(
             split,
             dataset=dataset,
+            config=config,
             args=args,
             output=folder,
             cluster=cluster,

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.training import BACKBONES, CNN_NAMES, DSCNN_SIZE_NAMES, MODEL_NAMES  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +78,10 @@ DSCNN_SIZES = {
     "m": DscnnSize(stem=32, stem_stride=1, stages=(48, 64, 128, 192), blocks=2),
     "l": DscnnSize(stem=48, stem_stride=1, stages=(64, 128, 192, 256), blocks=3),
 }
-#: Image backbones of Keras Applications (transfer learning), by model name.
-BACKBONES = ("mobilenetv2", "mobilenetv3-small", "mobilenetv3-large")
 #: Smallest side of the image a backbone is given (the log-mel window is resized up to it).
 BACKBONE_MIN_SIDE = 64
 #: Names of the layers before and after an image backbone inside a classifier.
 BACKBONE_INPUT, BACKBONE_OUTPUT = "rgb", "backbone_dropout"
-CNN_NAMES = ("sbcnn", "edgecnn", *(f"dscnn-{size}" for size in DSCNN_SIZES), *BACKBONES)
-MODEL_NAMES = (*CNN_NAMES, "mlp", "linear")
 
 
 def scaled_filters(filters: int, width: float) -> int:

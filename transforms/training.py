@@ -19,6 +19,7 @@ import pyarrow as pa
 from soundshard.schemas import fields
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.tagging import AGGREGATIONS
+from soundshard.schemas.training import HEADS
 from soundshard.transforms import augment
 
 
@@ -114,10 +115,9 @@ class WindowSet:
         )
 
 
-#: Heads: ``softmax`` (one class per window; trained with background data, it has one more output,
-#: the background, that the saved model leaves out) or ``sigmoid`` (a probability per class,
-#: background windows have all-zero targets; several classes may be present at once).
-HEADS = ("softmax", "sigmoid")
+#: Heads (``schemas.training.HEADS``): ``softmax`` (one class per window; trained with background
+#: data, it has one more output, the background, that the saved model leaves out) or ``sigmoid`` (a
+#: probability per class, background windows have all-zero targets; several classes at once).
 
 
 def concatenate(parts: Sequence[WindowSet]) -> WindowSet:

@@ -1,0 +1,89 @@
+"""TrainConfig: the training recipe, validated on construction, with a JSON round trip, a
+fingerprint, recipe files (train --config) and flags that override them."""
+
+import json
+
+import pytest
+
+from soundshard.pipelines import train
+from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.training import MODEL_NAMES, TrainConfig, load_train_config
+from soundshard.transforms import models
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"model": "resnet"}, "model='resnet' is not one of"),
+        ({"head": "linear"}, "head='linear' is not one of ('softmax', 'sigmoid')"),
+        ({"epochs": 0}, "epochs=0 must be at least 1"),
+        ({"batch_size": 8.5}, "batch_size=8.5 must be int"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0 must be positive"),
+        ({"weight_average": 1.0}, "weight_average=1.0 must be in [0, 1)"),
+        ({"gain_db": (6.0, -30.0)}, "gain_db=[6.0, -30.0] needs low <= high"),
+        ({"gain_db": (1.0,)}, "gain_db=(1.0,) must be [low, high] in dB"),
+        ({"median_filter_windows": 4}, "median_filter_windows=4 must be odd"),
+        (
+            {"width_multiplier": 2.0},
+            "width_multiplier and depth_multiplier scale the dscnn family, not model sbcnn",
+        ),
+        ({"model": "mobilenetv2", "depth_multiplier": 2.0}, "depth_multiplier scales the dscnn family"),
+        ({"distill_weight": 0.0}, "distill_weight=0.0 must lie in (0, 1]"),
+        ({"augment": "yes"}, "augment='yes' must be bool"),
+    ],
+)
+def test_invalid_recipes_are_named(changes, fragment):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**changes)
+    assert fragment in str(info.value)
+
+
+def test_round_trip_fingerprint_and_model_names():
+    config = TrainConfig(model="dscnn-m", width_multiplier=0.5, gain_db=(-30.0, 6.0), epochs=60)
+    again = TrainConfig.from_json(config.to_json())
+    assert again == config and again.fingerprint == config.fingerprint and len(config.fingerprint) == 16
+    assert TrainConfig().fingerprint != config.fingerprint
+    assert TrainConfig.from_dict({"gain_db": [-30, 6]}).gain_db == (-30, 6)  # JSON and TOML give lists
+    # the names the schema accepts are the ones the model builder makes
+    assert models.MODEL_NAMES == MODEL_NAMES and tuple(models.DSCNN_SIZES) == ("xs", "s", "m", "l")
+    with pytest.raises(ConfigError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        TrainConfig.from_dict({"epoch": 5})
+
+
+def test_recipe_file_and_flags(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[training]\nmodel = "edgecnn"\nepochs = 7\ngain_db = [-30, 6]\n')
+    assert load_train_config(recipe) == TrainConfig(model="edgecnn", epochs=7, gain_db=(-30.0, 6.0))
+    parser = train.make_parser()
+    base = ["--data", "d", "--output", "o", "--test-fold", "1", "--config", str(recipe)]
+    # flags given win over the file; flags not given leave the file's values
+    config = train.recipe(parser.parse_args([*base, "--epochs", "9", "--no-augment"]))
+    assert (config.model, config.epochs, config.gain_db, config.augment) == (
+        "edgecnn",
+        9,
+        (-30.0, 6.0),
+        False,
+    )
+    assert train.recipe(parser.parse_args(["--data", "d", "--output", "o"])) == TrainConfig()
+    # a bad value is named by its flag when a flag gave it, by the file when the file did
+    with pytest.raises(ConfigError, match=r"^--weight-average=1.5 must be in \[0, 1\)"):
+        train.recipe(parser.parse_args([*base, "--weight-average", "1.5"]))
+    recipe.write_text("[training]\nepochs = 0\n")
+    with pytest.raises(ConfigError, match=r"^training config '.*recipe.toml': epochs=0 must be at least 1"):
+        train.recipe(parser.parse_args(base))
+    with pytest.raises(ConfigError, match=r"--gain-db='x' is not LOW:HIGH"):
+        train.recipe(parser.parse_args([*base, "--gain-db", "x"]))
+
+
+def test_model_json_carries_the_recipe_that_trains_the_same_model(demo_features, tmp_path):
+    out = tmp_path / "m"
+    argv = ["--data", demo_features, "--model", "linear", "--test-fold", 1, "--output", out]
+    assert train.run([str(a) for a in [*argv, "--epochs", 2, "--batch-size", 16, "--quiet"]]) == 0
+    training = json.loads((out / "model.json").read_text())["training"]
+    config = TrainConfig.from_dict(training["recipe"])
+    assert (config.model, config.epochs, config.batch_size) == ("linear", 2, 16)
+    assert training["recipe_fingerprint"] == config.fingerprint
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(training["recipe"]))
+    args = train.make_parser().parse_args(["--data", "d", "--output", "o", "--config", str(recipe)])
+    assert train.recipe(args) == config
