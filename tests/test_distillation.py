@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from soundshard.pipelines import features, train
+from soundshard.schemas.errors import ConfigError
 from soundshard.transforms import training
 
 
@@ -153,3 +154,16 @@ def test_teacher_of_other_features_reads_its_own_windows(demo_features, tmp_path
     info = json.loads((student / "model.json").read_text())["training"]["distillation"]
     assert info["soft_targets_from"] == f"--teacher-data {other}, matched by clip and time"
     assert info["windows_with_teacher_targets"] == 96
+
+
+def test_a_cross_validation_teacher_gives_each_test_fold_its_own_model(tmp_path):
+    (tmp_path / "fold-3").mkdir()
+    (tmp_path / "fold-3" / "model.json").write_text("{}")
+    assert train.teacher_folder(str(tmp_path), {"by": "fold", "test_fold": 3}) == str(tmp_path / "fold-3")
+    with pytest.raises(ConfigError, match="nor a cross-validation output with fold-4/"):
+        train.teacher_folder(str(tmp_path), {"by": "fold", "test_fold": 4})
+    # fold 3's teacher trained on 1, 2 (4 validated, 3 tested): a student tested on fold 3 may use it
+    split = {"by": "fold", "test_fold": 3, "validation_fold": 4, "train_folds": [1, 2]}
+    train.check_teacher_split("t", split, {"by": "fold", "test_fold": 3})
+    with pytest.raises(ConfigError, match="test fold 4"):
+        train.check_teacher_split("t", split, {"by": "fold", "test_fold": 4})
