@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.edge import TARGETS, target_profile  # noqa: E402
 from soundshard.schemas.errors import ConfigError, DataError  # noqa: E402
+from soundshard.schemas.training import recipe_of  # noqa: E402
 from soundshard.transforms import cexport, edge, models, training  # noqa: E402
 
 MANIFEST_FORMAT = "soundshard-edge/1"
@@ -433,7 +434,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
         "model": {
             "name": _model_name(args.model),
             "folder": args.model,
-            "architecture": description["training"]["model"],
+            "architecture": recipe_of(description).model,
             "parameters": int(model.count_params()),
             "macs_per_window": models.count_macs(model),
         },
@@ -462,7 +463,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
             "model_file_sha256": _sha256_file(
                 os.path.join(args.model, description.get("model_file", "model.keras"))
             ),
-            "architecture": description["training"]["model"],
+            "architecture": recipe_of(description).model,
             "split": split,
             "parameters": report["model"]["parameters"],
             "macs_per_window": report["model"]["macs_per_window"],

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from soundshard.schemas.errors import ConfigError
+from soundshard.schemas.training import recipe_of
 from soundshard.schemas.uris import redact
 
 PROG = "soundshard info"
@@ -117,19 +118,19 @@ def _pick(source: dict, *keys: str) -> dict:
 
 def _model(model: dict, folder: str) -> dict:
     metrics = _read_json(f"{folder}/metrics.json") or {}
-    training_config = model.get("training", {})
+    recipe = recipe_of(model)
     thresholds = model.get("thresholds") or {}
     names = model.get("label_names", [])
     window = thresholds.get("window") or []
     clip = metrics.get("clip_mean", {})
     return {
-        "architecture": training_config.get("model"),
-        "head": training_config.get("head"),
+        "architecture": recipe.model,
+        "head": recipe.head,
         **_pick(metrics, "parameters", "macs_per_window", "best_epoch", "epochs_run", "train_wall_s"),
         "classes": names,
         **_pick(model, "input", "feature_fingerprint", "feature_config", "split"),
         "trained_on": model.get("data", {}).get("path"),
-        "background": (training_config.get("background") or {}).get("data"),
+        "background": ((model.get("training") or {}).get("background") or {}).get("data"),
         "window_thresholds": dict(zip(names, window, strict=False)) if window else None,
         "thresholds_from": thresholds.get("from"),
         "event_rules": model.get("postprocessing"),

@@ -65,6 +65,7 @@ from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.records import SourceItem
 from soundshard.schemas.tagging import RULE_DEFAULTS, TagConfig, parse_thresholds
+from soundshard.schemas.training import recipe_of
 from soundshard.schemas.uris import redact
 from soundshard.transforms import annotations as ann
 from soundshard.transforms import ledger, level_tables, models, plots, shards, sources, tables, tagging
@@ -372,7 +373,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
         "model": {
             "uri": model_uri,
             "sha256": digest,
-            "architecture": description.get("training", {}).get("model"),
+            "architecture": recipe_of(description).model,
             "label_names": list(tag.label_names),
             "trained_on": description.get("data", {}).get("path"),
             "split": description.get("split"),

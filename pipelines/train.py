@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.errors import ConfigError  # noqa: E402
 from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
-from soundshard.schemas.training import TrainConfig, load_train_config  # noqa: E402
+from soundshard.schemas.training import TrainConfig, load_train_config, recipe_of  # noqa: E402
 from soundshard.transforms import calibration, distributed, events, melspec, models, training  # noqa: E402
 
 MODEL_FILE = "model.keras"
@@ -837,7 +837,7 @@ def check_teacher(
         raise ConfigError(
             f"--teacher {folder!r} has labels {description['label_names']}, the data {list(label_names)}"
         )
-    teacher_head = description.get("training", {}).get("head", "softmax")
+    teacher_head = recipe_of(description).head
     if teacher_head != head:
         raise ConfigError(f"--teacher {folder!r} has a {teacher_head} head; this model a {head} head")
 
@@ -903,7 +903,7 @@ def teacher_soft_targets(
         targets=targets,
         info={
             "teacher": folder,
-            "teacher_model": description.get("training", {}).get("model"),
+            "teacher_model": recipe_of(description).model,
             "teacher_features": description["feature_fingerprint"],
             "soft_targets_from": source,
             "weight": config.distill_weight,
@@ -1430,7 +1430,7 @@ def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard e
     label_names = description["label_names"]
     probabilities = training.predict(model, part.features)
     metrics = training.evaluate_predictions(probabilities, part, label_names)
-    aggregation = description.get("training", {}).get("aggregation", "mean")
+    aggregation = recipe_of(description).aggregation
     print(evaluation_text(metrics, aggregation=aggregation))
     if args.output:
         where = f"fold {args.fold}" if args.fold is not None else f"split {args.split!r}"

@@ -204,3 +204,17 @@ def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
     """
     values = read_config_file(path, table="training", what="training")
     return TrainConfig.from_dict({**values, **overrides})
+
+
+def recipe_of(description: dict) -> TrainConfig:
+    """The recipe a model folder was trained with, from its ``model.json`` (``training.recipe``; a
+    folder trained before recipes were recorded gives the fields its ``training`` block names).
+
+    Raises:
+        ConfigError: a recipe that is not valid.
+    """
+    training = description.get("training") or {}
+    if isinstance(training.get("recipe"), dict):
+        return TrainConfig.from_dict(training["recipe"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_dict({k: v for k, v in training.items() if k in known and k != "gain_db"})

@@ -87,3 +87,16 @@ def test_model_json_carries_the_recipe_that_trains_the_same_model(demo_features,
     recipe.write_text(json.dumps(training["recipe"]))
     args = train.make_parser().parse_args(["--data", "d", "--output", "o", "--config", str(recipe)])
     assert train.recipe(args) == config
+
+
+def test_recipe_of_a_model_folder_old_and_new():
+    from soundshard.schemas.training import recipe_of
+
+    new = {"training": {"recipe": TrainConfig(model="dscnn-s", head="sigmoid").to_dict(), "model": "x"}}
+    assert recipe_of(new) == TrainConfig(model="dscnn-s", head="sigmoid")
+    # a folder from before recipes were recorded: the fields its training block names
+    old = {
+        "training": {"model": "edgecnn", "head": "softmax", "epochs": 60, "augmentation": {}, "gain_db": "x"}
+    }
+    assert recipe_of(old) == TrainConfig(model="edgecnn", epochs=60)
+    assert recipe_of({}) == TrainConfig()
