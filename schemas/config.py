@@ -26,6 +26,7 @@ from typing import Any
 
 import tomllib
 
+from soundshard.schemas import melscale
 from soundshard.schemas.errors import ConfigError
 
 #: Bumped whenever the feature maths change in a way that alters values for the same config.
@@ -380,9 +381,15 @@ def _check_values(c: FeatureConfig) -> None:
 
 
 def _empty_mel_bands(c: FeatureConfig) -> list[int]:
-    from soundshard.transforms.melspec import empty_mel_bands
-
-    return empty_mel_bands(c)
+    return melscale.empty_bands(
+        sample_rate_hz=c.sample_rate_hz,
+        n_fft=c.n_fft,
+        n_mels=c.n_mels,
+        fmin_hz=float(c.fmin_hz),
+        fmax_hz=c.fmax_resolved_hz,
+        htk=c.mel_htk,
+        norm=c.mel_norm,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,3 +171,18 @@ def test_mfcc_window_level_is_the_mean_band_level():
     np.testing.assert_allclose(
         melspec.window_level_db(log_mel, FeatureConfig()), log_mel.reshape(len(log_mel), -1).max(axis=1)
     )
+
+
+def test_frame_span_and_the_layers_below_the_maths():
+    from pathlib import Path
+
+    from soundshard.schemas import melscale
+
+    # frame j is centred on sample j * hop: frames 3 and 4 of a 1024/512 STFT read [1024, 2560)
+    assert melscale.frame_span(first_frame=3, n_frames=2, hop_length=512, n_fft=1024) == (1024, 2560)
+    assert melscale.frame_span(first_frame=0, n_frames=1, hop_length=512, n_fft=1024) == (-512, 512)
+    np.testing.assert_array_equal(melscale.hann(8), np.hanning(9)[:8].astype(np.float32))
+    # schemas hold definitions: they import nothing from transforms or pipelines
+    for path in Path(melscale.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert "soundshard.transforms" not in text and "soundshard.pipelines" not in text, path.name

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from soundshard.schemas import melscale
 from soundshard.schemas.config import DELTA_WIDTH, FeatureConfig
 from soundshard.schemas.edge import TargetProfile
 from soundshard.schemas.errors import ConfigError
@@ -571,7 +572,10 @@ class FeatureTables:
     def window_samples(self) -> int:
         """Samples a device frames to make one analysis window: ``(frames - 1) * hop + n_fft``."""
         c = self.config
-        return (c.window_frames - 1) * c.hop_length + c.n_fft
+        start, stop = melscale.frame_span(
+            first_frame=0, n_frames=c.window_frames, hop_length=c.hop_length, n_fft=c.n_fft
+        )
+        return stop - start
 
     @property
     def flash_bytes(self) -> int:
@@ -622,7 +626,7 @@ def feature_tables(config: FeatureConfig) -> FeatureTables:
     """
     check_device_features(config)
     bank = melspec.mel_filterbank(config)
-    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(config.n_fft) / config.n_fft)).astype(np.float32)
+    window = np.array(melscale.hann(config.n_fft))
     first, counts, offsets, weights = [], [], [], []
     for band, row in enumerate(bank):
         nonzero = np.flatnonzero(row > 0)
@@ -669,8 +673,13 @@ def window_samples(y: np.ndarray, config: FeatureConfig, *, window_index: int) -
     Returns:
         float32 ``[(window_frames - 1) * hop_length + n_fft]``.
     """
-    n = (config.window_frames - 1) * config.hop_length + config.n_fft
-    start = window_index * config.window_hop_frames * config.hop_length - config.n_fft // 2
+    start, stop = melscale.frame_span(
+        first_frame=window_index * config.window_hop_frames,
+        n_frames=config.window_frames,
+        hop_length=config.hop_length,
+        n_fft=config.n_fft,
+    )
+    n = stop - start
     out = np.zeros(n, np.float32)
     lo, hi = max(start, 0), min(start + n, len(y))
     if hi > lo:

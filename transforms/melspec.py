@@ -14,94 +14,31 @@ import functools
 import numpy as np
 import scipy.fft
 
+from soundshard.schemas import melscale
 from soundshard.schemas.config import DELTA_WIDTH, FeatureConfig
+from soundshard.schemas.melscale import hz_to_mel, mel_to_hz  # noqa: F401 - named here for callers
 
 _STD_FLOOR = 1e-6
 
 
 def mel_filterbank(config: FeatureConfig) -> np.ndarray:
     """Mel filterbank of ``config`` as float32 ``[n_mels, 1 + n_fft // 2]`` (librosa's)."""
-    return _mel_filterbank(
-        config.sample_rate_hz,
-        config.n_fft,
-        config.n_mels,
-        float(config.fmin_hz),
-        config.fmax_resolved_hz,
-        config.mel_htk,
-        config.mel_norm,
+    return melscale.filterbank(
+        sample_rate_hz=config.sample_rate_hz,
+        n_fft=config.n_fft,
+        n_mels=config.n_mels,
+        fmin_hz=float(config.fmin_hz),
+        fmax_hz=config.fmax_resolved_hz,
+        htk=config.mel_htk,
+        norm=config.mel_norm,
     )
-
-
-def hz_to_mel(hz: np.ndarray, *, htk: bool = False) -> np.ndarray:
-    """Hz to mels: HTK formula, or Slaney's (linear below 1 kHz, logarithmic above), as librosa."""
-    hz = np.asanyarray(hz, dtype=np.float64)
-    if htk:
-        return 2595.0 * np.log10(1.0 + hz / 700.0)
-    f_sp, min_log_hz = 200.0 / 3, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
-    mels = hz / f_sp
-    return np.where(
-        hz >= min_log_hz, min_log_mel + np.log(np.maximum(hz, 1e-12) / min_log_hz) / logstep, mels
-    )
-
-
-def mel_to_hz(mels: np.ndarray, *, htk: bool = False) -> np.ndarray:
-    """Inverse of :func:`hz_to_mel`."""
-    mels = np.asanyarray(mels, dtype=np.float64)
-    if htk:
-        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
-    f_sp, min_log_hz = 200.0 / 3, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
-    return np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)), f_sp * mels)
 
 
 def mel_band_edges_hz(config: FeatureConfig) -> np.ndarray:
     """The ``n_mels + 2`` band edge frequencies in Hz (``librosa.mel_frequencies``)."""
-    low, high = hz_to_mel(np.array([config.fmin_hz, config.fmax_resolved_hz]), htk=config.mel_htk)
-    return mel_to_hz(np.linspace(low, high, config.n_mels + 2), htk=config.mel_htk)
-
-
-@functools.lru_cache(maxsize=32)
-def _mel_filterbank(sr, n_fft, n_mels, fmin, fmax, htk, norm) -> np.ndarray:
-    # Same construction as librosa.filters.mel (checked by tests), without importing librosa on
-    # workers: triangular filters between consecutive band edges, optional Slaney area norm.
-    config = FeatureConfig.__new__(FeatureConfig)  # unvalidated carrier: called from validation
-    for name, value in (
-        ("sample_rate_hz", sr),
-        ("fmin_hz", fmin),
-        ("fmax_hz", fmax),
-        ("mel_htk", htk),
-        ("n_mels", n_mels),
-    ):
-        object.__setattr__(config, name, value)
-    edges = mel_band_edges_hz(config)
-    fft_hz = np.linspace(0.0, sr / 2.0, 1 + n_fft // 2)
-    widths = np.diff(edges)
-    ramps = np.subtract.outer(edges, fft_hz)
-    lower = -ramps[:-2] / widths[:-1, None]
-    upper = ramps[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(lower, upper))
-    if norm == "slaney":
-        weights *= (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[:, None]
-    bank = weights.astype(np.float32)
-    bank.setflags(write=False)
-    return bank
-
-
-def empty_mel_bands(config: FeatureConfig) -> list[int]:
-    """Mel bands that no FFT bin falls into (librosa's "empty filters" condition)."""
-    bank = mel_filterbank(config)
-    edges = mel_band_edges_hz(config)
-    empty = (bank.max(axis=1) <= 0) & (edges[:-2] != 0)
-    return [int(i) for i in empty.nonzero()[0]]
-
-
-@functools.lru_cache(maxsize=8)
-def _hann(n_fft: int) -> np.ndarray:
-    # Periodic Hann, as scipy.signal.get_window("hann", n_fft, fftbins=True) used by librosa.
-    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
-    window.setflags(write=False)
-    return window
+    return melscale.band_edges_hz(
+        n_mels=config.n_mels, fmin_hz=config.fmin_hz, fmax_hz=config.fmax_resolved_hz, htk=config.mel_htk
+    )
 
 
 def frame_count(n_samples: int, config: FeatureConfig) -> int:
@@ -155,14 +92,14 @@ def power_mel_frames(
     """
     n_fft, hop = config.n_fft, config.hop_length
     total = y_offset + len(y) if total_samples is None else total_samples
-    start = first_frame * hop - n_fft // 2  # recording index of buffer[0]
-    buffer = np.zeros((n_frames - 1) * hop + n_fft, dtype=np.float32)
+    start, stop = melscale.frame_span(first_frame=first_frame, n_frames=n_frames, hop_length=hop, n_fft=n_fft)
+    buffer = np.zeros(stop - start, dtype=np.float32)
     lo = max(start, y_offset, 0)
     hi = min(start + len(buffer), y_offset + len(y), total)
     if hi > lo:
         buffer[lo - start : hi - start] = y[lo - y_offset : hi - y_offset]
     frames = np.lib.stride_tricks.sliding_window_view(buffer, n_fft)[::hop]
-    spectrum = scipy.fft.rfft(frames * _hann(n_fft), axis=-1)
+    spectrum = scipy.fft.rfft(frames * melscale.hann(n_fft), axis=-1)
     power = spectrum.real**2 + spectrum.imag**2
     if config.power != 2.0:
         power = power ** np.float32(config.power / 2.0)

@@ -89,16 +89,16 @@ def mel_matrix(input_repr: str, frontend: str) -> np.ndarray:
     ``frontend="0.4"``: Slaney mel scale, Slaney (area) norm, 0 Hz to 24 kHz (kapre 0.3's
     defaults); ``"0.3"``: HTK mel scale with area norm (kapre 0.1.4 with ``htk=True``).
     """
-    from soundshard.transforms.melspec import _mel_filterbank
+    from soundshard.schemas.melscale import filterbank
 
-    bank = _mel_filterbank(
-        OPENL3_SAMPLE_RATE_HZ,
-        N_FFT[input_repr],
-        N_MELS[input_repr],
-        0.0,
-        OPENL3_SAMPLE_RATE_HZ / 2,
-        frontend == "0.3",
-        "slaney",
+    bank = filterbank(
+        sample_rate_hz=OPENL3_SAMPLE_RATE_HZ,
+        n_fft=N_FFT[input_repr],
+        n_mels=N_MELS[input_repr],
+        fmin_hz=0.0,
+        fmax_hz=OPENL3_SAMPLE_RATE_HZ / 2,
+        htk=frontend == "0.3",
+        norm="slaney",
     )
     matrix = np.ascontiguousarray(bank.T)
     matrix.setflags(write=False)

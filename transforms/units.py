@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from soundshard.schemas import melscale
 from soundshard.schemas.config import FeatureConfig
 from soundshard.transforms import melspec
 
@@ -64,11 +65,16 @@ def source_range(
     output_samples: int,
 ) -> SourceRange:
     """The source frames a unit needs (its frames' samples plus a margin, aligned for soxr)."""
-    wf, wh, hop = config.window_frames, config.window_hop_frames, config.hop_length
+    wf, wh = config.window_frames, config.window_hop_frames
     first_frame = first_window * wh
     end_frame = (first_window + n_windows - 1) * wh + wf
-    out_start = max(0, first_frame * hop - config.n_fft // 2)
-    out_end = min(output_samples, (end_frame - 1) * hop + config.n_fft - config.n_fft // 2)
+    start_sample, stop_sample = melscale.frame_span(
+        first_frame=first_frame,
+        n_frames=end_frame - first_frame,
+        hop_length=config.hop_length,
+        n_fft=config.n_fft,
+    )
+    out_start, out_end = max(0, start_sample), min(output_samples, stop_sample)
     g = math.gcd(source_rate_hz, config.sample_rate_hz)
     period_in, period_out = source_rate_hz // g, config.sample_rate_hz // g
     if source_rate_hz == config.sample_rate_hz:
