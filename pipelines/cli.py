@@ -18,6 +18,7 @@ Subcommands:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import os
 import sys
@@ -59,6 +60,32 @@ COMMANDS = {
     "compile-edge": ("compile_edge", "run", "compile_edge.make_parser"),
     "completion": ("completion", "run", "completion.make_parser"),
 }
+
+
+#: Commands whose flags outside their own parser go to Beam (``--runner``, ``--project``, ...).
+BEAM_COMMANDS = ("demo", "features", "embed", "tag")
+
+
+def unknown_option(command: str, rest: Sequence[str]) -> str | None:
+    """The error line for the first option in ``rest`` that neither the command nor (for
+    :data:`BEAM_COMMANDS`) Beam knows, with the closest known spelling; ``None`` when all are known."""
+    known = set(parser_of(command)._option_string_actions)
+    names = [token.split("=", 1)[0] for token in rest if token.startswith("--") and token != "--"]
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return None
+    beam: set[str] = set()
+    if command in BEAM_COMMANDS:
+        from soundshard.pipelines.runner import beam_option_names
+
+        beam = beam_option_names()
+        unknown = [name for name in unknown if name not in beam]
+    if not unknown:
+        return None
+    name = unknown[0]
+    close = difflib.get_close_matches(name, sorted(known | beam), n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]}?" if close else f" (see soundshard {command} --help)"
+    return f"soundshard {command}: error: unrecognized option {name}{hint}"
 
 
 def parser_of(command: str):
@@ -144,9 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser_of(command).parse_known_args(rest)  # prints the help and exits
             except SystemExit as exc:
                 return int(exc.code or 0)
+        problem = unknown_option(command, rest)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 2
         module, run, _ = COMMANDS[command]
         return getattr(importlib.import_module(f"soundshard.pipelines.{module}"), run)(rest)
-    print(f"soundshard: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    close = difflib.get_close_matches(command, list(COMMANDS), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    print(f"soundshard: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr)
     return 2
 
 

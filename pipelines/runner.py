@@ -47,12 +47,8 @@ def _all_option_classes(cls=PipelineOptions):
         yield from _all_option_classes(sub)
 
 
-def check_beam_args(beam_args: Sequence[str]) -> None:
-    """Rejects flags that no Beam option class knows (Beam itself only warns and drops them).
-
-    Raises:
-        ConfigError: naming the unknown flags.
-    """
+def _beam_parser() -> argparse.ArgumentParser:
+    """A parser of every flag that a Beam option class defines."""
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     seen = set()
     for cls in _all_option_classes():
@@ -61,7 +57,21 @@ def check_beam_args(beam_args: Sequence[str]) -> None:
         seen.add(cls)
         with contextlib.suppress(argparse.ArgumentError):
             cls._add_argparse_args(parser)
-    _, unknown = parser.parse_known_args(list(beam_args))
+    return parser
+
+
+def beam_option_names() -> set[str]:
+    """Every ``--flag`` spelling a Beam option class defines."""
+    return {name for name in _beam_parser()._option_string_actions if name.startswith("--")}
+
+
+def check_beam_args(beam_args: Sequence[str]) -> None:
+    """Rejects flags that no Beam option class knows (Beam itself only warns and drops them).
+
+    Raises:
+        ConfigError: naming the unknown flags.
+    """
+    _, unknown = _beam_parser().parse_known_args(list(beam_args))
     flags = [a for a in unknown if a.startswith("--")]
     if flags:
         raise ConfigError(f"unknown option(s): {' '.join(flags)} (see --help)")

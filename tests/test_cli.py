@@ -75,6 +75,24 @@ def test_usage_and_unknown_command(capsys):
     assert capsys.readouterr().out == f"soundshard {importlib.metadata.version('soundshard')}\n"
 
 
+def test_misspelt_commands_and_options_get_the_closest_spelling(capsys, tmp_path):
+    assert cli.main(["trian", "--data", "x"]) == 2
+    assert "unknown command 'trian' (did you mean 'train'?)" in capsys.readouterr().err
+    assert cli.main(["train", "--data", "x", "--output", str(tmp_path / "m"), "--epoch", "5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "soundshard train: error: unrecognized option --epoch; did you mean --epochs?"
+    )
+    # pipeline commands pass Beam's flags through: those are known, a typo of either is not
+    argv = ["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--runner", "DirectRunner"]
+    assert cli.main(["tag", *argv, "--model", "m", "--unit-sec", "60"]) == 2
+    assert "unrecognized option --unit-sec; did you mean --unit-s?" in capsys.readouterr().err
+    assert cli.main(["features", *argv, "--direct_num_workerz=2"]) == 2
+    assert "did you mean --direct_num_workers?" in capsys.readouterr().err
+    assert cli.main(["features", *argv, "--frobnicate"]) == 2
+    assert "unrecognized option --frobnicate (see soundshard features --help)" in capsys.readouterr().err
+    assert cli.unknown_option("features", [*argv, "--direct_num_workers=2", "--n-mels", "40"]) is None
+
+
 def test_feature_flags_say_what_they_set_and_their_default():
     parser = argparse.ArgumentParser()
     features.add_feature_flags(parser)
