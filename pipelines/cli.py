@@ -7,6 +7,7 @@ Subcommands:
     train     train a classifier on feature shards (predefined folds, cross-validation)
     evaluate  evaluate a trained model on a fold or split
     tag       tag recordings with a trained model: window scores, file labels, events, summaries
+    listen    tag a live stream (standard input, a file) with a trained model
     score     score a tag output against reference annotations (Audacity/Raven; sed_eval metrics)
     info      what a features/embedding output, a model folder or a tag output holds
     calibrate a sensor's calibration offset from a recording of a sound calibrator
@@ -33,6 +34,7 @@ USAGE = """usage: soundshard COMMAND [options]
   train      train a classifier on feature shards (predefined folds, cross-validation)
   evaluate   evaluate a trained model on a fold or split
   tag        tag recordings with a trained model: window scores, file labels, events, summaries
+  listen     tag a live stream (standard input, a file) as it arrives: events printed as they close
   score      score a tag output against reference annotations (Audacity/Raven): F1, error rate, AP
   info       what a features/embedding output, a model folder or a tag output holds
   calibrate  a sensor's calibration offset (dB SPL of 0 dBFS) from a sound calibrator's recording
@@ -53,6 +55,7 @@ COMMANDS = {
     "train": ("train", "run", "train.make_parser"),
     "evaluate": ("train", "run_evaluate", "train.make_evaluate_parser"),
     "tag": ("tag", "run", "arguments.tag_parser"),
+    "listen": ("listen", "run", "listen.make_parser"),
     "score": ("score", "run", "score.make_parser"),
     "info": ("info", "run", "info.make_parser"),
     "calibrate": ("calibrate", "run", "calibrate.make_parser"),

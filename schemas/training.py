@@ -216,5 +216,32 @@ def recipe_of(description: dict) -> TrainConfig:
     training = description.get("training") or {}
     if isinstance(training.get("recipe"), dict):
         return TrainConfig.from_dict(training["recipe"])
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig.from_dict({k: v for k, v in training.items() if k in known and k != "gain_db"})
+    # an older folder: the settings whose meaning has not changed, each kept only if valid (its
+    # training block also holds derived values under the same names, e.g. class weights as a list)
+    values: dict[str, Any] = {}
+    for key in _RECORDED_BEFORE_RECIPES:
+        if key in training:
+            try:
+                TrainConfig.from_dict({**values, key: training[key]})
+            except ConfigError:
+                continue
+            values[key] = training[key]
+    return TrainConfig.from_dict(values)
+
+
+#: TrainConfig fields that model.json's ``training`` block named before it held the recipe.
+_RECORDED_BEFORE_RECIPES = (
+    "model",
+    "head",
+    "epochs",
+    "patience",
+    "batch_size",
+    "learning_rate",
+    "lr_schedule",
+    "seed",
+    "aggregation",
+    "weight_average",
+    "width_multiplier",
+    "depth_multiplier",
+    "freeze_epochs",
+)

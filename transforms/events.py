@@ -105,6 +105,7 @@ def find_events(
     level_db: np.ndarray | None = None,
     duration_s: float | None = None,
     silent: np.ndarray | None = None,
+    floor_db: float | None = None,
 ) -> list[Event]:
     """Events of every label in one recording, sorted by start then label.
 
@@ -128,6 +129,8 @@ def find_events(
         duration_s: Length of the recording: events end there at the latest (the last window
             may be padded beyond it).
         silent: ``[n]`` digitally silent windows, left out of the recording's floor.
+        floor_db: The floor to gate on, when the recording's windows are not all given (a stream:
+            the floor of what was heard so far; ``-inf`` for none yet); ``None``: from ``level_db``.
 
     Returns:
         The events.
@@ -142,7 +145,7 @@ def find_events(
     if config.min_level_db is not None and level_db is not None:
         gate = np.asarray(level_db) >= config.min_level_db
     if config.min_level_above_floor_db is not None and level_db is not None:
-        floor = level_floor(level_db, silent=silent)
+        floor = level_floor(level_db, silent=silent) if floor_db is None else floor_db
         if floor is not None:
             gate &= np.asarray(level_db) >= floor + config.min_level_above_floor_db
     adjacent = np.concatenate([[False], np.diff(window_index) == 1])

@@ -1,0 +1,174 @@
+"""soundshard listen: streaming features equal to the batch pipeline's, events that become final
+equal to tag's, standard input as WAV or raw PCM, and the same scores and events as `tag` on the
+shared longform recording."""
+
+import csv
+import glob
+import io
+import types
+import wave
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import soxr
+
+from soundshard.pipelines import listen, tag
+from soundshard.schemas.config import FeatureConfig
+from soundshard.schemas.tagging import TagConfig
+from soundshard.transforms import events as ev
+from soundshard.transforms import melspec, streaming
+
+from .helpers import SHARED_DATA
+
+LONGFORM = SHARED_DATA / "longform" / "esc10_longform_10min_seed0.flac"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        FeatureConfig(),
+        FeatureConfig(feature_type="mfcc", n_mfcc=13, mfcc_deltas=2, normalization="standardize"),
+    ],
+    ids=["logmel", "mfcc"],
+)
+def test_streamed_windows_are_the_batch_windows(config):
+    rng = np.random.default_rng(4)
+    audio = (rng.standard_normal(44100 * 7 + 1234) * np.linspace(0, 0.3, 44100 * 7 + 1234)).astype(np.float32)
+    stream = streaming.StreamingFeatures(config, source_rate_hz=44100)
+    parts, position = [], 0
+    while position < len(audio):  # blocks of uneven sizes, some shorter than a frame
+        size = int(rng.integers(1, 9000))
+        parts.append(stream.push(audio[position : position + size]))
+        position += size
+    parts.append(stream.finish())
+    got = np.concatenate([p.features for p in parts if len(p)])
+    first = [p.first_index for p in parts if len(p)]
+    assert first == sorted(first) and first[0] == 0
+    resampled = soxr.resample(audio, 44100, config.sample_rate_hz, quality=config.resample_quality)
+    expected = melspec.log_mel_windows(resampled.astype(np.float32), config)
+    assert got.shape == expected.shape  # the padded last window too
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    starts = np.concatenate([p.start_s for p in parts if len(p)])
+    np.testing.assert_allclose(starts, melspec.window_bounds_s(len(expected), config)[0])
+
+
+def test_events_settled_online_are_the_events_of_the_whole_recording():
+    rng = np.random.default_rng(2)
+    n, hop = 600, 0.5
+    scores = np.clip(rng.normal(0.1, 0.1, (n, 3)), 0, 1).astype(np.float32)
+    for c, begin in ((0, 40), (1, 45), (2, 300), (0, 310), (1, 520)):  # sounds, some overlapping
+        scores[begin : begin + int(rng.integers(3, 25)), c] = rng.uniform(0.6, 1.0)
+    scores[200, 2] = 0.95  # a one-window blip that smoothing removes
+    level = rng.normal(-40, 5, n)
+    config = TagConfig(
+        label_names=("a", "b", "c"),
+        window_thresholds=(0.5, 0.5, 0.5),
+        file_thresholds=(0.5, 0.5, 0.5),
+        median_filter_windows=3,
+        hysteresis=0.2,
+        max_gap_s=1.0,
+        min_level_above_floor_db=None,  # the floor of a stream is that of the windows heard so far
+    )
+    start = np.arange(n) * hop
+    index = np.arange(n)
+    batch = ev.find_events(
+        scores, start_s=start, end_s=start + 1.0, window_index=index, config=config, level_db=level
+    )
+    online = streaming.StreamingEvents(config, window_hop_s=hop)
+    found, k, settled_before_end = [], 0, 0
+    while k < n:
+        m = int(rng.integers(1, 7))
+        found += online.push(
+            k,
+            scores[k : k + m],
+            start[k : k + m],
+            start[k : k + m] + 1.0,
+            level[k : k + m],
+            np.zeros(min(m, n - k), bool),
+        )
+        k += m
+        settled_before_end = len(found)
+    found += online.finish()
+    assert found == batch and len(batch) >= 5
+    assert settled_before_end >= len(batch) - 1  # all but the last were final before the stream ended
+
+
+def _write_wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    sink = io.BytesIO()
+    with wave.open(sink, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+    return sink.getvalue()
+
+
+def _scores(path) -> np.ndarray:
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    return np.array(rows[1:], dtype=np.float64)
+
+
+def test_standard_input_as_raw_pcm_or_wav_gives_the_scores_of_the_file(
+    demo_model, tmp_path, monkeypatch, capsys
+):
+    rng = np.random.default_rng(0)
+    rate = 16000
+    t = np.arange(rate * 12) / rate
+    audio = (0.2 * np.sin(2 * np.pi * 880 * t) * (np.sin(2 * np.pi * 0.3 * t) > 0)).astype(np.float32)
+    audio += (0.01 * rng.standard_normal(len(t))).astype(np.float32)
+    pcm = np.round(audio * 32767).astype("<i2")  # 16-bit PCM, written and sent as these integers
+    wav = tmp_path / "a.wav"
+    sf.write(wav, pcm, rate, subtype="PCM_16")
+    base = ["--model", str(demo_model), "--quiet"]
+    assert listen.run([*base, "--input", str(wav), "--window-scores", str(tmp_path / "file.csv")]) == 0
+    from_file = _scores(tmp_path / "file.csv")
+    for name, data, flags in (
+        ("raw", pcm.tobytes(), ["--stdin-format", "s16le", "--rate", str(rate)]),
+        ("wav", _write_wav_bytes(pcm, rate), []),
+    ):
+        monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(data)))
+        assert listen.run([*base, *flags, "--window-scores", str(tmp_path / f"{name}.csv")]) == 0
+        np.testing.assert_allclose(_scores(tmp_path / f"{name}.csv"), from_file, atol=1e-6)
+    assert len(from_file) == melspec.window_count(rate * 12 * 22050 // rate, FeatureConfig())
+    assert "[listen] 12.0 s of audio" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(b"")))
+    assert listen.run([*base, "--stdin-format", "s16le"]) == 2
+    assert "--stdin-format s16le needs --rate" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(b"not a wav")))
+    assert listen.run(base) == 2
+    assert "standard input is not a WAV stream" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not LONGFORM.is_file(), reason="needs ../shared/data/longform")
+def test_listen_gives_the_window_scores_and_events_of_tag_on_the_longform(demo_model, tmp_path):
+    out = tmp_path / "tags"
+    argv = [
+        "--input",
+        str(LONGFORM),
+        "--model",
+        str(demo_model),
+        "--output",
+        str(out),
+        "--runner",
+        "DirectRunner",
+    ]
+    assert tag.run([*argv, "--no-levels"]) == 0
+    windows = pq.read_table(glob.glob(str(out / "parquet" / "windows" / "*.parquet"))).to_pandas()
+    windows = windows.sort_values("window_index")
+    tagged_events = pq.read_table(glob.glob(str(out / "parquet" / "events" / "*.parquet"))).to_pandas()
+    scores_csv, events_csv = tmp_path / "scores.csv", tmp_path / "events.csv"
+    argv = ["--model", str(demo_model), "--input", str(LONGFORM), "--quiet"]
+    assert listen.run([*argv, "--window-scores", str(scores_csv), "--events", str(events_csv)]) == 0
+    streamed = _scores(scores_csv)
+    labels = ["chirp", "click_train", "hum", "noise_burst"]
+    expected = np.stack([windows[f"score_{label}"].to_numpy() for label in labels], axis=1)
+    assert streamed.shape == (len(windows), 3 + len(labels))
+    np.testing.assert_array_equal(streamed[:, 0], windows["window_index"].to_numpy())
+    np.testing.assert_allclose(streamed[:, 3:], expected, atol=1e-5)
+    with open(events_csv) as f:
+        listened = sorted((float(r["start_s"]), float(r["end_s"]), r["label"]) for r in csv.DictReader(f))
+    batch = sorted((round(r.start_s, 3), round(r.end_s, 3), r.label) for r in tagged_events.itertuples())
+    assert listened == batch and len(batch) > 10
