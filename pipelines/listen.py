@@ -320,7 +320,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     wall_s = time.monotonic() - started
     print(
         f"[listen] {audio_s:.1f} s of audio, {listener.windows_scored} windows, "
-        f"{len(listener.events.emitted)} events, {audio_s / max(wall_s, 1e-9):.0f}x real time",
+        f"{listener.events.n_emitted} events, {audio_s / max(wall_s, 1e-9):.0f}x real time",
         file=sys.stderr,
     )
     return 0

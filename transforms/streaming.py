@@ -193,9 +193,9 @@ class StreamingEvents:
         self._hop_s = window_hop_s
         self._half = max(0, config.median_filter_windows // 2)
         self._tail: dict[str, list] = {k: [] for k in ("index", "start", "end", "scores", "level", "silent")}
-        self._levels: list[float] = []  # every sounding window's level: the running floor
+        self._levels = np.zeros(0)  # every sounding window's level, for the running floor
         self._context = 0  # windows at the tail's start kept only as smoothing context
-        self.emitted: list[ev.Event] = []
+        self.n_emitted = 0  # events emitted so far (not kept: a stream may run for days)
 
     def push(
         self,
@@ -216,7 +216,7 @@ class StreamingEvents:
         levels = np.full(n, np.nan) if level_db is None else np.asarray(level_db, np.float64)
         tail["level"].extend(levels.tolist())
         tail["silent"].extend(np.asarray(silent, bool).tolist())
-        self._levels.extend(levels[~np.asarray(silent, bool)].tolist())
+        self._levels = np.concatenate([self._levels, levels[~np.asarray(silent, bool)]])
         return self._settle(final=False)
 
     def finish(self, *, duration_s: float | None = None) -> list[ev.Event]:
@@ -226,7 +226,7 @@ class StreamingEvents:
     def _floor(self) -> float | None:
         if self.config.min_level_above_floor_db is None:
             return None
-        floor = ev.level_floor(np.asarray(self._levels)) if self._levels else None
+        floor = ev.level_floor(self._levels) if len(self._levels) else None
         return -np.inf if floor is None else floor
 
     def _find(self, upto: int, *, duration_s: float | None = None) -> list[ev.Event]:
@@ -272,7 +272,7 @@ class StreamingEvents:
             for key in t:
                 del t[key][:keep_from]
             self._context = self._half
-        self.emitted.extend(found)
+        self.n_emitted += len(found)
         return found
 
     def _quiet_cut(self) -> int | None:
