@@ -43,6 +43,12 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", required=True, help="Model folder written by `soundshard train`.")
     parser.add_argument(
+        "--int8",
+        metavar="ARTIFACT_DIR",
+        help="Score with the model's int8 artifact (soundshard compile-edge output) through LiteRT, as "
+        "a device would, instead of the float Keras model. Default: the float model.",
+    )
+    parser.add_argument(
         "--input",
         default="-",
         help="An audio file (any format libsndfile reads), or - for standard input. Default: -.",
@@ -171,7 +177,9 @@ def mono(block: np.ndarray, config: FeatureConfig) -> np.ndarray:
 class Listener:
     """A model folder listening to one stream: blocks in, scored windows and final events out."""
 
-    def __init__(self, model_dir: str, *, source_rate_hz: int, threshold=None, floor_db=None):
+    def __init__(
+        self, model_dir: str, *, source_rate_hz: int, threshold=None, floor_db=None, int8: str | None = None
+    ):
         from soundshard.pipelines import tag
         from soundshard.pipelines.arguments import tag_parser
         from soundshard.transforms import models, streaming, tagging
@@ -189,10 +197,14 @@ class Listener:
         self.tag_config = tag.tag_config_from_args(args, description)
         self.config = config
         self.label_names = list(description["label_names"])
-        # a few windows a call: a block of live audio completes one or two windows
-        self.classifier = tagging.Classifier(
-            models.load_verified_model(model_dir, description), chunk_windows=8
-        )
+        if int8:
+            self.classifier = streaming.Int8Classifier(
+                int8, feature_fingerprint=config.fingerprint, label_names=self.label_names
+            )
+        else:  # a few windows a call: a block of live audio completes one or two windows
+            self.classifier = tagging.Classifier(
+                models.load_verified_model(model_dir, description), chunk_windows=8
+            )
         self.features = streaming.StreamingFeatures(config, source_rate_hz=source_rate_hz)
         self.events = streaming.StreamingEvents(self.tag_config, window_hop_s=config.window_hop_s)
         self._source_rate = source_rate_hz
@@ -268,7 +280,11 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
                 raise ConfigError(f"--input {args.input!r} does not exist")
             rate, _, blocks = file_blocks(args.input, block_s=block_s, realtime=args.realtime)
         listener = Listener(
-            args.model, source_rate_hz=rate, threshold=args.threshold, floor_db=args.min_level_above_floor_db
+            args.model,
+            source_rate_hz=rate,
+            threshold=args.threshold,
+            floor_db=args.min_level_above_floor_db,
+            int8=args.int8,
         )
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ shared longform recording."""
 import csv
 import glob
 import io
+import json
 import types
 import wave
 
@@ -172,3 +173,46 @@ def test_listen_gives_the_window_scores_and_events_of_tag_on_the_longform(demo_m
         listened = sorted((float(r["start_s"]), float(r["end_s"]), r["label"]) for r in csv.DictReader(f))
     batch = sorted((round(r.start_s, 3), round(r.end_s, 3), r.label) for r in tagged_events.itertuples())
     assert listened == batch and len(batch) > 10
+
+
+def test_listen_with_the_int8_artifact(demo_model, demo_features, tmp_path, capsys):
+    """--int8 scores with compile-edge's artifact through LiteRT: the float model's scores to a few
+    int8 steps, the same top class on nearly every window; an artifact of other features is refused."""
+    from soundshard.pipelines import compile_edge
+
+    artifact = tmp_path / "edge"
+    argv = [
+        "--model",
+        demo_model,
+        "--data",
+        demo_features,
+        "--target",
+        "cortex-m4-256k",
+        "--output",
+        artifact,
+    ]
+    assert compile_edge.run([str(a) for a in [*argv, "--max-accuracy-drop", 100, "--quiet"]]) == 0
+    rate = 22050
+    t = np.arange(rate * 10) / rate
+    audio = (0.3 * np.sign(np.sin(2 * np.pi * 3 * t)) * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    wav = tmp_path / "a.wav"
+    sf.write(wav, audio, rate, subtype="FLOAT")
+    base = ["--model", str(demo_model), "--input", str(wav), "--quiet"]
+    assert listen.run([*base, "--window-scores", str(tmp_path / "float.csv")]) == 0
+    assert listen.run([*base, "--int8", str(artifact), "--window-scores", str(tmp_path / "int8.csv")]) == 0
+    float_scores, int8_scores = _scores(tmp_path / "float.csv")[:, 3:], _scores(tmp_path / "int8.csv")[:, 3:]
+    assert float_scores.shape == int8_scores.shape and len(float_scores) > 15
+    assert np.abs(float_scores - int8_scores).max() < 0.1
+    # int8 outputs: multiples of the output scale above the zero point, unlike the float model's
+    out = json.loads((artifact / "manifest.json").read_text())["quantization"]
+    steps = int8_scores / out["output_scale"] + out["output_zero_point"]
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    assert not np.allclose(float_scores / out["output_scale"], np.round(float_scores / out["output_scale"]))
+    assert np.mean(float_scores.argmax(axis=1) == int8_scores.argmax(axis=1)) >= 0.9
+    manifest = artifact / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    edited["feature_fingerprint"] = "0" * 16
+    manifest.write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert listen.run([*base, "--int8", str(artifact)]) == 2
+    assert "takes features 0000000000000000, the model folder" in capsys.readouterr().err

@@ -301,6 +301,76 @@ class StreamingEvents:
         return cut
 
 
+class Int8Classifier:
+    """The int8 artifact of ``soundshard compile-edge`` run by LiteRT's builtin kernels (the ones
+    TFLite Micro agrees with in the artifact's verification): float features in, float
+    probabilities out, as a device computes them.
+
+    Args:
+        artifact_dir: The compile-edge output folder.
+        feature_fingerprint: The features the stream computes (the model folder's).
+        label_names: The model folder's labels.
+
+    Raises:
+        ConfigError: not an artifact folder, a model file that changed, or an artifact of other
+            features or labels.
+    """
+
+    def __init__(self, artifact_dir: str, *, feature_fingerprint: str, label_names: list[str]):
+        import hashlib
+        import json
+        import os
+
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        from soundshard.schemas.errors import ConfigError
+
+        try:
+            with open(os.path.join(artifact_dir, "manifest.json")) as f:
+                manifest = json.load(f)
+            with open(os.path.join(artifact_dir, manifest["model_file"]), "rb") as f:
+                content = f.read()
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"--int8 {artifact_dir!r} is not a compile-edge artifact ({exc})") from exc
+        if hashlib.sha256(content).hexdigest() != manifest.get("model_sha256"):
+            raise ConfigError(f"--int8 {artifact_dir!r}: its model file does not have the manifest's SHA-256")
+        if manifest.get("feature_fingerprint") != feature_fingerprint:
+            raise ConfigError(
+                f"--int8 {artifact_dir!r} takes features {manifest.get('feature_fingerprint')}, the model "
+                f"folder {feature_fingerprint}"
+            )
+        if list(manifest.get("labels", [])) != list(label_names):
+            raise ConfigError(
+                f"--int8 {artifact_dir!r} has labels {manifest.get('labels')}, not {label_names}"
+            )
+        q = manifest["quantization"]
+        self._in = (float(q["input_scale"]), int(q["input_zero_point"]))
+        self._out = (float(q["output_scale"]), int(q["output_zero_point"]))
+        self._interpreter = Interpreter(
+            model_content=content,
+            num_threads=1,
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        from soundshard.transforms import edge
+
+        scale, zero = self._in
+        inputs = edge.quantize(features, scale=scale, zero_point=zero)
+        rows = []
+        for x in inputs:
+            self._interpreter.set_tensor(self._input, x[None])
+            self._interpreter.invoke()
+            rows.append(self._interpreter.get_tensor(self._output).reshape(-1).copy())
+        if not rows:
+            return np.zeros((0, 0), np.float32)
+        scale, zero = self._out
+        return edge.dequantize(np.stack(rows), scale=scale, zero_point=zero).astype(np.float32)
+
+
 def silent_of(features: np.ndarray, config: FeatureConfig) -> np.ndarray:
     """Digitally silent windows, as training and tagging tell them."""
     return training.silent_windows(features, rule=training.silence_rule(config))
