@@ -193,6 +193,19 @@ class FeatureConfig(ConfigSerialization):
         return self.sample_rate_hz / 2 if self.fmax_hz is None else float(self.fmax_hz)
 
     @property
+    def filterbank_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``melscale.filterbank`` for this config's mel bands."""
+        return {
+            "sample_rate_hz": self.sample_rate_hz,
+            "n_fft": self.n_fft,
+            "n_mels": self.n_mels,
+            "fmin_hz": float(self.fmin_hz),
+            "fmax_hz": self.fmax_resolved_hz,
+            "htk": self.mel_htk,
+            "norm": self.mel_norm,
+        }
+
+    @property
     def feature_rows(self) -> int:
         """Rows of one window: ``n_mels``, or ``n_mfcc * (1 + mfcc_deltas)`` for MFCC."""
         if self.feature_type == "mfcc":
@@ -381,15 +394,7 @@ def _check_values(c: FeatureConfig) -> None:
 
 
 def _empty_mel_bands(c: FeatureConfig) -> list[int]:
-    return melscale.empty_bands(
-        sample_rate_hz=c.sample_rate_hz,
-        n_fft=c.n_fft,
-        n_mels=c.n_mels,
-        fmin_hz=float(c.fmin_hz),
-        fmax_hz=c.fmax_resolved_hz,
-        htk=c.mel_htk,
-        norm=c.mel_norm,
-    )
+    return melscale.empty_bands(**c.filterbank_args)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,15 +23,7 @@ _STD_FLOOR = 1e-6
 
 def mel_filterbank(config: FeatureConfig) -> np.ndarray:
     """Mel filterbank of ``config`` as float32 ``[n_mels, 1 + n_fft // 2]`` (librosa's)."""
-    return melscale.filterbank(
-        sample_rate_hz=config.sample_rate_hz,
-        n_fft=config.n_fft,
-        n_mels=config.n_mels,
-        fmin_hz=float(config.fmin_hz),
-        fmax_hz=config.fmax_resolved_hz,
-        htk=config.mel_htk,
-        norm=config.mel_norm,
-    )
+    return melscale.filterbank(**config.filterbank_args)
 
 
 def mel_band_edges_hz(config: FeatureConfig) -> np.ndarray:
