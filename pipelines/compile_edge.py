@@ -330,8 +330,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
         kind = description.get("input", {}).get("kind", "log_mel")
         if kind != "log_mel":
             raise ConfigError(
-                f"--model {args.model!r} takes {kind!r} inputs; compile-edge needs a log-mel model "
-                "(a device computes log-mels; it does not run the embedding network)"
+                f"--model {args.model!r} takes {kind!r} inputs; compile-edge needs a log-mel or MFCC model "
+                "(a device computes those features; an embedding network is megabytes beyond its flash)"
             )
         config = FeatureConfig.from_dict(description["feature_config"])
         if config.fingerprint != description["feature_fingerprint"]:
