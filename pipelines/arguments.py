@@ -385,6 +385,30 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
         help="Feature config file (TOML or JSON) the tags must be computed with; it must equal the "
         "model's (checked), default: the model's own.",
     )
+    watch = parser.add_argument_group("watching a folder or bucket for new recordings")
+    watch.add_argument(
+        "--watch",
+        action="store_true",
+        help="Keep tagging what arrives: an incremental run every --watch-interval-s over the inputs "
+        "no earlier run tagged (the ledger of --incremental: a restart neither repeats nor skips a "
+        "file), until interrupted or --watch-for-s. Default: off (one run).",
+    )
+    watch.add_argument(
+        "--watch-interval-s",
+        "--watch_interval_s",
+        dest="watch_interval_s",
+        type=float,
+        default=30.0,
+        help="Seconds between the starts of watch runs. Default: %(default)s.",
+    )
+    watch.add_argument(
+        "--watch-for-s",
+        "--watch_for_s",
+        dest="watch_for_s",
+        type=float,
+        default=None,
+        help="Stop watching after this many seconds (the run in progress finishes). Default: never.",
+    )
     out = parser.add_argument_group("tables")
     out.add_argument(
         "--format", default="both", choices=("both", *TAG_FORMATS), help="Table formats to write."

@@ -775,6 +775,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     features.setup_logging(verbose=args.verbose)
     try:
         runners.check_beam_args(beam_args)
+        if args.watch:
+            return watch(args, beam_args, prog=prog)
         with features.locked_run(args, prog=prog):
             return _run(args, beam_args, prog=prog)
     except ConfigError as exc:
@@ -783,6 +785,45 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     except OutputLockedError as exc:
         print(f"{prog}: error: {redact(str(exc))}", file=sys.stderr)
         return features.EXIT_LOCKED
+
+
+def watch(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str, sleep=time.sleep) -> int:
+    """``tag --watch``: incremental runs, one every ``--watch-interval-s``, each over the inputs that
+    arrived since (the ledger decides), until interrupted or ``--watch-for-s`` has passed.
+
+    Local Beam runners cannot run ``fileio.MatchContinuously`` here (the direct and FnApi runners
+    end at once, the bundle-based one cannot run its Watch transform, Prism is a download), so new
+    files are found by listing, run after run: each run is the batch pipeline, its outputs go to
+    ``<table>/run_date=<date>/`` partitions, and a file lands in exactly one run's tables.
+
+    Returns:
+        0, or the first configuration error's or locked output's exit code.
+    """
+    if not args.watch_interval_s > 0:
+        raise ConfigError(f"--watch-interval-s={args.watch_interval_s} must be positive")
+    if args.watch_for_s is not None and args.watch_for_s < 0:
+        raise ConfigError(f"--watch-for-s={args.watch_for_s} must not be negative")
+    args = argparse.Namespace(**{**vars(args), "incremental": True, "watch": False})
+    started = time.monotonic()
+    runs = 0
+    try:
+        while True:
+            began = time.monotonic()
+            with features.locked_run(args, prog=prog):
+                code = _run(args, beam_args, prog=prog)
+            runs += 1
+            if code == features.EXIT_CONFIG:
+                return code
+            if code != features.EXIT_OK:
+                print(f"{prog}: watch run {runs} ended with exit code {code}; watching on", file=sys.stderr)
+            elapsed = time.monotonic() - started
+            if args.watch_for_s is not None and elapsed + args.watch_interval_s > args.watch_for_s:
+                break
+            sleep(max(0.0, args.watch_interval_s - (time.monotonic() - began)))
+    except KeyboardInterrupt:
+        pass
+    print(f"[tag] watched for {time.monotonic() - started:.0f} s: {runs} run(s)", flush=True)
+    return features.EXIT_OK
 
 
 def _run(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str) -> int:

@@ -216,3 +216,52 @@ def test_listen_with_the_int8_artifact(demo_model, demo_features, tmp_path, caps
     capsys.readouterr()
     assert listen.run([*base, "--int8", str(artifact)]) == 2
     assert "takes features 0000000000000000, the model folder" in capsys.readouterr().err
+
+
+def test_tag_watch_tags_each_arriving_file_once(demo_model, tmp_path, capsys):
+    """A folder receives recordings while `tag --watch` runs: each is tagged by exactly one run, and
+    a restart finds nothing new."""
+    import threading
+    import time
+
+    folder, out = tmp_path / "incoming", tmp_path / "tags"
+    folder.mkdir()
+    rate = 22050
+    t = np.arange(rate * 3) / rate
+
+    def arrive():
+        for k in range(5):
+            audio = (0.2 * np.sin(2 * np.pi * (300 + 200 * k) * t)).astype(np.float32)
+            sf.write(folder / f".part-{k}.wav", audio, rate)
+            (folder / f".part-{k}.wav").rename(folder / f"rec-{k}.wav")  # lands whole, as an upload
+            time.sleep(1.5)
+
+    writer = threading.Thread(target=arrive)
+    writer.start()
+    argv = [
+        "--input",
+        str(folder),
+        "--model",
+        str(demo_model),
+        "--output",
+        str(out),
+        "--runner",
+        "DirectRunner",
+    ]
+    argv += ["--no-levels", "--format", "parquet", "--watch-interval-s", "2"]
+    assert tag.run([*argv, "--watch", "--watch-for-s", "11"]) == 0
+    writer.join()
+    assert tag.run([*argv, "--watch", "--watch-for-s", "0"]) == 0  # what landed after the last run
+    printed = capsys.readouterr().out
+    assert "[tag] watched for" in printed
+    windows = pq.read_table(str(out / "parquet" / "windows")).to_pandas()
+    per_clip = windows.groupby("clip_id").size()
+    assert sorted(per_clip.index) == [f"rec-{k}" for k in range(5)]
+    expected = melspec.window_count(rate * 3, FeatureConfig())
+    assert (per_clip == expected).all()  # every file once, whole
+    ledger = pq.read_table(str(out / "ledger")).to_pandas()
+    assert sorted(ledger["clip_id"]) == [f"rec-{k}" for k in range(5)]  # one entry per file
+    assert set(ledger["status"]) == {"processed"} and (ledger["windows"] == expected).all()
+    assert len(list((out / "ledger").glob("*.parquet"))) >= 2  # files arrived across several runs
+    assert tag.run([*argv, "--watch", "--watch-for-s", "0"]) == 0
+    assert "nothing new" in capsys.readouterr().out
