@@ -106,6 +106,10 @@ def _write_wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     return sink.getvalue()
 
 
+def _tag_argv(source, model, out) -> list[str]:
+    return ["--input", str(source), "--model", str(model), "--output", str(out), "--runner", "DirectRunner"]
+
+
 def _scores(path) -> np.ndarray:
     with open(path) as f:
         rows = list(csv.reader(f))
@@ -146,16 +150,7 @@ def test_standard_input_as_raw_pcm_or_wav_gives_the_scores_of_the_file(
 @pytest.mark.skipif(not LONGFORM.is_file(), reason="needs ../shared/data/longform")
 def test_listen_gives_the_window_scores_and_events_of_tag_on_the_longform(demo_model, tmp_path):
     out = tmp_path / "tags"
-    argv = [
-        "--input",
-        str(LONGFORM),
-        "--model",
-        str(demo_model),
-        "--output",
-        str(out),
-        "--runner",
-        "DirectRunner",
-    ]
+    argv = _tag_argv(LONGFORM, demo_model, out)
     assert tag.run([*argv, "--no-levels"]) == 0
     windows = pq.read_table(glob.glob(str(out / "parquet" / "windows" / "*.parquet"))).to_pandas()
     windows = windows.sort_values("window_index")
@@ -238,16 +233,7 @@ def test_tag_watch_tags_each_arriving_file_once(demo_model, tmp_path, capsys):
 
     writer = threading.Thread(target=arrive)
     writer.start()
-    argv = [
-        "--input",
-        str(folder),
-        "--model",
-        str(demo_model),
-        "--output",
-        str(out),
-        "--runner",
-        "DirectRunner",
-    ]
+    argv = _tag_argv(folder, demo_model, out)
     argv += ["--no-levels", "--format", "parquet", "--watch-interval-s", "2"]
     assert tag.run([*argv, "--watch", "--watch-for-s", "11"]) == 0
     writer.join()
