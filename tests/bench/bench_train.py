@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/bench/bench_train.py [--models sbcnn,edgecnn] [--epochs 100]
         [--augment pitch_shift=-2,pitch_shift=2] [--extra='--patience 15']
+        [--feature-flags='--feature-type mfcc --mfcc-deltas 2']
         [--work bench-results/train] [--json bench-results/train.json]
 
 Computes the default log-mel features of the 400 ESC-10 clips once (``soundshard features``,
@@ -44,6 +45,11 @@ def main() -> int:
         help="Offline augmentation of the features, e.g. 'pitch_shift=-2,pitch_shift=2' (copies of the "
         "training folds' clips; never validated or tested on).",
     )
+    parser.add_argument(
+        "--feature-flags",
+        default="",
+        help="More features flags, e.g. '--feature-flags=--feature-type mfcc' (use a --work of its own).",
+    )
     parser.add_argument("--work", default=str(ROOT / "bench-results" / "train"))
     parser.add_argument("--json", default=str(ROOT / "bench-results" / "train.json"))
     args = parser.parse_args()
@@ -64,6 +70,7 @@ def main() -> int:
             "--format",
             "parquet",
             *(["--augment", args.augment] if args.augment else []),
+            *args.feature_flags.split(),
         )
     results = {}
     for model in args.models.split(","):
