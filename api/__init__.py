@@ -166,7 +166,7 @@ def load_windows(folder: str):
         soundshard.schemas.errors.ConfigError: not a features output, or one without Parquet shards.
     """
     from soundshard.schemas import fields
-    from soundshard.transforms import training
+    from soundshard.transforms.models import training
 
     dataset = training.read_dataset_json(folder)
     table, values = fields.split_features(training.read_window_table(folder, dataset))

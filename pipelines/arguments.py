@@ -12,7 +12,7 @@ import dataclasses
 
 from soundshard.schemas.config import SOURCE_RATES_HZ, FeatureConfig, attribute_docs
 from soundshard.schemas.levels import BANDS
-from soundshard.transforms import strong_labels
+from soundshard.transforms.labels import strong_labels
 
 #: More than ``--max-failed-fraction`` of the inputs failed (outputs written all the same).
 EXIT_TOO_MANY_FAILURES = 5

@@ -55,8 +55,9 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     """Runs ``soundshard calibrate``; returns 0, or 2 when the file holds no calibrator tone."""
     args = make_parser(prog).parse_args(argv)
     from soundshard.schemas.uris import redact
-    from soundshard.transforms import levels, sources
-    from soundshard.transforms.audio import decode_audio
+    from soundshard.transforms.audio.decode import decode_audio
+    from soundshard.transforms.io import storage
+    from soundshard.transforms.levels import meter as levels
 
     try:
         if args.deployment and not args.site:
@@ -65,7 +66,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
             raise ConfigError(
                 f"--reference-db={args.reference_db} must be a level in dB SPL (e.g. 94 or 114)"
             )
-        sources.check_store(args.path, flag="path")
+        storage.check_store(args.path, flag="path")
         import io
 
         import fsspec

@@ -54,7 +54,10 @@ from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.edge import TARGETS, target_profile  # noqa: E402
 from soundshard.schemas.errors import ConfigError, DataError  # noqa: E402
 from soundshard.schemas.training import recipe_of  # noqa: E402
-from soundshard.transforms import cexport, edge, models, training  # noqa: E402
+from soundshard.transforms.edge import artifact as edge
+from soundshard.transforms.edge import cexport
+from soundshard.transforms.models import architectures as models  # noqa: E402
+from soundshard.transforms.models import training
 
 MANIFEST_FORMAT = "soundshard-edge/1"
 #: TFLite Micro against LiteRT's builtin int8 kernels: largest allowed difference of the int8
@@ -165,8 +168,8 @@ def golden_vectors(
     """
     import fsspec
 
-    from soundshard.transforms import audio as audio_io
-    from soundshard.transforms import melspec
+    from soundshard.transforms.audio import decode as audio_io
+    from soundshard.transforms.features import melspec
 
     window_index = sources["window_index"].astype(np.int64)
     candidates = edge.golden_candidates(test, window_index, n_clips=4 * n_clips)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import soundfile
 
-from soundshard.transforms.synth import CLASSES, synth_clip
+from soundshard.transforms.audio.synth import CLASSES, synth_clip
 
 CLIPS_PER_CLASS = 8
 DURATION_S = 3.0

@@ -42,7 +42,7 @@ from soundshard.pipelines import arguments, features
 from soundshard.pipelines.arguments import EMBED_CONFIG_FLAGS as _CONFIG_FLAGS
 from soundshard.schemas.embedding import EmbeddingConfig, load_embedding_config
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms.embeddings import ComputeEmbeddings, check_model
+from soundshard.transforms.features.embeddings import ComputeEmbeddings, check_model
 
 PROG = "soundshard embed"
 #: EmbeddingConfig fields and their flags (both spellings, ``--input-repr`` and ``--input_repr``).

@@ -57,9 +57,18 @@ from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.uris import redact
-from soundshard.transforms import augment, ledger, level_tables, shards, sources, strong_labels
-from soundshard.transforms.features import SOURCE_RATES_HZ, AssignWindowLabels, ComputeLogMel, PlanUnits
-from soundshard.transforms.tables import WriteTables
+from soundshard.transforms.audio import augment
+from soundshard.transforms.features.compute import (
+    SOURCE_RATES_HZ,
+    AssignWindowLabels,
+    ComputeLogMel,
+    PlanUnits,
+)
+from soundshard.transforms.io import ledger, listing, storage
+from soundshard.transforms.labels import strong_labels
+from soundshard.transforms.levels import level_tables
+from soundshard.transforms.outputs import shards
+from soundshard.transforms.outputs.tables import WriteTables
 
 _LOG = logging.getLogger(__name__)
 #: Exit codes of the commands that run pipelines (features, embed, tag).
@@ -177,18 +186,18 @@ def recording_config_from_args(args: argparse.Namespace) -> RecordingConfig:
     )
 
 
-def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> sources.SourceListing:
+def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> listing.SourceListing:
     """Sources from ``--manifest`` or from listing ``--input``."""
     labels = strong_labels_from_args(args)
     if args.manifest:
-        columns = sources.ManifestColumns(
+        columns = listing.ManifestColumns(
             filename=args.filename_column,
             label=args.label_column,
             fold=args.fold_column,
             split=args.split_column,
             start_time=args.start_time_column,
         )
-        return sources.from_manifest(
+        return listing.from_manifest(
             args.manifest,
             input_uri=args.input,
             columns=columns,
@@ -198,7 +207,7 @@ def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> source
         )
     if labels is not None and labels.column:
         raise ConfigError(f"--labels-column {labels.column!r} needs a --manifest")
-    return sources.from_listing(
+    return listing.from_listing(
         args.input,
         label_from_parent=args.label_from_parent,
         member_glob=args.archive_glob,
@@ -207,7 +216,7 @@ def list_sources(args: argparse.Namespace, recording: RecordingConfig) -> source
     )
 
 
-def strong_labels_from_args(args: argparse.Namespace) -> sources.StrongLabels | None:
+def strong_labels_from_args(args: argparse.Namespace) -> listing.StrongLabels | None:
     """The ``--labels`` settings, or ``None`` without ``--labels`` (commands without these flags
     too); ConfigError names a flag given without ``--labels`` or a bad value."""
     if not getattr(args, "labels", False):
@@ -225,7 +234,7 @@ def strong_labels_from_args(args: argparse.Namespace) -> sources.StrongLabels | 
             f"--min-label-overlap={args.min_label_overlap} must lie between 0 and 1 (a share of the "
             "shorter of window and annotation)"
         ) from None
-    return sources.StrongLabels(optional=args.labels_optional, column=args.labels_column)
+    return listing.StrongLabels(optional=args.labels_optional, column=args.labels_column)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +247,7 @@ class FeatureRun:
     whole by the header read stay in the process until decoded (see ``PlanUnits``).
     """
 
-    listing: sources.SourceListing
+    listing: listing.SourceListing
     config: FeatureConfig | EmbeddingConfig
     spec: shards.ShardSpec
     manifest: dict
@@ -287,13 +296,13 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         | "ExpectedWindows" >> beam.Map(lambda unit: unit.n_windows)
         | "CountShards" >> shards.ShardCount(config=run.config, spec=run.spec)
     )
-    listing, items, windows = run.listing, front["items"], labelled.windows
+    listed, items, windows = run.listing, front["items"], labelled.windows
     summaries, dead_letters = front["summaries"], front["dead_letters"]
     written = windows | "WriteShards" >> shards.WriteWindowShards(
         config=run.config,
         spec=run.spec,
-        label_map=listing.label_map,
-        extra_columns=listing.extra_columns,
+        label_map=listed.label_map,
+        extra_columns=listed.extra_columns,
         n_shards=n_shards,
     )
     level_files = level_rows = level_hours = None
@@ -314,9 +323,9 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         summaries=summaries,
         config=run.config,
         spec=run.spec,
-        label_map=listing.label_map,
-        extra_columns=listing.extra_columns,
-        n_inputs=listing.n_inputs,
+        label_map=listed.label_map,
+        extra_columns=listed.extra_columns,
+        n_inputs=listed.n_inputs,
         manifest=run.manifest,
         label_counts=labelled.label_counts,
         level_files=level_files,
@@ -350,8 +359,8 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         ``summaries`` (FileSummary), ``dead_letters`` (of listing, planning and compute) and,
         when ``run.levels`` is set, ``levels`` (UnitLevels).
     """
-    listing = run.listing
-    items = p | "ListSources" >> beam.Create(listing.items) | "Distribute" >> beam.Reshuffle()
+    listed = run.listing
+    items = p | "ListSources" >> beam.Create(listed.items) | "Distribute" >> beam.Reshuffle()
     planned = items | "PlanUnits" >> PlanUnits(
         run.config,
         unit_s=run.unit_s,
@@ -364,7 +373,7 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
     # pipeline knows its shard count before features exist, so shard assignment fuses with them.
     units = planned.units | "DistributeUnits" >> beam.Reshuffle()
     computed = units | label >> compute
-    listing_dead = p | "ListingDeadLetters" >> beam.Create(listing.dead_letters)
+    listing_dead = p | "ListingDeadLetters" >> beam.Create(listed.dead_letters)
     dead_letters = (
         listing_dead,
         planned.dead_letters,
@@ -450,11 +459,11 @@ def exit_code(figures: dict, *, prog: str, max_failed_fraction: float, what: str
 
 def locked_run(args: argparse.Namespace, *, prog: str):
     """The output folder's lock for this run (see ``transforms/lock.py``)."""
-    from soundshard.transforms import lock
+    from soundshard.transforms.io import lock
 
     if not args.output:
         raise ConfigError("--output is required")
-    sources.check_store(args.output, flag="--output")
+    storage.check_store(args.output, flag="--output")
     return lock.output_lock(args.output, command=prog, break_lock=args.break_lock)
 
 
@@ -492,7 +501,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
     if augmentations and not isinstance(config, FeatureConfig):
         raise ConfigError("--augment makes log-mel copies; it is an option of `soundshard features` only")
     taken = take_sources(args, fingerprint=config.fingerprint)
-    listing, run_date, recording = taken.listing, taken.run_date, taken.recording
+    listed, run_date, recording = taken.listing, taken.run_date, taken.recording
     if level_config is not None:
         level_tables.check_offsets(taken.listing.items)
     committed, unchanged = taken.committed_runs, taken.unchanged
@@ -518,7 +527,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         "window_hop_s": config.window_hop_s,
         "recording_config": recording.to_dict(),
         "augmentations": [a.name for a in augmentations],
-        "label_map": listing.label_map,
+        "label_map": listed.label_map,
         "strong_labels": (
             {
                 "column": labels.column,
@@ -531,7 +540,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
             if labels is not None
             else None
         ),
-        "extra_columns": [fields.EXTRA_PREFIX + c for c in listing.extra_columns],
+        "extra_columns": [fields.EXTRA_PREFIX + c for c in listed.extra_columns],
         "levels": (
             level_tables.summary(level_config, sample_rate_hz=config.sample_rate_hz)
             if level_config is not None
@@ -552,7 +561,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         },
     }
     return FeatureRun(
-        listing=listing,
+        listing=listed,
         config=config,
         spec=spec,
         manifest=manifest,
@@ -577,7 +586,7 @@ class TakenSources:
         unchanged: Inputs earlier runs already processed with this fingerprint (skipped).
     """
 
-    listing: sources.SourceListing
+    listing: listing.SourceListing
     recording: RecordingConfig
     run_date: str | None
     committed_runs: frozenset[str] = frozenset()
@@ -589,26 +598,26 @@ def take_sources(args: argparse.Namespace, *, fingerprint: str) -> TakenSources:
     ``--output`` says were processed with ``fingerprint`` (ConfigError names bad values)."""
     run_date = _run_date(args)
     recording = recording_config_from_args(args)
-    sources.check_store(args.input, flag="--input")
+    storage.check_store(args.input, flag="--input")
     if args.manifest:
-        sources.check_store(args.manifest, flag="--manifest")
-    listing = list_sources(args, recording)
-    if not listing.items and not listing.dead_letters:
+        storage.check_store(args.manifest, flag="--manifest")
+    listed = list_sources(args, recording)
+    if not listed.items and not listed.dead_letters:
         raise ConfigError(f"no inputs found in --manifest {args.manifest!r}")
     if run_date is None:
-        return TakenSources(listing, recording, None)
+        return TakenSources(listed, recording, None)
     earlier = ledger.read_ledger(args.output.rstrip("/"))
     done = ledger.done_keys(earlier, retry_dead_letters=args.retry_dead_letters)
     # Local files have no content digest in their listing: hash those the keys do not settle (new,
     # or touched since), so the ledger can tell a touched file from a changed one.
-    items = sources.with_content(
-        listing.items, where=lambda item: ledger.key_of(item, fingerprint) not in done
+    items = listing.with_content(
+        listed.items, where=lambda item: ledger.key_of(item, fingerprint) not in done
     )
     new, unchanged = ledger.split_new(
         items, earlier, fingerprint=fingerprint, retry_dead_letters=args.retry_dead_letters
     )
     return TakenSources(
-        dataclasses.replace(listing, items=tuple(new)),
+        dataclasses.replace(listed, items=tuple(new)),
         recording,
         run_date,
         frozenset(ledger.committed_runs(earlier)),
@@ -678,7 +687,7 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
                 with runners.make_pipeline(options, local=True) as p:
                     build(p, dataclasses.replace(run, progress_dir=progress_dir, keep_fetched=in_process))
             finally:  # what a failed decode left kept must not outlive the run
-                sources.FETCHED.clear()
+                storage.FETCHED.clear()
         return RAN
     p = runners.make_pipeline(options, local=False)
     build(p, run)

@@ -57,7 +57,8 @@ def describe(path: str) -> dict:
     Raises:
         ConfigError: ``path`` holds none of the three descriptions.
     """
-    from soundshard.transforms import models, training
+    from soundshard.transforms.models import architectures as models
+    from soundshard.transforms.models import training
 
     folder = path.rstrip("/")
     model = _read_json(f"{folder}/{models.MODEL_JSON}")

@@ -182,7 +182,9 @@ class Listener:
     ):
         from soundshard.pipelines import tag
         from soundshard.pipelines.arguments import tag_parser
-        from soundshard.transforms import models, streaming, tagging
+        from soundshard.transforms.models import architectures as models
+        from soundshard.transforms.tagging import classify as tagging
+        from soundshard.transforms.tagging import streaming
 
         description = models.read_description(model_dir)
         config = tag.model_config(description, model_uri=model_dir)
@@ -213,7 +215,7 @@ class Listener:
         self.windows_scored = 0
 
     def _score(self, windows):
-        from soundshard.transforms import melspec
+        from soundshard.transforms.features import melspec
 
         if not len(windows):
             return None, []

@@ -52,9 +52,9 @@ import numpy as np
 import pyarrow as pa
 
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import annotations as ann
-from soundshard.transforms import events as ev
-from soundshard.transforms import scoring
+from soundshard.transforms.labels import annotations as ann
+from soundshard.transforms.tagging import events as ev
+from soundshard.transforms.tagging import scoring
 
 PROG = "soundshard score"
 FORMAT = "soundshard-score/1"

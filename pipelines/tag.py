@@ -67,12 +67,17 @@ from soundshard.schemas.records import SourceItem
 from soundshard.schemas.tagging import RULE_DEFAULTS, TagConfig, parse_thresholds
 from soundshard.schemas.training import recipe_of
 from soundshard.schemas.uris import redact
-from soundshard.transforms import annotations as ann
-from soundshard.transforms import ledger, level_tables, models, plots, shards, sources, tables, tagging
-from soundshard.transforms import snippets as snip
-from soundshard.transforms.embeddings import ComputeEmbeddings, check_model, model_digest
-from soundshard.transforms.features import SOURCE_RATES_HZ, ComputeLogMel
-from soundshard.transforms.models import check_fingerprint
+from soundshard.transforms.features.compute import SOURCE_RATES_HZ, ComputeLogMel
+from soundshard.transforms.features.embeddings import ComputeEmbeddings, check_model, model_digest
+from soundshard.transforms.io import ledger, listing
+from soundshard.transforms.labels import annotations as ann
+from soundshard.transforms.levels import level_tables
+from soundshard.transforms.models import architectures as models
+from soundshard.transforms.models.architectures import check_fingerprint
+from soundshard.transforms.outputs import shards, tables
+from soundshard.transforms.tagging import classify as tagging
+from soundshard.transforms.tagging import plots
+from soundshard.transforms.tagging import snippets as snip
 
 PROG = "soundshard tag"
 _LOG = logging.getLogger(__name__)
@@ -287,7 +292,7 @@ def extra_outputs(
 class TagRun:
     """Everything ``build`` needs, resolved and validated on the launcher."""
 
-    listing: sources.SourceListing
+    listing: listing.SourceListing
     config: FeatureConfig | EmbeddingConfig
     tag: TagConfig
     model_uri: str

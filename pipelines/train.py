@@ -43,7 +43,10 @@ from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.errors import ConfigError  # noqa: E402
 from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
 from soundshard.schemas.training import TrainConfig, load_train_config, recipe_of  # noqa: E402
-from soundshard.transforms import calibration, distributed, events, melspec, models, training  # noqa: E402
+from soundshard.transforms.features import melspec
+from soundshard.transforms.models import architectures as models
+from soundshard.transforms.models import distributed, training
+from soundshard.transforms.tagging import calibration, events  # noqa: E402
 
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
@@ -462,7 +465,7 @@ def train_split(
     import keras
     import tensorflow as tf
 
-    from soundshard.transforms.callbacks import ClipEarlyStopping
+    from soundshard.transforms.models.callbacks import ClipEarlyStopping
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()

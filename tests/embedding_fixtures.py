@@ -38,7 +38,7 @@ def make_openl3_weights(
     """Writes ``openl3_audio_<repr>_<content>.h5`` in the official layout from a random network."""
     import keras
 
-    from soundshard.transforms import openl3
+    from soundshard.transforms.features import openl3
 
     keras.utils.set_random_seed(seed)
     model = openl3.build_openl3(input_repr=input_repr, content_type=content_type, embedding_size=512)

@@ -118,7 +118,7 @@ def reseal_model_folder(folder: Path) -> dict:
     """
     import json
 
-    from soundshard.transforms import models
+    from soundshard.transforms.models import architectures as models
 
     path = folder / "model.json"
     description = json.loads(path.read_text())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import annotations as ann
-from soundshard.transforms.annotations import Annotation, AnnotationError
+from soundshard.transforms.labels import annotations as ann
+from soundshard.transforms.labels.annotations import Annotation, AnnotationError
 
 RAVEN_HEADER = (
     "Selection\tView\tChannel\tBegin Time (s)\tEnd Time (s)\tLow Freq (Hz)\tHigh Freq (Hz)\tSpecies"

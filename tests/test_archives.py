@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import soundfile
 
 from soundshard.pipelines import features
-from soundshard.transforms import sources
+from soundshard.transforms.io import archives, listing
 
 from .helpers import tone
 
@@ -47,9 +47,9 @@ def make_tgz(path):
 
 def test_list_archive_reports_kinds(tmp_path):
     make_zip(tmp_path / "a.zip")
-    kinds = {m.name: m.kind for m in sources.list_archive(str(tmp_path / "a.zip")).members}
+    kinds = {m.name: m.kind for m in archives.list_archive(str(tmp_path / "a.zip")).members}
     assert kinds["dog/a.wav"] == "file" and kinds["link.wav"] == "link"
-    items, dead = sources.expand_archive(str(tmp_path / "a.zip"), root=str(tmp_path))
+    items, dead = listing.expand_archive(str(tmp_path / "a.zip"), root=str(tmp_path))
     assert [(i.clip_id, i.archive_member) for i in items] == [
         ("a/dog/a", "dog/a.wav"),
         ("a/cat/b", "cat/b.flac"),
@@ -60,7 +60,7 @@ def test_list_archive_reports_kinds(tmp_path):
         ("a/../evil", "unsafe_member"),
         ("a/link", "unsafe_member"),
     ]
-    only_dogs, _ = sources.expand_archive(str(tmp_path / "a.zip"), root=str(tmp_path), member_glob="dog/*")
+    only_dogs, _ = listing.expand_archive(str(tmp_path / "a.zip"), root=str(tmp_path), member_glob="dog/*")
     assert [i.archive_member for i in only_dogs] == ["dog/a.wav"]
 
 
@@ -120,10 +120,10 @@ def test_tar_damaged_part_way_lists_what_precedes_and_says_where(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[offsets[1] + 148 : offsets[1] + 156] = b"garbage!"  # the second header's checksum
     path.write_bytes(bytes(raw))
-    listing = sources.list_archive(str(path))
-    assert [m.name for m in listing.members] == ["a.wav"]
-    assert f"byte {offsets[1]}" in listing.problem
-    items, dead = sources.expand_archive(str(path), root=str(tmp_path))
+    listed = archives.list_archive(str(path))
+    assert [m.name for m in listed.members] == ["a.wav"]
+    assert f"byte {offsets[1]}" in listed.problem
+    items, dead = listing.expand_archive(str(path), root=str(tmp_path))
     assert [i.clip_id for i in items] == ["night/a"]
     assert [(d.clip_id, d.stage, d.reason) for d in dead] == [("night", "source", "archive_incomplete")]
     assert f"byte {offsets[1]}" in dead[0].message and "1 entries before it" in dead[0].message
@@ -138,13 +138,13 @@ def test_truncated_compressed_tar_keeps_members_before_the_cut(tmp_path):
     tar_path.unlink()
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "cut.tar.gz").write_bytes(packed[: int(len(packed) * 0.6)])
-    listing = sources.list_archive(str(tmp_path / "in" / "cut.tar.gz"))
-    assert 1 <= len(listing.members) < 4 and listing.problem and "byte" in listing.problem
+    listed = archives.list_archive(str(tmp_path / "in" / "cut.tar.gz"))
+    assert 1 <= len(listed.members) < 4 and listed.problem and "byte" in listed.problem
     out = tmp_path / "out"
     features.run(["--input", str(tmp_path / "in"), "--output", str(out), "--format", "parquet"])
     fig = json.loads((out / "dataset.json").read_text())["figures"]
     # every listed member is processed or dead-lettered, plus one dead letter for the lost rest
-    assert fig["accounted_for"] is True and fig["inputs"] == len(listing.members) + 1
+    assert fig["accounted_for"] is True and fig["inputs"] == len(listed.members) + 1
     assert fig["dead_letters_by_reason"].get("archive_incomplete") == 1
     assert fig["files_processed"] >= 1
 
@@ -161,7 +161,7 @@ def test_members_sharing_a_name_are_all_read(tmp_path):
         warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
         archive.writestr("a.wav", wav_bytes(2.0))
         archive.writestr("a.wav", wav_bytes(4.0))
-    items, dead = sources.expand_archive(str(inputs / "t.tar"), root=str(inputs))
+    items, dead = listing.expand_archive(str(inputs / "t.tar"), root=str(inputs))
     assert not dead
     assert [(i.clip_id, i.uri.split("::")[0]) for i in items] == [
         ("t/a#1", "tar://a.wav#1"),

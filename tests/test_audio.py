@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from soundshard.schemas.errors import AudioDecodeError, AudioValidationError
-from soundshard.transforms.audio import decode_audio
+from soundshard.transforms.audio.decode import decode_audio
 
 from .helpers import tone, write_audio
 
@@ -76,7 +76,7 @@ def test_descriptor_input_and_fetched_bytes_decode_alike(tmp_path):
     import contextlib
     import os
 
-    from soundshard.transforms.features import _in_memory
+    from soundshard.transforms.features.compute import _in_memory
 
     path = write_audio(tmp_path / "a.flac", tone(sample_rate_hz=44100, duration_s=0.7), 44100)
     expected = decode_audio(str(path), sample_rate_hz=16000)

@@ -8,7 +8,8 @@ import pytest
 
 from soundshard.pipelines import features
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import augment, training
+from soundshard.transforms.audio import augment
+from soundshard.transforms.models import training
 
 from .helpers import tone, write_audio
 

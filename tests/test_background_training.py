@@ -8,7 +8,9 @@ import pytest
 
 from soundshard.pipelines import features, train
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import events, models, training
+from soundshard.transforms.models import architectures as models
+from soundshard.transforms.models import training
+from soundshard.transforms.tagging import events
 
 from .helpers import write_audio
 

@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 
 from soundshard.pipelines import features, train
 from soundshard.schemas.tagging import TagConfig
-from soundshard.transforms import calibration, events, scoring
+from soundshard.transforms.tagging import calibration, events, scoring
 
 from .helpers import write_audio
 

@@ -8,7 +8,7 @@ import pytest
 
 from soundshard.pipelines import features, train
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import training
+from soundshard.transforms.models import training
 
 
 def test_tempered_targets_by_hand():
@@ -107,7 +107,7 @@ def test_train_with_a_teacher_of_the_same_features(demo_features, teacher_model,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["clip_mean"]["accuracy"] >= 0.75  # chance is 0.25
     # the saved model is the student alone: the probabilities of the 4 labels
-    from soundshard.transforms import models
+    from soundshard.transforms.models import architectures as models
 
     model, _ = models.load_classifier(str(out))
     assert model.output_shape == (None, 4) and not any(layer.name == "distillation" for layer in model.layers)

@@ -15,7 +15,12 @@ from soundshard.pipelines import compile_edge, features, train
 from soundshard.schemas import edge as edge_schema
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import cexport, edge, levels, melspec, models, training
+from soundshard.transforms.edge import artifact as edge
+from soundshard.transforms.edge import cexport
+from soundshard.transforms.features import melspec
+from soundshard.transforms.levels import meter as levels
+from soundshard.transforms.models import architectures as models
+from soundshard.transforms.models import training
 
 from .helpers import reseal_model_folder
 

@@ -21,9 +21,10 @@ from soundshard.schemas import fields
 from soundshard.schemas.embedding import EmbeddingConfig, EmbeddingInput, load_embedding_config
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import SourceItem, WorkUnit
-from soundshard.transforms import embeddings, framing
-from soundshard.transforms.audio import decode_audio
-from soundshard.transforms.features import PlanUnits
+from soundshard.transforms.audio import framing
+from soundshard.transforms.audio.decode import decode_audio
+from soundshard.transforms.features import embeddings
+from soundshard.transforms.features.compute import PlanUnits
 
 from . import embedding_fixtures as fx
 from .helpers import require_esc10, tone, write_audio
@@ -172,7 +173,7 @@ def test_units_of_a_long_recording_decode_to_the_unsplit_windows(tmp_path):
         np.float32
     )
     path = write_audio(tmp_path / "long.flac", y, 44100)
-    from soundshard.transforms.features import decode_unit, plan
+    from soundshard.transforms.features.compute import decode_unit, plan
 
     item = SourceItem(str(path), "long")
     whole = plan(item, config)
@@ -437,7 +438,7 @@ def test_embed_command_writes_embedding_shards(inputs, tiny_models, tmp_path):
     first = next(iter(fields.tfrecord_dataset(records, config)))
     assert first["embedding"].shape == (5,)
     # the training code reads embedding shards as they are
-    from soundshard.transforms import training
+    from soundshard.transforms.models import training
 
     loaded = training.load_windows(str(out), dataset)
     assert loaded.features.shape == (10, 5)

@@ -21,8 +21,9 @@ from soundshard.pipelines import embed
 from soundshard.schemas import fields
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import embeddings, framing
-from soundshard.transforms.audio import decode_audio
+from soundshard.transforms.audio import framing
+from soundshard.transforms.audio.decode import decode_audio
+from soundshard.transforms.features import embeddings
 
 from . import embedding_fixtures as fx
 from .helpers import tone, write_audio
@@ -254,7 +255,7 @@ def test_ordinary_saved_models_pass_the_op_check(saved_models, tmp_path):
     import keras
     import tensorflow as tf
 
-    from soundshard.transforms.models import build_model
+    from soundshard.transforms.models.architectures import build_model
 
     folders = [saved_models["tiny"], saved_models["frames"]]
     for name, shape in (("edgecnn", (60, 41)), ("sbcnn", (60, 41)), ("mlp", (512,))):

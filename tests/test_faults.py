@@ -20,7 +20,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from soundshard.pipelines import features
 from soundshard.schemas.errors import ConfigError, StorageError
-from soundshard.transforms import sources
+from soundshard.transforms.io import archives, storage
 
 from .emulators import Fault, fault_proxy
 from .helpers import tone
@@ -204,13 +204,13 @@ def test_s3_requests_are_retried_here_only(s3_env, monkeypatch):
         flaky = proxy.add(Fault(f"/{bucket}/flaky.wav", times=2))
         dead = proxy.add(Fault(f"/{bucket}/dead.wav"))
         retries = []
-        source = sources.open_source(
+        source = archives.open_source(
             f"s3://{bucket}/flaky.wav", size_bytes=len(data), on_retry=retries.append
         )
         assert source.read() == data
         assert (flaky.hits, len(retries)) == (3, 2)
 
-        source = sources.open_source(f"s3://{bucket}/dead.wav", size_bytes=len(data), on_retry=retries.append)
+        source = archives.open_source(f"s3://{bucket}/dead.wav", size_bytes=len(data), on_retry=retries.append)
         with pytest.raises(
             StorageError, match=rf"s3://{bucket}/dead.wav: reading bytes 0\.\.{len(data) - 1} gave up"
         ):
@@ -219,7 +219,7 @@ def test_s3_requests_are_retried_here_only(s3_env, monkeypatch):
             source.read(10)
     # three requests in all: neither s3fs nor botocore retried on their own
     assert (dead.hits, len(retries)) == (3, 2 + 2)
-    assert sources.storage_error(source) is not None
+    assert storage.storage_error(source) is not None
 
 
 def test_missing_object_is_not_retried(s3_env):
@@ -228,29 +228,29 @@ def test_missing_object_is_not_retried(s3_env):
     fs.mkdir(bucket)
     retries = []
     with pytest.raises(StorageError) as failure:
-        sources.open_source(f"s3://{bucket}/gone.wav", on_retry=retries.append)
+        archives.open_source(f"s3://{bucket}/gone.wav", on_retry=retries.append)
     assert failure.value.reason == "missing_file" and retries == []
     assert f"s3://{bucket}/gone.wav" in str(failure.value)
 
 
 def test_retry_settings_from_the_environment():
-    retry = sources.StorageRetry.from_env(
+    retry = storage.StorageRetry.from_env(
         {"SOUNDSHARD_STORAGE_ATTEMPTS": "2", "SOUNDSHARD_STORAGE_DEADLINE_S": "5"}
     )
     assert (retry.attempts, retry.deadline_s, retry.attempt_timeout_s) == (2, 5.0, 10.0)
     assert all(0.125 <= retry.pause_s(0) <= 0.25 for _ in range(20))
     assert retry.pause_s(10) <= retry.max_backoff_s
     with pytest.raises(ConfigError, match="SOUNDSHARD_STORAGE_ATTEMPTS='many'"):
-        sources.StorageRetry.from_env({"SOUNDSHARD_STORAGE_ATTEMPTS": "many"})
+        storage.StorageRetry.from_env({"SOUNDSHARD_STORAGE_ATTEMPTS": "many"})
     with pytest.raises(ConfigError, match="deadline_s=0.0"):
-        sources.StorageRetry.from_env({"SOUNDSHARD_STORAGE_DEADLINE_S": "0"})
-    assert sources.StorageRetry.from_env({"SOUNDSHARD_STORAGE_CACHE_MB": "0.5"}).cache_mb == 0.5
+        storage.StorageRetry.from_env({"SOUNDSHARD_STORAGE_DEADLINE_S": "0"})
+    assert storage.StorageRetry.from_env({"SOUNDSHARD_STORAGE_CACHE_MB": "0.5"}).cache_mb == 0.5
     with pytest.raises(ConfigError, match="cache_mb=-1.0"):
-        sources.StorageRetry.from_env({"SOUNDSHARD_STORAGE_CACHE_MB": "-1"})
+        storage.StorageRetry.from_env({"SOUNDSHARD_STORAGE_CACHE_MB": "-1"})
 
 
 def test_fetched_objects_are_bounded_and_taken_as_often_as_put():
-    kept = sources.FetchedObjects(limit_bytes=10)
+    kept = storage.FetchedObjects(limit_bytes=10)
     assert kept.put(("a",), b"aaaa", reads=2) and kept.put(("b",), b"bbbb")
     assert (len(kept), kept.held_bytes) == (2, 8)
     assert kept.take(("a",)) == b"aaaa" and kept.take(("a",)) == b"aaaa"  # a recording and its copy

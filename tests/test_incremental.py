@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from soundshard.pipelines import features
-from soundshard.transforms import ledger
+from soundshard.transforms.io import ledger
 
 from .helpers import tone, write_audio
 
@@ -194,7 +194,7 @@ def test_touched_but_unchanged_file_is_not_taken_on_again(tmp_path, capsys):
 
 
 def test_readers_see_every_night_and_only_the_latest_version_of_a_changed_file(tmp_path):
-    from soundshard.transforms import training
+    from soundshard.transforms.models import training
 
     inputs, out = tmp_path / "in", tmp_path / "out"
 
@@ -229,7 +229,7 @@ def test_readers_see_every_night_and_only_the_latest_version_of_a_changed_file(t
 
 
 def test_readers_leave_out_nights_with_other_features(tmp_path):
-    from soundshard.transforms import training
+    from soundshard.transforms.models import training
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     night_files(inputs, ["sites/a/x.wav"])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from soundshard.transforms import levels
+from soundshard.transforms.levels import meter as levels
 
 RATES_HZ = (16000, 22050, 44100, 48000)
 

@@ -17,8 +17,9 @@ from soundshard.pipelines import features, tag
 from soundshard.pipelines.demo import make_long_recording
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.records import SourceItem
-from soundshard.transforms import level_tables, levels
-from soundshard.transforms.audio import decode_audio
+from soundshard.transforms.audio.decode import decode_audio
+from soundshard.transforms.levels import level_tables
+from soundshard.transforms.levels import meter as levels
 from tests.helpers import ROOT, write_audio
 
 RATE = 44100

@@ -18,8 +18,9 @@ import soxr
 from soundshard.pipelines import listen, tag
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.tagging import TagConfig
-from soundshard.transforms import events as ev
-from soundshard.transforms import melspec, streaming
+from soundshard.transforms.features import melspec
+from soundshard.transforms.tagging import events as ev
+from soundshard.transforms.tagging import streaming
 
 from .helpers import SHARED_DATA
 

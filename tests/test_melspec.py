@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from soundshard.schemas.config import FeatureConfig
-from soundshard.transforms import melspec
+from soundshard.transforms.features import melspec
 
 from .helpers import tone
 

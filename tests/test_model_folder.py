@@ -16,7 +16,8 @@ import pytest
 
 from soundshard.pipelines import compile_edge, features, tag, train
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import models, tagging
+from soundshard.transforms.models import architectures as models
+from soundshard.transforms.tagging import classify as tagging
 
 from .helpers import copy_model_folder, reseal_model_folder, tone, write_audio
 

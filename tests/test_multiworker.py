@@ -19,7 +19,7 @@ import pytest
 
 from soundshard.pipelines import train
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import distributed, training
+from soundshard.transforms.models import distributed, training
 
 #: Clip accuracy the 2-worker model must reach on the test fold (8 clips, 4 classes, chance 0.25),
 #: and how far below the single-worker model's it may be: one clip of the 8. The two runs see

@@ -102,7 +102,7 @@ def test_incremental_nights_on_gcs(gcs_env, tmp_path):
     """Object generations tell changed objects apart, even at the same size; outputs on GCS."""
     import numpy as np
 
-    from soundshard.transforms import ledger
+    from soundshard.transforms.io import ledger
 
     from .helpers import tone, write_audio
 
@@ -154,8 +154,8 @@ def test_small_remote_file_is_fetched_once(gcs_env, tmp_path):
     from soundshard.schemas.config import FeatureConfig
     from soundshard.schemas.errors import StorageError
     from soundshard.schemas.records import SourceItem
-    from soundshard.transforms.features import LogMelGrid, decode_unit, fetched_key, plan
-    from soundshard.transforms.sources import FETCHED
+    from soundshard.transforms.features.compute import LogMelGrid, decode_unit, fetched_key, plan
+    from soundshard.transforms.io.storage import FETCHED
 
     fs, _ = fsspec.core.url_to_fs("gs://")
     bucket = f"once-{uuid.uuid4().hex[:8]}"

@@ -24,9 +24,9 @@ import pytest
 
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import openl3
-from soundshard.transforms.embeddings import KerasEmbedder, embed_waveform
-from soundshard.transforms.framing import FrameGrid
+from soundshard.transforms.audio.framing import FrameGrid
+from soundshard.transforms.features import openl3
+from soundshard.transforms.features.embeddings import KerasEmbedder, embed_waveform
 
 from .embedding_fixtures import randomize_batchnorm
 from .helpers import SHARED_DATA

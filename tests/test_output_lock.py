@@ -12,7 +12,7 @@ import pytest
 
 from soundshard.pipelines import features
 from soundshard.schemas.errors import OutputLockedError
-from soundshard.transforms import lock
+from soundshard.transforms.io import lock
 
 from .helpers import tone, write_audio
 

@@ -312,6 +312,6 @@ def test_longform_recording_in_units(tmp_path):
 
 
 def melspec_windows_for(duration_s: float) -> int:
-    from soundshard.transforms.melspec import window_count
+    from soundshard.transforms.features.melspec import window_count
 
     return window_count(round(duration_s * 22050), FeatureConfig())

@@ -10,7 +10,8 @@ from soundshard.pipelines import features
 from soundshard.schemas.config import RecordingConfig
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import SourceItem
-from soundshard.transforms import recordings, sources
+from soundshard.transforms.audio import recordings
+from soundshard.transforms.io import listing
 
 from .helpers import tone, write_audio
 
@@ -90,12 +91,12 @@ def test_manifest_start_times_and_bad_values(tmp_path):
         "b.wav,last tuesday,y\n"
         "20261124_020000.wav,,z\n"
     )
-    listing = sources.from_manifest(str(manifest), input_uri=str(audio))
-    starts = {i.clip_id: i.recording_start_us for i in listing.items}
+    found = listing.from_manifest(str(manifest), input_uri=str(audio))
+    starts = {i.clip_id: i.recording_start_us for i in found.items}
     assert starts == {"a": 1795482000 * 10**6, "20261124_020000": 1795485600 * 10**6}
-    assert [(d.clip_id, d.reason) for d in listing.dead_letters] == [("b", "bad_start_time")]
-    assert "'last tuesday' is not an ISO 8601" in listing.dead_letters[0].message
-    assert listing.extra_columns == ("note",)  # the start column is not copied as meta_
+    assert [(d.clip_id, d.reason) for d in found.dead_letters] == [("b", "bad_start_time")]
+    assert "'last tuesday' is not an ISO 8601" in found.dead_letters[0].message
+    assert found.extra_columns == ("note",)  # the start column is not copied as meta_
 
 
 def test_windows_carry_absolute_times_and_sites(tmp_path):

@@ -18,8 +18,9 @@ from soundshard.pipelines import score as sc
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import SourceItem
 from soundshard.schemas.tagging import TagConfig
-from soundshard.transforms import events as ev
-from soundshard.transforms import scoring, tagging
+from soundshard.transforms.tagging import classify as tagging
+from soundshard.transforms.tagging import events as ev
+from soundshard.transforms.tagging import scoring
 
 LABELS = ("dog", "rain")
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 import pytest
 
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import sources
+from soundshard.transforms.io import listing
 
 from .helpers import tone, write_audio
 
@@ -19,22 +19,22 @@ def tree(tmp_path):
 
 
 def test_folder_listing_with_parent_labels(tree):
-    listing = sources.from_listing(str(tree / "audio"), label_from_parent=True)
-    ids = [i.clip_id for i in listing.items]
+    found = listing.from_listing(str(tree / "audio"), label_from_parent=True)
+    ids = [i.clip_id for i in found.items]
     assert ids == ["cat/c", "dog/a", "dog/b", "fold1/d"]
-    assert [i.label for i in listing.items] == ["cat", "dog", "dog", "fold1"]
-    assert listing.label_map == {"cat": 0, "dog": 1, "fold1": 2}
-    assert all(i.size_bytes and i.size_bytes > 44 for i in listing.items)
+    assert [i.label for i in found.items] == ["cat", "dog", "dog", "fold1"]
+    assert found.label_map == {"cat": 0, "dog": 1, "fold1": 2}
+    assert all(i.size_bytes and i.size_bytes > 44 for i in found.items)
 
 
 def test_glob_listing(tree):
-    listing = sources.from_listing(str(tree / "audio" / "**" / "*.wav"))
-    assert [i.clip_id for i in listing.items] == ["cat/c", "dog/a", "fold1/d"]
-    assert all(i.label is None for i in listing.items)
+    found = listing.from_listing(str(tree / "audio" / "**" / "*.wav"))
+    assert [i.clip_id for i in found.items] == ["cat/c", "dog/a", "fold1/d"]
+    assert all(i.label is None for i in found.items)
     with pytest.raises(ConfigError, match="matched no audio files"):
-        sources.from_listing(str(tree / "audio" / "*.mp3"))
+        listing.from_listing(str(tree / "audio" / "*.mp3"))
     with pytest.raises(ConfigError, match="does not exist"):
-        sources.from_listing(str(tree / "nowhere"))
+        listing.from_listing(str(tree / "nowhere"))
 
 
 def test_manifest_rows_become_items_or_dead_letters(tree):
@@ -48,23 +48,23 @@ def test_manifest_rows_become_items_or_dead_letters(tree):
         "dog/a.wav,1,dog,111\n"  # duplicate
         "dog/b.flac,x,dog,555\n"  # bad fold
     )
-    listing = sources.from_manifest(str(manifest), input_uri=str(tree / "audio"))
-    assert [(i.clip_id, i.label, i.fold) for i in listing.items] == [
+    found = listing.from_manifest(str(manifest), input_uri=str(tree / "audio"))
+    assert [(i.clip_id, i.label, i.fold) for i in found.items] == [
         ("dog/a", "dog", 1),
         ("fold1/d", "cat", 2),
     ]
-    assert listing.items[0].extra == (("src_file", "111"),)
-    assert listing.extra_columns == ("src_file",)
-    reasons = sorted((d.reason, d.stage) for d in listing.dead_letters)
+    assert found.items[0].extra == (("src_file", "111"),)
+    assert found.extra_columns == ("src_file",)
+    reasons = sorted((d.reason, d.stage) for d in found.dead_letters)
     assert reasons == [
         ("bad_fold", "manifest"),
         ("duplicate_row", "manifest"),
         ("empty_label", "manifest"),
         ("missing_file", "source"),
     ]
-    assert listing.n_inputs == 6
-    assert listing.label_map == {"cat": 0, "dog": 1}
-    missing = next(d for d in listing.dead_letters if d.reason == "missing_file")
+    assert found.n_inputs == 6
+    assert found.label_map == {"cat": 0, "dog": 1}
+    missing = next(d for d in found.dead_letters if d.reason == "missing_file")
     assert "dog/missing.wav" in missing.message and missing.source_uri.endswith("dog/missing.wav")
 
 
@@ -72,15 +72,15 @@ def test_manifest_column_errors(tree):
     manifest = tree / "meta.csv"
     manifest.write_text("name,label\nx.wav,dog\n")
     with pytest.raises(ConfigError, match="no filename column"):
-        sources.from_manifest(str(manifest), input_uri=str(tree / "audio"))
+        listing.from_manifest(str(manifest), input_uri=str(tree / "audio"))
     with pytest.raises(ConfigError, match="--label_column 'klass' is not a manifest column"):
-        sources.from_manifest(
+        listing.from_manifest(
             str(manifest),
             input_uri=str(tree / "audio"),
-            columns=sources.ManifestColumns(filename="name", label="klass"),
+            columns=listing.ManifestColumns(filename="name", label="klass"),
         )
     with pytest.raises(ConfigError, match="does not exist"):
-        sources.from_manifest(str(tree / "nope.csv"), input_uri=str(tree / "audio"))
+        listing.from_manifest(str(tree / "nope.csv"), input_uri=str(tree / "audio"))
 
 
 def test_parquet_manifest(tree):
@@ -89,8 +89,8 @@ def test_parquet_manifest(tree):
 
     path = tree / "meta.parquet"
     pq.write_table(pa.table({"filename": ["dog/b.flac"], "label": ["dog"], "split": ["train"]}), path)
-    listing = sources.from_manifest(str(path), input_uri=str(tree / "audio"))
-    assert [(i.clip_id, i.label, i.split) for i in listing.items] == [("dog/b", "dog", "train")]
+    found = listing.from_manifest(str(path), input_uri=str(tree / "audio"))
+    assert [(i.clip_id, i.label, i.split) for i in found.items] == [("dog/b", "dog", "train")]
 
 
 def test_files_differing_only_by_extension_keep_apart(tmp_path):
@@ -106,11 +106,11 @@ def test_files_differing_only_by_extension_keep_apart(tmp_path):
     write_audio(inputs / "x.wav", tone(duration_s=1.0), 22050)
     write_audio(inputs / "x.flac", tone(duration_s=3.0), 22050)
     write_audio(inputs / "y.wav", tone(duration_s=1.0), 22050)
-    listing = sources.from_listing(str(inputs))
-    assert sorted(i.clip_id for i in listing.items) == ["x.flac", "x.wav", "y"]
+    found = listing.from_listing(str(inputs))
+    assert sorted(i.clip_id for i in found.items) == ["x.flac", "x.wav", "y"]
     manifest = tmp_path / "meta.csv"
     manifest.write_text("filename,label\nx.wav,a\nx.flac,b\n")
-    listed = sources.from_manifest(str(manifest), input_uri=str(inputs))
+    listed = listing.from_manifest(str(manifest), input_uri=str(inputs))
     assert not listed.dead_letters
     assert sorted((i.clip_id, i.label) for i in listed.items) == [("x.flac", "b"), ("x.wav", "a")]
     out = tmp_path / "out"
@@ -133,4 +133,4 @@ def test_unique_clip_ids_numbers_what_extensions_cannot_separate():
         SourceItem("/b/x.flac", "x"),
         SourceItem("/b/z.wav", "z"),
     ]
-    assert [i.clip_id for i in sources.unique_clip_ids(items)] == ["x.wav#1", "x.wav#2", "x.flac", "z"]
+    assert [i.clip_id for i in listing.unique_clip_ids(items)] == ["x.wav#1", "x.wav#2", "x.flac", "z"]

@@ -14,8 +14,9 @@ from soundshard.pipelines import features
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.records import SourceItem, WindowBatch
-from soundshard.transforms import sources, strong_labels
-from soundshard.transforms.features import _LabelWindowsFn, plan
+from soundshard.transforms.features.compute import _LabelWindowsFn, plan
+from soundshard.transforms.io import listing
+from soundshard.transforms.labels import strong_labels
 
 from .helpers import tone, write_audio
 
@@ -112,7 +113,7 @@ def test_window_labels_refuse_bad_arguments():
 
 
 def test_events_refuse_empty_and_reserved_labels():
-    from soundshard.transforms.annotations import AnnotationError, parse_audacity
+    from soundshard.transforms.labels.annotations import AnnotationError, parse_audacity
 
     with pytest.raises(AnnotationError, match=r"t\.txt: the annotation at 1-2 s has an empty label"):
         strong_labels.events_of(parse_audacity("1\t2\t\n"), source="t.txt")
@@ -368,8 +369,8 @@ def test_split_and_unsplit_recordings_get_the_same_labels(tmp_path):
     assert sum(1 for names in whole.column("labels").to_pylist() if names) > 50
 
     # the units of the split recording carry only the events that can meet their windows
-    item = sources.attach_annotations(
-        [SourceItem(str(audio / "long.wav"), "long")], labels=sources.StrongLabels()
+    item = listing.attach_annotations(
+        [SourceItem(str(audio / "long.wav"), "long")], labels=listing.StrongLabels()
     )[0][0]
     config = FeatureConfig.from_dict(
         {"sample_rate_hz": 16000, "n_fft": 512, "hop_length": 400, "n_mels": 20, "window_frames": 40}

@@ -18,9 +18,9 @@ from soundshard.pipelines.demo import make_long_recording
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import ConfigError, DataError
 from soundshard.schemas.records import SourceItem
-from soundshard.transforms import events as ev
-from soundshard.transforms import plots
-from soundshard.transforms import snippets as snip
+from soundshard.transforms.tagging import events as ev
+from soundshard.transforms.tagging import plots
+from soundshard.transforms.tagging import snippets as snip
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -348,7 +348,7 @@ def test_plot_and_snippet_flags_are_checked(demo_model, tmp_path, capsys):
 
 
 def test_a_plot_that_fails_is_a_dead_letter_of_stage_plots(tmp_path):
-    from soundshard.transforms import tagging
+    from soundshard.transforms.tagging import classify as tagging
 
     blocked = tmp_path / "file"
     blocked.write_text("a file where the temporary folder should be")

@@ -20,8 +20,8 @@ from soundshard.pipelines.demo import make_long_recording
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.records import FileSummary, SourceItem
 from soundshard.schemas.tagging import TagConfig, parse_thresholds
-from soundshard.transforms import events as ev
-from soundshard.transforms import tagging
+from soundshard.transforms.tagging import classify as tagging
+from soundshard.transforms.tagging import events as ev
 
 from .helpers import reseal_model_folder
 

@@ -8,7 +8,7 @@ import pytest
 from soundshard.pipelines import train
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.training import MODEL_NAMES, TrainConfig, load_train_config
-from soundshard.transforms import models
+from soundshard.transforms.models import architectures as models
 
 
 @pytest.mark.parametrize(

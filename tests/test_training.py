@@ -7,7 +7,8 @@ import pytest
 
 from soundshard.pipelines import train
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import models, training
+from soundshard.transforms.models import architectures as models
+from soundshard.transforms.models import training
 
 
 def test_sbcnn_architecture_and_size():
@@ -299,7 +300,7 @@ def test_evaluate_refuses_other_features(demo_features, tmp_path, capsys):
 
 
 def test_one_line_per_epoch_with_the_best_so_far(monkeypatch):
-    from soundshard.transforms import callbacks
+    from soundshard.transforms.models import callbacks
 
     clock = iter([100.0, 130.0, 160.0])
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
@@ -318,7 +319,7 @@ def test_one_line_per_epoch_with_the_best_so_far(monkeypatch):
 def test_early_stopping_leaves_the_best_epochs_weights_in_the_model():
     """After fit the model holds the weights of the epoch with the best validation clip accuracy
     (what is saved and tested), not the last epoch's."""
-    from soundshard.transforms.callbacks import ClipEarlyStopping
+    from soundshard.transforms.models.callbacks import ClipEarlyStopping
 
     features = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], np.float32)
     validation = training.WindowSet(

@@ -10,8 +10,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.records import SourceItem
-from soundshard.transforms import melspec
-from soundshard.transforms.features import ComputeLogMel, PlanUnits
+from soundshard.transforms.features import melspec
+from soundshard.transforms.features.compute import ComputeLogMel, PlanUnits
 
 from .helpers import tone, write_audio
 
@@ -83,7 +83,7 @@ def test_window_batch_values_equal_the_pure_function(tmp_path, beam_runner):
     path = write_audio(tmp_path / "a.flac", tone(sample_rate_hz=16000, duration_s=1.5), 16000)
     import threadpoolctl
 
-    from soundshard.transforms.audio import decode_audio
+    from soundshard.transforms.audio.decode import decode_audio
 
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):  # as the DoFn computes
         expected = melspec.log_mel_windows(decode_audio(str(path), sample_rate_hz=22050).samples, config)

@@ -6,9 +6,10 @@ import pytest
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import AudioValidationError
 from soundshard.schemas.records import SourceItem
-from soundshard.transforms import melspec, units
-from soundshard.transforms.audio import decode_audio
-from soundshard.transforms.features import plan, unit_duration_s
+from soundshard.transforms.audio import units
+from soundshard.transforms.audio.decode import decode_audio
+from soundshard.transforms.features import melspec
+from soundshard.transforms.features.compute import plan, unit_duration_s
 
 from .helpers import tone, write_audio
 

@@ -55,10 +55,10 @@ def throughput(args) -> dict:
 
     from soundshard.pipelines import embed
     from soundshard.schemas.embedding import EmbeddingConfig
-    from soundshard.transforms import openl3
-    from soundshard.transforms.audio import decode_audio
-    from soundshard.transforms.embeddings import load_embedding_model
-    from soundshard.transforms.framing import FrameGrid
+    from soundshard.transforms.audio.decode import decode_audio
+    from soundshard.transforms.audio.framing import FrameGrid
+    from soundshard.transforms.features import openl3
+    from soundshard.transforms.features.embeddings import load_embedding_model
     from tests.embedding_fixtures import make_openl3_weights
 
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))

@@ -108,7 +108,7 @@ def agreement() -> dict:
     import pyarrow.parquet as pq
     from pyoctaveband import WeightingFilter
 
-    from soundshard.transforms.audio import decode_audio
+    from soundshard.transforms.audio.decode import decode_audio
 
     out = {}
     recording = RECORDINGS[0]

@@ -86,7 +86,7 @@ def instrument(stats: dict) -> None:
     """
     import gcsfs.core
 
-    from soundshard.transforms import features as feature_stage
+    from soundshard.transforms.features import compute as feature_stage
 
     call = gcsfs.core.GCSFileSystem._call
 

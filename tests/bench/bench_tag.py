@@ -93,7 +93,7 @@ def sed_scores(estimated: list[dict], labels: list[str]) -> dict:
 def events_from_windows(windows: pd.DataFrame, tag_config: dict, duration_s: float, **changes) -> list[dict]:
     """Events recomputed from the window table with other event rules."""
     from soundshard.schemas.tagging import TagConfig
-    from soundshard.transforms import events as ev
+    from soundshard.transforms.tagging import events as ev
 
     config = TagConfig.from_dict({**tag_config, **changes})
     w = windows.sort_values("window_index")

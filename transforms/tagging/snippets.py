@@ -33,7 +33,7 @@ import soundfile
 from soundshard.schemas.errors import ConfigError, DataError
 from soundshard.schemas.records import SourceItem
 from soundshard.schemas.tagging import SNIPPET_MARGIN_S
-from soundshard.transforms import events as ev
+from soundshard.transforms.tagging import events as ev
 
 #: Frames copied per read: 2**18 frames of 8 int32 channels is 8 MiB.
 BLOCK_FRAMES = 1 << 18
@@ -245,8 +245,8 @@ def write_snippets(
         ``(event, snippet, None)`` per file written, ``(event, None, error)`` per event that could
         not be cut (a source that cannot be opened fails every event).
     """
-    from soundshard.transforms.features import _open_checked, _storage_checked
-    from soundshard.transforms.shards import join
+    from soundshard.transforms.features.compute import _open_checked, _storage_checked
+    from soundshard.transforms.outputs.shards import join
 
     if not events:
         return

@@ -26,8 +26,9 @@ import soxr
 from soundshard.schemas import melscale
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.tagging import TagConfig
-from soundshard.transforms import events as ev
-from soundshard.transforms import melspec, training
+from soundshard.transforms.features import melspec
+from soundshard.transforms.models import training
+from soundshard.transforms.tagging import events as ev
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +357,7 @@ class Int8Classifier:
         self._output = self._interpreter.get_output_details()[0]["index"]
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        from soundshard.transforms import edge
+        from soundshard.transforms.edge import artifact as edge
 
         scale, zero = self._in
         inputs = edge.quantize(features, scale=scale, zero_point=zero)

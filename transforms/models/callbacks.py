@@ -7,7 +7,8 @@ import time
 
 import keras
 
-from soundshard.transforms import events, training
+from soundshard.transforms.models import training
+from soundshard.transforms.tagging import events
 
 
 class ClipEarlyStopping(keras.callbacks.Callback):

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import training
+from soundshard.transforms.models import training
 
 TF_CONFIG = "TF_CONFIG"
 #: Task types of TF_CONFIG that MultiWorkerMirroredStrategy runs, in their global order.

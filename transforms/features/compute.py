@@ -42,18 +42,14 @@ from soundshard.schemas.records import (
     WindowBatch,
     WorkUnit,
 )
-from soundshard.transforms import augment, melspec, strong_labels, units
-from soundshard.transforms import levels as level_maths
-from soundshard.transforms.audio import decode_audio
+from soundshard.transforms.audio import augment, units
+from soundshard.transforms.audio.decode import decode_audio
+from soundshard.transforms.features import melspec
+from soundshard.transforms.io.archives import close_archives, open_source
+from soundshard.transforms.io.storage import FETCHED, StorageRetry, fill_all, storage_error
+from soundshard.transforms.labels import strong_labels
+from soundshard.transforms.levels import meter as level_maths
 from soundshard.transforms.outcomes import NAMESPACE, count, dead_letter  # noqa: F401 - named here for callers
-from soundshard.transforms.sources import (
-    FETCHED,
-    StorageRetry,
-    close_archives,
-    fill_all,
-    open_source,
-    storage_error,
-)
 
 DEAD_LETTERS = "dead_letters"
 SUMMARIES = "summaries"
@@ -302,7 +298,7 @@ def as_grid(config) -> WindowGrid:
     if isinstance(config, FeatureConfig):
         return LogMelGrid(config)
     if isinstance(config, EmbeddingConfig):
-        from soundshard.transforms.framing import FrameGrid
+        from soundshard.transforms.audio.framing import FrameGrid
 
         return FrameGrid.from_config(config)
     return config

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from soundshard.schemas.tagging import TagConfig
-from soundshard.transforms import events, scoring
+from soundshard.transforms.tagging import events, scoring
 
 #: Onset collar in seconds and segment length, as ``soundshard score`` uses by default.
 COLLAR_S = 0.5

@@ -39,7 +39,8 @@ from soundshard.schemas.embedding import EmbeddingConfig, unit_source
 from soundshard.schemas.records import DeadLetter, FileSummary, LabelCount, SourceItem, WindowBatch
 from soundshard.schemas.tfexample import tfrecord_frame
 from soundshard.schemas.uris import redact
-from soundshard.transforms import ledger, strong_labels
+from soundshard.transforms.io import ledger
+from soundshard.transforms.labels import strong_labels
 
 FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
@@ -560,7 +561,8 @@ class _CommitFn(beam.DoFn):
     def _level_files(self, level_files, level_hours, manifest) -> list[tuple[str, str]]:
         """Moves of the levels tables (``--levels``); a replacing run also deletes the levels
         tables an earlier run left in the output folder."""
-        from soundshard.transforms import level_tables, tables
+        from soundshard.transforms.levels import level_tables
+        from soundshard.transforms.outputs import tables
 
         spec = self._spec
         partition = f"run_date={spec.run_date}" if spec.incremental else ""

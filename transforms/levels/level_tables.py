@@ -32,8 +32,8 @@ import pyarrow as pa
 
 from soundshard.schemas.levels import UNIT_DBFS, UNIT_SPL, LevelConfig, check_offset_db
 from soundshard.schemas.records import LevelBlocks, SourceItem, UnitLevels
-from soundshard.transforms import levels
-from soundshard.transforms.tables import TableRows, source_columns, utc_column
+from soundshard.transforms.levels import meter as levels
+from soundshard.transforms.outputs.tables import TableRows, source_columns, utc_column
 
 #: Formats of the levels tables.
 FORMATS = ("parquet", "csv")

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from soundshard.schemas.tagging import FLOOR_MIN_WINDOWS, FLOOR_PERCENTILE, TagConfig
-from soundshard.transforms import training
+from soundshard.transforms.models import training
 
 HOUR_US = 3_600_000_000
 
@@ -354,7 +354,7 @@ def best_thresholds(
 def mean_average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
     """The mean over classes with true windows of :func:`average_precision` (``scores`` and
     ``truth`` ``[n, n_classes]``); 0 when no class has any."""
-    from soundshard.transforms.scoring import average_precision
+    from soundshard.transforms.tagging.scoring import average_precision
 
     values = [average_precision(truth[:, c] > 0, scores[:, c]) for c in range(scores.shape[1])]
     values = [v for v in values if not math.isnan(v)]
@@ -364,7 +364,7 @@ def mean_average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
 def window_f1(scores: np.ndarray, truth: np.ndarray, thresholds, label_names) -> dict:
     """Per class and overall (micro) precision, recall and F1 of "score >= threshold" against a
     multi-hot ``truth`` ``[n, n_classes]``, with each class's average precision."""
-    from soundshard.transforms.scoring import average_precision
+    from soundshard.transforms.tagging.scoring import average_precision
 
     predicted = scores >= np.asarray(thresholds, np.float32)[None, :]
     truth = truth > 0

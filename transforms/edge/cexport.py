@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from soundshard.schemas.config import DELTA_WIDTH
-from soundshard.transforms import levels, melspec
-from soundshard.transforms.edge import FeatureTables
+from soundshard.transforms.edge.artifact import FeatureTables
+from soundshard.transforms.features import melspec
+from soundshard.transforms.levels import meter as levels
 
 _LOG_COMPRESSION_CODES = {"none": 0, "db": 1, "log": 2}
 _NORMALIZATION_CODES = {"none": 0, "mean": 1, "standardize": 2}

@@ -36,13 +36,14 @@ from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.outcomes import Stage
 from soundshard.schemas.records import FileSummary, LevelBlocks, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
-from soundshard.transforms import events as ev
-from soundshard.transforms import level_tables, levels, melspec, plots, training
-from soundshard.transforms import snippets as snip
-from soundshard.transforms.embeddings import error_parts
-from soundshard.transforms.features import DEAD_LETTERS, count, dead_letter
-from soundshard.transforms.shards import join, write_bytes
-from soundshard.transforms.tables import (  # noqa: F401 - table plumbing, named here for callers
+from soundshard.transforms.features import melspec
+from soundshard.transforms.features.compute import DEAD_LETTERS, count, dead_letter
+from soundshard.transforms.features.embeddings import error_parts
+from soundshard.transforms.levels import level_tables
+from soundshard.transforms.levels import meter as levels
+from soundshard.transforms.models import training
+from soundshard.transforms.outputs.shards import join, write_bytes
+from soundshard.transforms.outputs.tables import (  # noqa: F401 - table plumbing, named here for callers
     Move,
     TableRows,
     WriteTables,
@@ -50,6 +51,9 @@ from soundshard.transforms.tables import (  # noqa: F401 - table plumbing, named
     table_files,
     utc_column,
 )
+from soundshard.transforms.tagging import events as ev
+from soundshard.transforms.tagging import plots
+from soundshard.transforms.tagging import snippets as snip
 
 _LOG = logging.getLogger(__name__)
 TABLES = ("windows", "files", "events", *level_tables.RECORDING_TABLES)
@@ -133,7 +137,7 @@ def load_classifier_from(uri: str) -> Classifier:
         ConfigError: the folder is not as ``soundshard train`` wrote it, or its model cannot be
             loaded in Keras safe mode.
     """
-    from soundshard.transforms import models
+    from soundshard.transforms.models import architectures as models
 
     description = models.read_description(uri)
     return Classifier(models.load_verified_model(uri, description))
@@ -654,7 +658,7 @@ class _WriteSnippetsFn(beam.DoFn):
         self._partition = partition
 
     def teardown(self):
-        from soundshard.transforms.sources import close_archives
+        from soundshard.transforms.io.archives import close_archives
 
         close_archives()
 

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from soundshard.transforms.annotations import AnnotationError
+from soundshard.transforms.labels.annotations import AnnotationError
 
 #: Default share of the shorter of window and event that must overlap (``--min-label-overlap``).
 MIN_OVERLAP = 0.25

@@ -18,7 +18,7 @@ import numpy as np
 
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.records import WorkUnit
-from soundshard.transforms import units
+from soundshard.transforms.audio import units
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,8 @@ from soundshard.schemas.embedding import EmbeddingBatch, EmbeddingConfig, Embedd
 from soundshard.schemas.errors import ConfigError, DataError
 from soundshard.schemas.outcomes import Stage
 from soundshard.schemas.records import FileSummary, WorkUnit
-from soundshard.transforms.features import (
+from soundshard.transforms.audio.framing import FrameGrid
+from soundshard.transforms.features.compute import (
     DEAD_LETTERS,
     LEVELS,
     NAMESPACE,
@@ -57,7 +58,6 @@ from soundshard.transforms.features import (
     count,
     dead_letter,
 )
-from soundshard.transforms.framing import FrameGrid
 
 _LOG = logging.getLogger(__name__)
 #: Rows of one EmbeddingBatch at most (consecutive windows of one unit are gathered up to this).
@@ -990,7 +990,7 @@ def load_embedding_model(config: EmbeddingConfig) -> EmbeddingModel:
     with local_model(config.model_uri) as path:
         _verify_digest(path, config)
         if config.model == "openl3":
-            from soundshard.transforms import openl3
+            from soundshard.transforms.features import openl3
 
             return KerasEmbedder(openl3.load_openl3(config, path), int(config.embedding_size))
         if config.model == "saved_model":

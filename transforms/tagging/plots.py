@@ -30,8 +30,8 @@ import numpy as np
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.tagging import PLOT_MAX_CLASSES, PLOT_MAX_COLUMNS
-from soundshard.transforms import events as ev
-from soundshard.transforms import melspec
+from soundshard.transforms.features import melspec
+from soundshard.transforms.tagging import events as ev
 
 #: Most time columns of a recording's spectrogram image (and points of its score curves).
 MAX_COLUMNS = PLOT_MAX_COLUMNS

@@ -14,7 +14,7 @@ import math
 
 from soundshard.schemas import melscale
 from soundshard.schemas.config import FeatureConfig
-from soundshard.transforms import melspec
+from soundshard.transforms.features import melspec
 
 #: Source samples decoded on each side of a unit so resampling edges fall outside it.
 MARGIN_SOURCE_SAMPLES = 4096

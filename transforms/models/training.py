@@ -20,7 +20,7 @@ from soundshard.schemas import fields
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.tagging import AGGREGATIONS
 from soundshard.schemas.training import HEADS
-from soundshard.transforms import augment
+from soundshard.transforms.audio import augment
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -330,7 +330,7 @@ def read_dataset_json(data_dir: str) -> dict:
     """
     import fsspec
 
-    from soundshard.transforms import ledger
+    from soundshard.transforms.io import ledger
 
     path = data_dir.rstrip("/") + "/dataset.json"
     try:
@@ -357,7 +357,7 @@ def read_window_table(data_dir: str, dataset: dict, *, columns: Sequence[str] | 
     """
     import pyarrow.parquet as pq
 
-    from soundshard.transforms import ledger
+    from soundshard.transforms.io import ledger
 
     entries = dataset.get("shards", {}).get("parquet")
     if not entries:

@@ -514,7 +514,7 @@ def load_verified_model(folder: str, description: dict):
         ConfigError: the file changed since it was verified, cannot be loaded in Keras safe mode
             (corrupt, or unsafe such as a Lambda layer), or does not fit model.json.
     """
-    from soundshard.transforms.embeddings import local_model
+    from soundshard.transforms.features.embeddings import local_model
 
     name = model_file(description, folder=folder)
     with local_model(f"{folder.rstrip('/')}/{name}") as path:
@@ -590,7 +590,7 @@ def load_with_data(folder: str, data_dir: str):
     Raises:
         ConfigError: not a model folder, no dataset, other features or other labels.
     """
-    from soundshard.transforms import training
+    from soundshard.transforms.models import training
 
     model, description = load_classifier(folder)
     dataset = training.read_dataset_json(data_dir)

@@ -34,7 +34,8 @@ from soundshard.schemas import melscale
 from soundshard.schemas.config import DELTA_WIDTH, FeatureConfig
 from soundshard.schemas.edge import TargetProfile
 from soundshard.schemas.errors import ConfigError
-from soundshard.transforms import melspec, training
+from soundshard.transforms.features import melspec
+from soundshard.transforms.models import training
 
 #: Tensor types allowed in a full-integer model: int8 activations and weights, int32 biases/shapes.
 INTEGER_TYPES = ("INT8", "INT32")

@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 from apache_beam.transforms.window import GlobalWindows
 
 from soundshard.schemas.records import SourceItem
-from soundshard.transforms.shards import join, parquet_bytes, write_bytes
+from soundshard.transforms.outputs.shards import join, parquet_bytes, write_bytes
 
 #: Rows per table file: a bundle's rows are cut into files of at most this many.
 MAX_ROWS_PER_FILE = 1_000_000
