@@ -210,7 +210,9 @@ def test_s3_requests_are_retried_here_only(s3_env, monkeypatch):
         assert source.read() == data
         assert (flaky.hits, len(retries)) == (3, 2)
 
-        source = archives.open_source(f"s3://{bucket}/dead.wav", size_bytes=len(data), on_retry=retries.append)
+        source = archives.open_source(
+            f"s3://{bucket}/dead.wav", size_bytes=len(data), on_retry=retries.append
+        )
         with pytest.raises(
             StorageError, match=rf"s3://{bucket}/dead.wav: reading bytes 0\.\.{len(data) - 1} gave up"
         ):

@@ -14,7 +14,8 @@
 
 Modules may import ``schemas`` and the neighbourhoods their package docstring names, never
 ``pipelines``. The flat module names of earlier releases (``soundshard.transforms.melspec``,
-``...sources``) still import, with a ``DeprecationWarning``, for one release.
+``...sources``) still import, and the names of the flat modules that are packages now
+(``soundshard.transforms.audio.decode_audio``), with a ``DeprecationWarning``, for one release.
 """
 
 from __future__ import annotations
@@ -74,16 +75,33 @@ class _MovedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             DeprecationWarning,
             stacklevel=2,
         )
-        if isinstance(new, str):
-            return importlib.import_module(f"{__name__}.{new}")
-        merged = types.ModuleType(spec.name, f"Moved to {', '.join(new)}.")
-        for home in new:
+        # A module of its own that holds the names of the new ones: the new modules keep their
+        # own __spec__ (importlib sets the spec of what create_module returns).
+        alias = types.ModuleType(spec.name, f"Moved to {', '.join(_homes(new))}.")
+        for home in _homes(new):
             module = importlib.import_module(f"{__name__}.{home}")
-            merged.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
-        return merged
+            alias.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+        return alias
 
     def exec_module(self, module):
         pass
+
+
+def moved_name(package: str, module: str, name: str):
+    """``package.name`` where ``package`` was the flat module ``module`` holds now (deprecated).
+
+    For the packages whose names were modules of earlier releases (``audio``, ``features``,
+    ``levels``, ``models``, ``tagging``, ``edge``): their ``__getattr__`` calls this. Submodules
+    of the package are left to the import system.
+    """
+    if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is not None:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+    except AttributeError:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+    warnings.warn(f"{package}.{name} moved to {package}.{module}.{name}", DeprecationWarning, stacklevel=3)
+    return value
 
 
 def _homes(new: str | tuple[str, ...]) -> tuple[str, ...]:

@@ -3,3 +3,10 @@ that plan, decode and compute a recording's windows (``compute.py``). May import
 ``transforms.io``, ``transforms.audio``, ``transforms.labels``, ``transforms.levels`` and
 ``transforms.outcomes``.
 """
+
+
+def __getattr__(name: str):
+    """Names of the module ``transforms/features.py`` of earlier releases (deprecated)."""
+    from soundshard.transforms import moved_name
+
+    return moved_name(__name__, "compute", name)

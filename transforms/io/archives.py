@@ -6,7 +6,6 @@ damaged tar header (never a silent end of the list). An archive is opened once p
 its member index (``open_source``), local or in an object store (``storage.py``).
 """
 
-
 from __future__ import annotations
 
 import collections
@@ -217,6 +216,8 @@ def list_archive(uri: str) -> ArchiveListing:
                 problems = archive.tarinfo.problems
                 problem = problems[0] if problems else None
     return ArchiveListing(_number_occurrences(entries), problem)
+
+
 #: Archives kept open (with their member index) per process.
 _OPEN_ARCHIVES = 4
 

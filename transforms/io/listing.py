@@ -5,7 +5,6 @@ file); decoding and header probing happen on the workers. Archives are listed me
 (``archives.py``); objects are read through ``storage.py``.
 """
 
-
 from __future__ import annotations
 
 import collections

@@ -4,7 +4,6 @@ Every request has a time limit and transient errors retry on one schedule (:clas
 a read that gives up raises a ``StorageError`` that names the object (credentials redacted).
 """
 
-
 from __future__ import annotations
 
 import asyncio
