@@ -2,7 +2,7 @@
 
 Same sources, planning, decoding, dead letters, shards and ``dataset.json`` as ``soundshard
 features`` (``pipelines/features.py``); the compute stage runs an embedding model through Beam's
-RunInference (``transforms/embeddings.py``): OpenL3 from its official weight files, or any TF
+RunInference (``transforms/features/embeddings.py``): OpenL3 from its official weight files, or any TF
 SavedModel / TFLite model with a declared config.
 
 Local run (FnApiRunner; no network needed)::

@@ -458,7 +458,7 @@ def exit_code(figures: dict, *, prog: str, max_failed_fraction: float, what: str
 
 
 def locked_run(args: argparse.Namespace, *, prog: str):
-    """The output folder's lock for this run (see ``transforms/lock.py``)."""
+    """The output folder's lock for this run (see ``transforms/io/lock.py``)."""
     from soundshard.transforms.io import lock
 
     if not args.output:

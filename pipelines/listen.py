@@ -6,7 +6,7 @@ Examples::
     ffmpeg -i rtsp://camera/stream -f wav - | soundshard listen --model models/esc10-f4
     soundshard listen --model models/esc10-f4 --input site.flac --realtime --events events.csv
 
-The same features and model as ``soundshard tag`` (``transforms/streaming.py``): each window is
+The same features and model as ``soundshard tag`` (``transforms/tagging/streaming.py``): each window is
 computed once, when its last sample has arrived, with the values and grid of the batch pipeline,
 and scored by the model folder's Keras model; events follow the model's thresholds and event rules
 and are printed when no later window can change them (see ``StreamingEvents``). The floor gate uses

@@ -479,7 +479,7 @@ def score_tags(
     Returns:
         JSON-ready dict: ``settings``, ``versions``, ``classes``, ``recordings`` (scored, without
         reference, references without recording), ``reference_labels_ignored``, ``segment`` and
-        ``event`` (see :func:`soundshard.transforms.scoring.sed_metrics`), ``threshold_free``
+        ``event`` (see :func:`soundshard.transforms.tagging.scoring.sed_metrics`), ``threshold_free``
         (segment AP per class and macro, with decimated precision-recall curves).
 
     Raises:

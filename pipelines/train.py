@@ -15,7 +15,7 @@ fold), ``history.json``, and the plots ``confusion_matrix.png`` and ``learning_c
 standard deviation over folds.
 
 Multi-worker training (``tf.distribute.MultiWorkerMirroredStrategy``; see
-``soundshard.transforms.distributed``): run the same command on every worker with
+``soundshard.transforms.models.distributed``): run the same command on every worker with
 ``--workers host0:port,host1:port --worker-index i`` (or with ``TF_CONFIG`` set and no such flags).
 Each worker trains on every k-th training window from its index; worker 0 writes the model folder,
 the others their ``metrics.json`` to ``<output>-worker-<i>/``.
@@ -51,7 +51,7 @@ from soundshard.transforms.tagging import calibration, events  # noqa: E402
 MODEL_FILE = "model.keras"
 MODEL_JSON = "model.json"
 #: Event rules a model folder carries (``model.json`` → ``postprocessing``) when its validation data
-#: holds no annotated recordings to set them on (transforms/calibration.py), chosen on development
+#: holds no annotated recordings to set them on (transforms/tagging/calibration.py), chosen on development
 #: data (docs/benchmarks.md, "Tagging in soundscapes"): a running median over three windows (1.4 s
 #: at the default hop) removes one-window blips; windows less than 6 dB above the recording's floor
 #: (its background level) take no part in events.

@@ -231,7 +231,7 @@ class LabelCount:
 @dataclasses.dataclass(frozen=True, eq=False)
 class LevelBlocks:
     """Energies of consecutive 100 ms blocks of a recording, or of the part of it a unit owns
-    (the levels stage, ``transforms/levels.py``).
+    (the levels stage, ``transforms/levels/meter.py``).
 
     Block ``b`` holds the recording's samples ``[b * rate // 10, (b + 1) * rate // 10)``.
 

@@ -1,4 +1,4 @@
-"""Model folders are self-consistent or refused (``transforms/models.py``).
+"""Model folders are self-consistent or refused (``transforms/models/architectures.py``).
 
 ``soundshard train`` seals ``model.json`` with a digest over all its fields and the model file's
 bytes; ``tag``, ``evaluate`` and ``compile-edge`` verify it, and load the model in Keras safe mode,

@@ -1,7 +1,7 @@
 """``soundshard score``: tag outputs against reference annotations (sed_eval metrics, segment AP).
 
 Tag output folders are built by hand with the table functions ``soundshard tag`` itself writes
-them with (``transforms/tagging.py``), so the columns and types are the real ones.
+them with (``transforms/tagging/classify.py``), so the columns and types are the real ones.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ otherwise; samples outside the recording are zeros. A recording of ``n`` samples
 ``1 + ceil((n + pad - window) / hop)`` windows (one when ``n + pad <= window``), so the last
 window is the first that reaches the recording's end, as openl3 pads its input. A work unit is a
 range of windows; it decodes only the source samples its windows need plus a resampling margin
-(see ``transforms/units.py``), so its windows equal those of the whole recording.
+(see ``transforms/audio/units.py``), so its windows equal those of the whole recording.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class FrameGrid:
             return 1
         return 1 + -(-(padded - self.window_samples) // self.hop_samples)
 
-    # -- the protocol PlanUnits and the decode stage use (see transforms/features.py) ---------
+    # -- the protocol PlanUnits and the decode stage use (see transforms/features/compute.py) ---------
 
     def recording_windows(self, *, source_frames: int, source_rate_hz: int) -> tuple[int, int]:
         """``(output_samples, total_windows)`` of a recording from its header."""

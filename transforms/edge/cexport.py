@@ -196,7 +196,7 @@ def _level_lines(sample_rate_hz: int) -> list[str]:
     n = len(sos)
     return [
         "/* Sound level: LAeq of the samples the features are computed from, as the levels stage",
-        " * (soundshard.transforms.levels) computes it, so a sensor reports the levels of the archive.",
+        " * (soundshard.transforms.levels.meter) computes it, so a sensor reports the levels of the archive.",
         " *",
         " * A weighting (IEC 61672-1) for SOUNDSHARD_SAMPLE_RATE_HZ: SOUNDSHARD_LEVEL_A_SECTIONS",
         " * second-order sections in kSoundshardLevelASos, 6 coefficients each in the order",
@@ -275,8 +275,8 @@ def _level_lines(sample_rate_hz: int) -> list[str]:
 def features_header(tables: FeatureTables) -> str:
     """``soundshard_features.h``: the constants and tables a device needs to compute the model's features.
 
-    Header-only (``static const`` tables), in the steps of ``soundshard.transforms.melspec``; and
-    the A-weighted sound level of ``soundshard.transforms.levels`` (``static inline``
+    Header-only (``static const`` tables), in the steps of ``soundshard.transforms.features.melspec``; and
+    the A-weighted sound level of ``soundshard.transforms.levels.meter`` (``static inline``
     ``soundshard_level_reset``, ``soundshard_level_process``, ``soundshard_level_laeq_db``, with
     the weighting's sections for the features' sample rate in ``kSoundshardLevelASos``).
     """

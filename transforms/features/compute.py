@@ -1,7 +1,7 @@
 """Beam layer of the log-mel stage: decode → window → features per work unit, with dead letters.
 
 Planning (:class:`PlanUnits`) and decoding a work unit (:func:`decode_unit`,
-:class:`DecodeUnitFn`) are shared with the embedding stage (``transforms/embeddings.py``): both
+:class:`DecodeUnitFn`) are shared with the embedding stage (``transforms/features/embeddings.py``): both
 run on a :class:`WindowGrid`, the log-mel one (:class:`LogMelGrid`) or an embedding model's.
 """
 
@@ -235,7 +235,7 @@ class WindowGrid(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class LogMelGrid:
-    """The log-mel window grid of a :class:`FeatureConfig` (see ``transforms/units.py``)."""
+    """The log-mel window grid of a :class:`FeatureConfig` (see ``transforms/audio/units.py``)."""
 
     config: FeatureConfig
 
@@ -874,7 +874,7 @@ class AssignWindowLabels(beam.PTransform):
 
     Args:
         min_overlap: Share of the shorter of window and event that must overlap for a window to
-            take an event's label (``--min-label-overlap``; see ``transforms/strong_labels.py``).
+            take an event's label (``--min-label-overlap``; see ``transforms/labels/strong_labels.py``).
 
     Raises:
         ConfigError: ``min_overlap`` outside [0, 1] (at construction).

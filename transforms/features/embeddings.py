@@ -1,14 +1,14 @@
 """Embedding stage: decode → windows → RunInference (batched) → embedded windows, with dead letters.
 
-The stage reuses the log-mel stage's planning and decoding (``transforms/features.py``): work
-units lie on the model's window grid (``transforms/framing.py``) and decode only their range plus
+The stage reuses the log-mel stage's planning and decoding (``transforms/features/compute.py``): work
+units lie on the model's window grid (``transforms/audio/framing.py``) and decode only their range plus
 a resampling margin. Each unit's windows stream, one element per window, into Beam's
 ``RunInference`` with :class:`EmbeddingModelHandler`, which batches them (min/max batch size),
 loads the model once per worker process and shares it between the process's threads. A
 recording's windows are never stacked: memory is bounded by the work unit and the batch.
 
 Models (:func:`load_embedding_model`): OpenL3 from an official-layout weight file
-(``transforms/openl3.py``), a TF SavedModel folder, or a TFLite file. Model files come from a
+(``transforms/features/openl3.py``), a TF SavedModel folder, or a TFLite file. Model files come from a
 local path or an object-store URI given by the user (copied to a local temporary folder; SHA-256
 checked when given); nothing is downloaded from anywhere else, and nothing is unpickled. A
 SavedModel is a program: the op types of its graph are checked against an allow-list before it

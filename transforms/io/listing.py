@@ -56,7 +56,7 @@ class StrongLabels:
     """Where a run's strong (time-stamped) labels come from (``--labels``).
 
     Each recording's annotation file (an Audacity label track or a Raven selection table, see
-    ``transforms/annotations.py``) is the file named in the manifest's labels column, or else the
+    ``transforms/labels/annotations.py``) is the file named in the manifest's labels column, or else the
     file beside the recording with its stem (``night1.wav`` → ``night1.txt``,
     ``night1.Table.1.selections.txt`` or ``night1.selections.txt``).
 

@@ -1,6 +1,6 @@
 """Strong (time-stamped) labels of analysis windows from annotation events (pure numpy, no Beam).
 
-A recording annotated in Audacity or Raven (``transforms/annotations.py`` reads the files) carries
+A recording annotated in Audacity or Raven (``transforms/labels/annotations.py`` reads the files) carries
 its events as ``(start_s, end_s, label)`` tuples; each analysis window gets the labels of the
 events it overlaps enough (:func:`window_labels`), several when events overlap, none when it lies
 outside every event (background).

@@ -1,6 +1,6 @@
 """Levels tables: per second, per interval, per hour, Lden per day; and levels of events.
 
-Work units give :class:`UnitLevels` (100 ms block energies, ``transforms/levels.py``);
+Work units give :class:`UnitLevels` (100 ms block energies, ``transforms/levels/meter.py``);
 :class:`RecordingLevels` gathers each recording's units, and the functions here turn a
 recording's blocks into table rows:
 

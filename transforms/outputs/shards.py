@@ -542,7 +542,7 @@ class _CommitFn(beam.DoFn):
         move_into_place(moves)
         if spec.incremental:
             # The ledger file is the run's commit point: written once all its other files are in
-            # place (see transforms/ledger.py).
+            # place (see transforms/io/ledger.py).
             rows = ledger.ledger_table(
                 items,
                 summaries,
@@ -700,7 +700,7 @@ class CommitDataset(beam.PTransform):
             ``run.started_unix_s`` is used for the wall time.
         items: PCollection of the run's :class:`SourceItem` (incremental runs: for the ledger).
         label_counts: PCollection of :class:`LabelCount` (strong labels), or ``None``.
-        level_files: PCollection of the levels tables' ``Move``s (``transforms/tables.py``), or
+        level_files: PCollection of the levels tables' ``Move``s (``transforms/outputs/tables.py``), or
             ``None`` without levels.
         level_hours: PCollection of combined ``((site, hour_us, level_unit), HourSums)``.
         levels: The LevelConfig, or ``None``.

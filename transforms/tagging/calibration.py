@@ -3,7 +3,7 @@
 
 A model trained with strongly labelled recordings (``features --labels``) holds some of them out to
 validate. Their window scores, run through the event rules of ``soundshard tag``
-(:func:`soundshard.transforms.events.find_events`) with the model's thresholds, give events that
+(:func:`soundshard.transforms.tagging.events.find_events`) with the model's thresholds, give events that
 can be compared with the annotations. :func:`calibrate` tries a small grid of rules (running
 median, hysteresis, merging gap, the gate above the recording's floor) and keeps the one whose
 events score best: the mean of segment F1 (1 s segments) and event F1 (onsets within 0.5 s),
@@ -13,7 +13,7 @@ whose scores dip inside sounds wants more), so it is set per model on its own va
 
 The reference events are the annotations as the windows see them: each run of consecutive windows
 that the strong labels mark for a class becomes one event spanning the run's cells (the span
-:func:`~soundshard.transforms.events.window_cells` gives, the one detected events get). Detected and
+:func:`~soundshard.transforms.tagging.events.window_cells` gives, the one detected events get). Detected and
 reference events then lie on the same grid. An event matches a reference event of its class when
 their onsets are at most ``collar_s`` apart (sed_eval's event-based rule with offsets ignored), each
 used once; on a line, greedy matching in time order finds the largest such matching. Segments

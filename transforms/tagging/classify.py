@@ -6,14 +6,14 @@ RunInference (batched by windows, model loaded once per worker process) and keep
 scores. :class:`TagRecordings` gathers each recording's scored units (a long recording's units
 meet again here, so events spanning unit boundaries are found whole) and turns them into rows of
 the window, file and event tables and, optionally, an Audacity label track and a Raven selection
-table (``transforms/events.py`` does the maths). :class:`WriteTables` writes the rows as Parquet
+table (``transforms/tagging/events.py`` does the maths). :class:`WriteTables` writes the rows as Parquet
 and CSV files into the run's temporary folder; the commit (``pipelines/tag.py``) moves them into
 place.
 
 Optional outputs per recording: :class:`SpectrogramColumns` pools each unit's log-mel windows
 into a few image columns, :class:`TagRecordings` puts them together with the scores and events
-(``transforms/plots.py``) and :class:`DrawPlots` draws a PNG; :class:`WriteSnippets` cuts each
-event's audio from the source as FLAC (``transforms/snippets.py``). Their failures are dead
+(``transforms/tagging/plots.py``) and :class:`DrawPlots` draws a PNG; :class:`WriteSnippets` cuts each
+event's audio from the source as FLAC (``transforms/tagging/snippets.py``). Their failures are dead
 letters of stage ``plots`` and ``snippets``: outputs that failed, not inputs.
 """
 

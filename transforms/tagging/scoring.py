@@ -14,7 +14,7 @@ Pure numpy and sed_eval (no Beam, no TF, no I/O). ``pipelines/score.py`` reads t
   by the highest window score covering them, against the segment truth above; the area under the
   precision-recall steps (``sum (R_n - R_{n-1}) P_n``, as scikit-learn's
   ``average_precision_score``). A window covers the stretch nearer its centre than its
-  neighbours' (its *cell*, as events are built in ``transforms/events.py``), so overlapping windows
+  neighbours' (its *cell*, as events are built in ``transforms/tagging/events.py``), so overlapping windows
   do not smear a score over half a window more.
 """
 
