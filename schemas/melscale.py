@@ -1,6 +1,6 @@
 """The mel scale and the STFT frame grid: definitions the feature config is validated with and the
 feature maths is built on, as keyword-only functions of plain values (numpy only; librosa's
-conventions, tested against librosa in tests/test_melspec.py).
+conventions, tested against librosa in tests/unit/test_melspec.py).
 
 - :func:`hz_to_mel` / :func:`mel_to_hz`: Slaney's scale (linear below 1 kHz, logarithmic above)
   or HTK's.

@@ -1,8 +1,26 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the tier marks.
+
+The suite is in tiers, one folder each, marked by folder: ``unit`` (functions and classes, no
+pipeline), ``beam`` (Beam stages and single pipeline runs on the in-process runner), ``e2e``
+(commands and their chains as a user runs them), ``integration`` (object-store emulators, the
+portable runner, gRPC workers, the container files). ``pytest -m unit`` runs one tier; ``-m "not
+slow"`` leaves out the runs that take seconds to a minute each.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+TIERS = ("unit", "beam", "e2e", "integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture

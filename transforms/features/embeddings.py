@@ -195,7 +195,7 @@ def _check_openl3_name(uri: str, config: EmbeddingConfig) -> None:
 # every op type of every graph node and of every function in its library must be on the
 # allow-list below, built deliberately from the ops that inference graphs of ordinary models use
 # (and checked against the exports of Keras models, tf.saved_model.save and the project's own
-# models in tests/test_embed_models.py). Anything else (a new op, a custom op, an I/O op) is
+# models in tests/beam/test_embed_models.py). Anything else (a new op, a custom op, an I/O op) is
 # refused; ``trust_model_code`` skips the check for files the user trusts.
 
 #: Op types allowed anywhere in an untrusted SavedModel: pure computation on tensors and the
