@@ -5,7 +5,7 @@ and the same outputs as the ``soundshard`` command line.
 
     soundshard.features("../shared/data/esc10/audio", "out/esc10", manifest="../shared/data/esc10/meta.csv")
     meta, windows = soundshard.load_windows("out/esc10")      # a DataFrame and [n, n_mels, n_frames]
-    metrics = soundshard.train("out/esc10", "models/esc10-f4", model="edgecnn", test_fold=4)
+    metrics = soundshard.train("out/esc10", "models/esc10-f4", arch="edgecnn", test_fold=4)
     events = soundshard.tag("../shared/data/longform", "models/esc10-f4")   # a DataFrame of events
 
 Keyword options are the commands' flags (``test_fold=4`` is ``--test-fold 4``; ``True`` gives a
@@ -112,12 +112,14 @@ def features(input: str, output: str, **options) -> dict:
 
 def train(data: str | Sequence[str], output: str, **options) -> dict:
     """``soundshard train``: a model folder at ``output`` from one features output or several;
-    returns its test metrics (``metrics.json``). E.g. ``model="edgecnn"``, ``test_fold=4``,
+    returns its test metrics (``metrics.json``). E.g. ``arch="edgecnn"``, ``test_fold=4``,
     ``background="out/negatives"``, ``epochs=30``."""
     from soundshard.pipelines import train as command
 
     data = [data] if isinstance(data, str) else list(data)
-    argv = _argv([("data", data), ("output", output)], {k.replace("_", "-"): v for k, v in options.items()})
+    argv = _argv(
+        [("features", data), ("output", output)], {k.replace("_", "-"): v for k, v in options.items()}
+    )
     _run(command.run, argv, prog="soundshard train")
     return _read_json(f"{output.rstrip('/')}/metrics.json")
 
@@ -136,7 +138,7 @@ def tag(input: str, model: str, output: str | None = None, **options):
 
     with contextlib.ExitStack() as stack:
         folder = output or stack.enter_context(tempfile.TemporaryDirectory(prefix="soundshard-tag-"))
-        argv = _argv([("input", input), ("model", model), ("output", folder)], options)
+        argv = _argv([("input", input), ("model-dir", model), ("output", folder)], options)
         _run(command.run, argv, prog="soundshard tag")
         manifest = _read_json(f"{folder.rstrip('/')}/run.json")
         parts = manifest.get("tables", {}).get("events", [])

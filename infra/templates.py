@@ -31,7 +31,7 @@ COMMANDS = {
 REQUIRED = {
     "features": ("input", "output"),
     "embed": ("input", "output"),
-    "tag": ("input", "output", "model"),
+    "tag": ("input", "output", "model_dir"),
 }
 METADATA_DIR = pathlib.Path(__file__).resolve().parent / "flex"
 NAME_PATTERN = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]*$")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from soundshard.schemas.config import SOURCE_RATES_HZ, FeatureConfig, attribute_docs
 from soundshard.schemas.levels import BANDS
@@ -22,6 +23,89 @@ DEFAULT_MAX_FAILED_FRACTION = 0.5
 TAG_FORMATS = ("parquet", "csv")
 #: The window score at which a class's event starts when the model gives no threshold.
 DEFAULT_THRESHOLD = 0.5
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command: no abbreviations, and renamed flags that still work.
+
+    A flag renamed for the one grammar (``--model`` of tag is ``--model-dir`` now) keeps its old
+    spelling for one release: hidden from ``--help``, stored where the new flag stores, with a line
+    on stderr that names the new spelling.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._required_renamed: list[argparse.Action] = []
+
+    def add_renamed(self, old: str, new: argparse.Action, *, append: bool = False) -> None:
+        """``old`` (and its underscore spelling) as the deprecated spelling of the flag ``new``."""
+        spellings = [old] + (["--" + old[2:].replace("-", "_")] if "-" in old[2:] else [])
+        self.add_argument(
+            *spellings,
+            dest=new.dest,
+            type=new.type,
+            choices=new.choices,
+            action=_Renamed,
+            new=new.option_strings[0],
+            append=append,
+            help=argparse.SUPPRESS,
+        )
+        if new.required:  # either spelling satisfies it: checked after parsing
+            new.required = False
+            self._required_renamed.append(new)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        missing = [a.option_strings[0] for a in self._required_renamed if getattr(parsed, a.dest) is None]
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
+        return parsed, rest
+
+
+class _Renamed(argparse.Action):
+    """The old spelling of a renamed flag (see :meth:`Parser.add_renamed`)."""
+
+    def __init__(self, option_strings, dest, *, new: str, append: bool = False, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new, self.append = new, append
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"{parser.prog}: {option_string} is now {self.new} (the old spelling goes in the next release)",
+            file=sys.stderr,
+        )
+        if self.append:
+            values = [*(getattr(namespace, self.dest, None) or []), values]
+        setattr(namespace, self.dest, values)
+
+
+def add_model_dir(parser: Parser, *, required: bool = True, help: str | None = None) -> argparse.Action:
+    """``--model-dir``: a model folder written by ``soundshard train`` (``--model`` before)."""
+    action = parser.add_argument(
+        "--model-dir",
+        "--model_dir",
+        dest="model",
+        metavar="DIR",
+        required=required,
+        help=help or "Model folder written by `soundshard train` (local or gs://, s3://...).",
+    )
+    parser.add_renamed("--model", action)
+    return action
+
+
+def add_features(parser: Parser, *, help: str, append: bool = False) -> argparse.Action:
+    """``--features``: an output folder of ``soundshard features`` or ``embed`` (``--data`` before)."""
+    action = parser.add_argument(
+        "--features",
+        dest="data",
+        metavar="DIR",
+        required=True,
+        action="append" if append else "store",
+        help=help,
+    )
+    parser.add_renamed("--data", action, append=append)
+    return action
 
 
 def db_or_off(text: str) -> float | str:
@@ -39,11 +123,17 @@ db_or_off.pattern = r"^(off|[0-9]+\.?[0-9]*|\.[0-9]+)$"
 db_or_off.example = "6"
 
 
-def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """Sources, output and shard flags of ``features`` and ``embed`` (:class:`FeaturesOptions`)."""
+def add_output_args(parser: argparse.ArgumentParser, *, feature_config: bool = True) -> None:
+    """Sources, output and shard flags of ``features`` and ``embed`` (:class:`FeaturesOptions`);
+    ``--config`` (a feature config file) only where ``feature_config``."""
     add_source_args(parser)
     parser.add_argument("--output", help="Output folder (local or gs://, s3://...). Required.")
-    parser.add_argument("--config", help="Feature config file (TOML or JSON); flags override it.")
+    parser.add_argument(
+        "--config",
+        help="Feature config file (TOML or JSON); flags override it."
+        if feature_config
+        else argparse.SUPPRESS,  # embed takes --embedding-config; --config is refused with that hint
+    )
     parser.add_argument(
         "--format",
         default="both",
@@ -115,9 +205,10 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_source_args(parser: argparse.ArgumentParser) -> None:
+def add_source_args(parser: argparse.ArgumentParser, *, incremental_help: str | None = None) -> None:
     """Flags of what to read and how (shared by features, embed and tag): inputs, manifest
-    columns, recording times and sites, archives, nightly mode and work units."""
+    columns, recording times and sites, archives, nightly mode (``incremental_help`` says what it
+    does where it differs from the features run's) and work units."""
     parser.add_argument(
         "--input",
         help="Folder, glob ('**' allowed) or file; local, gs://, s3://... Required.",
@@ -185,7 +276,8 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--incremental",
         action="store_true",
-        help="Nightly mode: take on only inputs that no earlier run processed with the same "
+        help=incremental_help
+        or "Nightly mode: take on only inputs that no earlier run processed with the same "
         "config (ledger in <output>/ledger/), add this run's shards under "
         "<format>/run_date=<date>/[site=<site>/] instead of replacing the dataset.",
     )
@@ -304,7 +396,7 @@ def add_level_flags(parser: argparse.ArgumentParser, *, default: bool) -> None:
 
 def features_parser(prog: str = "soundshard features") -> argparse.ArgumentParser:
     """Argument parser of the features command (Beam flags pass through)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
         description="Audio → log-mel windows → Parquet + TFRecord shards. Other flags go to Beam "
         "(--runner, --direct_num_workers, --project, ...).",
@@ -327,12 +419,14 @@ EMBED_CONFIG_FLAGS = {
     "window_s": ("--window-s", "--window_s"),
     "hop_s": ("--hop-s", "--hop_s"),
     "center": ("--center",),
-    "output": ("--model-output", "--model_output"),
+    "output": ("--embedding-output", "--embedding_output"),
     "signature": ("--signature",),
-    "model_sha256": ("--model-sha256", "--model_sha256", "--weights-sha256", "--weights_sha256"),
+    "model_sha256": ("--embedding-sha256", "--embedding_sha256"),
     "channel": ("--channel",),
     "resample_quality": ("--resample-quality", "--resample_quality"),
 }
+#: Spellings of earlier releases (hidden, with a note on stderr).
+EMBED_RENAMED = {"output": ("--model-output",), "model_sha256": ("--model-sha256", "--weights-sha256")}
 _EMBED_HELP = {
     "input_repr": "OpenL3 spectrogram: linear, mel128 or mel256 (default).",
     "content_type": "OpenL3 training content: env or music (default).",
@@ -361,24 +455,24 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
         SNIPPET_MARGIN_S,
     )
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
         description="Tag recordings with a trained model: per-window scores, per-file labels, events, "
         "hourly summaries (Parquet and CSV), Audacity/Raven label files. Other flags go to Beam "
         "(--runner, --direct_num_workers, --project, ...).",
         allow_abbrev=False,
     )
-    add_source_args(parser)
-    for action in parser._actions:
-        if action.dest == "incremental":
-            action.help = (
-                "Nightly mode: tag only inputs that no earlier run tagged with the same model and "
-                "settings (ledger in <output>/ledger/); this run's tables go under "
-                "<table>/run_date=<date>/ instead of replacing the outputs."
-            )
+    add_source_args(
+        parser,
+        incremental_help="Nightly mode: tag only inputs that no earlier run tagged with the same model "
+        "and settings (ledger in <output>/ledger/); this run's tables go under "
+        "<table>/run_date=<date>/ instead of replacing the outputs.",
+    )
     parser.add_argument("--output", help="Output folder (local or gs://, s3://...). Required.")
-    parser.add_argument(
-        "--model", help="Model folder written by `soundshard train` (local or gs://, s3://...). Required."
+    add_model_dir(
+        parser,
+        required=False,
+        help="Model folder written by `soundshard train` (local or gs://, s3://...). Required.",
     )
     parser.add_argument(
         "--config",
@@ -558,39 +652,42 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
 
 def embed_parser(prog: str = "soundshard embed") -> argparse.ArgumentParser:
     """Argument parser of the embed command (Beam flags pass through)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
         description="Audio → pretrained embeddings (OpenL3, or a SavedModel/TFLite model) → Parquet + "
         "TFRecord shards. Other flags go to Beam (--runner, --direct_num_workers, --project, ...).",
         allow_abbrev=False,
     )
-    add_output_args(parser)
+    add_output_args(parser, feature_config=False)
     add_label_args(parser)
-    for action in parser._actions:
-        if action.dest == "config":  # the feature config of 'soundshard features'
-            action.help = argparse.SUPPRESS
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
+    embedding_model = group.add_argument(
+        "--embedding-model",
+        "--embedding_model",
+        dest="model",
         default=None,
         help="'openl3' (default), 'saved_model:PATH_OR_URI' (a TF SavedModel folder) or "
         "'tflite:PATH_OR_URI'.",
     )
+    parser.add_renamed("--model", embedding_model)
     group.add_argument(
         "--weights", default=None, help="OpenL3 weight file openl3_audio_<repr>_<content>.h5 (path or URI)."
     )
-    group.add_argument(
-        "--model-config",
-        "--model_config",
+    embedding_config = group.add_argument(
+        "--embedding-config",
+        "--embedding_config",
         dest="model_config",
         default=None,
         help="TOML/JSON model config (keys of EmbeddingConfig, top level or under [embedding]); flags "
         "override it.",
     )
+    parser.add_renamed("--model-config", embedding_config)
     for name, flags in EMBED_CONFIG_FLAGS.items():
-        group.add_argument(
+        action = group.add_argument(
             *flags, dest=f"embed__{name}", default=None, metavar="VALUE", help=_EMBED_HELP.get(name)
         )
+        for old in EMBED_RENAMED.get(name, ()):
+            parser.add_renamed(old, action)
     group.add_argument(
         "--trust-model-code",
         "--trust_model_code",

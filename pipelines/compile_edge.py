@@ -2,7 +2,7 @@
 
 Example::
 
-    soundshard compile-edge --model models/esc10-f1 --data out/esc10 --target cortex-m4-256k \\
+    soundshard compile-edge --model-dir models/esc10-f1 --features out/esc10 --target cortex-m4-256k \\
         --output edge/esc10-f1
 
 Runs on one machine (no Beam): quantises the model to full-integer int8 (int8 input and output)
@@ -50,6 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from soundshard.pipelines import arguments
 from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.edge import TARGETS, target_profile  # noqa: E402
 from soundshard.schemas.errors import ConfigError, DataError  # noqa: E402
@@ -75,11 +76,9 @@ EXIT_CONFIG, EXIT_OVER_BUDGET, EXIT_VERIFICATION = 2, 3, 4
 
 def make_parser(prog: str = "soundshard compile-edge") -> argparse.ArgumentParser:
     """Argument parser of ``soundshard compile-edge``."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="Model folder written by `soundshard train`.")
-    parser.add_argument(
-        "--data", required=True, help="Output folder of `soundshard features` the model was trained on."
-    )
+    parser = arguments.Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    arguments.add_model_dir(parser)
+    arguments.add_features(parser, help="Output folder of `soundshard features` the model was trained on.")
     parser.add_argument(
         "--target",
         default="cortex-m4-256k",
@@ -333,18 +332,20 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
         kind = description.get("input", {}).get("kind", "log_mel")
         if kind != "log_mel":
             raise ConfigError(
-                f"--model {args.model!r} takes {kind!r} inputs; compile-edge needs a log-mel or MFCC model "
-                "(a device computes those features; an embedding network is megabytes beyond its flash)"
+                f"--model-dir {args.model!r} takes {kind!r} inputs; compile-edge needs a log-mel or MFCC "
+                "model (a device computes those features; an embedding network is megabytes beyond its "
+                "flash)"
             )
         config = FeatureConfig.from_dict(description["feature_config"])
         if config.fingerprint != description["feature_fingerprint"]:
             raise ConfigError(
-                f"--model {args.model!r}: feature_config has fingerprint {config.fingerprint}, model.json "
-                f"says {description['feature_fingerprint']} (edited or from another soundshard version)"
+                f"--model-dir {args.model!r}: feature_config has fingerprint {config.fingerprint}, "
+                f"model.json says {description['feature_fingerprint']} (edited or from another soundshard "
+                "version)"
             )
         if list(model.input_shape[1:]) != list(config.feature_shape):
             raise ConfigError(
-                f"--model {args.model!r} takes inputs of shape {list(model.input_shape[1:])}, but its "
+                f"--model-dir {args.model!r} takes inputs of shape {list(model.input_shape[1:])}, but its "
                 f"features are windows of shape {list(config.feature_shape)} ([n_mels, window_frames])"
             )
         tables = edge.feature_tables(config)
@@ -594,7 +595,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard compile-ed
             print(
                 f"{prog}: hint: a model of this size fits "
                 + (", ".join(fits_on) if fits_on else "none of the targets")
-                + "; microcontroller-sized models are `soundshard train --model dscnn-xs`, "
+                + "; microcontroller-sized models are `soundshard train --arch dscnn-xs`, "
                 "`dscnn-s` or `edgecnn`",
                 file=sys.stderr,
             )

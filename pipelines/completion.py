@@ -16,9 +16,12 @@ PROG = "soundshard completion"
 
 
 def flags_of(command: str) -> list[str]:
-    """Every option string of ``command``'s parser (both spellings of a flag)."""
+    """Every option string of ``command``'s parser (both spellings of a flag; not the hidden
+    spellings of renamed flags)."""
     parser = parser_of(command)
-    return sorted({s for action in parser._actions for s in action.option_strings})
+    return sorted(
+        {s for action in parser._actions if action.help != argparse.SUPPRESS for s in action.option_strings}
+    )
 
 
 def bash_script() -> str:

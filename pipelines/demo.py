@@ -99,7 +99,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     model_dir = os.path.join(args.workdir, "model")
     print(f"\ntraining the edge-sized CNN on folds 3-4 (fold 2 validates, fold 1 tests) -> {model_dir}")
-    train_args = ["--data", output, "--model", "edgecnn", "--test-fold", "1", "--output", model_dir]
+    train_args = ["--features", output, "--arch", "edgecnn", "--test-fold", "1", "--output", model_dir]
     train_args += ["--epochs", "20", "--batch-size", "16", "--seed", str(args.seed), "--quiet"]
     code = train.run(train_args, prog="soundshard demo")
     if code != 0:
@@ -147,7 +147,7 @@ def tag_step(workdir: str, *, model: str, seed: int = 0) -> int:
     out = os.path.join(workdir, "tags")
     print(f"\ntagging a 40 s recording ({os.path.basename(path)}, 10 s work units) with the model -> {out}")
     code = tag.run(
-        ["--input", path, "--model", model, "--output", out, "--unit-s", "10", "--audacity", "--raven"],
+        ["--input", path, "--model-dir", model, "--output", out, "--unit-s", "10", "--audacity", "--raven"],
         prog="soundshard demo",
     )
     if code != 0:
@@ -170,7 +170,16 @@ def compile_edge_step(workdir: str, *, features: str, model: str) -> int:
 
     edge_dir = os.path.join(workdir, "edge")
     print(f"\ncompiling the model to int8 for TensorFlow Lite Micro (cortex-m4-256k) -> {edge_dir}")
-    edge_args = ["--model", model, "--data", features, "--target", "cortex-m4-256k", "--output", edge_dir]
+    edge_args = [
+        "--model-dir",
+        model,
+        "--features",
+        features,
+        "--target",
+        "cortex-m4-256k",
+        "--output",
+        edge_dir,
+    ]
     # the held-out fold has 8 clips: allow int8 to differ from float by one clip (12.5 points)
     edge_args += ["--max-accuracy-drop", "12.5", "--quiet"]
     code = compile_edge.run(edge_args, prog="soundshard demo")

@@ -8,10 +8,10 @@ SavedModel / TFLite model with a declared config.
 Local run (FnApiRunner; no network needed)::
 
     soundshard embed --input ../shared/data/esc10/audio --manifest ../shared/data/esc10/meta.csv \\
-        --output out/esc10-l3 --model openl3 --input-repr mel256 --content-type env \\
+        --output out/esc10-l3 --embedding-model openl3 --input-repr mel256 --content-type env \\
         --embedding-size 512 --weights models/openl3_audio_mel256_env.h5
     soundshard embed --input 'recordings/**/*.flac' --output out/yamnet \\
-        --model saved_model:models/yamnet --model-config yamnet.toml
+        --embedding-model saved_model:models/yamnet --embedding-config yamnet.toml
 
 Dataflow (workers need the soundshard package, see ``infra/``)::
 
@@ -46,7 +46,7 @@ from soundshard.transforms.features.embeddings import ComputeEmbeddings, check_m
 
 PROG = "soundshard embed"
 #: EmbeddingConfig fields and their flags (both spellings, ``--input-repr`` and ``--input_repr``).
-#: ``model`` and ``model_uri`` come from ``--model`` / ``--weights``.
+#: ``model`` and ``model_uri`` come from ``--embedding-model`` / ``--weights``.
 _MODEL_KINDS = ("saved_model", "tflite")
 #: Windows per model call by default: on a CPU, larger batches are no faster per window, and
 #: memory grows with the batch (OpenL3 mel256: ~33 MB of activations per window of a batch).
@@ -77,7 +77,8 @@ def _model_values(args: argparse.Namespace) -> dict:
             values["model"], values["model_uri"] = kind, uri
         else:
             raise ConfigError(
-                f"--model={args.model!r} must be 'openl3', 'saved_model:PATH_OR_URI' or 'tflite:PATH_OR_URI'"
+                f"--embedding-model={args.model!r} must be 'openl3', 'saved_model:PATH_OR_URI' or "
+                "'tflite:PATH_OR_URI'"
             )
     if args.weights:
         if values.get("model", "openl3") != "openl3":
@@ -87,7 +88,7 @@ def _model_values(args: argparse.Namespace) -> dict:
 
 
 def embedding_config_from_args(args: argparse.Namespace) -> EmbeddingConfig:
-    """The EmbeddingConfig from ``--model-config``, ``--model``/``--weights`` and the flags."""
+    """The EmbeddingConfig from ``--embedding-config``, ``--embedding-model``/``--weights`` and the flags."""
     hints = typing.get_type_hints(EmbeddingConfig)
     overrides = _model_values(args)
     for name in _CONFIG_FLAGS:
@@ -107,7 +108,7 @@ def prepare(args: argparse.Namespace) -> EmbedRun:
     file or a refused op)."""
     if args.config:
         raise ConfigError(
-            f"--config {args.config!r} is a feature config; the embed command takes --model-config"
+            f"--config {args.config!r} is a feature config; the embed command takes --embedding-config"
         )
     config = check_model(embedding_config_from_args(args))
     min_batch = args.min_batch_size or min(DEFAULT_BATCH_SIZE, args.max_batch_size or DEFAULT_BATCH_SIZE)

@@ -2,9 +2,10 @@
 
 Examples::
 
-    arecord -f S16_LE -r 16000 -c 1 | soundshard listen --model models/f4 --stdin-format s16le --rate 16000
-    ffmpeg -i rtsp://camera/stream -f wav - | soundshard listen --model models/esc10-f4
-    soundshard listen --model models/esc10-f4 --input site.flac --realtime --events events.csv
+    arecord -f S16_LE -r 16000 -c 1 | soundshard listen --model-dir models/f4 --stdin-format s16le \\
+        --rate 16000
+    ffmpeg -i rtsp://camera/stream -f wav - | soundshard listen --model-dir models/esc10-f4
+    soundshard listen --model-dir models/esc10-f4 --input site.flac --realtime --events events.csv
 
 The same features and model as ``soundshard tag`` (``transforms/tagging/streaming.py``): each window is
 computed once, when its last sample has arrived, with the values and grid of the batch pipeline,
@@ -27,6 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from soundshard.pipelines import arguments
 from soundshard.pipelines.arguments import db_or_off
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import ConfigError
@@ -40,8 +42,8 @@ EVENT_FIELDS = ("start_s", "end_s", "label", "confidence", "peak", "n_windows")
 
 def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """Argument parser of ``soundshard listen``."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="Model folder written by `soundshard train`.")
+    parser = arguments.Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    arguments.add_model_dir(parser)
     parser.add_argument(
         "--int8",
         metavar="ARTIFACT_DIR",
@@ -189,8 +191,10 @@ class Listener:
         description = models.read_description(model_dir)
         config = tag.model_config(description, model_uri=model_dir)
         if not isinstance(config, FeatureConfig):
-            raise ConfigError(f"--model {model_dir!r} takes embeddings; listen runs log-mel and MFCC models")
-        defaults = ["--input", "-", "--model", model_dir, "--output", "-"]
+            raise ConfigError(
+                f"--model-dir {model_dir!r} takes embeddings; listen runs log-mel and MFCC models"
+            )
+        defaults = ["--input", "-", "--model-dir", model_dir, "--output", "-"]
         if threshold is not None:
             defaults += ["--threshold", str(threshold)]
         if floor_db is not None:

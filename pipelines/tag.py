@@ -8,14 +8,14 @@ turned into tables.
 
 Local run (FnApiRunner; no network needed)::
 
-    soundshard tag --input ../shared/data/longform --model models/esc10-f4 --output out/tags \\
+    soundshard tag --input ../shared/data/longform --model-dir models/esc10-f4 --output out/tags \\
         --audacity --raven
-    soundshard tag --input 'recordings/**/*.flac' --model models/esc10-f1 --output out/night \\
+    soundshard tag --input 'recordings/**/*.flac' --model-dir models/esc10-f1 --output out/night \\
         --incremental --site-pattern 'site=(?P<site>[^/]+)/'
 
 Dataflow (workers need the soundshard package, see ``infra/``)::
 
-    soundshard tag --input 'gs://bucket/site=*/2026-11-24/*.flac' --model gs://bucket/models/esc10-f1 \\
+    soundshard tag --input 'gs://bucket/site=*/2026-11-24/*.flac' --model-dir gs://bucket/models/esc10-f1 \\
         --output gs://bucket/tags/ --runner DataflowRunner --project my-project \\
         --region europe-west1 --temp_location gs://bucket/tmp --sdk_container_image IMAGE
 
@@ -98,18 +98,18 @@ def model_config(description: dict, *, model_uri: str) -> FeatureConfig | Embedd
     kind = description.get("input", {}).get("kind", fields.FEATURE_COLUMN)
     values = description.get("feature_config")
     if not isinstance(values, dict):
-        raise ConfigError(f"--model {model_uri!r}: model.json has no feature_config")
+        raise ConfigError(f"--model-dir {model_uri!r}: model.json has no feature_config")
     config = EmbeddingConfig.from_dict(values) if kind == "embedding" else FeatureConfig.from_dict(values)
     if config.fingerprint != description.get("feature_fingerprint"):
         raise ConfigError(
-            f"--model {model_uri!r}: its feature config gives fingerprint {config.fingerprint}, but the "
+            f"--model-dir {model_uri!r}: its feature config gives fingerprint {config.fingerprint}, but the "
             f"model records {description.get('feature_fingerprint')} (trained with other feature maths); "
             "recompute the features and retrain"
         )
     shape = list(description.get("input", {}).get("shape", []))
     if shape and shape != list(config.feature_shape):
         raise ConfigError(
-            f"--model {model_uri!r} takes inputs of shape {shape}, but its feature config gives "
+            f"--model-dir {model_uri!r} takes inputs of shape {shape}, but its feature config gives "
             f"{list(config.feature_shape)}"
         )
     return config
@@ -343,7 +343,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
     if not args.output:
         raise ConfigError("--output is required")
     if not args.model:
-        raise ConfigError("--model is required (a folder written by `soundshard train`)")
+        raise ConfigError("--model-dir is required (a folder written by `soundshard train`)")
     if args.unit_s < 0:
         raise ConfigError(f"--unit-s={args.unit_s} must be 0 (never split) or positive")
     if args.max_batch_windows < 1:

@@ -2,9 +2,9 @@
 
 Examples::
 
-    soundshard train --data out/esc10 --model sbcnn --test-fold 1 --output models/esc10-f1
-    soundshard train --data out/esc10 --model sbcnn --cv --output models/esc10-cv
-    soundshard evaluate --model models/esc10-f1 --data out/esc10 --fold 1
+    soundshard train --features out/esc10 --arch sbcnn --test-fold 1 --output models/esc10-f1
+    soundshard train --features out/esc10 --arch sbcnn --cv --output models/esc10-cv
+    soundshard evaluate --model-dir models/esc10-f1 --features out/esc10 --test-fold 1
 
 A model folder holds ``model.keras`` (Keras 3 format; loads in safe mode), ``saved_model/`` (a TF
 SavedModel for serving), ``model.json`` (labels, feature config and fingerprint, training config,
@@ -39,6 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 
 import numpy as np  # noqa: E402
 
+from soundshard.pipelines import arguments
 from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.errors import ConfigError  # noqa: E402
 from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
@@ -66,16 +67,16 @@ def _default(name: str) -> str:
 
 def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
     """Argument parser of ``soundshard train``."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument(
-        "--data",
-        required=True,
-        action="append",
-        help="Output folder of `soundshard features`; repeat it to train on several together "
-        "(e.g. clip-labelled clips and annotated recordings; same feature config).",
+    parser = arguments.Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    arguments.add_features(
+        parser,
+        append=True,
+        help="Output folder of `soundshard features` (or `embed`); repeat it to train on several "
+        "together (e.g. clip-labelled clips and annotated recordings; same feature config).",
     )
-    parser.add_argument(
-        "--model",
+    arch = parser.add_argument(
+        "--arch",
+        dest="model",
         default=None,
         choices=models.MODEL_NAMES,
         help="Architecture: sbcnn (SB-CNN), edgecnn, the depthwise-separable family dscnn-xs/s/m/l "
@@ -83,6 +84,7 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "mobilenetv3-large; with --backbone-weights for transfer learning), or mlp/linear for "
         f"embeddings. Default: {_default('model')}.",
     )
+    parser.add_renamed("--model", arch)
     parser.add_argument(
         "--width-multiplier",
         "--width_multiplier",
@@ -244,17 +246,18 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "model also learns from: the loss mixes the labels with the teacher's soft targets. The "
         "teacher must not have trained on the test fold.",
     )
-    teacher_group.add_argument(
-        "--teacher-data",
-        "--teacher_data",
+    teacher_features = teacher_group.add_argument(
+        "--teacher-features",
+        "--teacher_features",
         dest="teacher_data",
         action="append",
         default=[],
         metavar="DIR",
-        help="Features or embeddings output the teacher reads, when its inputs are not --data's (an "
-        "embedding + MLP teacher); repeatable. Its windows are matched to the training windows by "
-        "clip and time.",
+        help="Features or embeddings output the teacher reads, when its inputs are not --features' "
+        "(an embedding + MLP teacher); repeatable. Its windows are matched to the training windows "
+        "by clip and time.",
     )
+    parser.add_renamed("--teacher-data", teacher_features, append=True)
     teacher_group.add_argument(
         "--distill-weight",
         "--distill_weight",
@@ -442,7 +445,7 @@ def _check_args(args: argparse.Namespace, config: TrainConfig) -> None:
             "--background, --teacher and --head sigmoid train on one worker (no --workers/TF_CONFIG)"
         )
     if args.teacher_data and not args.teacher:
-        raise ConfigError("--teacher-data names the inputs of a --teacher; give the teacher too")
+        raise ConfigError("--teacher-features names the inputs of a --teacher; give the teacher too")
 
 
 def train_split(
@@ -825,15 +828,15 @@ def check_teacher(
     teacher_data: Sequence[str],
 ) -> None:
     """Refuses a teacher of other labels or another head, one that saw the test data, or one of
-    other features than ``dataset``'s without ``--teacher-data``.
+    other features than ``dataset``'s without ``--teacher-features``.
 
     Raises:
         ConfigError: naming what differs.
     """
     if description["feature_fingerprint"] != dataset["feature_fingerprint"] and not teacher_data:
         raise ConfigError(
-            f"--teacher {folder!r} reads features {description['feature_fingerprint']}, --data has "
-            f"{dataset['feature_fingerprint']}: name the teacher's inputs with --teacher-data"
+            f"--teacher {folder!r} reads features {description['feature_fingerprint']}, --features has "
+            f"{dataset['feature_fingerprint']}: name the teacher's inputs with --teacher-features"
         )
     check_teacher_split(folder, description.get("split") or {}, split_description)
     if list(description["label_names"]) != list(label_names):
@@ -859,7 +862,7 @@ def teacher_soft_targets(
     """The teacher's tempered soft targets of the training windows (``[n, width]``).
 
     The teacher's outputs on the same windows (a teacher of the same features), or on the windows
-    of ``--teacher-data`` carried to the training windows by clip and time
+    of ``--teacher-features`` carried to the training windows by clip and time
     (:func:`training.align_by_time`); training windows the teacher has no window for (e.g.
     background data it did not read) keep their labels as soft targets. Computed once from the
     windows as stored (offline distillation): augmentation changes the student's inputs, not the
@@ -867,7 +870,7 @@ def teacher_soft_targets(
 
     Raises:
         ConfigError: the teacher is not a model folder of the same labels and head, learnt from the
-            test data, or reads other features than ``--data`` without matching ``--teacher-data``.
+            test data, or reads other features than ``--features`` without matching ``--teacher-features``.
     """
     folder = teacher_folder(args.teacher, split.description)
     teacher, description = models.load_classifier(folder)
@@ -888,16 +891,16 @@ def teacher_soft_targets(
         source = "the training windows"
     else:
         teacher_dataset, teacher_windows = training.load_datasets(args.teacher_data)
-        models.check_fingerprint(description, teacher_dataset, what="--teacher-data")
+        models.check_fingerprint(description, teacher_dataset, what="--teacher-features")
         probabilities, matched = training.align_by_time(
             train, teacher_windows, training.predict(teacher, teacher_windows.features)
         )
         if not matched.any():
             raise ConfigError(
-                f"--teacher-data {', '.join(args.teacher_data)} has no window of the training clips "
+                f"--teacher-features {', '.join(args.teacher_data)} has no window of the training clips "
                 "(clip ids differ)"
             )
-        source = f"--teacher-data {', '.join(args.teacher_data)}, matched by clip and time"
+        source = f"--teacher-features {', '.join(args.teacher_data)}, matched by clip and time"
     soft = training.teacher_targets(probabilities, head=head, background=width > n_classes)
     soft = np.where(matched[:, None], soft, hard)
     targets = training.tempered(soft, temperature=config.temperature, head=head)
@@ -1245,7 +1248,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
         dataset, windows = training.load_datasets(args.data)
         if len(dataset.get("label_map", {})) < 2:
             raise ConfigError(
-                f"--data {', '.join(args.data)} has {len(dataset.get('label_map', {}))} label(s); "
+                f"--features {', '.join(args.data)} has {len(dataset.get('label_map', {}))} label(s); "
                 "need 2 or more"
             )
         background_data = (
@@ -1345,10 +1348,17 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
 
 def make_evaluate_parser(prog: str = "soundshard evaluate") -> argparse.ArgumentParser:
     """Argument parser of ``soundshard evaluate``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Evaluate a trained model on a fold or split.")
-    parser.add_argument("--model", required=True, help="Model folder written by `soundshard train`.")
-    parser.add_argument("--data", required=True, help="Output folder of `soundshard features`.")
-    parser.add_argument("--fold", type=int, help="Evaluate on this fold.")
+    parser = arguments.Parser(prog=prog, description="Evaluate a trained model on a fold or split.")
+    arguments.add_model_dir(parser)
+    arguments.add_features(parser, help="Output folder of `soundshard features` (or `embed`).")
+    fold = parser.add_argument(
+        "--test-fold",
+        "--test_fold",
+        dest="fold",
+        type=int,
+        help="Evaluate on this fold (held out in training).",
+    )
+    parser.add_renamed("--fold", fold)
     parser.add_argument("--split", help="Evaluate on this split name.")
     parser.add_argument(
         "--output",
@@ -1407,7 +1417,7 @@ def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard e
     args = make_evaluate_parser(prog).parse_args(argv)
     try:
         if (args.fold is None) == (args.split is None):
-            raise ConfigError("give exactly one of --fold N or --split NAME")
+            raise ConfigError("give exactly one of --test-fold N or --split NAME")
         if args.output and not args.output.endswith(".json"):
             raise ConfigError(f"--output {args.output!r} must name a .json file")
         model, description, dataset = models.load_with_data(args.model, args.data)
@@ -1419,7 +1429,7 @@ def run_evaluate(argv: Sequence[str] | None = None, *, prog: str = "soundshard e
         if args.fold is not None:
             folds = sorted(set(windows.folds.tolist()) - {-1})
             if args.fold not in folds:
-                raise ConfigError(f"--fold {args.fold} is not a fold of the dataset; folds: {folds}")
+                raise ConfigError(f"--test-fold {args.fold} is not a fold of the dataset; folds: {folds}")
             part = windows.take(labelled & (windows.folds == args.fold))
         else:
             part = windows.take(labelled & (windows.splits == args.split))

@@ -103,6 +103,15 @@ def demo_model(demo_features, tmp_path_factory):
     from soundshard.pipelines import train
 
     folder = tmp_path_factory.mktemp("model") / "edgecnn"
-    argv = ["--data", str(demo_features), "--model", "edgecnn", "--test-fold", "1", "--output", str(folder)]
+    argv = [
+        "--features",
+        str(demo_features),
+        "--arch",
+        "edgecnn",
+        "--test-fold",
+        "1",
+        "--output",
+        str(folder),
+    ]
     assert train.run([*argv, "--epochs", "20", "--batch-size", "16", "--quiet"]) == 0  # as the demo
     return folder

@@ -134,7 +134,14 @@ def test_embed_runs_a_fixed_batch_tflite_model_on_two_threads(tflite_models, tmp
         y = tone(sample_rate_hz=16000, duration_s=12.0) + 0.1 * rng.standard_normal(12 * 16000)
         write_audio(tmp_path / "in" / f"rec{k}.wav", y.astype(np.float32), 16000, "FLOAT")
     out = tmp_path / "out"
-    argv = ["--input", tmp_path / "in", "--output", out, "--model", f"tflite:{tflite_models['batch1']}"]
+    argv = [
+        "--input",
+        tmp_path / "in",
+        "--output",
+        out,
+        "--embedding-model",
+        f"tflite:{tflite_models['batch1']}",
+    ]
     argv += [*TINY_FLAGS, "--unit_s", "3", "--format", "parquet", "--direct_num_workers", "2"]
     assert embed.run([str(a) for a in argv]) == 0
     dataset = json.loads((out / "dataset.json").read_text())
@@ -183,8 +190,16 @@ def audio(tmp_path_factory):
 @pytest.mark.parametrize("kind, op", [("reader", "ReadFile"), ("writer", "WriteFile")])
 def test_embed_refuses_saved_models_that_touch_files(saved_models, audio, tmp_path, capsys, kind, op):
     out = tmp_path / "out"
-    argv = ["--input", audio, "--output", out, "--model", f"saved_model:{saved_models[kind]}", *TINY_FLAGS]
-    assert embed.run([str(a) for a in [*argv, "--model-output", "embedding"]]) == 2
+    argv = [
+        "--input",
+        audio,
+        "--output",
+        out,
+        "--embedding-model",
+        f"saved_model:{saved_models[kind]}",
+        *TINY_FLAGS,
+    ]
+    assert embed.run([str(a) for a in [*argv, "--embedding-output", "embedding"]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err  # one line
     assert re.search(rf"\b{op}\b[^()]*\(in function __inference_serve_\d+\)", err), err
@@ -292,7 +307,15 @@ def test_trust_model_code_skips_the_check(saved_models, audio, tmp_path, monkeyp
 
     monkeypatch.setattr(embeddings, "check_saved_model_ops", refuse)
     out = tmp_path / "out"
-    argv = ["--input", audio, "--output", out, "--model", f"saved_model:{saved_models['keras']}", *TINY_FLAGS]
+    argv = [
+        "--input",
+        audio,
+        "--output",
+        out,
+        "--embedding-model",
+        f"saved_model:{saved_models['keras']}",
+        *TINY_FLAGS,
+    ]
     assert embed.run([str(a) for a in [*argv, "--trust-model-code", "--format", "parquet"]]) == 0
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["figures"]["windows"] == 3 and dataset["feature_config"]["trust_model_code"] is True
@@ -338,7 +361,7 @@ def test_the_op_lists_are_deliberate():
 
 def test_an_intermediate_tensor_of_a_tflite_model_is_the_embedding(tmp_path):
     """A BirdNET-style model: its output is class scores, the embedding the tensor before them,
-    named with --model-output; values equal the reference at any batch size."""
+    named with --embedding-output; values equal the reference at any batch size."""
     path = fx.make_scoring_tflite(tmp_path / "scores.tflite", window_samples=16000)
     windows = np.random.default_rng(1).standard_normal((5, 16000)).astype(np.float32)
     config = EmbeddingConfig(model="tflite", model_uri=str(path), output="concat", **TINY)

@@ -168,7 +168,7 @@ def test_tag_events_carry_levels_and_hours_carry_energy_shares(demo_model, tmp_p
             [
                 "--input",
                 str(tmp_path / "in"),
-                "--model",
+                "--model-dir",
                 str(demo_model),
                 "--output",
                 str(out),
@@ -227,7 +227,7 @@ def test_tag_events_carry_levels_and_hours_carry_energy_shares(demo_model, tmp_p
     argv = [
         "--input",
         str(tmp_path / "in"),
-        "--model",
+        "--model-dir",
         str(demo_model),
         "--output",
         str(plain),

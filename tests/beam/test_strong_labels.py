@@ -393,7 +393,14 @@ def test_embed_labels_embedding_windows(annotated, tmp_path):
     )
     out = tmp_path / "out"
     argv = ["--input", annotated / "audio", "--output", out, "--labels", "--labels-optional"]
-    argv += ["--model", f"saved_model:{model}", "--model-config", config, "--max-batch-size", "4"]
+    argv += [
+        "--embedding-model",
+        f"saved_model:{model}",
+        "--embedding-config",
+        config,
+        "--max-batch-size",
+        "4",
+    ]
     assert embed.run([str(a) for a in argv]) == 0
     got = window_labels_by_clip(out)
     # embedding windows of 1 s every 0.5 s: the same hand-computed labels as log-mel windows

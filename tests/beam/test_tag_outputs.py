@@ -239,7 +239,7 @@ def test_plots_and_snippets_with_reference_and_a_failing_snippet(demo_model, tmp
     (refs / "20261124_005945.txt").write_text("".join(f"{a}\t{b}\t{label}\n" for label, a, b in truth))
     out = tmp_path / "tags"
     code = run_tag(
-        "--input", tmp_path / "in", "--model", demo_model, "--output", out, "--unit_s", 7,
+        "--input", tmp_path / "in", "--model-dir", demo_model, "--output", out, "--unit_s", 7,
         "--plot-reference", refs, "--snippets", "--snippet-margin-s", 0.75,
     )  # fmt: skip
     assert code == 0
@@ -279,7 +279,7 @@ def test_archive_member_snippets_incremental_and_max_per_label(demo_model, tmp_p
     with zipfile.ZipFile(inputs / "night.zip", "w") as archive:
         archive.write(path, "site/20261124_005945.WAV")
     out = tmp_path / "tags"
-    base = ["--input", inputs, "--model", demo_model, "--output", out, "--incremental"]
+    base = ["--input", inputs, "--model-dir", demo_model, "--output", out, "--incremental"]
     code = run_tag(*base, "--run_date", "2026-11-24", "--plot", "--snippets", "--snippet-max-per-label", 1)
     assert code == 0
     manifest = json.loads((out / "run.json").read_text())
@@ -311,7 +311,7 @@ def test_plot_of_a_twenty_minute_recording_is_capped(demo_model, tmp_path):
     long_path.parent.mkdir()
     soundfile.write(long_path, np.tile(y, 30), rate, subtype="PCM_16")  # 20 minutes
     args, _ = tag.make_parser().parse_known_args(
-        ["--input", str(long_path), "--model", str(demo_model), "--output", str(tmp_path / "t"), "--plot"]
+        ["--input", str(long_path), "--model-dir", str(demo_model), "--output", str(tmp_path / "t"), "--plot"]
     )
     run = tag.prepare(args)
 
@@ -333,7 +333,7 @@ def test_plot_of_a_twenty_minute_recording_is_capped(demo_model, tmp_path):
 
 def test_plot_and_snippet_flags_are_checked(demo_model, tmp_path, capsys):
     path, _ = make_long_recording(str(tmp_path / "in"))
-    base = ["--input", Path(path).parent, "--model", demo_model, "--output", tmp_path / "t"]
+    base = ["--input", Path(path).parent, "--model-dir", demo_model, "--output", tmp_path / "t"]
     assert run_tag(*base, "--snippet-margin-s", 1) == 2
     assert "--snippet-margin-s=1.0 needs --snippets" in capsys.readouterr().err
     assert run_tag(*base, "--snippets", "--snippet-max-per-label", 0) == 2
@@ -376,7 +376,7 @@ def test_plots_and_snippets_from_and_to_gcs(gcs_env, demo_model, tmp_path):
     fs.put(path, f"{bucket}/in/20261124_005945.WAV")
     out = f"gs://{bucket}/tags"
     code = run_tag(
-        "--input", f"gs://{bucket}/in", "--model", demo_model, "--output", out, "--plot", "--snippets"
+        "--input", f"gs://{bucket}/in", "--model-dir", demo_model, "--output", out, "--plot", "--snippets"
     )
     assert code == 0
     fs.invalidate_cache()

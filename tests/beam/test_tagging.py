@@ -223,7 +223,7 @@ def test_tag_demo_set_tables_label_files_and_accounting(demo_features, demo_mode
     root = demo_root(demo_features)
     out = tmp_path / "tags"
     code = run_tag(
-        "--input", root / "audio", "--manifest", root / "manifest.csv", "--model", demo_model,
+        "--input", root / "audio", "--manifest", root / "manifest.csv", "--model-dir", demo_model,
         "--output", out, "--audacity", "--raven",
     )  # fmt: skip
     assert code == 0
@@ -277,7 +277,7 @@ def test_tag_demo_set_tables_label_files_and_accounting(demo_features, demo_mode
             root / "audio",
             "--manifest",
             root / "manifest.csv",
-            "--model",
+            "--model-dir",
             demo_model,
             "--output",
             out,
@@ -301,7 +301,8 @@ def test_long_recording_split_into_units_gives_the_same_tags(demo_model, tmp_pat
     for unit_s in (0, 7):
         out = tmp_path / f"tags-{unit_s}"
         assert (
-            run_tag("--input", path.parent, "--model", demo_model, "--output", out, "--unit_s", unit_s) == 0
+            run_tag("--input", path.parent, "--model-dir", demo_model, "--output", out, "--unit_s", unit_s)
+            == 0
         )
         outputs[unit_s] = out
     manifest = json.loads((outputs[7] / "run.json").read_text())
@@ -327,7 +328,7 @@ def test_long_recording_split_into_units_gives_the_same_tags(demo_model, tmp_pat
 def test_incremental_tagging_takes_on_only_new_recordings(demo_features, demo_model, tmp_path):
     root = demo_root(demo_features)
     out = tmp_path / "tags"
-    base = ["--input", root / "audio", "--model", demo_model, "--output", out, "--incremental"]
+    base = ["--input", root / "audio", "--model-dir", demo_model, "--output", out, "--incremental"]
     assert run_tag(*base, "--run_date", "2026-11-24") == 0
     first = json.loads((out / "run.json").read_text())
     assert first["figures"]["inputs"] == 34
@@ -341,7 +342,7 @@ def test_incremental_tagging_takes_on_only_new_recordings(demo_features, demo_mo
 
 def test_mismatched_model_is_refused_before_any_data(demo_features, demo_model, tmp_path, capsys):
     root = demo_root(demo_features)
-    base = ["--input", root / "audio", "--model", demo_model, "--output", tmp_path / "tags"]
+    base = ["--input", root / "audio", "--model-dir", demo_model, "--output", tmp_path / "tags"]
     assert run_tag(*base, "--n_mels", "40") == 2
     err = capsys.readouterr().err
     assert "n_mels: model 60 vs the features asked for" in err
@@ -354,12 +355,12 @@ def test_mismatched_model_is_refused_before_any_data(demo_features, demo_model, 
     description = json.loads((demo_model / "model.json").read_text())
     description["feature_config"]["hop_length"] = 256
     (tampered / "model.json").write_text(json.dumps(description))
-    assert run_tag("--input", root / "audio", "--model", tampered, "--output", tmp_path / "tags") == 2
+    assert run_tag("--input", root / "audio", "--model-dir", tampered, "--output", tmp_path / "tags") == 2
     assert "model.json edited: fields feature_config changed since training" in capsys.readouterr().err
     reseal_model_folder(tampered)  # a consistent folder whose features are not these maths'
-    assert run_tag("--input", root / "audio", "--model", tampered, "--output", tmp_path / "tags") == 2
+    assert run_tag("--input", root / "audio", "--model-dir", tampered, "--output", tmp_path / "tags") == 2
     assert "trained with other feature maths" in capsys.readouterr().err
-    assert run_tag("--input", root / "audio", "--model", tmp_path, "--output", tmp_path / "tags") == 2
+    assert run_tag("--input", root / "audio", "--model-dir", tmp_path, "--output", tmp_path / "tags") == 2
     assert "is not a model folder" in capsys.readouterr().err
     assert run_tag(*base, "--thresholds", "dog=0.3") == 2
     assert "unknown label 'dog'" in capsys.readouterr().err
@@ -374,7 +375,7 @@ def test_inference_failures_become_tag_dead_letters(demo_features, demo_model, t
     root = demo_root(demo_features)
     parser = tag.make_parser()
     args, _ = parser.parse_known_args(
-        ["--input", str(root / "audio"), "--model", str(demo_model), "--output", str(tmp_path / "t")]
+        ["--input", str(root / "audio"), "--model-dir", str(demo_model), "--output", str(tmp_path / "t")]
     )
     run = tag.prepare(args)
     bad = "hum-03"
@@ -404,14 +405,16 @@ def test_inference_failures_become_tag_dead_letters(demo_features, demo_model, t
 
 @pytest.mark.slow
 def test_tag_from_and_to_gcs(gcs_env, demo_model, tmp_path):
-    from tests.test_object_storage import upload_demo
+    from tests.integration.test_object_storage import upload_demo
 
     fs, _ = fsspec.core.url_to_fs("gs://")
     bucket = f"tags-{uuid.uuid4().hex[:8]}"
     audio = upload_demo(tmp_path, fs, bucket)
     fs.put(str(demo_model) + "/", f"{bucket}/model/", recursive=True)
     out = f"gs://{bucket}/tags"
-    code = run_tag("--input", f"gs://{audio}", "--model", f"gs://{bucket}/model", "--output", out, "--raven")
+    code = run_tag(
+        "--input", f"gs://{audio}", "--model-dir", f"gs://{bucket}/model", "--output", out, "--raven"
+    )
     assert code == 0
     fs.invalidate_cache()
     manifest = json.loads(fs.cat_file(f"{out}/run.json"))
@@ -455,7 +458,7 @@ def test_event_rules_come_from_the_model_unless_a_flag_is_given():
         "thresholds": {"window": [0.4, 0.6], "clip": [0.5, 0.5]},
         "postprocessing": {"median_filter_windows": 5, "min_duration_s": 1.0},
     }
-    args = tag.make_parser().parse_args(["--input", "x", "--model", "m", "--output", "o"])
+    args = tag.make_parser().parse_args(["--input", "x", "--model-dir", "m", "--output", "o"])
     rules = tag.tag_config_from_args(args, description)
     assert (rules.median_filter_windows, rules.min_duration_s, rules.hysteresis) == (5, 1.0, 0.1)
     assert rules.window_thresholds == (0.4, 0.6)
@@ -463,7 +466,7 @@ def test_event_rules_come_from_the_model_unless_a_flag_is_given():
         [
             "--input",
             "x",
-            "--model",
+            "--model-dir",
             "m",
             "--output",
             "o",
@@ -480,7 +483,7 @@ def test_event_rules_come_from_the_model_unless_a_flag_is_given():
 
 def test_floor_gate_rule_from_the_model_a_flag_or_off():
     parse = tag.make_parser().parse_args
-    base = ["--input", "x", "--model", "m", "--output", "o"]
+    base = ["--input", "x", "--model-dir", "m", "--output", "o"]
     old_model = {"label_names": list(LABELS)}  # written before the gate: the default applies
     assert tag.tag_config_from_args(parse(base), old_model).min_level_above_floor_db == 6.0
     ungated = {"label_names": list(LABELS), "postprocessing": {"min_level_above_floor_db": None}}

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def compile_edge(model: str, *, data: str, target: str, output: str, extra: list[str]) -> tuple[int, float]:
-    command = [sys.executable, "-m", "soundshard.pipelines.cli", "compile-edge", "--model", model]
-    command += ["--data", data, "--target", target, "--output", output, "--quiet", *extra]
+    command = [sys.executable, "-m", "soundshard.pipelines.cli", "compile-edge", "--model-dir", model]
+    command += ["--features", data, "--target", target, "--output", output, "--quiet", *extra]
     print("$ soundshard " + " ".join(command[3:]), flush=True)
     started = time.monotonic()
     result = subprocess.run(

@@ -187,7 +187,7 @@ def rss_one(args) -> dict:
         (work / "tiny.toml").write_text(
             'sample_rate_hz = 48000\nwindow_s = 1.0\nhop_s = 0.1\nembedding_size = 5\noutput = "embedding"\n'
         )
-        extra = ["--model", f"saved_model:{tiny}", "--model-config", str(work / "tiny.toml")]
+        extra = ["--embedding-model", f"saved_model:{tiny}", "--embedding-config", str(work / "tiny.toml")]
     out = work / "out"
     command = [sys.executable, "-m", "soundshard.pipelines.cli", "embed", "--input", str(recording),
                "--output", str(out), "--format", "parquet", *extra]  # fmt: skip

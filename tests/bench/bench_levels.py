@@ -67,8 +67,8 @@ def _features(inputs: Path, out: Path, extra: list[str], *, command: str = "feat
 def cost(repeats: int, *, scale: int, bands: bool, model: str | None = None) -> dict:
     modes = {m: (extra, "features") for m, extra in MODES.items() if bands or "octave" not in m}
     if model:
-        modes["tag-no-levels"] = (["--model", model, "--no-levels"], "tag")
-        modes["tag-levels"] = (["--model", model], "tag")
+        modes["tag-no-levels"] = (["--model-dir", model, "--no-levels"], "tag")
+        modes["tag-levels"] = (["--model-dir", model], "tag")
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "in"
         inputs.mkdir()

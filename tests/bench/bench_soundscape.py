@@ -48,7 +48,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 def tag(model: Path, recording: Path, out: Path, *flags: str) -> None:
     command = [sys.executable, "-m", "soundshard.pipelines.cli", "tag", "--input", str(recording)]
-    command += ["--model", str(model), "--output", str(out), *flags]
+    command += ["--model-dir", str(model), "--output", str(out), *flags]
     subprocess.run(command, check=True, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

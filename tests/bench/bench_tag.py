@@ -126,7 +126,9 @@ def timed_pair(source: Path, model: Path, work: Path, tags: Path, repeats: int) 
                     soundshard("features", "--input", source, "--output", out, "--format", "parquet", *local)
                 )
             else:
-                tag_s.append(soundshard("tag", "--input", source, "--model", model, "--output", tags, *local))
+                tag_s.append(
+                    soundshard("tag", "--input", source, "--model-dir", model, "--output", tags, *local)
+                )
     return features_s, tag_s
 
 

@@ -75,7 +75,7 @@ def main() -> int:
     results = {}
     for model in args.models.split(","):
         out = work / f"{model}-cv"
-        flags = ["--data", str(features), "--model", model, "--cv", "--output", str(out), "--quiet"]
+        flags = ["--features", str(features), "--arch", model, "--cv", "--output", str(out), "--quiet"]
         if args.epochs:
             flags += ["--epochs", str(args.epochs)]
         flags += args.extra.split()

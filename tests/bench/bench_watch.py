@@ -55,7 +55,16 @@ def main() -> int:
     writer = threading.Thread(target=arrive)
     writer.start()
     watch_for = args.files * args.every_s + 2 * args.interval_s
-    argv = ["--input", str(incoming), "--model", args.model, "--output", str(out), "--runner", "DirectRunner"]
+    argv = [
+        "--input",
+        str(incoming),
+        "--model-dir",
+        args.model,
+        "--output",
+        str(out),
+        "--runner",
+        "DirectRunner",
+    ]
     argv += ["--format", "parquet", "--watch", "--watch-interval-s", str(args.interval_s)]
     code = tag.run([*argv, "--watch-for-s", str(watch_for)])
     writer.join()

@@ -44,7 +44,7 @@ def test_train_then_tag_into_a_data_frame(demo_features, tmp_path):
     metrics = soundshard.train(
         str(demo_features),
         str(tmp_path / "m"),
-        model="edgecnn",
+        arch="edgecnn",
         test_fold=1,
         epochs=3,
         batch_size=16,

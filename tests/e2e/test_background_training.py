@@ -128,7 +128,7 @@ def background_features(tmp_path_factory):
 @pytest.mark.parametrize("head", ["softmax", "sigmoid"])
 def test_train_with_background(demo_features, background_features, tmp_path, head):
     folder = tmp_path / head
-    argv = ["--data", demo_features, "--background", background_features, "--model", "edgecnn"]
+    argv = ["--features", demo_features, "--background", background_features, "--arch", "edgecnn"]
     argv += ["--test-fold", "1", "--head", head, "--output", folder, "--epochs", "4", "--batch-size", "16"]
     assert train.run([str(a) for a in [*argv, "--quiet", "--gain-db=-20:0"]]) == 0
     description = json.loads((folder / "model.json").read_text())
@@ -154,7 +154,7 @@ def test_background_with_other_features_is_refused(demo_features, tmp_path, caps
     other = tmp_path / "other"
     write_audio(tmp_path / "a" / "n.wav", np.zeros(22050, np.float32) + 0.01, 22050)
     assert features.run(["--input", str(tmp_path / "a"), "--output", str(other), "--n_mels", "40"]) == 0
-    argv = ["--data", str(demo_features), "--background", str(other), "--test-fold", "1"]
+    argv = ["--features", str(demo_features), "--background", str(other), "--test-fold", "1"]
     assert train.run([*argv, "--output", str(tmp_path / "m"), "--quiet"]) == 2
     assert "compute both with the same feature config" in capsys.readouterr().err
     assert train.run([*argv[:2], "--test-fold", "1", "--output", str(tmp_path / "m"), "--gain-db=3:1"]) == 2

@@ -202,7 +202,7 @@ def test_train_sets_event_rules_on_annotated_validation_recordings(tmp_path):
     argv = ["--input", tmp_path / "site", "--manifest", tmp_path / "meta.csv", "--labels"]
     assert features.run([str(a) for a in [*argv, "--output", out, "--format", "parquet"]]) == 0
     model = tmp_path / "m"
-    argv = ["--data", out, "--model", "edgecnn", "--test-fold", "3", "--validation-fold", "2"]
+    argv = ["--features", out, "--arch", "edgecnn", "--test-fold", "3", "--validation-fold", "2"]
     argv += ["--epochs", "3", "--batch-size", "16", "--output", model, "--quiet"]
     assert train.run([str(a) for a in argv]) == 0
     description = json.loads((model / "model.json").read_text())

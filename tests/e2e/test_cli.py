@@ -79,15 +79,15 @@ def test_usage_and_unknown_command(capsys):
 
 
 def test_misspelt_commands_and_options_get_the_closest_spelling(capsys, tmp_path):
-    assert cli.main(["trian", "--data", "x"]) == 2
+    assert cli.main(["trian", "--features", "x"]) == 2
     assert "unknown command 'trian' (did you mean 'train'?)" in capsys.readouterr().err
-    assert cli.main(["train", "--data", "x", "--output", str(tmp_path / "m"), "--epoch", "5"]) == 2
+    assert cli.main(["train", "--features", "x", "--output", str(tmp_path / "m"), "--epoch", "5"]) == 2
     assert capsys.readouterr().err.strip() == (
         "soundshard train: error: unrecognized option --epoch; did you mean --epochs?"
     )
     # pipeline commands pass Beam's flags through: those are known, a typo of either is not
     argv = ["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--runner", "DirectRunner"]
-    assert cli.main(["tag", *argv, "--model", "m", "--unit-sec", "60"]) == 2
+    assert cli.main(["tag", *argv, "--model-dir", "m", "--unit-sec", "60"]) == 2
     assert "unrecognized option --unit-sec; did you mean --unit-s?" in capsys.readouterr().err
     assert cli.main(["features", *argv, "--direct_num_workerz=2"]) == 2
     assert "did you mean --direct_num_workers?" in capsys.readouterr().err
@@ -116,7 +116,7 @@ def test_train_and_evaluate_help_load_no_tensorflow(tmp_path):
         done = soundshard(command, "--help", cwd=tmp_path)
         assert done.returncode == 0 and done.stdout.startswith(f"usage: soundshard {command}")
         assert done.stderr == ""
-    done = soundshard("train", "--data", "x", cwd=tmp_path)  # no --output
+    done = soundshard("train", "--features", "x", cwd=tmp_path)  # no --output
     assert done.returncode == 2 and done.stderr.startswith("usage: soundshard train")
     assert "required: --output" in done.stderr
     check = "import sys, soundshard.pipelines.train; print(sorted({'keras', 'tensorflow'} & {*sys.modules}))"
@@ -207,3 +207,31 @@ def test_bash_completion_knows_every_command_and_flag(tmp_path):
     assert complete("soundshard", "config", "--d") == ["--defaults"]
     (tmp_path / "models").mkdir()
     assert complete("soundshard", "info", "mod") == ["models"]  # paths otherwise
+
+
+def test_renamed_flags_keep_their_old_spelling_for_a_release(capsys):
+    from soundshard.pipelines import arguments, compile_edge, train
+
+    new = train.make_parser().parse_args(
+        ["--features", "a", "--features", "b", "--arch", "sbcnn", "--output", "o"]
+    )
+    assert capsys.readouterr().err == ""
+    old = train.make_parser().parse_args(
+        ["--data", "a", "--features", "b", "--model", "sbcnn", "--output", "o"]
+    )
+    assert vars(old) == vars(new)
+    err = capsys.readouterr().err
+    assert "--data is now --features" in err and "--model is now --arch" in err
+    evaluate = train.make_evaluate_parser()
+    assert vars(evaluate.parse_args(["--model", "m", "--data", "d", "--fold", "2"])) == vars(
+        evaluate.parse_args(["--model-dir", "m", "--features", "d", "--test-fold", "2"])
+    )
+    embed = arguments.embed_parser()
+    old = embed.parse_args(["--model", "tflite:x", "--model-output", "emb", "--weights-sha256", "ab"])
+    assert (old.model, old.embed__output, old.embed__model_sha256) == ("tflite:x", "emb", "ab")
+    # hidden from --help, and a renamed required flag is satisfied by either spelling only
+    help_text = compile_edge.make_parser().format_help()
+    assert "--model-dir" in help_text and "--features" in help_text and "--data" not in help_text
+    with pytest.raises(SystemExit):
+        compile_edge.make_parser().parse_args(["--model-dir", "m", "--output", "o"])
+    assert "required: --features" in capsys.readouterr().err

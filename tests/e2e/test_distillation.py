@@ -88,14 +88,14 @@ def test_teacher_windows_carried_to_student_windows_by_overlap():
 def teacher_model(demo_features, tmp_path_factory):
     """An SB-CNN trained on demo folds 3-4 (fold 1 tests, fold 2 validates)."""
     folder = tmp_path_factory.mktemp("teacher") / "sbcnn"
-    argv = ["--data", demo_features, "--model", "sbcnn", "--test-fold", 1, "--output", folder]
+    argv = ["--features", demo_features, "--arch", "sbcnn", "--test-fold", 1, "--output", folder]
     assert train.run([str(a) for a in [*argv, "--epochs", 12, "--batch-size", 16, "--quiet"]]) == 0
     return folder
 
 
 def test_train_with_a_teacher_of_the_same_features(demo_features, teacher_model, tmp_path, capsys):
     out = tmp_path / "student"
-    argv = ["--data", demo_features, "--model", "edgecnn", "--test-fold", 1, "--output", out]
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--output", out]
     argv += ["--teacher", teacher_model, "--distill-weight", 0.7, "--temperature", 3]
     assert train.run([str(a) for a in [*argv, "--epochs", 20, "--batch-size", 16, "--quiet"]]) == 0
     info = json.loads((out / "model.json").read_text())["training"]["distillation"]
@@ -115,9 +115,9 @@ def test_train_with_a_teacher_of_the_same_features(demo_features, teacher_model,
     # a teacher that learnt from the test fold is refused before any training
     capsys.readouterr()
     leak = [
-        "--data",
+        "--features",
         str(demo_features),
-        "--model",
+        "--arch",
         "edgecnn",
         "--test-fold",
         "3",
@@ -128,31 +128,31 @@ def test_train_with_a_teacher_of_the_same_features(demo_features, teacher_model,
     err = capsys.readouterr().err
     assert "was trained or validated on folds [2, 3, 4], which hold this model's test fold 3" in err
     assert not (tmp_path / "x").exists()
-    assert train.run([*leak[:-2], "--output", str(tmp_path / "y"), "--teacher-data", "d"]) == 2
-    assert "--teacher-data names the inputs of a --teacher" in capsys.readouterr().err
+    assert train.run([*leak[:-2], "--output", str(tmp_path / "y"), "--teacher-features", "d"]) == 2
+    assert "--teacher-features names the inputs of a --teacher" in capsys.readouterr().err
     assert train.run([str(a) for a in [*argv[:-4], "--teacher", teacher_model, "--distill-weight", 0]]) == 2
     assert "--distill-weight=0.0 must lie in (0, 1]" in capsys.readouterr().err
 
 
 def test_teacher_of_other_features_reads_its_own_windows(demo_features, tmp_path, capsys):
     """A teacher on other windows (half as long, twice as often) than the student's: its outputs
-    reach the student's windows through --teacher-data, by clip and time."""
+    reach the student's windows through --teacher-features, by clip and time."""
     root = demo_features.parent
     other = tmp_path / "short-windows"
     argv = ["--input", root / "audio", "--manifest", root / "manifest.csv", "--output", other]
     argv += ["--format", "parquet", "--window-frames", 20, "--window-hop-frames", 10]
     assert features.run([str(a) for a in argv]) == 0
     teacher = tmp_path / "teacher"
-    argv = ["--data", other, "--model", "edgecnn", "--test-fold", 1, "--output", teacher]
+    argv = ["--features", other, "--arch", "edgecnn", "--test-fold", 1, "--output", teacher]
     assert train.run([str(a) for a in [*argv, "--epochs", 10, "--batch-size", 16, "--quiet"]]) == 0
     student = tmp_path / "student"
-    argv = ["--data", demo_features, "--model", "edgecnn", "--test-fold", 1, "--output", student]
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--output", student]
     argv += ["--teacher", teacher, "--epochs", 3, "--batch-size", 16, "--quiet"]
-    assert train.run([str(a) for a in argv]) == 2  # its features differ: --teacher-data needed
-    assert "name the teacher's inputs with --teacher-data" in capsys.readouterr().err
-    assert train.run([str(a) for a in [*argv, "--teacher-data", other]]) == 0
+    assert train.run([str(a) for a in argv]) == 2  # its features differ: --teacher-features needed
+    assert "name the teacher's inputs with --teacher-features" in capsys.readouterr().err
+    assert train.run([str(a) for a in [*argv, "--teacher-features", other]]) == 0
     info = json.loads((student / "model.json").read_text())["training"]["distillation"]
-    assert info["soft_targets_from"] == f"--teacher-data {other}, matched by clip and time"
+    assert info["soft_targets_from"] == f"--teacher-features {other}, matched by clip and time"
     assert info["windows_with_teacher_targets"] == 96
 
 

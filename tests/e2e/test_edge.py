@@ -40,7 +40,7 @@ C_LAEQ_TOLERANCE_DB = 0.01
 def edge_model(demo_features, tmp_path_factory):
     """An edgecnn trained on demo folds 3-4 (fold 2 validates, fold 1 is held out)."""
     folder = tmp_path_factory.mktemp("edge") / "model"
-    argv = ["--data", demo_features, "--model", "edgecnn", "--test-fold", 1, "--output", folder]
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--output", folder]
     argv += ["--epochs", 20, "--patience", 20, "--batch-size", 16, "--quiet"]
     assert train.run([str(a) for a in argv]) == 0
     return folder
@@ -49,7 +49,16 @@ def edge_model(demo_features, tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifact(edge_model, demo_features):
     out = edge_model.parent / "edge"
-    argv = ["--model", edge_model, "--data", demo_features, "--target", "cortex-m4-256k", "--output", out]
+    argv = [
+        "--model-dir",
+        edge_model,
+        "--features",
+        demo_features,
+        "--target",
+        "cortex-m4-256k",
+        "--output",
+        out,
+    ]
     argv += ["--max-accuracy-drop", ONE_CLIP_PP, "--quiet"]
     assert compile_edge.run([str(a) for a in argv]) == 0
     return out
@@ -465,7 +474,7 @@ def test_model_that_cannot_be_fully_int8_quantised_is_refused(edge_model, demo_f
     keras.Model(inputs, outputs).save(folder / "model.keras")
     reseal_model_folder(folder)  # a consistent folder, so the converter's refusal is what is tested
     out = tmp_path / "edge"
-    argv = ["--model", folder, "--data", demo_features, "--output", out, "--quiet"]
+    argv = ["--model-dir", folder, "--features", demo_features, "--output", out, "--quiet"]
     assert compile_edge.run([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert "cannot be fully int8-quantised" in err and "RFFT2D" in err and "FLOAT32" in err
@@ -484,7 +493,7 @@ def test_over_budget_target_fails_with_the_figures(artifact, edge_model, demo_fe
     monkeypatch.setitem(edge_schema.TARGETS, tiny.name, tiny)
     out = artifact.parent / "edge-tiny"
     shutil.copytree(artifact, out)  # an earlier artifact in the output folder is replaced
-    argv = ["--model", edge_model, "--data", demo_features, "--target", "tiny-m0", "--output", out]
+    argv = ["--model-dir", edge_model, "--features", demo_features, "--target", "tiny-m0", "--output", out]
     argv += ["--max-accuracy-drop", ONE_CLIP_PP, "--quiet"]
     assert compile_edge.run([str(a) for a in argv]) == 3
     captured = capsys.readouterr()
@@ -538,12 +547,12 @@ def test_sbcnn_is_over_the_cortex_m4_flash_budget(demo_features):
 
 
 def test_configuration_errors(edge_model, demo_features, tmp_path, capsys):
-    base = ["--model", str(edge_model), "--data", str(demo_features), "--output", str(tmp_path / "e")]
+    base = ["--model-dir", str(edge_model), "--features", str(demo_features), "--output", str(tmp_path / "e")]
     assert compile_edge.run([*base, "--target", "cortex-m4-265k"]) == 2
     assert "did you mean 'cortex-m4-256k'" in capsys.readouterr().err
     assert compile_edge.run([*base, "--golden", "0"]) == 2
     assert "--golden=0 must lie in 1..16" in capsys.readouterr().err
-    assert compile_edge.run([*base[:2], "--data", str(tmp_path), *base[4:]]) == 2
+    assert compile_edge.run([*base[:2], "--features", str(tmp_path), *base[4:]]) == 2
     assert "has no dataset.json" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     with pytest.raises(ConfigError, match="normalization_scope='recording' needs whole recordings"):
@@ -634,7 +643,7 @@ def test_edge_sized_dscnn_compiles_to_int8_within_the_cortex_m4_budget(demo_feat
     trains, reloads in safe mode and compiles to an int8 artifact that fits cortex-m4-256k, with
     TFLite Micro agreeing with LiteRT."""
     folder = tmp_path / "dscnn"
-    argv = ["--data", demo_features, "--model", "dscnn-xs", "--depth-multiplier", 2, "--test-fold", 1]
+    argv = ["--features", demo_features, "--arch", "dscnn-xs", "--depth-multiplier", 2, "--test-fold", 1]
     argv += ["--output", folder, "--epochs", 4, "--patience", 4, "--batch-size", 16, "--quiet"]
     assert train.run([str(a) for a in argv]) == 0
     model, description = models.load_classifier(str(folder))
@@ -646,7 +655,7 @@ def test_edge_sized_dscnn_compiles_to_int8_within_the_cortex_m4_budget(demo_feat
     }
     assert any(layer.name.endswith("_add") for layer in model.layers)
     out = tmp_path / "edge"
-    argv = ["--model", folder, "--data", demo_features, "--target", "cortex-m4-256k", "--output", out]
+    argv = ["--model-dir", folder, "--features", demo_features, "--target", "cortex-m4-256k", "--output", out]
     argv += ["--max-accuracy-drop", 100, "--quiet"]
     assert compile_edge.run([str(a) for a in argv]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -667,7 +676,7 @@ def test_mfcc_features_from_audio_to_the_device_header(demo_features, tmp_path):
     config = FeatureConfig.from_dict(json.loads((out / "dataset.json").read_text())["feature_config"])
     assert config.feature_shape == (39, 41)
     folder = tmp_path / "model"
-    argv = ["--data", out, "--model", "dscnn-xs", "--test-fold", 1, "--output", folder]
+    argv = ["--features", out, "--arch", "dscnn-xs", "--test-fold", 1, "--output", folder]
     argv += ["--epochs", 6, "--patience", 6, "--batch-size", 16, "--quiet"]
     assert train.run([str(a) for a in argv]) == 0
     description = json.loads((folder / "model.json").read_text())
@@ -675,7 +684,7 @@ def test_mfcc_features_from_audio_to_the_device_header(demo_features, tmp_path):
     assert aug["noise_prob"] == 0 and aug["background_mix_prob"] == 0 and aug["freq_mask_bands"] == 0
     assert aug["gain_profile"][0] == pytest.approx(60**0.5) and not any(aug["gain_profile"][1:])
     artifact = tmp_path / "edge"
-    argv = ["--model", folder, "--data", out, "--target", "cortex-m4-256k", "--output", artifact]
+    argv = ["--model-dir", folder, "--features", out, "--target", "cortex-m4-256k", "--output", artifact]
     assert compile_edge.run([str(a) for a in [*argv, "--max-accuracy-drop", 100, "--quiet"]]) == 0
     d, a = parse_header((artifact / "soundshard_features.h").read_text())
     assert (d["SOUNDSHARD_FEATURE_TYPE"], d["SOUNDSHARD_FEATURE_ROWS"], d["SOUNDSHARD_N_MFCC"]) == (1, 39, 13)

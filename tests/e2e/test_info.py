@@ -41,7 +41,7 @@ def test_model_folder(demo_model, capsys):
 def test_tag_output(demo_features, demo_model, tmp_path, capsys):
     out = tmp_path / "tags"
     audio = demo_features.parent / "audio"
-    assert tag.run(["--input", str(audio), "--model", str(demo_model), "--output", str(out)]) == 0
+    assert tag.run(["--input", str(audio), "--model-dir", str(demo_model), "--output", str(out)]) == 0
     capsys.readouterr()
     assert info.run([str(out), "--json"]) == 0
     described = json.loads(capsys.readouterr().out)

@@ -108,7 +108,16 @@ def _write_wav_bytes(samples: np.ndarray, rate: int) -> bytes:
 
 
 def _tag_argv(source, model, out) -> list[str]:
-    return ["--input", str(source), "--model", str(model), "--output", str(out), "--runner", "DirectRunner"]
+    return [
+        "--input",
+        str(source),
+        "--model-dir",
+        str(model),
+        "--output",
+        str(out),
+        "--runner",
+        "DirectRunner",
+    ]
 
 
 def _scores(path) -> np.ndarray:
@@ -128,7 +137,7 @@ def test_standard_input_as_raw_pcm_or_wav_gives_the_scores_of_the_file(
     pcm = np.round(audio * 32767).astype("<i2")  # 16-bit PCM, written and sent as these integers
     wav = tmp_path / "a.wav"
     sf.write(wav, pcm, rate, subtype="PCM_16")
-    base = ["--model", str(demo_model), "--quiet"]
+    base = ["--model-dir", str(demo_model), "--quiet"]
     assert listen.run([*base, "--input", str(wav), "--window-scores", str(tmp_path / "file.csv")]) == 0
     from_file = _scores(tmp_path / "file.csv")
     for name, data, flags in (
@@ -157,7 +166,7 @@ def test_listen_gives_the_window_scores_and_events_of_tag_on_the_longform(demo_m
     windows = windows.sort_values("window_index")
     tagged_events = pq.read_table(glob.glob(str(out / "parquet" / "events" / "*.parquet"))).to_pandas()
     scores_csv, events_csv = tmp_path / "scores.csv", tmp_path / "events.csv"
-    argv = ["--model", str(demo_model), "--input", str(LONGFORM), "--quiet"]
+    argv = ["--model-dir", str(demo_model), "--input", str(LONGFORM), "--quiet"]
     assert listen.run([*argv, "--window-scores", str(scores_csv), "--events", str(events_csv)]) == 0
     streamed = _scores(scores_csv)
     labels = ["chirp", "click_train", "hum", "noise_burst"]
@@ -178,9 +187,9 @@ def test_listen_with_the_int8_artifact(demo_model, demo_features, tmp_path, caps
 
     artifact = tmp_path / "edge"
     argv = [
-        "--model",
+        "--model-dir",
         demo_model,
-        "--data",
+        "--features",
         demo_features,
         "--target",
         "cortex-m4-256k",
@@ -193,7 +202,7 @@ def test_listen_with_the_int8_artifact(demo_model, demo_features, tmp_path, caps
     audio = (0.3 * np.sign(np.sin(2 * np.pi * 3 * t)) * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     wav = tmp_path / "a.wav"
     sf.write(wav, audio, rate, subtype="FLOAT")
-    base = ["--model", str(demo_model), "--input", str(wav), "--quiet"]
+    base = ["--model-dir", str(demo_model), "--input", str(wav), "--quiet"]
     assert listen.run([*base, "--window-scores", str(tmp_path / "float.csv")]) == 0
     assert listen.run([*base, "--int8", str(artifact), "--window-scores", str(tmp_path / "int8.csv")]) == 0
     float_scores, int8_scores = _scores(tmp_path / "float.csv")[:, 3:], _scores(tmp_path / "int8.csv")[:, 3:]

@@ -48,7 +48,7 @@ def edit(folder, change) -> None:
 
 
 def run_tag(recordings, model, out) -> int:
-    return tag.run([str(a) for a in ("--input", recordings, "--model", model, "--output", out)])
+    return tag.run([str(a) for a in ("--input", recordings, "--model-dir", model, "--output", out)])
 
 
 @pytest.fixture
@@ -120,8 +120,8 @@ def test_permuted_label_names_are_refused_by_evaluate_and_compile_edge(
     model, demo_features, tmp_path, capsys
 ):
     edit(model, lambda d: d.update(label_names=list(reversed(d["label_names"]))))
-    argv = ["--model", str(model), "--data", str(demo_features)]
-    assert train.run_evaluate([*argv, "--fold", "1"]) == 2
+    argv = ["--model-dir", str(model), "--features", str(demo_features)]
+    assert train.run_evaluate([*argv, "--test-fold", "1"]) == 2
     assert "fields label_names changed" in capsys.readouterr().err
     out = tmp_path / "edge"
     assert compile_edge.run([*argv, "--target", "cortex-m4-256k", "--output", str(out), "--quiet"]) == 2
@@ -216,7 +216,10 @@ def test_unsafe_model_file_is_refused(model, recordings, demo_features, tmp_path
     err = capsys.readouterr().err
     assert "model.keras cannot be loaded in Keras safe mode" in err and "Lambda" in err
     assert not out.exists()
-    assert train.run_evaluate(["--model", str(model), "--data", str(demo_features), "--fold", "1"]) == 2
+    assert (
+        train.run_evaluate(["--model-dir", str(model), "--features", str(demo_features), "--test-fold", "1"])
+        == 2
+    )
     assert "cannot be loaded in Keras safe mode" in capsys.readouterr().err
 
 

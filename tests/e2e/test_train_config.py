@@ -55,7 +55,7 @@ def test_recipe_file_and_flags(tmp_path):
     recipe.write_text('[training]\nmodel = "edgecnn"\nepochs = 7\ngain_db = [-30, 6]\n')
     assert load_train_config(recipe) == TrainConfig(model="edgecnn", epochs=7, gain_db=(-30.0, 6.0))
     parser = train.make_parser()
-    base = ["--data", "d", "--output", "o", "--test-fold", "1", "--config", str(recipe)]
+    base = ["--features", "d", "--output", "o", "--test-fold", "1", "--config", str(recipe)]
     # flags given win over the file; flags not given leave the file's values
     config = train.recipe(parser.parse_args([*base, "--epochs", "9", "--no-augment"]))
     assert (config.model, config.epochs, config.gain_db, config.augment) == (
@@ -64,7 +64,7 @@ def test_recipe_file_and_flags(tmp_path):
         (-30.0, 6.0),
         False,
     )
-    assert train.recipe(parser.parse_args(["--data", "d", "--output", "o"])) == TrainConfig()
+    assert train.recipe(parser.parse_args(["--features", "d", "--output", "o"])) == TrainConfig()
     # a bad value is named by its flag when a flag gave it, by the file when the file did
     with pytest.raises(ConfigError, match=r"^--weight-average=1.5 must be in \[0, 1\)"):
         train.recipe(parser.parse_args([*base, "--weight-average", "1.5"]))
@@ -77,7 +77,7 @@ def test_recipe_file_and_flags(tmp_path):
 
 def test_model_json_carries_the_recipe_that_trains_the_same_model(demo_features, tmp_path):
     out = tmp_path / "m"
-    argv = ["--data", demo_features, "--model", "linear", "--test-fold", 1, "--output", out]
+    argv = ["--features", demo_features, "--arch", "linear", "--test-fold", 1, "--output", out]
     assert train.run([str(a) for a in [*argv, "--epochs", 2, "--batch-size", 16, "--quiet"]]) == 0
     training = json.loads((out / "model.json").read_text())["training"]
     config = TrainConfig.from_dict(training["recipe"])
@@ -85,7 +85,7 @@ def test_model_json_carries_the_recipe_that_trains_the_same_model(demo_features,
     assert training["recipe_fingerprint"] == config.fingerprint
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(training["recipe"]))
-    args = train.make_parser().parse_args(["--data", "d", "--output", "o", "--config", str(recipe)])
+    args = train.make_parser().parse_args(["--features", "d", "--output", "o", "--config", str(recipe)])
     assert train.recipe(args) == config
 
 

@@ -210,7 +210,7 @@ def test_training_dataset_mixup_and_weights():
 @pytest.mark.slow
 def test_train_and_evaluate_on_the_demo_set(demo_features, tmp_path, capsys):
     out = tmp_path / "model"
-    argv = ["--data", demo_features, "--model", "edgecnn", "--test-fold", 1, "--output", out]
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--output", out]
     assert (
         train.run([str(a) for a in [*argv, "--epochs", 25, "--patience", 25, "--batch-size", 16, "--quiet"]])
         == 0
@@ -235,7 +235,16 @@ def test_train_and_evaluate_on_the_demo_set(demo_features, tmp_path, capsys):
     report = tmp_path / "eval.json"
     assert (
         train.run_evaluate(
-            ["--model", str(out), "--data", str(demo_features), "--fold", "1", "--output", str(report)]
+            [
+                "--model-dir",
+                str(out),
+                "--features",
+                str(demo_features),
+                "--test-fold",
+                "1",
+                "--output",
+                str(report),
+            ]
         )
         == 0
     )
@@ -247,20 +256,20 @@ def test_train_and_evaluate_on_the_demo_set(demo_features, tmp_path, capsys):
     assert "clip_mean" in printed and "per class (clips, mean of their windows)" in printed
     hum = metrics["clip_mean"]["per_class"]["hum"]
     assert f"{'hum':<20} {hum['support']:>6} {hum['precision']:>10.3f}" in printed
-    evaluate = ["--model", str(out), "--data", str(demo_features)]
+    evaluate = ["--model-dir", str(out), "--features", str(demo_features)]
     # folds the model learnt from or was validated on are refused, unless allowed (with a warning)
-    assert train.run_evaluate([*evaluate, "--fold", "3"]) == 2
+    assert train.run_evaluate([*evaluate, "--test-fold", "3"]) == 2
     assert "fold 3 is one of the folds the model was trained on [3, 4]" in capsys.readouterr().err
-    assert train.run_evaluate([*evaluate, "--fold", "2"]) == 2
+    assert train.run_evaluate([*evaluate, "--test-fold", "2"]) == 2
     assert "fold 2 chose the model's epoch and thresholds" in capsys.readouterr().err
-    assert train.run_evaluate([*evaluate, "--fold", "3", "--allow-training-data"]) == 0
+    assert train.run_evaluate([*evaluate, "--test-fold", "3", "--allow-training-data"]) == 0
     assert "warning: fold 3 is one of the folds the model was trained on" in capsys.readouterr().err
-    assert train.run_evaluate([*evaluate, "--fold", "1", "--output", str(tmp_path / "e.txt")]) == 2
+    assert train.run_evaluate([*evaluate, "--test-fold", "1", "--output", str(tmp_path / "e.txt")]) == 2
     assert "must name a .json file" in capsys.readouterr().err
 
 
 def test_train_refuses_bad_requests(demo_features, tmp_path, capsys):
-    base = ["--data", str(demo_features), "--output", str(tmp_path / "m")]
+    base = ["--features", str(demo_features), "--output", str(tmp_path / "m")]
     assert train.run([*base, "--test-fold", "9"]) == 2
     assert "--test-fold 9 is not a fold of the dataset; folds: [1, 2, 3, 4]" in capsys.readouterr().err
     assert train.run([*base, "--test-fold", "1", "--cv"]) == 2
@@ -269,7 +278,7 @@ def test_train_refuses_bad_requests(demo_features, tmp_path, capsys):
     assert "--weight-average=1.5 must be in [0, 1)" in capsys.readouterr().err
     assert train.run([*base, "--splits"]) == 2
     assert "split 'train' is not in the dataset" in capsys.readouterr().err
-    assert train.run(["--data", str(tmp_path), "--output", str(tmp_path / "m"), "--cv"]) == 2
+    assert train.run(["--features", str(tmp_path), "--output", str(tmp_path / "m"), "--cv"]) == 2
     assert "has no dataset.json" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
@@ -294,7 +303,10 @@ def test_evaluate_refuses_other_features(demo_features, tmp_path, capsys):
         metrics={"clip_mean": {"confusion_matrix": [[1]]}},
         history={"loss": [1.0]},
     )
-    assert train.run_evaluate(["--model", str(folder), "--data", str(demo_features), "--fold", "1"]) == 2
+    assert (
+        train.run_evaluate(["--model-dir", str(folder), "--features", str(demo_features), "--test-fold", "1"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "trained on features 0000000000000000" in err and "n_mels: model 40 vs" in err
 
@@ -356,7 +368,7 @@ def test_image_backbone_loads_pretrained_weights_freezes_then_fine_tunes(demo_fe
         )
     weights = tmp_path / "mobilenet_v2_0.35_no_top.weights.h5"
     backbone.save_weights(str(weights))
-    base = ["--data", str(demo_features), "--model", "mobilenetv2", "--width-multiplier", "0.35"]
+    base = ["--features", str(demo_features), "--arch", "mobilenetv2", "--width-multiplier", "0.35"]
     base += ["--test-fold", "1", "--batch-size", "16", "--quiet", "--backbone-weights", str(weights)]
     frozen = tmp_path / "frozen"
     assert train.run([*base, "--output", str(frozen), "--epochs", "2", "--freeze-epochs", "2"]) == 0
@@ -384,9 +396,9 @@ def test_image_backbone_loads_pretrained_weights_freezes_then_fine_tunes(demo_fe
     assert train.run([*other, "--output", str(tmp_path / "x"), "--epochs", "1"]) == 2
     assert "do not fit mobilenetv2 (width multiplier 0.5" in capsys.readouterr().err
     edge = [
-        "--data",
+        "--features",
         str(demo_features),
-        "--model",
+        "--arch",
         "edgecnn",
         "--test-fold",
         "1",

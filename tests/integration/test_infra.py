@@ -38,7 +38,7 @@ INFRA = ROOT / "infra"
 TEMPLATES = [
     ("features.json", features.make_parser, {"input", "output"}),
     ("embed.json", embed.make_parser, {"input", "output"}),
-    ("tag.json", tag.make_parser, {"input", "output", "model"}),
+    ("tag.json", tag.make_parser, {"input", "output", "model_dir"}),
 ]
 #: Flags of `gcloud dataflow flex-template run` (its reference page's synopsis).
 GCLOUD_RUN_FLAGS = {

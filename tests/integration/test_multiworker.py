@@ -27,7 +27,7 @@ from soundshard.transforms.models import distributed, training
 #: other augmentation draws), so they are not bit-identical.
 MIN_CLIP_ACCURACY = 0.75
 TOLERANCE = 0.125
-TRAIN_FLAGS = ["--model", "edgecnn", "--test-fold", "1", "--epochs", "30", "--patience", "10"]
+TRAIN_FLAGS = ["--arch", "edgecnn", "--test-fold", "1", "--epochs", "30", "--patience", "10"]
 TRAIN_FLAGS += ["--batch-size", "16", "--quiet"]
 WORKER_TIMEOUT_S = 240
 
@@ -126,7 +126,7 @@ def test_stop_rule_is_a_pure_function_of_the_scores():
 
 
 def test_train_refuses_flags_and_tf_config_together(demo_features, tmp_path, capsys, monkeypatch):
-    base = ["--data", str(demo_features), "--output", str(tmp_path / "m"), *TRAIN_FLAGS]
+    base = ["--features", str(demo_features), "--output", str(tmp_path / "m"), *TRAIN_FLAGS]
     monkeypatch.setenv("TF_CONFIG", tf_config(0)["TF_CONFIG"])
     assert train.run([*base, "--workers", "127.0.0.1:1,127.0.0.1:2", "--worker-index", "0"]) == 2
     assert "--workers/--worker-index and TF_CONFIG are both set" in capsys.readouterr().err
@@ -184,7 +184,7 @@ def test_two_workers_train_like_one(demo_features, tmp_path):
             "otherwise listen on every interface"
         )
     out = tmp_path / "model"
-    argv = [sys.executable, "-m", "soundshard.pipelines.cli", "train", "--data", str(demo_features)]
+    argv = [sys.executable, "-m", "soundshard.pipelines.cli", "train", "--features", str(demo_features)]
     argv += ["--output", str(out), *TRAIN_FLAGS]
     logs = [str(tmp_path / f"worker-{i}.log") for i in range(2)]
     spec = {"argv": argv, "logs": logs, "report": str(tmp_path / "report.json")}
@@ -196,7 +196,7 @@ def test_two_workers_train_like_one(demo_features, tmp_path):
     try:
         # the single-worker reference trains here meanwhile, on the same data and flags
         single = tmp_path / "single"
-        assert train.run(["--data", str(demo_features), "--output", str(single), *TRAIN_FLAGS]) == 0
+        assert train.run(["--features", str(demo_features), "--output", str(single), *TRAIN_FLAGS]) == 0
         launcher.wait(timeout=max(1.0, WORKER_TIMEOUT_S - (time.monotonic() - started)))
     except subprocess.TimeoutExpired:
         os.killpg(launcher.pid, signal.SIGKILL)
@@ -252,6 +252,6 @@ def test_two_workers_train_like_one(demo_features, tmp_path):
     assert multi >= one - TOLERANCE, (multi, one)
 
     # the saved model is the trained one
-    evaluate = ["--model", str(out), "--data", str(demo_features), "--fold", "1"]
+    evaluate = ["--model-dir", str(out), "--features", str(demo_features), "--test-fold", "1"]
     assert train.run_evaluate([*evaluate, "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["clip_mean"] == chief["clip_mean"]

@@ -242,7 +242,7 @@ def tag_case(fs, bucket: str, tmp_path: Path, request) -> tuple[list[str], Calla
     audio = upload_demo(tmp_path, fs, bucket)
     fs.put(str(model) + "/", f"{bucket}/model/", recursive=True)
     out = f"gs://{bucket}/tags"
-    argv = ["tag", "--input", f"gs://{audio}", "--model", f"gs://{bucket}/model", "--output", out]
+    argv = ["tag", "--input", f"gs://{audio}", "--model-dir", f"gs://{bucket}/model", "--output", out]
 
     def check():
         manifest = json.loads(fs.cat_file(f"{out}/run.json"))

@@ -158,7 +158,9 @@ def check_model(config: EmbeddingConfig) -> EmbeddingConfig:
                 f"OpenL3 {config.input_repr}/{config.content_type} needs its weight file {expected}: "
                 "pass --weights PATH_OR_URI (published by the openl3 project; never downloaded)"
             )
-        raise ConfigError(f"model={config.model!r} needs model_uri (--model {config.model}:PATH_OR_URI)")
+        raise ConfigError(
+            f"model={config.model!r} needs model_uri (--embedding-model {config.model}:PATH_OR_URI)"
+        )
     if not model_exists(uri):
         what = f"OpenL3 weight file (expected {expected})" if expected else f"{config.model} model"
         raise ConfigError(f"{what} not found: {uri!r}")

@@ -413,7 +413,7 @@ def model_file(description: dict, *, folder: str = "") -> str:
     name = description.get("model_file", "model.keras")
     if not isinstance(name, str) or not _MODEL_FILE_NAME.fullmatch(name):
         raise ConfigError(
-            f"--model {folder!r}: model.json names model_file {name!r}; it must be a plain .keras file "
+            f"--model-dir {folder!r}: model.json names model_file {name!r}; it must be a plain .keras file "
             "name inside the model folder (no path, no URL)"
         )
     return name
@@ -428,21 +428,21 @@ def verify_description(folder: str, description: dict) -> None:
             whose bytes changed, or edited model.json fields (named when they can be told).
     """
     if not isinstance(description, dict):
-        raise ConfigError(f"--model {folder!r}: model.json is not a JSON object")
+        raise ConfigError(f"--model-dir {folder!r}: model.json is not a JSON object")
     name = model_file(description, folder=folder)
     sealed = description.get(INTEGRITY)
     if not isinstance(sealed, dict) or not isinstance(sealed.get("digest"), str):
         # Refused rather than trusted: a folder without a digest cannot be told apart from an
         # edited one whose digest was deleted, so accepting it would make the check optional.
         raise ConfigError(
-            f"--model {folder!r}: model.json has no integrity digest (written before soundshard "
+            f"--model-dir {folder!r}: model.json has no integrity digest (written before soundshard "
             "checked model folders, or stripped); retrain it with `soundshard train`"
         )
     path = f"{folder.rstrip('/')}/{name}"
     try:
         actual_sha = file_sha256(path)
     except FileNotFoundError as exc:
-        raise ConfigError(f"--model {folder!r}: the model file {name!r} is missing") from exc
+        raise ConfigError(f"--model-dir {folder!r}: the model file {name!r} is missing") from exc
     expected = integrity_of(description, model_file_sha256=actual_sha)
     if expected["digest"] == sealed["digest"]:
         return
@@ -463,7 +463,7 @@ def verify_description(folder: str, description: dict) -> None:
             problems.append(f"model.json edited: {'; '.join(parts)} since training")
     if not problems:
         problems.append("model.json's integrity digest does not match its content (edited)")
-    raise ConfigError(f"--model {folder!r}: {'; '.join(problems)}; refusing the model folder")
+    raise ConfigError(f"--model-dir {folder!r}: {'; '.join(problems)}; refusing the model folder")
 
 
 def read_description(folder: str) -> dict:
@@ -480,9 +480,9 @@ def read_description(folder: str) -> dict:
         with fsspec.open(f"{folder.rstrip('/')}/{MODEL_JSON}", "r") as f:
             description = json.load(f)
     except FileNotFoundError as exc:
-        raise ConfigError(f"--model {folder!r} is not a model folder (no model.json)") from exc
+        raise ConfigError(f"--model-dir {folder!r} is not a model folder (no model.json)") from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--model {folder!r}: model.json is not valid JSON ({exc})") from exc
+        raise ConfigError(f"--model-dir {folder!r}: model.json is not valid JSON ({exc})") from exc
     verify_description(folder, description)
     return description
 
@@ -519,24 +519,24 @@ def load_verified_model(folder: str, description: dict):
     name = model_file(description, folder=folder)
     with local_model(f"{folder.rstrip('/')}/{name}") as path:
         if file_sha256(path) != description[INTEGRITY]["model_file_sha256"]:
-            raise ConfigError(f"--model {folder!r}: {name} changed while it was being loaded")
+            raise ConfigError(f"--model-dir {folder!r}: {name} changed while it was being loaded")
         try:
             model = load_keras_file(path)
         except Exception as exc:  # noqa: BLE001 (Keras raises many types for a bad file)
             raise ConfigError(
-                f"--model {folder!r}: {name} cannot be loaded in Keras safe mode "
+                f"--model-dir {folder!r}: {name} cannot be loaded in Keras safe mode "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
             ) from exc
     labels = description.get("label_names") or []
     outputs = model.output_shape[-1] if isinstance(model.output_shape, tuple) else None
     if outputs != len(labels):
         raise ConfigError(
-            f"--model {folder!r}: {name} gives {outputs} scores per window for {len(labels)} labels"
+            f"--model-dir {folder!r}: {name} gives {outputs} scores per window for {len(labels)} labels"
         )
     shape = description.get("input", {}).get("shape")
     if shape is not None and list(model.input_shape[1:]) != list(shape):
         raise ConfigError(
-            f"--model {folder!r}: {name} takes inputs of shape {list(model.input_shape[1:])}, "
+            f"--model-dir {folder!r}: {name} takes inputs of shape {list(model.input_shape[1:])}, "
             f"model.json says {shape}"
         )
     return model
@@ -594,10 +594,10 @@ def load_with_data(folder: str, data_dir: str):
 
     model, description = load_classifier(folder)
     dataset = training.read_dataset_json(data_dir)
-    check_fingerprint(description, dataset, what=f"--data {data_dir!r}")
+    check_fingerprint(description, dataset, what=f"--features {data_dir!r}")
     if dataset["label_map"] != description["label_map"]:
         raise ConfigError(
-            f"--data {data_dir!r} labels {sorted(dataset['label_map'])} differ from the model's "
+            f"--features {data_dir!r} labels {sorted(dataset['label_map'])} differ from the model's "
             f"{description['label_names']}"
         )
     return model, description, dataset

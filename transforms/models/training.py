@@ -156,8 +156,9 @@ def load_datasets(data_dirs: Sequence[str]) -> tuple[dict, WindowSet]:
     for data_dir, description in zip(data_dirs[1:], descriptions[1:], strict=True):
         if description.get("feature_fingerprint") != first.get("feature_fingerprint"):
             raise ConfigError(
-                f"--data {data_dir!r} has features {description.get('feature_fingerprint')}, "
-                f"--data {data_dirs[0]!r} {first.get('feature_fingerprint')}: compute both with one config"
+                f"--features {data_dir!r} has features {description.get('feature_fingerprint')}, "
+                f"--features {data_dirs[0]!r} {first.get('feature_fingerprint')}: compute both with one "
+                "config"
             )
     names = sorted({name for d in descriptions for name in d.get("label_map", {})})
     dataset = {**first, "label_map": {name: i for i, name in enumerate(names)}, "data": list(data_dirs)}
@@ -338,14 +339,14 @@ def read_dataset_json(data_dir: str) -> dict:
             dataset = json.load(f)
     except FileNotFoundError as exc:
         raise ConfigError(
-            f"--data {data_dir!r} has no dataset.json: not a soundshard features output"
+            f"--features {data_dir!r} has no dataset.json: not a soundshard features output"
         ) from exc
     if not dataset.get("incremental"):
         return dataset
     try:
         return ledger.nightly_dataset(data_dir)
     except ValueError as exc:
-        raise ConfigError(f"--data {data_dir!r}: {exc}") from exc
+        raise ConfigError(f"--features {data_dir!r}: {exc}") from exc
 
 
 def read_window_table(data_dir: str, dataset: dict, *, columns: Sequence[str] | None = None) -> pa.Table:
@@ -362,7 +363,7 @@ def read_window_table(data_dir: str, dataset: dict, *, columns: Sequence[str] | 
     entries = dataset.get("shards", {}).get("parquet")
     if not entries:
         raise ConfigError(
-            f"--data {data_dir!r} has no Parquet shards (write them with --format parquet or both)"
+            f"--features {data_dir!r} has no Parquet shards (write them with --format parquet or both)"
         )
     superseded = dataset.get("superseded", {})
     wanted = None if columns is None else sorted(set(columns) | ({"source_uri"} if superseded else set()))
