@@ -20,7 +20,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from soundshard.pipelines import features
 from soundshard.schemas.errors import ConfigError, StorageError
-from soundshard.transforms.io import archives, storage
+from soundshard.transforms.io import adapters, archives, storage
 
 from ..emulators import Fault, fault_proxy
 from ..helpers import tone
@@ -264,3 +264,17 @@ def test_fetched_objects_are_bounded_and_taken_as_often_as_put():
     assert not kept.put(("f",), b"f", reads=0)
     kept.clear()
     assert (len(kept), kept.held_bytes, kept.take(("d",))) == (0, 0, None)
+
+
+def test_the_library_internals_the_store_adapters_use_are_there():
+    """A gcsfs, s3fs or fsspec release that changes what ``io/adapters.py`` relies on fails here,
+    not quietly by bringing back a library's own retry loop."""
+    assert adapters.layout_problems() == []
+    import gcsfs
+    import s3fs
+
+    gcs = adapters.single_attempt_class(gcsfs.GCSFileSystem)
+    assert gcs is not gcsfs.GCSFileSystem and not hasattr(gcs._request, "__wrapped__")
+    assert adapters.single_attempt_class(s3fs.S3FileSystem).retries == 1
+    local = fsspec.filesystem("file")
+    assert adapters.single_attempt(local, attempt_timeout_s=1.0) is local and not adapters.is_async(local)

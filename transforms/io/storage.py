@@ -11,8 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import errno
-import functools
-import inspect
 import io
 import logging
 import os
@@ -25,6 +23,7 @@ import fsspec
 
 from soundshard.schemas.errors import ConfigError, StorageError
 from soundshard.schemas.uris import redact
+from soundshard.transforms.io import adapters
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -304,56 +303,62 @@ def _describe(exc: BaseException, timeout_s: float) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-@functools.cache
-def _single_attempt_class(cls: type) -> type:
-    """``cls`` without its own retry loop, so that ``StorageRetry`` alone decides (and counts).
+class _Attempts:
+    """The one retry schedule of a request, for blocking and async callers alike.
 
-    gcsfs retries HTTP 408/429/5xx and connection errors up to 6 times per request, sleeping
-    1, 2, 4, 8 and 16 s plus up to 1 s of jitter each (31 to 36 s per request); the subclass keeps
-    its request method without the retry decorator. s3fs retries up to 5 times (0.1 to 0.8 s
-    apart) around each botocore call, nested twice for file reads, and botocore retries up to 4
-    more times itself with exponential backoff; the subclass sets ``retries`` to 1 and
-    ``_single_attempt`` turns botocore's retries off and its timeouts down. Other
-    filesystems are used as they are; a layout of gcsfs this does not know keeps its retry loop,
-    and each attempt is still cut off at ``StorageRetry.attempt_timeout_s``.
+    Iterating gives each attempt's time limit (``attempt_timeout_s``, less near the deadline);
+    :meth:`failed` classifies an attempt's error and gives the pause before the next, or raises
+    the ``StorageError`` (kept in the file's ``storage_error``) when the error is not transient or
+    the attempts or the deadline are spent.
     """
-    import gcsfs
-    import s3fs
 
-    if issubclass(cls, gcsfs.GCSFileSystem):
-        request = getattr(cls._request, "__wrapped__", None)
-        if request is None or not inspect.iscoroutinefunction(request):
-            return cls
+    def __init__(self, file: RemoteFile, what: str):
+        self.file, self.what = file, what
+        self.started = time.monotonic()
+        self.attempt = 0
+        self.timeout_s = 0.0
 
-        class SingleAttemptGCSFileSystem(cls):
-            _request = request
+    def __iter__(self):
+        retry = self.file.retry
+        while True:
+            self.attempt += 1
+            deadline = self.started + retry.deadline_s
+            self.timeout_s = max(0.001, min(retry.attempt_timeout_s, deadline - time.monotonic()))
+            yield self.timeout_s
 
-        return SingleAttemptGCSFileSystem
-    if issubclass(cls, s3fs.S3FileSystem):
-
-        class SingleAttemptS3FileSystem(cls):
-            retries = 1
-
-        return SingleAttemptS3FileSystem
-    return cls
-
-
-def single_attempt(fs: fsspec.AbstractFileSystem, retry: StorageRetry) -> fsspec.AbstractFileSystem:
-    """A filesystem like ``fs`` (same options) whose requests are not retried inside it."""
-    cls = _single_attempt_class(type(fs))
-    if cls is type(fs):
-        return fs
-    options = dict(fs.storage_options)
-    import s3fs
-
-    if isinstance(fs, s3fs.S3FileSystem):
-        options["config_kwargs"] = {
-            **options.get("config_kwargs", {}),
-            "retries": {"total_max_attempts": 1, "mode": "standard"},
-            "connect_timeout": retry.attempt_timeout_s,
-            "read_timeout": retry.attempt_timeout_s,
-        }
-    return cls(*fs.storage_args, **options)
+    def failed(self, failed: Exception) -> float:
+        """The pause before the next attempt after ``failed``; or raises (and keeps) the
+        StorageError."""
+        file, retry, attempt = self.file, self.file.retry, self.attempt
+        description = _describe(failed, self.timeout_s)
+        pause_s = retry.pause_s(attempt - 1)
+        transient = is_transient(failed)
+        if (
+            transient
+            and attempt < retry.attempts
+            and time.monotonic() + pause_s < self.started + retry.deadline_s
+        ):
+            _LOG.info(
+                "%s: %s: attempt %d failed, retry in %.2f s: %s",
+                file.uri,
+                self.what,
+                attempt,
+                pause_s,
+                description,
+            )
+            if file.on_retry is not None:
+                file.on_retry(failed)
+            return pause_s
+        elapsed_s = time.monotonic() - self.started
+        if transient:
+            why = f"gave up after {attempt} attempt(s) in {elapsed_s:.1f} s"
+        else:
+            why = "failed (not retried: not a transient error)"
+        reason = "missing_file" if isinstance(failed, FileNotFoundError) else "storage_error"
+        error = StorageError(f"{file.uri}: {self.what} {why}: {description}", reason=reason)
+        error.__cause__ = failed
+        file.storage_error = error
+        raise error
 
 
 class RemoteFile(io.RawIOBase):
@@ -396,7 +401,7 @@ class RemoteFile(io.RawIOBase):
         self.on_retry = on_retry
         self.storage_error: StorageError | None = None
         fs, self._path = fsspec.core.url_to_fs(uri)
-        self._fs = single_attempt(fs, retry)
+        self._fs = adapters.single_attempt(fs, attempt_timeout_s=retry.attempt_timeout_s)
         self._pos = 0
         self._block_start = 0
         self._block = b""
@@ -411,84 +416,43 @@ class RemoteFile(io.RawIOBase):
     def __repr__(self) -> str:
         return f"<RemoteFile name={self.uri!r}>"
 
+    @property
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        """The filesystem the object is read through (without retries of its own)."""
+        return self._fs
+
     def _call(self, method: str, *args, timeout_s: float, **kwargs):
         """``fs.<method>``; on an async filesystem cancelled after ``timeout_s`` (with any retry
         loop of its own)."""
-        if getattr(self._fs, "async_impl", False):
-            from fsspec.asyn import sync
-
-            return sync(self._fs.loop, getattr(self._fs, "_" + method), *args, timeout=timeout_s, **kwargs)
+        if adapters.is_async(self._fs):
+            coroutine = adapters.coroutine(self._fs, method)
+            return adapters.run_on_loop(self._fs, coroutine, *args, timeout_s=timeout_s, **kwargs)
         return getattr(self._fs, method)(*args, **kwargs)
 
     def _retried(self, what: str, method: str, *args, **kwargs):
         """``fs.<method>(*args, **kwargs)``, retried as ``StorageRetry`` says."""
-        if self.storage_error is not None:
-            raise self.storage_error
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            timeout_s = self._attempt_timeout_s(started)
+        attempts = self._attempts(what)
+        for timeout_s in attempts:
             try:
                 return self._call(method, *args, timeout_s=timeout_s, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - classified below; the cause is kept
-                pause_s = self._after_failure(
-                    what, exc, attempt=attempt, started=started, timeout_s=timeout_s
-                )
-            time.sleep(pause_s)
+            except Exception as exc:  # noqa: BLE001 - classified by the schedule; the cause is kept
+                time.sleep(attempts.failed(exc))
 
     async def _retried_async(self, what: str, method: str, *args, **kwargs):
         """As ``_retried``, as a coroutine on the event loop of an async filesystem."""
+        attempts = self._attempts(what)
+        for timeout_s in attempts:
+            try:
+                return await asyncio.wait_for(
+                    adapters.coroutine(self._fs, method)(*args, **kwargs), timeout_s
+                )
+            except Exception as exc:  # noqa: BLE001 - classified by the schedule; the cause is kept
+                await asyncio.sleep(attempts.failed(exc))
+
+    def _attempts(self, what: str) -> _Attempts:
         if self.storage_error is not None:
             raise self.storage_error
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            timeout_s = self._attempt_timeout_s(started)
-            try:
-                return await asyncio.wait_for(getattr(self._fs, "_" + method)(*args, **kwargs), timeout_s)
-            except Exception as exc:  # noqa: BLE001 - classified below; the cause is kept
-                pause_s = self._after_failure(
-                    what, exc, attempt=attempt, started=started, timeout_s=timeout_s
-                )
-            await asyncio.sleep(pause_s)
-
-    def _attempt_timeout_s(self, started: float) -> float:
-        deadline = started + self.retry.deadline_s
-        return max(0.001, min(self.retry.attempt_timeout_s, deadline - time.monotonic()))
-
-    def _after_failure(
-        self, what: str, failed: Exception, *, attempt: int, started: float, timeout_s: float
-    ) -> float:
-        """The pause before the next attempt after ``failed``; or, when the error is not
-        transient or the attempts or the deadline are spent, raises (and keeps) the StorageError."""
-        retry = self.retry
-        description = _describe(failed, timeout_s)
-        pause_s = retry.pause_s(attempt - 1)
-        transient = is_transient(failed)
-        if transient and attempt < retry.attempts and time.monotonic() + pause_s < started + retry.deadline_s:
-            _LOG.info(
-                "%s: %s: attempt %d failed, retry in %.2f s: %s",
-                self.uri,
-                what,
-                attempt,
-                pause_s,
-                description,
-            )
-            if self.on_retry is not None:
-                self.on_retry(failed)
-            return pause_s
-        elapsed_s = time.monotonic() - started
-        if transient:
-            why = f"gave up after {attempt} attempt(s) in {elapsed_s:.1f} s"
-        else:
-            why = "failed (not retried: not a transient error)"
-        reason = "missing_file" if isinstance(failed, FileNotFoundError) else "storage_error"
-        error = StorageError(f"{self.uri}: {what} {why}: {description}", reason=reason)
-        error.__cause__ = failed
-        self.storage_error = error
-        raise error
+        return _Attempts(self, what)
 
     def readable(self) -> bool:
         return True
@@ -537,7 +501,8 @@ class RemoteFile(io.RawIOBase):
         self._block_start = start
         self._block = self._retried(what, "cat_file", self._path, start=start, end=end)
 
-    def _needs_fill(self) -> bool:
+    def needs_fill(self) -> bool:
+        """Whether the read-ahead block lacks the current position (and the object goes on)."""
         return not 0 <= self._pos - self._block_start < len(self._block) and self._pos < self.size
 
     def fill(self) -> None:
@@ -547,11 +512,12 @@ class RemoteFile(io.RawIOBase):
         process-wide lock around libsndfile's open), so a first read that waits on the store
         inside the open would make every other thread's open wait too.
         """
-        if self._needs_fill():
+        if self.needs_fill():
             self._fetch(READ_BLOCK_BYTES)
 
-    async def _fill_async(self) -> None:
-        if self._needs_fill():
+    async def fill_async(self) -> None:
+        """``fill()`` as a coroutine on the event loop of an async filesystem."""
+        if self.needs_fill():
             what, start, end = self._fetch_range(READ_BLOCK_BYTES)
             self._block_start = start
             self._block = await self._retried_async(what, "cat_file", self._path, start=start, end=end)
@@ -602,21 +568,19 @@ def fill_all(files: Sequence[RemoteFile], *, in_flight: int) -> None:
     """
     together = []
     for f in files:
-        if getattr(f._fs, "async_impl", False) and f._needs_fill():
+        if adapters.is_async(f.filesystem) and f.needs_fill():
             together.append(f)
         else:
             with contextlib.suppress(StorageError):
                 f.fill()
     if not together:
         return
-    from fsspec.asyn import sync
-
     callbacks = {f: f.on_retry for f in together}
     failures: dict[RemoteFile, list[BaseException]] = {f: [] for f in together}
     by_loop: dict[int, list[RemoteFile]] = collections.defaultdict(list)
     for f in together:  # fsspec's async filesystems normally share one loop
         f.on_retry = failures[f].append
-        by_loop[id(f._fs.loop)].append(f)
+        by_loop[id(adapters.event_loop(f.filesystem))].append(f)
 
     async def fill_each(group: list[RemoteFile]):
         limit = asyncio.Semaphore(max(1, in_flight))
@@ -624,13 +588,13 @@ def fill_all(files: Sequence[RemoteFile], *, in_flight: int) -> None:
         async def fill_one(f: RemoteFile):
             async with limit:
                 with contextlib.suppress(StorageError):
-                    await f._fill_async()
+                    await f.fill_async()
 
         await asyncio.gather(*(fill_one(f) for f in group))
 
     try:
         for group in by_loop.values():
-            sync(group[0]._fs.loop, fill_each, group)
+            adapters.run_on_loop(group[0].filesystem, fill_each, group)
     finally:
         for f, callback in callbacks.items():
             f.on_retry = callback
@@ -699,7 +663,7 @@ def check_store(uri: str, *, flag: str, timeout_s: float = 20.0) -> None:
         return
     bucket = path.split("/", 1)[0]
     shown = redact(f"{protocol}://{bucket}")
-    single = single_attempt(fs, StorageRetry(attempts=1, attempt_timeout_s=timeout_s))
+    single = adapters.single_attempt(fs, attempt_timeout_s=timeout_s)
     try:
         single.info(bucket, timeout=timeout_s)
     except FileNotFoundError:
