@@ -93,6 +93,18 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
         metavar="FILE",
         help="CSV file of every window's scores (start, end, one column a class).",
     )
+    parser.add_argument(
+        "--levels",
+        metavar="FILE",
+        help="CSV file of the sound level of every second (LAeq, LCeq, LZeq, LAFmax, LAFmin; the "
+        "columns of levels_second), appended as each second completes. Default: none.",
+    )
+    parser.add_argument(
+        "--level-offset-db",
+        type=float,
+        help="Calibration: dB SPL that 0 dBFS stands for (soundshard calibrate). Default: none "
+        "(levels in dBFS).",
+    )
     parser.add_argument("--quiet", action="store_true", help="No event lines on standard output.")
     return parser
 
@@ -180,7 +192,15 @@ class Listener:
     """A model folder listening to one stream: blocks in, scored windows and final events out."""
 
     def __init__(
-        self, model_dir: str, *, source_rate_hz: int, threshold=None, floor_db=None, int8: str | None = None
+        self,
+        model_dir: str,
+        *,
+        source_rate_hz: int,
+        threshold=None,
+        floor_db=None,
+        int8: str | None = None,
+        levels: bool = False,
+        level_offset_db: float | None = None,
     ):
         from soundshard.pipelines import tag
         from soundshard.pipelines.arguments import tag_parser
@@ -211,7 +231,19 @@ class Listener:
             self.classifier = tagging.Classifier(
                 models.load_verified_model(model_dir, description), chunk_windows=8
             )
-        self.features = streaming.StreamingFeatures(config, source_rate_hz=source_rate_hz)
+        self.levels = (
+            streaming.StreamingLevels(sample_rate_hz=config.sample_rate_hz, offset_db=level_offset_db)
+            if levels
+            else None
+        )
+        self._level_rows: list[dict] = []
+        self.features = streaming.StreamingFeatures(
+            config,
+            source_rate_hz=source_rate_hz,
+            on_samples=None
+            if self.levels is None
+            else lambda y: self._level_rows.append(self.levels.push(y)),
+        )
         self.events = streaming.StreamingEvents(self.tag_config, window_hop_s=config.window_hop_s)
         self._source_rate = source_rate_hz
         self._source_samples = 0
@@ -245,9 +277,19 @@ class Listener:
         )
         return windows, scores, found
 
+    def _measure(self, samples: np.ndarray) -> None:
+        self._level_rows.append(self.levels.push(samples))
+
+    def take_levels(self) -> list[dict]:
+        """The per-second levels measured since the last call (``StreamingLevels.COLUMNS``)."""
+        rows, self._level_rows = self._level_rows, []
+        return rows
+
     def finish(self):
         """The last windows and every remaining event."""
         windows = self.features.finish()
+        if self.levels is not None:
+            self._level_rows.append(self.levels.finish())
         scores, part = self._score(windows)
         found = (
             self.events.push(windows.first_index, scores, windows.start_s, windows.end_s, *part[2:])
@@ -291,12 +333,18 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
             threshold=args.threshold,
             floor_db=args.min_level_above_floor_db,
             int8=args.int8,
+            levels=bool(args.levels),
+            level_offset_db=args.level_offset_db,
         )
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     events_file = open(args.events, "a", newline="") if args.events else None  # noqa: SIM115
     scores_file = open(args.window_scores, "w", newline="") if args.window_scores else None  # noqa: SIM115
+    levels_file = open(args.levels, "a", newline="") if args.levels else None  # noqa: SIM115
+    levels_csv = csv.writer(levels_file) if levels_file else None
+    if levels_csv and levels_file.tell() == 0:
+        levels_csv.writerow([*listener.levels.COLUMNS, "level_unit"])
     events_csv = csv.writer(events_file) if events_file else None
     scores_csv = csv.writer(scores_file) if scores_file else None
     if events_csv and events_file.tell() == 0:
@@ -306,6 +354,11 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     started = time.monotonic()
 
     def emit(windows, scores, found):
+        for rows in listener.take_levels() if levels_csv else ():
+            for k in range(len(rows["start_s"])):
+                values = [f"{rows[name][k]:.3f}" for name in listener.levels.COLUMNS]
+                levels_csv.writerow([*values, listener.levels.unit])
+            levels_file.flush()
         if scores_csv and scores is not None:
             for k in range(len(windows)):
                 scores_csv.writerow(
@@ -335,14 +388,16 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     except KeyboardInterrupt:
         emit(*listener.finish())
     finally:
-        for f in (events_file, scores_file):
+        for f in (events_file, scores_file, levels_file):
             if f:
                 f.close()
     audio_s = listener.features.samples_in / listener.config.sample_rate_hz
     wall_s = time.monotonic() - started
+    laeq = listener.levels.laeq_db if listener.levels is not None else None
+    level = f", LAeq {laeq:.1f} {listener.levels.unit}" if laeq is not None else ""
     print(
         f"[listen] {audio_s:.1f} s of audio, {listener.windows_scored} windows, "
-        f"{listener.events.n_emitted} events, {audio_s / max(wall_s, 1e-9):.0f}x real time",
+        f"{listener.events.n_emitted} events{level}, {audio_s / max(wall_s, 1e-9):.0f}x real time",
         file=sys.stderr,
     )
     return 0

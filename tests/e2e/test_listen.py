@@ -161,12 +161,12 @@ def test_standard_input_as_raw_pcm_or_wav_gives_the_scores_of_the_file(
 def test_listen_gives_the_window_scores_and_events_of_tag_on_the_longform(demo_model, tmp_path):
     out = tmp_path / "tags"
     argv = _tag_argv(LONGFORM, demo_model, out)
-    assert tag.run([*argv, "--no-levels"]) == 0
+    assert tag.run(argv) == 0
     windows = pq.read_table(glob.glob(str(out / "parquet" / "windows" / "*.parquet"))).to_pandas()
     windows = windows.sort_values("window_index")
     tagged_events = pq.read_table(glob.glob(str(out / "parquet" / "events" / "*.parquet"))).to_pandas()
-    scores_csv, events_csv = tmp_path / "scores.csv", tmp_path / "events.csv"
-    argv = ["--model-dir", str(demo_model), "--input", str(LONGFORM), "--quiet"]
+    scores_csv, events_csv, levels_csv = tmp_path / "scores.csv", tmp_path / "events.csv", tmp_path / "l.csv"
+    argv = ["--model-dir", str(demo_model), "--input", str(LONGFORM), "--quiet", "--levels", str(levels_csv)]
     assert listen.run([*argv, "--window-scores", str(scores_csv), "--events", str(events_csv)]) == 0
     streamed = _scores(scores_csv)
     labels = ["chirp", "click_train", "hum", "noise_burst"]
@@ -178,6 +178,23 @@ def test_listen_gives_the_window_scores_and_events_of_tag_on_the_longform(demo_m
         listened = sorted((float(r["start_s"]), float(r["end_s"]), r["label"]) for r in csv.DictReader(f))
     batch = sorted((round(r.start_s, 3), round(r.end_s, 3), r.label) for r in tagged_events.itertuples())
     assert listened == batch and len(batch) > 10
+    # the levels of every second, as tag's levels_second has them
+    seconds = pq.read_table(glob.glob(str(out / "parquet" / "levels_second" / "*.parquet"))).to_pandas()
+    seconds = seconds.sort_values("start_s")
+    with open(levels_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(seconds) > 500 and {r["level_unit"] for r in rows} == {"dBFS"}
+    for name in ("start_s", "duration_s", "laeq", "lceq", "lzeq"):
+        streamed = np.array([float(r[name]) for r in rows])
+        np.testing.assert_allclose(streamed, seconds[name].to_numpy(), atol=0.01, err_msg=name)
+    # LAFmax/LAFmin above -80 dBFS: in digital silence (the clips' padding) they read the decaying
+    # tail of the F weighting, which a second of the stream, like a work unit of tag, starts from
+    # the mean square of its pre-roll's first 125 ms
+    for name in ("lafmax", "lafmin"):
+        streamed, batch = np.array([float(r[name]) for r in rows]), seconds[name].to_numpy()
+        heard = (batch > -80) & (seconds["laeq"].to_numpy() > -80)  # a level, not a tail in silence
+        assert heard.mean() > 0.8
+        np.testing.assert_allclose(streamed[heard], batch[heard], atol=0.01, err_msg=name)
 
 
 def test_listen_with_the_int8_artifact(demo_model, demo_features, tmp_path, capsys):

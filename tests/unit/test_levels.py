@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -224,3 +225,33 @@ def test_calibrator_offset_from_a_steady_tone():
         levels.calibrator_offset(
             np.concatenate([noise, 0.2 * rng.standard_normal(rate)]), sample_rate_hz=rate
         )
+
+
+def test_a_stream_measured_second_by_second_gives_the_levels_of_the_whole_recording():
+    from soundshard.transforms.tagging.streaming import StreamingLevels
+
+    rate = 16000
+    rng = np.random.default_rng(5)
+    x = 0.01 * rng.standard_normal(rate * 12 + rate // 3)  # 12.33 s: a partial last second
+    for start in (2.5, 6.9):
+        a = round(start * rate)
+        x[a : a + rate // 2] += _sine(1000, amplitude=0.3, seconds=0.5, rate_hz=rate)
+    whole = levels.span_levels(levels.recording_blocks(x, sample_rate_hz=rate), span_s=1, sample_rate_hz=rate)
+    stream = StreamingLevels(sample_rate_hz=rate, offset_db=94.0)
+    parts, k = [], 0
+    for size in itertools.cycle((1237, 160, 9000)):  # blocks of odd sizes, across second boundaries
+        if k >= len(x):
+            break
+        got = stream.push(x[k : k + size])
+        assert all(d == 1.0 for d in got["duration_s"])  # only whole seconds before the end
+        parts.append(got)
+        k += size
+    parts.append(stream.finish())
+    streamed = {name: np.concatenate([p[name] for p in parts]) for name in StreamingLevels.COLUMNS}
+    assert len(streamed["start_s"]) == 13 and streamed["duration_s"][-1] == pytest.approx(1 / 3, abs=1e-4)
+    for name in ("start_s", "duration_s"):
+        np.testing.assert_allclose(streamed[name], whole[name], atol=1e-9)
+    for name in ("laeq", "lceq", "lzeq", "lafmax", "lafmin"):
+        np.testing.assert_allclose(streamed[name] - 94.0, whole[name], atol=0.01, err_msg=name)
+    energy = levels.db(np.mean(levels.weighted(x, weighting="A", sample_rate_hz=rate) ** 2)) + 94.0
+    assert stream.laeq_db == pytest.approx(energy, abs=0.01) and stream.unit == "dB SPL"

@@ -12,6 +12,9 @@
   extend or merge it, so the events are the batch events. The floor gate needs the whole
   recording's level percentile; online it uses the windows heard so far (the same once the
   stream ends).
+- :class:`StreamingLevels` measures each second as it completes, as the levels stage measures a
+  work unit (the two seconds before it settle the weighting filters and the F time weighting):
+  the per-second LAeq, LCeq, LZeq, LAFmax and LAFmin of ``levels_second``.
 
 Memory is bounded by the frames of one window, the tail of undecided windows and the soxr state.
 """
@@ -19,6 +22,7 @@ Memory is bounded by the frames of one window, the tail of undecided windows and
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import soxr
@@ -27,6 +31,7 @@ from soundshard.schemas import melscale
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms.features import melspec
+from soundshard.transforms.levels import meter
 from soundshard.transforms.models import training
 from soundshard.transforms.tagging import events as ev
 
@@ -57,9 +62,17 @@ class StreamingFeatures:
     Args:
         config: The model's feature config (window-scope normalisation only).
         source_rate_hz: Rate of the blocks pushed.
+        on_samples: Called with each run of samples at the feature rate (the analysis signal,
+            which the levels stage measures), in order.
     """
 
-    def __init__(self, config: FeatureConfig, *, source_rate_hz: int):
+    def __init__(
+        self,
+        config: FeatureConfig,
+        *,
+        source_rate_hz: int,
+        on_samples: Callable[[np.ndarray], None] | None = None,
+    ):
         if config.normalization != "none" and config.normalization_scope == "recording":
             raise ValueError("recording-scope normalisation needs the whole recording; a stream has not")
         self.config = config
@@ -77,6 +90,7 @@ class StreamingFeatures:
         self._frame0 = 0
         self._next_frame = 0
         self._next_window = 0
+        self._on_samples = on_samples
         self.finished = False
 
     @property
@@ -116,6 +130,8 @@ class StreamingFeatures:
         if len(block):
             self._samples = np.concatenate([self._samples, block])
             self._total += len(block)
+            if self._on_samples is not None:
+                self._on_samples(block)
 
     def _frames_ready(self, *, final: bool) -> int:
         """Frames whose every sample has arrived (all frames up to the end when ``final``)."""
@@ -179,6 +195,75 @@ class StreamingFeatures:
         if start > self._offset:
             self._samples = self._samples[start - self._offset :]
             self._offset = start
+
+
+class StreamingLevels:
+    """Per-second sound levels of a stream, as ``levels_second`` gives them for a recording.
+
+    Each second is measured when its last sample has arrived, as the levels stage measures a
+    work unit (:func:`meter.unit_blocks`): the ``PREROLL_S`` before it settle the filters, so the
+    levels equal those of the whole recording within the tolerance that splitting a recording into
+    units has. The stream's end measures its last, partial second.
+
+    Args:
+        sample_rate_hz: Rate of the samples pushed (the feature rate).
+        offset_db: Calibration (dB SPL of 0 dBFS), added to every level; ``None``: dBFS.
+    """
+
+    COLUMNS = ("start_s", "duration_s", "laeq", "lceq", "lzeq", "lafmax", "lafmin")
+
+    def __init__(self, *, sample_rate_hz: int, offset_db: float | None = None):
+        self.sample_rate_hz = sample_rate_hz
+        self.offset_db = offset_db
+        self.unit = "dB SPL" if offset_db is not None else "dBFS"
+        self._samples = np.zeros(0, np.float64)
+        self._offset = 0  # recording index of _samples[0]
+        self._total = 0
+        self._measured = 0  # first sample not yet measured
+        self._sum_sq = np.zeros(3)  # A, C, Z energy of everything measured
+        self._preroll = round(meter.PREROLL_S * sample_rate_hz)
+
+    def push(self, samples: np.ndarray) -> dict[str, np.ndarray]:
+        """Adds samples; returns the levels of the seconds they complete (``COLUMNS``)."""
+        samples = np.asarray(samples, np.float64).reshape(-1)
+        self._samples = np.concatenate([self._samples, samples])
+        self._total += len(samples)
+        return self._measure(self._total // self.sample_rate_hz * self.sample_rate_hz)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Ends the stream: the levels of its last, partial second (if any)."""
+        return self._measure(self._total)
+
+    @property
+    def laeq_db(self) -> float | None:
+        """LAeq of everything measured so far (``None`` before the first second)."""
+        if self._measured == 0:
+            return None
+        return float(meter.db(self._sum_sq[0] / self._measured)) + (self.offset_db or 0.0)
+
+    def _measure(self, until: int) -> dict[str, np.ndarray]:
+        if until <= self._measured:
+            return {name: np.zeros(0) for name in self.COLUMNS}
+        blocks = meter.unit_blocks(
+            self._samples,
+            sample_rate_hz=self.sample_rate_hz,
+            offset=self._offset,
+            own_start=self._measured,
+            own_end=until,
+        )
+        self._sum_sq += blocks.sum_sq.sum(axis=0)
+        self._measured = until
+        keep = max(self._offset, until - self._preroll)
+        self._samples = self._samples[keep - self._offset :]
+        self._offset = keep
+        spans = meter.span_levels(
+            blocks,
+            span_s=1.0,
+            sample_rate_hz=self.sample_rate_hz,
+            offset_db=self.offset_db or 0.0,
+            statistics=False,
+        )
+        return {name: spans[name] for name in self.COLUMNS}
 
 
 class StreamingEvents:
