@@ -11,9 +11,10 @@ The same features and model as ``soundshard tag`` (``transforms/tagging/streamin
 computed once, when its last sample has arrived, with the values and grid of the batch pipeline,
 and scored by the model folder's Keras model; events follow the model's thresholds and event rules
 and are printed when no later window can change them (see ``StreamingEvents``). The floor gate uses
-the levels heard so far (``tag`` uses the whole recording's). Input is read in blocks and never
-dropped: a producer faster than the model waits on the pipe (``--realtime`` paces a file at its
-own speed).
+the levels heard so far (``tag`` uses the whole recording's). Input is read in blocks; from a pipe
+or a file it is never dropped (a producer faster than the model waits on the pipe; ``--realtime``
+paces a file at its own speed); from a sound card (``--device``) what a slow model cannot keep up
+with is dropped, counted, reported and replaced by silence (``CaptureBuffer``).
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ PROG = "soundshard listen"
 STDIN_FORMATS = ("wav", "s16le", "f32le")
 #: Seconds read at a time from a live input (its latency), and from a file read as fast as possible.
 LIVE_BLOCK_S, FILE_BLOCK_S = 0.1, 5.0
+#: Seconds between two "falling behind" lines while a sound card's audio is being dropped.
+DROP_REPORT_S = 10.0
 EVENT_FIELDS = ("start_s", "end_s", "label", "confidence", "peak", "n_windows")
 
 
 def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """Argument parser of ``soundshard listen``."""
     parser = arguments.Parser(prog=prog, description=__doc__.split("\n\n")[0])
-    arguments.add_model_dir(parser)
+    arguments.add_model_dir(
+        parser, required=False, help="Model folder written by `soundshard train`. Required."
+    )
     parser.add_argument(
         "--int8",
         metavar="ARTIFACT_DIR",
@@ -62,7 +67,28 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="What standard input carries: a WAV stream, or raw little-endian 16-bit or float32 PCM "
         "(with --rate and --channels). Default: %(default)s.",
     )
-    parser.add_argument("--rate", type=int, help="Sample rate of raw PCM on standard input, Hz.")
+    parser.add_argument(
+        "--device",
+        nargs="?",
+        const="default",
+        help="Listen to a sound card (PortAudio through the sounddevice package: pip install "
+        "'soundshard[device]') instead of --input: its name or index (soundshard listen "
+        "--list-devices), or the default input without a value. Default: none.",
+    )
+    parser.add_argument("--list-devices", action="store_true", help="List the sound cards' inputs and exit.")
+    parser.add_argument(
+        "--max-queue-s",
+        type=float,
+        default=10.0,
+        help="With --device: seconds of audio that may wait for the model; beyond them audio is "
+        "dropped, counted, reported and replaced by silence (so later times stay right). "
+        "Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--rate",
+        type=int,
+        help="Sample rate of raw PCM on standard input, or of the sound card (default: its own), Hz.",
+    )
     parser.add_argument(
         "--channels", type=int, default=1, help="Channels of raw PCM on standard input. Default: %(default)s."
     )
@@ -131,6 +157,78 @@ def file_blocks(path: str, *, block_s: float, realtime: bool) -> tuple[int, int,
             yield block
 
     return info.samplerate, info.channels, blocks()
+
+
+def _sounddevice():
+    try:
+        import sounddevice
+    except (ImportError, OSError) as exc:  # OSError: the package is there, PortAudio is not
+        raise ConfigError(
+            "--device needs the sounddevice package and the PortAudio library: pip install "
+            f"'soundshard[device]' (and e.g. apt install libportaudio2) ({exc})"
+        ) from None
+    return sounddevice
+
+
+def input_devices() -> list[str]:
+    """The sound cards' inputs, one line each: index, name, channels, default rate."""
+    sd = _sounddevice()
+    return [
+        f"{d['index']:3d}  {d['name']}  ({d['max_input_channels']} ch, {d['default_samplerate']:g} Hz)"
+        for d in sd.query_devices()
+        if d["max_input_channels"] > 0
+    ]
+
+
+def device_blocks(
+    device: str, *, rate: int | None, channels: int, block_s: float, max_queue_s: float
+) -> tuple[int, int, Iterator[np.ndarray], object]:
+    """``(rate, channels, blocks, buffer)`` of a sound card's input; ``buffer`` (a
+    :class:`CaptureBuffer`) counts what a slow consumer made it drop."""
+    from soundshard.transforms.tagging.streaming import CaptureBuffer
+
+    sd = _sounddevice()
+    which = None if device == "default" else int(device) if device.isdigit() else device
+    try:
+        info = sd.query_devices(which, kind="input")
+    except (ValueError, sd.PortAudioError) as exc:
+        listed = "; ".join(input_devices()) or "none"
+        raise ConfigError(f"--device {device!r}: no such input ({exc}); inputs: {listed}") from None
+    rate = rate or int(info["default_samplerate"])
+    if channels < 1 or channels > info["max_input_channels"]:
+        raise ConfigError(
+            f"--channels={channels}: {info['name']!r} has {info['max_input_channels']} input(s)"
+        )
+    if not max_queue_s > 0:
+        raise ConfigError(f"--max-queue-s={max_queue_s} must be positive")
+    frames = max(1, int(round(block_s * rate)))
+    buffer = CaptureBuffer(max_blocks=max(1, int(max_queue_s * rate / frames)), channels=channels)
+
+    def callback(indata, n_frames, when, status):
+        buffer.put(indata.copy(), overflow=bool(status.input_overflow))
+
+    try:
+        stream = sd.InputStream(
+            device=which,
+            samplerate=rate,
+            channels=channels,
+            dtype="float32",
+            blocksize=frames,
+            callback=callback,
+        )
+    except sd.PortAudioError as exc:
+        raise ConfigError(
+            f"--device {device!r} cannot record at {rate} Hz, {channels} channel(s): {exc}"
+        ) from None
+
+    def blocks():
+        with stream:
+            try:
+                yield from buffer
+            finally:
+                buffer.close()
+
+    return rate, channels, blocks(), buffer
 
 
 def stdin_blocks(
@@ -249,6 +347,7 @@ class Listener:
         self._source_samples = 0
         self._streaming = streaming
         self.windows_scored = 0
+        self.invalid_samples = 0
 
     def _score(self, windows):
         from soundshard.transforms.features import melspec
@@ -266,7 +365,12 @@ class Listener:
         return scores, (windows, scores, level, silent)
 
     def push(self, block: np.ndarray):
-        """``(windows, scores, events)`` of one block ``[n, channels]``."""
+        """``(windows, scores, events)`` of one block ``[n, channels]``; samples that are not
+        finite numbers (NaN, infinity) count as silence and are counted in ``invalid_samples``."""
+        invalid = ~np.isfinite(block)
+        if invalid.any():
+            self.invalid_samples += int(invalid.any(axis=-1).sum()) if block.ndim > 1 else int(invalid.sum())
+            block = np.where(invalid, np.float32(0), block)
         self._source_samples += len(block)
         windows = self.features.push(mono(block, self.config))
         scores, part = self._score(windows)
@@ -309,13 +413,28 @@ def event_line(event) -> str:
 
 def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     """Runs ``soundshard listen``; returns the exit code (2 on a configuration error)."""
-    args = make_parser(prog).parse_args(argv)
+    parser = make_parser(prog)
+    args = parser.parse_args(argv)
+    if args.model is None and not args.list_devices:
+        parser.error("the following arguments are required: --model-dir")
     try:
-        live = args.input == "-" or args.realtime
+        live = args.input == "-" or args.realtime or args.device is not None
         block_s = args.block_s if args.block_s is not None else (LIVE_BLOCK_S if live else FILE_BLOCK_S)
         if not block_s > 0:
             raise ConfigError(f"--block-s={block_s} must be positive")
-        if args.input == "-":
+        if args.list_devices:
+            print("\n".join(input_devices()) or "no sound card inputs")
+            return 0
+        capture = None
+        if args.device is not None:
+            rate, _, blocks, capture = device_blocks(
+                args.device,
+                rate=args.rate,
+                channels=args.channels,
+                block_s=block_s,
+                max_queue_s=args.max_queue_s,
+            )
+        elif args.input == "-":
             rate, _, blocks = stdin_blocks(
                 sys.stdin.buffer,
                 fmt=args.stdin_format,
@@ -381,9 +500,27 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
                 )
                 events_file.flush()
 
+    reported, reported_at = 0, -DROP_REPORT_S
+
+    def report_drops():
+        nonlocal reported, reported_at
+        if (
+            capture is not None
+            and capture.dropped_samples > reported
+            and time.monotonic() - reported_at >= DROP_REPORT_S
+        ):
+            print(
+                f"[listen] falling behind: {capture.dropped_samples / rate:.1f} s of audio dropped so far "
+                "(replaced by silence)",
+                file=sys.stderr,
+                flush=True,
+            )
+            reported, reported_at = capture.dropped_samples, time.monotonic()
+
     try:
         for block in blocks:
             emit(*listener.push(block))
+            report_drops()
         emit(*listener.finish())
     except KeyboardInterrupt:
         emit(*listener.finish())
@@ -393,6 +530,18 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
                 f.close()
     audio_s = listener.features.samples_in / listener.config.sample_rate_hz
     wall_s = time.monotonic() - started
+    if capture is not None and (capture.dropped_samples or capture.overflows):
+        print(
+            f"[listen] dropped {capture.dropped_samples / rate:.1f} s of audio the model could not keep "
+            f"up with (replaced by silence), {capture.overflows} capture overrun(s)",
+            file=sys.stderr,
+        )
+    if listener.invalid_samples:
+        print(
+            f"[listen] {listener.invalid_samples} sample(s) were not finite numbers (NaN or infinity): "
+            "taken as silence",
+            file=sys.stderr,
+        )
     laeq = listener.levels.laeq_db if listener.levels is not None else None
     level = f", LAeq {laeq:.1f} {listener.levels.unit}" if laeq is not None else ""
     print(

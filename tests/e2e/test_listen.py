@@ -278,3 +278,50 @@ def test_tag_watch_tags_each_arriving_file_once(demo_model, tmp_path, capsys):
     assert len(list((out / "ledger").glob("*.parquet"))) >= 2  # files arrived across several runs
     assert tag.run([*argv, "--watch", "--watch-for-s", "0"]) == 0
     assert "nothing new" in capsys.readouterr().out
+
+
+def test_capture_buffer_drops_what_does_not_fit_counts_it_and_keeps_the_clock():
+    """A sound card's audio thread must never wait on the model: blocks beyond the bound are
+    dropped, counted and handed on as silence of their length, so later times stay right."""
+    import threading
+
+    from soundshard.transforms.tagging.streaming import CaptureBuffer
+
+    buffer = CaptureBuffer(max_blocks=3, channels=1)
+    blocks = [np.full((160, 1), k + 1, np.float32) for k in range(10)]
+
+    def produce():  # faster than the consumer: all ten blocks before it reads one
+        for block in blocks:
+            buffer.put(block)
+        buffer.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    producer.join(timeout=10)
+    assert not producer.is_alive()  # put never waited
+    got = list(buffer)
+    assert [int(b[0, 0]) for b in got] == [1, 2, 3, 0]  # three kept, then the gap as zeros
+    assert len(got[-1]) == 7 * 160 and buffer.dropped_samples == 7 * 160
+    assert sum(len(b) for b in got) == 10 * 160  # the stream's length, and so its clock, is kept
+    with pytest.raises(ValueError):
+        CaptureBuffer(max_blocks=0, channels=1)
+
+
+def test_sound_card_errors_are_clear_and_bad_samples_are_silence(demo_model, tmp_path, monkeypatch, capsys):
+    base = ["--model-dir", str(demo_model), "--quiet"]
+    assert listen.run([*base, "--device", "no-such-card"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and ("needs the sounddevice package" in err or "no such input" in err)
+    rate = 16000
+    audio = (0.1 * np.sin(2 * np.pi * 440 * np.arange(rate * 3) / rate)).astype("<f4")
+    audio[rate : rate + 100] = np.nan
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(audio.tobytes())))
+    levels_csv = tmp_path / "levels.csv"
+    flags = ["--stdin-format", "f32le", "--rate", str(rate), "--levels", str(levels_csv)]
+    assert listen.run([*base, *flags]) == 0
+    assert "100 sample(s) were not finite numbers" in capsys.readouterr().err
+    with open(levels_csv) as f:
+        laeq = [float(r["lzeq"]) for r in csv.DictReader(f)]
+    # a 0.1 full-scale sine reads -23.0 dBFS (Z); the second with 100 silent samples a little less
+    assert len(laeq) == 3 and all(np.isfinite(laeq))
+    assert laeq[0] == pytest.approx(-23.0, abs=0.2) and laeq[2] == pytest.approx(-23.0, abs=0.1)

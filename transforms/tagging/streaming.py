@@ -16,12 +16,18 @@
   work unit (the two seconds before it settle the weighting filters and the F time weighting):
   the per-second LAeq, LCeq, LZeq, LAFmax and LAFmin of ``levels_second``.
 
+- :class:`CaptureBuffer` carries a sound card's blocks from its audio thread to the listener: a
+  bounded queue that never blocks the audio thread; what does not fit is dropped, counted and
+  replaced by silence of the same length, so the stream's clock stays true.
+
 Memory is bounded by the frames of one window, the tail of undecided windows and the soxr state.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -195,6 +201,64 @@ class StreamingFeatures:
         if start > self._offset:
             self._samples = self._samples[start - self._offset :]
             self._offset = start
+
+
+class CaptureBuffer:
+    """Blocks from a capture callback (another thread) to a consumer, bounded, never blocking.
+
+    ``put`` (the audio thread) appends a block, or, when ``max_blocks`` are waiting, drops it and
+    counts it: a run of dropped blocks is one gap entry, given to the consumer as zeros of the
+    same length, so the times of everything later stay right. Iterating (the consumer) yields the
+    blocks ``[n, channels]`` in order and ends after :meth:`close` once the queue is empty.
+
+    Attributes:
+        dropped_samples: Samples dropped (and replaced by silence) so far.
+        overflows: Times the capture reported it lost input itself (its own buffer overran).
+    """
+
+    def __init__(self, *, max_blocks: int, channels: int):
+        if max_blocks < 1:
+            raise ValueError(f"max_blocks={max_blocks} must be at least 1")
+        self.max_blocks, self.channels = max_blocks, channels
+        self._entries: collections.deque = collections.deque()  # arrays, or ints (gap lengths)
+        self._blocks = 0
+        self._ready = threading.Condition()
+        self._closed = False
+        self.dropped_samples = 0
+        self.overflows = 0
+
+    def put(self, block: np.ndarray, *, overflow: bool = False) -> None:
+        """Adds a block ``[n, channels]`` (copied by the caller); never waits."""
+        with self._ready:
+            self.overflows += bool(overflow)
+            if self._blocks < self.max_blocks:
+                self._entries.append(block)
+                self._blocks += 1
+            else:
+                self.dropped_samples += len(block)
+                if self._entries and isinstance(self._entries[-1], int):
+                    self._entries[-1] += len(block)
+                else:  # one gap entry beyond max_blocks at most: bounded
+                    self._entries.append(len(block))
+            self._ready.notify()
+
+    def close(self) -> None:
+        """No more blocks: iteration ends once the queue is empty."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def __iter__(self):
+        while True:
+            with self._ready:
+                while not self._entries and not self._closed:
+                    self._ready.wait(0.5)
+                if not self._entries:
+                    return
+                entry = self._entries.popleft()
+                if not isinstance(entry, int):
+                    self._blocks -= 1
+            yield np.zeros((entry, self.channels), np.float32) if isinstance(entry, int) else entry
 
 
 class StreamingLevels:
