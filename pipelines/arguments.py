@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 
 from soundshard.schemas.config import SOURCE_RATES_HZ, FeatureConfig, attribute_docs
 from soundshard.schemas.levels import BANDS
@@ -106,6 +107,26 @@ def add_features(parser: Parser, *, help: str, append: bool = False) -> argparse
     )
     parser.add_renamed("--data", action, append=append)
     return action
+
+
+def parse_value(text: str, hint) -> typing.Any:
+    """A config value from its command-line text, by the field's type hint (``none`` for None)."""
+    args = typing.get_args(hint) or (hint,)
+    if text.lower() in ("none", "null") and type(None) in args:
+        return None
+    for kind in (bool, int, float, str):
+        if kind in args:
+            if kind is bool:
+                if text.lower() in ("true", "1", "yes"):
+                    return True
+                if text.lower() in ("false", "0", "no"):
+                    return False
+                continue
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+    return text
 
 
 def db_or_off(text: str) -> float | str:

@@ -94,7 +94,7 @@ def embedding_config_from_args(args: argparse.Namespace) -> EmbeddingConfig:
     for name in _CONFIG_FLAGS:
         raw = getattr(args, f"embed__{name}", None)
         if raw is not None:
-            overrides[name] = features._parse_value(raw, hints[name])
+            overrides[name] = arguments.parse_value(raw, hints[name])
     if getattr(args, "trust_model_code", False):
         overrides["trust_model_code"] = True
     if args.model_config:

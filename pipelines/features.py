@@ -34,13 +34,13 @@ import time
 import typing
 import uuid
 from collections.abc import Sequence
-from importlib import metadata
 
 import apache_beam as beam
 import threadpoolctl
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
+import soundshard
 from soundshard.pipelines import arguments
 from soundshard.pipelines import runner as runners
 from soundshard.pipelines.arguments import (  # noqa: F401 - the flags' helpers, named here for callers
@@ -85,25 +85,6 @@ class FeaturesOptions(PipelineOptions):
         arguments.add_output_args(parser)
 
 
-def _parse_value(text: str, hint) -> typing.Any:
-    args = typing.get_args(hint) or (hint,)
-    if text.lower() in ("none", "null") and type(None) in args:
-        return None
-    for kind in (bool, int, float, str):
-        if kind in args:
-            if kind is bool:
-                if text.lower() in ("true", "1", "yes"):
-                    return True
-                if text.lower() in ("false", "0", "no"):
-                    return False
-                continue
-            try:
-                return kind(text)
-            except ValueError:
-                continue
-    return text
-
-
 def feature_config_from_args(args: argparse.Namespace) -> FeatureConfig:
     """The FeatureConfig from ``--config`` and the per-field flags (config errors name the value)."""
     hints = typing.get_type_hints(FeatureConfig)
@@ -111,7 +92,7 @@ def feature_config_from_args(args: argparse.Namespace) -> FeatureConfig:
     for field in dataclasses.fields(FeatureConfig):
         raw = getattr(args, f"feature__{field.name}", None)
         if raw is not None:
-            overrides[field.name] = _parse_value(raw, hints[field.name])
+            overrides[field.name] = arguments.parse_value(raw, hints[field.name])
     if args.config:
         return load_feature_config(args.config, **overrides)
     return FeatureConfig.from_dict(overrides)
@@ -467,13 +448,6 @@ def locked_run(args: argparse.Namespace, *, prog: str):
     return lock.output_lock(args.output, command=prog, break_lock=args.break_lock)
 
 
-def _version() -> str:
-    try:
-        return metadata.version("soundshard")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig | None = None) -> FeatureRun:
     """Validates the arguments and lists the sources (raises ConfigError naming bad values).
 
@@ -556,7 +530,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
             "run_id": run_id,
             "started_unix_s": time.time(),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "soundshard_version": _version(),
+            "soundshard_version": soundshard.__version__,
             "beam_version": beam.__version__,
         },
     }

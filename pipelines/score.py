@@ -46,11 +46,11 @@ import json
 import posixpath
 import sys
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 
 import numpy as np
 import pyarrow as pa
 
+import soundshard
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms.labels import annotations as ann
 from soundshard.transforms.tagging import events as ev
@@ -605,7 +605,7 @@ def score_tags(
             "label_map": dict(mapping),
             "label_columns": list(label_columns),
         },
-        "versions": {"sed_eval": sed_eval.__version__, "soundshard": _version()},
+        "versions": {"sed_eval": sed_eval.__version__, "soundshard": soundshard.__version__},
         "tag_run": {
             "run_id": (manifest.get("run") or {}).get("run_id"),
             "model": (manifest.get("model") or {}).get("uri"),
@@ -639,13 +639,6 @@ def score_tags(
             "curves": curves,
         },
     }
-
-
-def _version() -> str:
-    try:
-        return metadata.version("soundshard")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # -- report -------------------------------------------------------------------------------------

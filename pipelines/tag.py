@@ -55,6 +55,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+import soundshard
 from soundshard.pipelines import arguments, features
 from soundshard.pipelines import runner as runners
 from soundshard.pipelines.arguments import db_or_off  # noqa: F401 - named here for callers
@@ -418,7 +419,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
             "run_id": run_id,
             "started_unix_s": time.time(),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "soundshard_version": features._version(),
+            "soundshard_version": soundshard.__version__,
             "beam_version": beam.__version__,
         },
     }
