@@ -350,6 +350,32 @@ def add_source_args(parser: argparse.ArgumentParser, *, incremental_help: str | 
         "Units decode in parallel and bound memory; values do not depend on the split.",
     )
 
+    add_storage_flags(parser)
+
+
+def add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    """``--storage-*``: how reads from object stores retry and how many run at once
+    (:class:`StorageConfig`; resolved and checked on the launcher, carried to the workers)."""
+    from soundshard.schemas.storage import STORAGE_ENV_PREFIX, STORAGE_FLAGS, StorageConfig
+
+    group = parser.add_argument_group(
+        "object-store reads (default: SOUNDSHARD_STORAGE_<NAME> of the launcher's environment, "
+        "else the value shown)"
+    )
+    docs = attribute_docs(StorageConfig)
+    for field in dataclasses.fields(StorageConfig):
+        flag = STORAGE_FLAGS[field.name]
+        group.add_argument(
+            flag,
+            "--" + flag[2:].replace("-", "_"),
+            dest=f"storage_{field.name}",
+            type=int if field.type in (int, "int") else float,
+            default=None,
+            metavar="VALUE",
+            help=f"{docs.get(field.name, '')} Default: {field.default} "
+            f"({STORAGE_ENV_PREFIX}{field.name.upper()}).",
+        )
+
 
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per FeatureConfig field (``--n_mels 40``); given values override ``--config``."""

@@ -148,6 +148,7 @@ def build(p: beam.Pipeline, run: EmbedRun):
         max_batch_size=run.max_batch_size,
         large_model=run.large_model,
         progress_dir=run.progress_dir,
+        storage=run.storage,
     )
     return features.compose(p, run, label="ComputeEmbeddings", compute=compute)
 

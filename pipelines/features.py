@@ -56,6 +56,7 @@ from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_featu
 from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.levels import LevelConfig
+from soundshard.schemas.storage import StorageConfig
 from soundshard.schemas.uris import redact
 from soundshard.transforms.audio import augment
 from soundshard.transforms.features.compute import (
@@ -240,6 +241,7 @@ class FeatureRun:
     source_rates_hz: tuple[int, int] = SOURCE_RATES_HZ
     min_label_overlap: float = strong_labels.MIN_OVERLAP
     levels: LevelConfig | None = None
+    storage: StorageConfig | None = None
 
 
 def build(p: beam.Pipeline, run: FeatureRun):
@@ -250,7 +252,7 @@ def build(p: beam.Pipeline, run: FeatureRun):
         (DeadLetter), ``summaries`` (FileSummary), ``written`` (WrittenShard), ``dataset``
         (dataset.json path) and, with levels, ``level_rows`` (TableRows).
     """
-    compute = ComputeLogMel(run.config, progress_dir=run.progress_dir, levels=run.levels)
+    compute = ComputeLogMel(run.config, progress_dir=run.progress_dir, levels=run.levels, storage=run.storage)
     return compose(p, run, label="ComputeLogMel", compute=compute)
 
 
@@ -349,6 +351,7 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         augmentations=run.augmentations,
         keep_fetched=run.keep_fetched,
         rates_hz=getattr(run, "source_rates_hz", SOURCE_RATES_HZ),
+        storage=run.storage,
     )
     # Units are redistributed after planning (a long recording becomes many units); the features
     # pipeline knows its shard count before features exist, so shard assignment fuses with them.
@@ -448,6 +451,17 @@ def locked_run(args: argparse.Namespace, *, prog: str):
     return lock.output_lock(args.output, command=prog, break_lock=args.break_lock)
 
 
+def storage_config(args: argparse.Namespace) -> StorageConfig:
+    """The run's storage settings: defaults, the launcher's ``SOUNDSHARD_STORAGE_*``, then the
+    ``--storage-*`` flags; made this process's too (listing reads objects here). Raises
+    ConfigError naming a bad value, before any worker starts."""
+    config = StorageConfig.resolve(
+        {f.name: getattr(args, f"storage_{f.name}", None) for f in dataclasses.fields(StorageConfig)}
+    )
+    storage.configure(config)
+    return config
+
+
 def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig | None = None) -> FeatureRun:
     """Validates the arguments and lists the sources (raises ConfigError naming bad values).
 
@@ -466,6 +480,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
     if args.unit_s < 0:
         raise ConfigError(f"--unit-s={args.unit_s} must be 0 (never split) or positive")
     check_failed_fraction(args)
+    storage_settings = storage_config(args)
     rates_hz = source_rates(args)
     labels = strong_labels_from_args(args)
     if config is None:
@@ -521,6 +536,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
             else None
         ),
         "sources": {"input": args.input, "manifest": args.manifest},
+        "storage": storage_settings.to_dict(),
         "incremental": (
             {"run_date": run_date, "unchanged_skipped": len(unchanged), "earlier_runs": len(committed)}
             if run_date is not None
@@ -545,6 +561,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         source_rates_hz=rates_hz,
         min_label_overlap=args.min_label_overlap if labels is not None else strong_labels.MIN_OVERLAP,
         levels=level_config,
+        storage=storage_settings,
     )
 
 

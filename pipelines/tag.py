@@ -65,6 +65,7 @@ from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError, OutputLockedError
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.records import SourceItem
+from soundshard.schemas.storage import StorageConfig
 from soundshard.schemas.tagging import RULE_DEFAULTS, TagConfig, parse_thresholds
 from soundshard.schemas.training import recipe_of
 from soundshard.schemas.uris import redact
@@ -314,6 +315,7 @@ class TagRun:
     plot: plots.PlotOptions | None = None
     snippets: snip.SnippetOptions | None = None
     levels: LevelConfig | None = None
+    storage: StorageConfig | None = None
 
     @property
     def temp_dir(self) -> str:
@@ -350,6 +352,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
     if args.max_batch_windows < 1:
         raise ConfigError(f"--max-batch-windows={args.max_batch_windows} must be at least 1")
     features.check_failed_fraction(args)
+    storage_settings = features.storage_config(args)
     rates_hz = features.source_rates(args)
     model_uri = args.model.rstrip("/")
     description = models.verify_model_folder(model_uri)
@@ -406,6 +409,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
         "recording_config": taken.recording.to_dict(),
         "outputs_config": extras,
         "sources": {"input": args.input, "manifest": args.manifest},
+        "storage": storage_settings.to_dict(),
         "incremental": (
             {
                 "run_date": taken.run_date,
@@ -442,6 +446,7 @@ def prepare(args: argparse.Namespace) -> TagRun:
         source_rates_hz=rates_hz,
         plot=plot,
         snippets=snippet_options,
+        storage=storage_settings,
     )
 
 
@@ -460,10 +465,14 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         ``summaries`` (FileSummary) and ``manifest`` (the path of ``run.json``).
     """
     if isinstance(run.config, EmbeddingConfig):
-        compute = ComputeEmbeddings(run.config, progress_dir=run.progress_dir, levels=run.levels)
+        compute = ComputeEmbeddings(
+            run.config, progress_dir=run.progress_dir, levels=run.levels, storage=run.storage
+        )
         label = "ComputeEmbeddings"
     else:
-        compute = ComputeLogMel(run.config, progress_dir=run.progress_dir, levels=run.levels)
+        compute = ComputeLogMel(
+            run.config, progress_dir=run.progress_dir, levels=run.levels, storage=run.storage
+        )
         label = "ComputeLogMel"
     front = features.decode_and_compute(p, run, label=label, compute=compute)
     handler = handler or tagging.ClassifierHandler(
@@ -506,7 +515,7 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         extra_dead.append(drawn["dead_letters"])
     if run.snippets is not None:
         cut = tagged["tagged"] | "WriteSnippets" >> tagging.WriteSnippets(
-            run.snippets, temp_dir=run.temp_dir, partition=run.partition
+            run.snippets, temp_dir=run.temp_dir, partition=run.partition, storage=run.storage
         )
         extra_moves.append(cut["moves"])
         extra_dead.append(cut["dead_letters"])

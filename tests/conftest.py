@@ -115,3 +115,13 @@ def demo_model(demo_features, tmp_path_factory):
     ]
     assert train.run([*argv, "--epochs", "20", "--batch-size", "16", "--quiet"]) == 0  # as the demo
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _default_storage_settings():
+    """Each test starts from the default storage settings (a run makes its own the process's)."""
+    yield
+    from soundshard.schemas.storage import StorageConfig
+    from soundshard.transforms.io import storage
+
+    storage.configure(StorageConfig())

@@ -20,6 +20,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from soundshard.pipelines import features
 from soundshard.schemas.errors import ConfigError, StorageError
+from soundshard.schemas.storage import StorageConfig
 from soundshard.transforms.io import adapters, archives, storage
 
 from ..emulators import Fault, fault_proxy
@@ -197,21 +198,20 @@ def test_s3_requests_are_retried_here_only(s3_env, monkeypatch):
     data = audio_bytes(duration_s=1.0, freq_hz=440)
     for name in ("flaky.wav", "dead.wav"):
         fs.pipe(f"{bucket}/{name}", data)
-    for name, value in RETRY_ENV.items():
-        monkeypatch.setenv(name, value)
     with fault_proxy(s3_env["AWS_ENDPOINT_URL"]) as proxy:
         monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf["s3"], "endpoint_url": proxy.url})
         flaky = proxy.add(Fault(f"/{bucket}/flaky.wav", times=2))
         dead = proxy.add(Fault(f"/{bucket}/dead.wav"))
         retries = []
+        settings = StorageConfig.from_env(RETRY_ENV)  # as the launcher resolves them for a run
         source = archives.open_source(
-            f"s3://{bucket}/flaky.wav", size_bytes=len(data), on_retry=retries.append
+            f"s3://{bucket}/flaky.wav", size_bytes=len(data), on_retry=retries.append, retry=settings
         )
         assert source.read() == data
         assert (flaky.hits, len(retries)) == (3, 2)
 
         source = archives.open_source(
-            f"s3://{bucket}/dead.wav", size_bytes=len(data), on_retry=retries.append
+            f"s3://{bucket}/dead.wav", size_bytes=len(data), on_retry=retries.append, retry=settings
         )
         with pytest.raises(
             StorageError, match=rf"s3://{bucket}/dead.wav: reading bytes 0\.\.{len(data) - 1} gave up"
@@ -249,6 +249,27 @@ def test_retry_settings_from_the_environment():
     assert storage.StorageRetry.from_env({"SOUNDSHARD_STORAGE_CACHE_MB": "0.5"}).cache_mb == 0.5
     with pytest.raises(ConfigError, match="cache_mb=-1.0"):
         storage.StorageRetry.from_env({"SOUNDSHARD_STORAGE_CACHE_MB": "-1"})
+
+
+def test_storage_settings_are_resolved_on_the_launcher_and_recorded(tmp_path, monkeypatch, capsys):
+    """Flags over the launcher's environment over the defaults; a bad value stops the run before
+    any worker starts (exit 2, naming it); the settings the workers used are in dataset.json."""
+    (tmp_path / "in").mkdir()
+    soundfile.write(tmp_path / "in" / "a.wav", tone(duration_s=1.0, freq_hz=440), 22050)
+    argv = ["--input", str(tmp_path / "in"), "--format", "parquet"]
+    monkeypatch.setenv("SOUNDSHARD_STORAGE_ATTEMPTS", "6")
+    monkeypatch.setenv("SOUNDSHARD_STORAGE_DEADLINE_S", "12")
+    flags = ["--storage-deadline-s", "20", "--storage-read-ahead", "2"]
+    assert features.run([*argv, "--output", str(tmp_path / "out"), *flags]) == 0
+    recorded = json.loads((tmp_path / "out" / "dataset.json").read_text())["storage"]
+    expected = StorageConfig(attempts=6, deadline_s=20.0, read_ahead=2)
+    assert recorded == expected.to_dict() and storage.active() == expected
+    assert features.run([*argv, "--output", str(tmp_path / "x"), "--storage-attempts", "0"]) == 2
+    assert "attempts=0 must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("SOUNDSHARD_STORAGE_ATTEMPT_TIMEOUT_S", "soon")
+    assert features.run([*argv, "--output", str(tmp_path / "y")]) == 2
+    assert "SOUNDSHARD_STORAGE_ATTEMPT_TIMEOUT_S='soon' is not float" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_fetched_objects_are_bounded_and_taken_as_often_as_put():

@@ -42,11 +42,14 @@ from soundshard.schemas.records import (
     WindowBatch,
     WorkUnit,
 )
+from soundshard.schemas.storage import StorageConfig
 from soundshard.transforms.audio import augment, units
 from soundshard.transforms.audio.decode import decode_audio
 from soundshard.transforms.features import melspec
 from soundshard.transforms.io.archives import close_archives, open_source
-from soundshard.transforms.io.storage import FETCHED, StorageRetry, fill_all, storage_error
+from soundshard.transforms.io.storage import FETCHED, fill_all, storage_error
+from soundshard.transforms.io.storage import active as active_storage
+from soundshard.transforms.io.storage import configure as configure_storage
 from soundshard.transforms.labels import strong_labels
 from soundshard.transforms.levels import meter as level_maths
 from soundshard.transforms.outcomes import NAMESPACE, count, dead_letter  # noqa: F401 - named here for callers
@@ -402,7 +405,7 @@ def fetched_key(item: SourceItem) -> tuple:
 
 
 #: Items per batch of the plan stage: the first blocks of a batch's remote objects are fetched
-#: together, up to ``StorageRetry.read_ahead`` at once (an object store answers each request after
+#: together, up to ``StorageConfig.read_ahead`` at once (an object store answers each request after
 #: tens of milliseconds, so reading headers one after another waits most of the time).
 PLAN_BATCH = 8
 
@@ -417,7 +420,7 @@ class _ProbeFn(beam.DoFn):
     """Plans work units from file headers, on the workers (dead letters for unreadable files).
 
     Takes batches of items: the first blocks of a batch's remote objects are fetched together
-    (``sources.fill_all``: on the filesystem's event loop, up to ``StorageRetry.read_ahead`` at
+    (``sources.fill_all``: on the filesystem's event loop, up to ``StorageConfig.read_ahead`` at
     once, each with its own retries), then the headers are read from memory one after another.
     """
 
@@ -429,6 +432,7 @@ class _ProbeFn(beam.DoFn):
         augmentations=(),
         keep_fetched: bool = False,
         rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
+        storage: StorageConfig | None = None,
     ):
         self._config = config
         self._unit_s = unit_s
@@ -436,10 +440,12 @@ class _ProbeFn(beam.DoFn):
         self._augmentations = tuple(augmentations)
         self._keep_reads = 1 + len(self._augmentations) if keep_fetched else 0
         self._rates_hz = tuple(rates_hz)
+        self._storage = storage
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
-        self._read_ahead = StorageRetry.from_env().read_ahead
+        configure_storage(self._storage)
+        self._read_ahead = active_storage().read_ahead
 
     def process(self, batch: list[SourceItem]):
         batch = list(batch)
@@ -524,6 +530,7 @@ class PlanUnits(beam.PTransform):
             for their decoding (``sources.FETCHED``; see :func:`plan`): for runs whose units
             are decoded in the process that planned them (the local runner's threads).
         rates_hz: ``(lowest, highest)`` sample rate a header may declare (else a dead letter).
+        storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.
     """
 
     def __init__(
@@ -535,8 +542,10 @@ class PlanUnits(beam.PTransform):
         augmentations=(),
         keep_fetched: bool = False,
         rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
+        storage: StorageConfig | None = None,
     ):
         super().__init__()
+        self._storage = storage
         self._config = config
         self._unit_s = unit_s
         self._progress_dir = progress_dir
@@ -552,6 +561,7 @@ class PlanUnits(beam.PTransform):
             self._augmentations,
             keep_fetched=self._keep_fetched,
             rates_hz=self._rates_hz,
+            storage=self._storage,
         )
         batches = items | "BatchForReadAhead" >> beam.BatchElements(
             min_batch_size=PLAN_BATCH, max_batch_size=PLAN_BATCH
@@ -653,6 +663,7 @@ class DecodeUnitFn(beam.DoFn):
         progress_dir: Local folder for progress files of local runs, or ``None``.
         role: Name of this stage's progress file.
         levels: What the levels stage measures, or ``None`` for no levels.
+        storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.
     """
 
     def __init__(
@@ -661,14 +672,17 @@ class DecodeUnitFn(beam.DoFn):
         progress_dir: str | None = None,
         role: str = "features",
         levels: LevelConfig | None = None,
+        storage: StorageConfig | None = None,
     ):
         self._grid = grid
         self._progress_dir = progress_dir
         self._role = role
         self._levels = levels
+        self._storage = storage
 
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role=self._role)
+        configure_storage(self._storage)
 
     def teardown(self):
         close_archives()
@@ -722,9 +736,13 @@ class _LogMelFn(DecodeUnitFn):
     """Decodes one work unit and emits all its windows as one vectorised WindowBatch."""
 
     def __init__(
-        self, config: FeatureConfig, progress_dir: str | None = None, levels: LevelConfig | None = None
+        self,
+        config: FeatureConfig,
+        progress_dir: str | None = None,
+        levels: LevelConfig | None = None,
+        storage: StorageConfig | None = None,
     ):
-        super().__init__(LogMelGrid(config), progress_dir, role="features", levels=levels)
+        super().__init__(LogMelGrid(config), progress_dir, role="features", levels=levels, storage=storage)
         self._config = config
 
     def setup(self):
@@ -811,19 +829,26 @@ class ComputeLogMel(beam.PTransform):
         config: Feature configuration (validated).
         progress_dir: Local folder for progress files of local runs, or ``None``.
         levels: What the levels stage measures, or ``None`` for no levels.
+        storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.
     """
 
     def __init__(
-        self, config: FeatureConfig, *, progress_dir: str | None = None, levels: LevelConfig | None = None
+        self,
+        config: FeatureConfig,
+        *,
+        progress_dir: str | None = None,
+        levels: LevelConfig | None = None,
+        storage: StorageConfig | None = None,
     ):
         super().__init__()
         self._config = config
         self._progress_dir = progress_dir
         self._levels = levels
+        self._storage = storage
 
     def expand(self, items):
         results = items | "DecodeAndFeaturize" >> beam.ParDo(
-            _LogMelFn(self._config, self._progress_dir, levels=self._levels)
+            _LogMelFn(self._config, self._progress_dir, levels=self._levels, storage=self._storage)
         ).with_outputs(DEAD_LETTERS, SUMMARIES, LEVELS, main="windows")
         return results
 

@@ -1132,8 +1132,10 @@ class EmbeddingModelHandler(ModelHandler[EmbeddingInput, PredictionResult, Embed
 class _WindowsFn(DecodeUnitFn):
     """Decodes one work unit and emits its windows, one :class:`EmbeddingInput` each (streamed)."""
 
-    def __init__(self, config: EmbeddingConfig, progress_dir: str | None = None, levels=None):
-        super().__init__(FrameGrid.from_config(config), progress_dir, role="decode", levels=levels)
+    def __init__(self, config: EmbeddingConfig, progress_dir: str | None = None, levels=None, storage=None):
+        super().__init__(
+            FrameGrid.from_config(config), progress_dir, role="decode", levels=levels, storage=storage
+        )
 
     def process_audio(self, unit: WorkUnit, audio, span, where: str):
         grid: FrameGrid = self._grid
@@ -1286,6 +1288,7 @@ class ComputeEmbeddings(beam.PTransform):
         model_handler: Replaces the handler built from the other arguments (tests).
         progress_dir: Local folder for progress files of local runs, or ``None``.
         levels: What the levels stage measures (a ``levels`` output of UnitLevels), or ``None``.
+        storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.
     """
 
     def __init__(
@@ -1298,10 +1301,12 @@ class ComputeEmbeddings(beam.PTransform):
         model_handler: ModelHandler | None = None,
         progress_dir: str | None = None,
         levels=None,
+        storage=None,
     ):
         super().__init__()
         self._config = config
         self._levels = levels
+        self._storage = storage
         self._handler = model_handler or EmbeddingModelHandler(
             config, min_batch_size=min_batch_size, max_batch_size=max_batch_size, large_model=large_model
         )
@@ -1309,7 +1314,7 @@ class ComputeEmbeddings(beam.PTransform):
 
     def expand(self, units):
         framed = units | "DecodeAndFrame" >> beam.ParDo(
-            _WindowsFn(self._config, self._progress_dir, levels=self._levels)
+            _WindowsFn(self._config, self._progress_dir, levels=self._levels, storage=self._storage)
         ).with_outputs(DEAD_LETTERS, LEVELS, main="windows")
         inferred, failures = (
             framed.windows | "RunInference" >> RunInference(self._handler).with_exception_handling()

@@ -15,6 +15,7 @@ import io
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from soundshard.schemas.storage import StorageConfig
 from soundshard.transforms.io.storage import (
     READ_BLOCK_BYTES,
     RemoteFile,
@@ -290,6 +291,7 @@ def open_source(
     *,
     size_bytes: int | None = None,
     on_retry: Callable[[BaseException], None] | None = None,
+    retry: StorageConfig | None = None,
 ):
     """Opens an input for reading: a local path as is, a URL as a ``RemoteFile``.
 
@@ -305,6 +307,8 @@ def open_source(
         uri: Local path, URL or archive member URL.
         size_bytes: The object's size when known (saves a request); not used for members.
         on_retry: Called with the error before each retry of a remote request.
+        retry: Retry settings of a remote object's reads (default: the process's, ``storage.active``;
+            archives opened once per process always use those).
 
     Raises:
         StorageError: a remote read gave up (or the object is missing: ``missing_file``).
@@ -335,4 +339,4 @@ def open_source(
         stream = own.open(member)
         stream.archive = own  # keeps the archive's file open as long as the stream
         return stream
-    return open_remote(uri, size_bytes=size_bytes, on_retry=on_retry)
+    return open_remote(uri, size_bytes=size_bytes, on_retry=on_retry, retry=retry)

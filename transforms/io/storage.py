@@ -9,19 +9,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import errno
 import io
 import logging
 import os
-import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import fsspec
 
 from soundshard.schemas.errors import ConfigError, StorageError
+from soundshard.schemas.storage import StorageConfig
 from soundshard.schemas.uris import redact
 from soundshard.transforms.io import adapters
 
@@ -89,8 +88,6 @@ READ_BLOCK_BYTES = 4 * 2**20
 #: Largest range asked for in one request (larger reads take several), so that a request's time
 #: limit stays meaningful.
 _MAX_REQUEST_BYTES = 4 * READ_BLOCK_BYTES
-#: Environment variables that override the ``StorageRetry`` defaults: prefix + upper-case field name.
-STORAGE_ENV_PREFIX = "SOUNDSHARD_STORAGE_"
 _TRANSIENT_ERRNOS = frozenset(
     {
         errno.EAGAIN,
@@ -106,79 +103,25 @@ _TRANSIENT_ERRNOS = frozenset(
 _LOG = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class StorageRetry:
-    """How reads from object stores retry transient errors, and how many run at once.
+#: The storage settings' old name.
+StorageRetry = StorageConfig
+#: The settings of reads in this process: the run's (``configure``, called by the stages that read
+#: from their own copy of the launcher's resolved config), else the defaults. Workers never read
+#: the environment.
+_ACTIVE = StorageConfig()
 
-    Every request gets at most ``attempt_timeout_s``. A request that fails with a transient error
-    (connection reset or refused, timeout, HTTP 408/429/5xx) is sent again after an exponential
-    backoff with jitter: ``min(max_backoff_s, backoff_s * 2**k)`` times a random factor in
-    [0.5, 1] before the k-th retry. It gives up after ``attempts`` requests or when ``deadline_s``
-    has passed since the first, whichever comes first; the store's error is then a ``StorageError``.
-    The defaults let a short outage pass (about 1 to 2 s of backoff in all) and keep an object that
-    never answers from holding a worker for more than ``deadline_s``.
 
-    Each field can be set in the environment of the processes that read (workers):
-    ``SOUNDSHARD_STORAGE_ATTEMPTS``, ``SOUNDSHARD_STORAGE_ATTEMPT_TIMEOUT_S``, ...
+def configure(config: StorageConfig | None) -> None:
+    """Makes ``config`` the settings of this process's reads (a stage's ``setup``; ``None``:
+    leaves them as they are)."""
+    global _ACTIVE
+    if config is not None:
+        _ACTIVE = config
 
-    Attributes:
-        attempts: Requests per read, the first included (1: no retries).
-        attempt_timeout_s: Limit of one request, in seconds.
-        deadline_s: Limit of one read with all its retries, in seconds.
-        backoff_s: Pause before the first retry (before jitter), in seconds.
-        max_backoff_s: Longest pause between two attempts, in seconds.
-        read_ahead: Objects whose first blocks one planner fetches at once (``1``: one after
-            another). Each read waits a round trip on the store; several in flight hide it. The
-            reads run together on the filesystem's event loop, so more costs little.
-        cache_mb: Megabytes of small objects a worker process keeps between the header read
-            and the decoding (``FETCHED``; 0: none kept, every object is fetched twice).
 
-    Raises:
-        ConfigError: a value out of range (the message names it).
-    """
-
-    attempts: int = 4
-    attempt_timeout_s: float = 10.0
-    deadline_s: float = 30.0
-    backoff_s: float = 0.25
-    max_backoff_s: float = 2.0
-    read_ahead: int = 8
-    cache_mb: float = 128.0
-
-    def __post_init__(self):
-        if self.attempts < 1:
-            raise ConfigError(f"storage retry attempts={self.attempts} must be at least 1")
-        if self.read_ahead < 1:
-            raise ConfigError(f"storage read_ahead={self.read_ahead} must be at least 1")
-        for name in ("attempt_timeout_s", "deadline_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"storage retry {name}={getattr(self, name)} must be positive")
-        for name in ("backoff_s", "max_backoff_s", "cache_mb"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"storage retry {name}={getattr(self, name)} must not be negative")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageRetry:
-        """The defaults, overridden by ``SOUNDSHARD_STORAGE_<FIELD>`` variables.
-
-        Raises:
-            ConfigError: a variable that is not a number, or out of range; the message names it.
-        """
-        environ = os.environ if environ is None else environ
-        values = {}
-        for field in dataclasses.fields(cls):
-            name = STORAGE_ENV_PREFIX + field.name.upper()
-            if environ.get(name, "").strip():
-                kind = int if field.type in (int, "int") else float
-                try:
-                    values[field.name] = kind(environ[name])
-                except ValueError as exc:
-                    raise ConfigError(f"{name}={environ[name]!r} is not {kind.__name__}") from exc
-        return cls(**values)
-
-    def pause_s(self, retry: int) -> float:
-        """Backoff before retry number ``retry`` (0 for the first), with jitter."""
-        return min(self.max_backoff_s, self.backoff_s * 2**retry) * random.uniform(0.5, 1.0)
+def active() -> StorageConfig:
+    """The settings of this process's reads (see :func:`configure`)."""
+    return _ACTIVE
 
 
 class FetchedObjects:
@@ -196,7 +139,7 @@ class FetchedObjects:
     held. Thread-safe.
 
     Args:
-        limit_bytes: Most bytes held; ``None`` reads ``StorageRetry.cache_mb`` when first used.
+        limit_bytes: Most bytes held; ``None`` takes ``active().cache_mb`` when first used.
     """
 
     def __init__(self, limit_bytes: int | None = None):
@@ -216,7 +159,7 @@ class FetchedObjects:
         """Keeps ``data`` for ``reads`` takes; returns False when it is larger than the limit."""
         with self._lock:
             if self._limit is None:
-                self._limit = int(StorageRetry.from_env().cache_mb * 2**20)
+                self._limit = int(active().cache_mb * 2**20)
             if reads < 1 or len(data) > self._limit:
                 return False
             self._drop(key)
@@ -547,15 +490,15 @@ def open_remote(
     *,
     size_bytes: int | None = None,
     on_retry: Callable[[BaseException], None] | None = None,
+    retry: StorageConfig | None = None,
 ) -> RemoteFile:
-    """Opens a URL for reading with a read-ahead buffer and retried requests (``StorageRetry``
-    from the environment). Without ``size_bytes`` the object's size is asked first.
+    """Opens a URL for reading with a read-ahead buffer and retried requests (``retry``, else the
+    process's :func:`active` settings). Without ``size_bytes`` the object's size is asked first.
 
     Raises:
         StorageError: the size could not be read.
-        ConfigError: a bad ``SOUNDSHARD_STORAGE_*`` variable.
     """
-    return RemoteFile(uri, retry=StorageRetry.from_env(), size_bytes=size_bytes, on_retry=on_retry)
+    return RemoteFile(uri, retry=retry or active(), size_bytes=size_bytes, on_retry=on_retry)
 
 
 def fill_all(files: Sequence[RemoteFile], *, in_flight: int) -> None:

@@ -652,10 +652,16 @@ class DrawPlots(beam.PTransform):
 
 
 class _WriteSnippetsFn(beam.DoFn):
-    def __init__(self, options: snip.SnippetOptions, *, temp_dir: str, partition: str):
+    def __init__(self, options: snip.SnippetOptions, *, temp_dir: str, partition: str, storage=None):
         self._options = options
         self._temp_dir = temp_dir
         self._partition = partition
+        self._storage = storage
+
+    def setup(self):
+        from soundshard.transforms.io import storage
+
+        storage.configure(self._storage)
 
     def teardown(self):
         from soundshard.transforms.io.archives import close_archives
@@ -700,11 +706,12 @@ class WriteSnippets(beam.PTransform):
         options: Margin, most snippets per label, block size.
         temp_dir: The run's temporary folder.
         partition: Sub-folder of this run's snippets (``run_date=...`` in incremental runs) or ``""``.
+        storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.
     """
 
-    def __init__(self, options: snip.SnippetOptions, *, temp_dir: str, partition: str = ""):
+    def __init__(self, options: snip.SnippetOptions, *, temp_dir: str, partition: str = "", storage=None):
         super().__init__()
-        self._fn = _WriteSnippetsFn(options, temp_dir=temp_dir, partition=partition)
+        self._fn = _WriteSnippetsFn(options, temp_dir=temp_dir, partition=partition, storage=storage)
 
     def expand(self, tagged):
         # A recording's events are cut in one call: its source is opened once.
