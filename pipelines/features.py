@@ -64,6 +64,7 @@ from soundshard.transforms.features.compute import (
     AssignWindowLabels,
     ComputeLogMel,
     PlanUnits,
+    fetched_objects,
 )
 from soundshard.transforms.io import ledger, listing, storage
 from soundshard.transforms.labels import strong_labels
@@ -678,7 +679,7 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
                 with runners.make_pipeline(options, local=True) as p:
                     build(p, dataclasses.replace(run, progress_dir=progress_dir, keep_fetched=in_process))
             finally:  # what a failed decode left kept must not outlive the run
-                storage.FETCHED.clear()
+                fetched_objects().clear()  # what no unit of this run took
         return RAN
     p = runners.make_pipeline(options, local=False)
     build(p, run)

@@ -195,3 +195,27 @@ def test_small_remote_file_is_fetched_once(gcs_env, tmp_path):
         assert len(FETCHED) == 1  # the old version's bytes, never taken
     finally:
         FETCHED.clear()
+
+
+def test_planning_and_decoding_stages_share_one_cache_through_beam_shared():
+    """The kept objects are not a module global: the planning and decoding DoFns of a process
+    acquire the same FetchedObjects through ``apache_beam.utils.shared.Shared``."""
+    from soundshard.schemas.config import FeatureConfig
+    from soundshard.transforms.features.compute import _LogMelFn, _ProbeFn, fetched_objects
+    from soundshard.transforms.io.storage import FETCHED
+
+    config = FeatureConfig()
+    planner, decoder = _ProbeFn(config, None, keep_fetched=True), _LogMelFn(config)
+    planner.setup()
+    decoder.setup()
+    try:
+        assert planner._fetched is decoder._fetched is fetched_objects()
+        assert planner._fetched is not FETCHED
+        planner._fetched.put(("k",), b"abc")
+        assert decoder._fetched.take(("k",)) == b"abc"
+        unkept = _ProbeFn(config, None)  # runs whose units decode in other processes keep nothing
+        unkept.setup()
+        assert unkept._fetched is None
+    finally:
+        planner.teardown()
+        decoder.teardown()

@@ -22,6 +22,7 @@ import apache_beam as beam
 import numpy as np
 import soundfile
 import threadpoolctl
+from apache_beam.utils import shared
 
 from soundshard.schemas.config import SOURCE_RATES_HZ, FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig
@@ -47,7 +48,7 @@ from soundshard.transforms.audio import augment, units
 from soundshard.transforms.audio.decode import decode_audio
 from soundshard.transforms.features import melspec
 from soundshard.transforms.io.archives import close_archives, open_source
-from soundshard.transforms.io.storage import FETCHED, fill_all, storage_error
+from soundshard.transforms.io.storage import FETCHED, FetchedObjects, fill_all, storage_error
 from soundshard.transforms.io.storage import active as active_storage
 from soundshard.transforms.io.storage import configure as configure_storage
 from soundshard.transforms.labels import strong_labels
@@ -307,6 +308,18 @@ def as_grid(config) -> WindowGrid:
     return config
 
 
+#: The small objects planning fetched whole, held for their decoding in the same process: one
+#: object per process through Beam's ``Shared`` (the planning and decoding DoFns acquire it; it
+#: lives while a DoFn holds it), never a module global the pipeline has to clear.
+FETCHED_OBJECTS = shared.Shared()
+_FETCHED_TAG = "soundshard-fetched-objects"
+
+
+def fetched_objects() -> FetchedObjects:
+    """This process's :class:`FetchedObjects` of the pipelines (see ``FETCHED_OBJECTS``)."""
+    return FETCHED_OBJECTS.acquire(FetchedObjects, tag=_FETCHED_TAG)
+
+
 def plan(
     item: SourceItem,
     config,
@@ -315,6 +328,7 @@ def plan(
     keep_reads: int = 0,
     source=None,
     rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
+    fetched: FetchedObjects | None = None,
 ) -> list[WorkUnit]:
     """Reads the header of ``item`` (no samples) and splits it into work units.
 
@@ -325,11 +339,12 @@ def plan(
             Recording-scope normalisation needs a whole recording, so it is never split then.
         keep_reads: A remote object that the header read fetched whole (one read-ahead block)
             and that makes one unit is kept in this process for this many decodes
-            (``sources.FETCHED``; the recording and its augmented copies): one request per file
+            (``fetched``; the recording and its augmented copies): one request per file
             instead of two when they run here. 0 keeps nothing.
         source: ``item`` already opened by the caller (``_open_checked``), which closes it; by
             default it is opened (and closed) here.
         rates_hz: ``(lowest, highest)`` sample rate a header may declare.
+        fetched: Where kept objects go (the planning DoFn's; default ``storage.FETCHED``).
 
     Raises:
         AudioDecodeError: unreadable header or empty file.
@@ -369,7 +384,7 @@ def plan(
     per_unit = grid.windows_per_unit(unit_s) if unit_s else None
     ranges = units.split_windows(total, per_unit)
     if data is not None and len(ranges) == 1:
-        FETCHED.put(fetched_key(item), data, reads=keep_reads)
+        (FETCHED if fetched is None else fetched).put(fetched_key(item), data, reads=keep_reads)
     return [
         WorkUnit(
             _unit_item(item, grid, first, n, len(ranges)),
@@ -399,7 +414,7 @@ def _unit_item(item: SourceItem, grid: WindowGrid, first_window: int, n_windows:
 
 
 def fetched_key(item: SourceItem) -> tuple:
-    """What identifies ``item``'s bytes in ``sources.FETCHED``: its URL, size and version (so a
+    """What identifies ``item``'s bytes in the kept objects: its URL, size and version (so a
     replaced object never matches; augmented copies share their original's)."""
     return (item.uri, item.size_bytes, item.version)
 
@@ -445,6 +460,7 @@ class _ProbeFn(beam.DoFn):
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
         configure_storage(self._storage)
+        self._fetched = fetched_objects() if self._keep_reads else None
         self._read_ahead = active_storage().read_ahead
 
     def process(self, batch: list[SourceItem]):
@@ -473,6 +489,7 @@ class _ProbeFn(beam.DoFn):
                             keep_reads=self._keep_reads,
                             source=opened.get(i),
                             rates_hz=self._rates_hz,
+                            fetched=self._fetched,
                         )
                     except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
                         error = exc
@@ -578,7 +595,14 @@ def unit_where(unit: WorkUnit) -> str:
     return f"{item.uri} (windows {unit.first_window}..{last} of {unit.total_windows})"
 
 
-def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None, preroll_s: float = 0.0):
+def decode_unit(
+    unit: WorkUnit,
+    grid: WindowGrid,
+    *,
+    where: str | None = None,
+    preroll_s: float = 0.0,
+    fetched: FetchedObjects | None = None,
+):
     """Decodes what a work unit needs: the whole recording, or its source range with a margin.
 
     Args:
@@ -588,6 +612,8 @@ def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None, p
         preroll_s: Seconds more to decode before a split unit's range, and the whole rest of the
             recording for its last unit (the levels stage measures every sample, and its filters
             settle in the pre-roll).
+        fetched: Where planning kept small objects (the decoding DoFn's; default
+            ``storage.FETCHED``).
 
     Returns:
         ``(audio, span)``: the :class:`DecodedAudio` (mono, at ``grid.sample_rate_hz``) and the
@@ -612,7 +638,8 @@ def decode_unit(unit: WorkUnit, grid: WindowGrid, *, where: str | None = None, p
     with contextlib.ExitStack() as stack:
         kept = None
         if span is None and _remote_object(unit.source):
-            kept = FETCHED.take(fetched_key(unit.source))  # fetched whole by planning, in this process
+            # fetched whole by planning, in this process
+            kept = (FETCHED if fetched is None else fetched).take(fetched_key(unit.source))
         source = _in_memory(kept, stack) if kept is not None else _open_checked(unit.source, stack)
         if isinstance(source, _DecoderReads):
             source.fill()  # outside soundfile's open lock (see RemoteFile.fill)
@@ -683,6 +710,7 @@ class DecodeUnitFn(beam.DoFn):
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role=self._role)
         configure_storage(self._storage)
+        self._fetched = fetched_objects()
 
     def teardown(self):
         close_archives()
@@ -692,7 +720,11 @@ class DecodeUnitFn(beam.DoFn):
         measure = self._levels is not None and unit.source.augmentation is None
         try:
             audio, span = decode_unit(
-                unit, self._grid, where=where, preroll_s=level_maths.PREROLL_S if measure else 0.0
+                unit,
+                self._grid,
+                where=where,
+                preroll_s=level_maths.PREROLL_S if measure else 0.0,
+                fetched=self._fetched,
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter
             yield beam.pvalue.TaggedOutput(
