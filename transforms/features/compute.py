@@ -435,7 +435,7 @@ class _ProbeFn(beam.DoFn):
     """Plans work units from file headers, on the workers (dead letters for unreadable files).
 
     Takes batches of items: the first blocks of a batch's remote objects are fetched together
-    (``sources.fill_all``: on the filesystem's event loop, up to ``StorageConfig.read_ahead`` at
+    (``storage.fill_all``: on the filesystem's event loop, up to ``StorageConfig.read_ahead`` at
     once, each with its own retries), then the headers are read from memory one after another.
     """
 
@@ -544,7 +544,7 @@ class PlanUnits(beam.PTransform):
         augmentations: Offline augmentations (:mod:`transforms.augment`): each readable
             recording also gets one whole-recording unit per augmentation, for its copy.
         keep_fetched: Keep the small objects that header reads fetched whole in this process
-            for their decoding (``sources.FETCHED``; see :func:`plan`): for runs whose units
+            for their decoding (``fetched_objects()``; see :func:`plan`): for runs whose units
             are decoded in the process that planned them (the local runner's threads).
         rates_hz: ``(lowest, highest)`` sample rate a header may declare (else a dead letter).
         storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.

@@ -1,6 +1,6 @@
 """The one place that touches the internals of fsspec, gcsfs and s3fs (no Beam).
 
-soundshard retries object-store requests itself (``storage.StorageRetry``: one schedule, counted,
+soundshard retries object-store requests itself (``StorageConfig``: one schedule, counted,
 with a deadline), so the libraries' own retry loops must be off, and reads of many objects run
 together on an async filesystem's event loop. Neither is public API:
 
@@ -52,7 +52,7 @@ def layout_problems() -> list[str]:
 
 @functools.cache
 def single_attempt_class(cls: type) -> type:
-    """``cls`` without its own retry loop, so that ``StorageRetry`` alone decides (and counts).
+    """``cls`` without its own retry loop, so that ``StorageConfig`` alone decides (and counts).
 
     gcsfs retries HTTP 408/429/5xx and connection errors up to 6 times per request, sleeping
     1, 2, 4, 8 and 16 s plus up to 1 s of jitter each (31 to 36 s per request); the subclass keeps
@@ -61,7 +61,7 @@ def single_attempt_class(cls: type) -> type:
     more times itself with exponential backoff; the subclass sets ``retries`` to 1 and
     :func:`single_attempt` turns botocore's retries off and its timeouts down. Other filesystems
     are used as they are. A gcsfs whose layout this does not know keeps its retry loop (with a
-    warning); each attempt is still cut off at ``StorageRetry.attempt_timeout_s``.
+    warning); each attempt is still cut off at ``StorageConfig.attempt_timeout_s``.
     """
     import gcsfs
     import s3fs

@@ -295,7 +295,7 @@ def open_source(
 ):
     """Opens an input for reading: a local path as is, a URL as a ``RemoteFile``.
 
-    Remote reads retry transient errors (``StorageRetry``); one that gives up raises a
+    Remote reads retry transient errors (``StorageConfig``); one that gives up raises a
     ``StorageError``, which ``storage_error(source)`` also returns afterwards. Archive members
     (``tar://name::archive``, ``zip://name::archive``) are read from an archive opened once per
     process, so a tar's member index is built once, not once per member. A member up to

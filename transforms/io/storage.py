@@ -1,6 +1,6 @@
 """Reading objects from stores: a retrying, read-ahead file on fsspec, and checks of a store (no Beam).
 
-Every request has a time limit and transient errors retry on one schedule (:class:`StorageRetry`);
+Every request has a time limit and transient errors retry on one schedule (:class:`StorageConfig`);
 a read that gives up raises a ``StorageError`` that names the object (credentials redacted).
 """
 
@@ -309,7 +309,7 @@ class RemoteFile(io.RawIOBase):
 
     libsndfile and tarfile read in small pieces and seek back and forth near them; the block (the
     last range fetched, at least ``READ_BLOCK_BYTES``) turns that into few range requests. Each
-    request retries transient errors (``StorageRetry``). A read that gives up raises a
+    request retries transient errors (``StorageConfig``). A read that gives up raises a
     ``StorageError`` and keeps it in ``storage_error``; every later read raises it again at once,
     so a decoder that swallows exceptions (libsndfile turns an error in its read callback into its
     own generic error or a short read) cannot hide the cause, and a dead object costs one retry
@@ -334,7 +334,7 @@ class RemoteFile(io.RawIOBase):
         self,
         uri: str,
         *,
-        retry: StorageRetry,
+        retry: StorageConfig,
         size_bytes: int | None = None,
         on_retry: Callable[[BaseException], None] | None = None,
     ):
@@ -373,7 +373,7 @@ class RemoteFile(io.RawIOBase):
         return getattr(self._fs, method)(*args, **kwargs)
 
     def _retried(self, what: str, method: str, *args, **kwargs):
-        """``fs.<method>(*args, **kwargs)``, retried as ``StorageRetry`` says."""
+        """``fs.<method>(*args, **kwargs)``, retried as ``StorageConfig`` says."""
         attempts = self._attempts(what)
         for timeout_s in attempts:
             try:
