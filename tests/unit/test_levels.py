@@ -255,3 +255,114 @@ def test_a_stream_measured_second_by_second_gives_the_levels_of_the_whole_record
         np.testing.assert_allclose(streamed[name] - 94.0, whole[name], atol=0.01, err_msg=name)
     energy = levels.db(np.mean(levels.weighted(x, weighting="A", sample_rate_hz=rate) ** 2)) + 94.0
     assert stream.laeq_db == pytest.approx(energy, abs=0.01) and stream.unit == "dB SPL"
+
+
+@pytest.mark.parametrize("rate_hz", (8000, *RATES_HZ, 96000))
+def test_the_weighting_design_is_scipys_without_importing_it(rate_hz):
+    # bilinear_sections builds with numpy what scipy.signal's bilinear_zpk + zpk2sos give
+    from scipy import signal
+
+    w = 2 * np.pi
+    for poles in (
+        [-w * 20.598997] * 2,
+        [-w * 107.65265, -w * 737.86223],
+        [-w * 20.598997] * 2 + [-w * 107.65265] * 2,
+    ):
+        z, p, k = signal.bilinear_zpk([0.0] * len(poles), poles, 1.0, rate_hz)
+        np.testing.assert_allclose(
+            levels.bilinear_sections(len(poles), poles, rate_hz), signal.zpk2sos(z, p, k), rtol=0, atol=1e-12
+        )
+    sos = levels.weighting_sos("A", rate_hz)
+    f = np.geomspace(10, 0.45 * rate_hz, 50)
+    _, h = signal.sosfreqz(sos, worN=f, fs=rate_hz)
+    np.testing.assert_allclose(
+        20 * np.log10(np.abs(levels.response(sos, f, rate_hz))), 20 * np.log10(np.abs(h)), atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("rate_hz", (16000, 48000))
+def test_the_compiled_meter_equals_scipy_filtering(rate_hz):
+    # the one-pass kernel: C and A signals equal scipy's sosfilt, and every block's sums of squares
+    # (A, C, Z) and every 1 ms step's A mean square equal those of the filtered signals
+    from scipy import signal
+
+    rng = np.random.default_rng(5)
+    x = 0.05 * rng.standard_normal(3 * rate_hz)
+    x[rate_hz : rate_hz + 4000] += _sine(250, amplitude=0.5, seconds=4000 / rate_hz, rate_hz=rate_hz)
+    c = signal.sosfilt(levels.weighting_sos("C", rate_hz), x)
+    a = signal.sosfilt(levels.c_to_a_sos(rate_hz), c)
+    a_direct = signal.sosfilt(levels.weighting_sos("A", rate_hz), x)
+    np.testing.assert_allclose(
+        levels.weighted(x, weighting="C", sample_rate_hz=rate_hz), c, rtol=0, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        levels.weighted(x, weighting="A", sample_rate_hz=rate_hz), a, rtol=0, atol=1e-12
+    )
+    np.testing.assert_allclose(a, a_direct, rtol=0, atol=1e-9)
+    offset, own_start, own_end = 777, 777 + rate_hz // 3, 777 + 2 * rate_hz + 123
+    blocks = levels.unit_blocks(
+        x, sample_rate_hz=rate_hz, offset=offset, own_start=own_start, own_end=own_end
+    )
+    starts = (
+        np.clip(
+            levels.block_start(
+                np.arange(blocks.first_block, blocks.first_block + blocks.n_blocks + 1), rate_hz
+            ),
+            own_start,
+            own_end,
+        )
+        - offset
+    )
+    assert starts[0] == own_start - offset and starts[-1] == own_end - offset
+    for k, y in enumerate((a, c, x)):
+        expected = [np.sum(y[lo:hi] ** 2) for lo, hi in itertools.pairwise(starts)]
+        np.testing.assert_allclose(blocks.sum_sq[:, k], expected, rtol=1e-10)
+    np.testing.assert_array_equal(blocks.n_samples, np.diff(starts))
+    # F weighting on 1 ms means aligned to the recording's sample 0, then the extremes per block
+    step = rate_hz // 1000
+    first = (-offset) % step
+    n = (len(x) - first) // step
+    means = (a[first : first + n * step].reshape(n, step) ** 2).mean(axis=1)
+    alpha = -math.expm1(-1.0 / (levels.FAST_S * rate_hz / step))
+    fast = signal.lfilter(
+        [alpha],
+        [1.0, alpha - 1.0],
+        means,
+        zi=[(1 - alpha) * means[: round(levels.FAST_S * rate_hz / step)].mean()],
+    )[0]
+    ends = first + np.arange(1, n + 1) * step - 1
+    for b, (lo, hi) in enumerate(itertools.pairwise(starts)):
+        inside = fast[(ends >= lo) & (ends < hi)]
+        assert blocks.fast_max[b] == pytest.approx(inside.max(), rel=1e-9)
+        assert blocks.fast_min[b] == pytest.approx(inside.min(), rel=1e-9)
+
+
+def test_measuring_levels_does_not_import_scipy_signal():
+    # scipy.signal costs about a second to import in every worker that measures levels
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from soundshard.transforms.levels import meter\n"
+        "x = np.random.default_rng(0).standard_normal(48000) * 0.1\n"
+        "b = meter.recording_blocks(x, sample_rate_hz=16000)\n"
+        "assert b.n_blocks == 30 and np.all(b.sum_sq > 0), b\n"
+        "print('scipy.signal' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_the_meter_kernels_compile_where_no_cache_can_be_written():
+    # numba refuses cache=True for a function with no writable cache location; the meter's
+    # kernels then compile per process instead of failing every unit's levels
+    import numba
+
+    from soundshard.transforms.levels import kernels
+
+    namespace: dict = {}
+    exec("def plus_one(x):\n    return x + 1\n", namespace)
+    with pytest.raises(RuntimeError, match="no locator"):
+        numba.njit(cache=True)(namespace["plus_one"])
+    assert kernels._compiled(namespace["plus_one"])(41) == 42

@@ -1,6 +1,7 @@
 """Sound levels: the sound-level meter (weightings, time weightings, Leq, percentiles, bands;
-``meter.py``, numpy and scipy) and the levels tables (``level_tables.py``). May import ``schemas``
-and ``transforms.outputs`` (the table rows).
+``meter.py``, numpy and scipy, its per-sample loops compiled with numba in ``kernels.py``) and the
+levels tables (``level_tables.py``). May import ``schemas`` and ``transforms.outputs`` (the table
+rows).
 """
 
 

@@ -116,8 +116,6 @@ def weighting_sos(weighting: str, sample_rate_hz: int) -> np.ndarray:
     Raises:
         ValueError: for another weighting or a rate under 1 kHz.
     """
-    from scipy import signal
-
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS}")
     if sample_rate_hz < 1000:
@@ -125,14 +123,9 @@ def weighting_sos(weighting: str, sample_rate_hz: int) -> np.ndarray:
     if weighting == "Z":
         return np.zeros((0, 6))
     w = 2 * np.pi
-    if weighting == "A":
-        zeros, poles = [0.0] * 4, [-w * _F1, -w * _F1, -w * _F2, -w * _F3]
-    else:
-        zeros, poles = [0.0] * 2, [-w * _F1, -w * _F1]
-    z, p, k = signal.bilinear_zpk(zeros, poles, 1.0, sample_rate_hz)
-    sos = np.vstack([signal.zpk2sos(z, p, k), _high_section(sample_rate_hz)])
-    _, h = signal.sosfreqz(sos, worN=[1000.0], fs=sample_rate_hz)
-    sos[0, :3] /= abs(h[0])
+    poles = [-w * _F1, -w * _F1] + ([-w * _F2, -w * _F3] if weighting == "A" else [])
+    sos = np.vstack([bilinear_sections(len(poles), poles, sample_rate_hz), _high_section(sample_rate_hz)])
+    sos[0, :3] /= abs(response(sos, [1000.0], sample_rate_hz)[0])
     return sos
 
 
@@ -144,15 +137,40 @@ def c_to_a_sos(sample_rate_hz: int) -> np.ndarray:
     share the rest, so filtering C-weighted samples through this section gives
     :func:`weighting_sos` ``("A", ...)``'s output (to rounding) at the cost of one section.
     """
-    from scipy import signal
-
     w = 2 * np.pi
-    z, p, k = signal.bilinear_zpk([0.0, 0.0], [-w * _F2, -w * _F3], 1.0, sample_rate_hz)
-    sos = signal.zpk2sos(z, p, k)
+    sos = bilinear_sections(2, [-w * _F2, -w * _F3], sample_rate_hz)
     c = weighting_sos("C", sample_rate_hz)
-    _, h = signal.sosfreqz(np.vstack([c, sos]), worN=[1000.0], fs=sample_rate_hz)
-    sos[0, :3] /= abs(h[0])
+    sos[0, :3] /= abs(response(np.vstack([c, sos]), [1000.0], sample_rate_hz)[0])
     return sos
+
+
+def bilinear_sections(n_zeros_at_dc: int, poles, sample_rate_hz: float) -> np.ndarray:
+    """Second-order sections ``[n, 6]`` of the analogue filter with ``n_zeros_at_dc`` zeros at
+    0 Hz, real ``poles`` (rad/s, as many) and gain 1, through the bilinear transform: what
+    ``scipy.signal.zpk2sos(*scipy.signal.bilinear_zpk(...))`` gives (tested), with numpy alone,
+    so measuring levels never imports ``scipy.signal``. Poles are paired as scipy pairs them
+    (the farthest from the unit circle first) and the gain sits in the first section."""
+    poles = np.asarray(poles, dtype=np.float64)
+    if n_zeros_at_dc != len(poles) or len(poles) % 2:
+        raise ValueError("bilinear_sections takes an even number of poles and as many zeros at 0 Hz")
+    fs2 = 2.0 * sample_rate_hz
+    digital = (fs2 + poles) / (fs2 - poles)
+    gain = fs2**n_zeros_at_dc / np.prod(fs2 - poles)
+    digital = digital[np.argsort(-np.abs(1.0 - np.abs(digital)), kind="stable")]
+    sections = np.zeros((len(poles) // 2, 6))
+    for i, (a, b) in enumerate(digital.reshape(-1, 2)):
+        sections[i] = [1.0, -2.0, 1.0, 1.0, -(a + b), a * b]
+    sections[0, :3] *= gain
+    return sections
+
+
+def response(sos: np.ndarray, frequency_hz, sample_rate_hz: float) -> np.ndarray:
+    """Complex response of second-order sections at ``frequency_hz`` (``scipy.signal.sosfreqz``)."""
+    z = np.exp(-2j * np.pi * np.atleast_1d(np.asarray(frequency_hz, dtype=np.float64)) / sample_rate_hz)
+    h = np.ones_like(z)
+    for b0, b1, b2, a0, a1, a2 in np.asarray(sos, dtype=np.float64):
+        h *= (b0 + b1 * z + b2 * z * z) / (a0 + a1 * z + a2 * z * z)
+    return h
 
 
 @functools.lru_cache(maxsize=32)
@@ -188,13 +206,8 @@ def _high_section(sample_rate_hz: int) -> np.ndarray:
 
 def weighting_response_db(weighting: str, sample_rate_hz: int, frequency_hz) -> np.ndarray:
     """Magnitude response (dB) of :func:`weighting_sos` at ``frequency_hz``."""
-    from scipy import signal
-
     frequency_hz = np.atleast_1d(np.asarray(frequency_hz, dtype=np.float64))
-    sos = weighting_sos(weighting, sample_rate_hz)
-    if len(sos) == 0:
-        return np.zeros_like(frequency_hz)
-    _, h = signal.sosfreqz(sos, worN=frequency_hz, fs=sample_rate_hz)
+    h = response(weighting_sos(weighting, sample_rate_hz), frequency_hz, sample_rate_hz)
     return 20 * np.log10(np.maximum(np.abs(h), 1e-30))
 
 
@@ -203,11 +216,39 @@ def weighted(samples: np.ndarray, *, weighting: str, sample_rate_hz: int) -> np.
     levels stage runs (:func:`unit_blocks`), C first and A from C."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS}")
-    x = np.asarray(samples, dtype=np.float64)
+    x = np.ascontiguousarray(samples, dtype=np.float64)
     if weighting == "Z":
         return x
-    c = _cascade("C", sample_rate_hz, x)
-    return c if weighting == "C" else _cascade("C>A", sample_rate_hz, c)
+    signals = np.empty((2, len(x)))
+    _weigh(x, sample_rate_hz, bounds=np.zeros(1, np.int64), step=1, first=0, n_steps=0, signals=signals)
+    return signals[0] if weighting == "C" else signals[1]
+
+
+def _weigh(x: np.ndarray, sample_rate_hz: int, *, bounds, step, first, n_steps, signals=None):
+    """:func:`kernels.weigh` with the sections of ``sample_rate_hz``."""
+    from soundshard.transforms.levels import kernels
+
+    return kernels.weigh(
+        x,
+        _meter_sections(sample_rate_hz),
+        np.asarray(bounds, dtype=np.int64),
+        int(step),
+        int(first),
+        int(n_steps),
+        np.zeros((0, 0)) if signals is None else signals,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _meter_sections(sample_rate_hz: int) -> np.ndarray:
+    """float64 ``[3, 6]``: the C weighting's two sections, then :func:`c_to_a_sos`'s."""
+    sections = np.ascontiguousarray(
+        np.vstack([weighting_sos("C", sample_rate_hz), c_to_a_sos(sample_rate_hz)])
+    )
+    if sections.shape != (3, 6):
+        raise AssertionError(f"the meter's kernel takes three sections, the design has {len(sections)}")
+    sections.setflags(write=False)
+    return sections
 
 
 def time_weighted(
@@ -222,15 +263,15 @@ def time_weighted(
         initial: The weighting's state before the first sample (default: the mean square of the
             first time constant, so the level does not start from silence).
     """
-    from scipy import signal
+    from soundshard.transforms.levels import kernels
 
+    squared = np.ascontiguousarray(squared, dtype=np.float64)
     if len(squared) == 0:
         return np.zeros(0)
     alpha = -math.expm1(-1.0 / (time_constant_s * sample_rate_hz))
     if initial is None:
         initial = float(np.mean(squared[: max(1, round(time_constant_s * sample_rate_hz))]))
-    y, _ = signal.lfilter([alpha], [1.0, alpha - 1.0], squared, zi=[(1.0 - alpha) * initial])
-    return y
+    return kernels.exponential(squared, alpha, float(initial))
 
 
 def db(mean_square) -> np.ndarray:
@@ -266,11 +307,11 @@ def nominal_hz(centre_hz: float) -> str:
 @functools.lru_cache(maxsize=8)
 def band_sos(bands: str, sample_rate_hz: int) -> tuple[np.ndarray, ...]:
     """Order-3 Butterworth band-pass sections of each band (IEC 61260-1 class 1 shape)."""
-    from scipy import signal
-
     b = {"octave": 1, "third": 3}.get(bands)
     if b is None:
         return ()
+    from scipy import signal
+
     g = 10.0**0.3
     out = []
     for centre in band_centres_hz(bands, sample_rate_hz):
@@ -310,11 +351,9 @@ def unit_blocks(
     Raises:
         ValueError: when ``own_start`` lies before the decoded signal.
     """
-    from scipy import signal
-
     if own_start < offset:
         raise ValueError(f"own_start={own_start} lies before the decoded signal (offset {offset})")
-    x = np.asarray(samples, dtype=np.float64)
+    x = np.ascontiguousarray(samples, dtype=np.float64)
     lo = own_start - offset
     hi = max(lo, min(own_end - offset, len(x)))
     own_end = offset + hi
@@ -330,16 +369,20 @@ def unit_blocks(
         )
     first_block = b_lo + int(keep[0])
     edges = starts[keep] - offset  # local index of each kept block's first owned sample
-    # C first, then A from C (one more section instead of A's three); squares are summed as
-    # row dot products of views, never written out
-    c = weighted(x, weighting="C", sample_rate_hz=sample_rate_hz)
-    a = _cascade("C>A", sample_rate_hz, c)
-    fast_max, fast_min = _fast_extremes(a, edges, lo=lo, hi=hi, offset=offset, sample_rate_hz=sample_rate_hz)
-    bounds = np.append(edges, hi)
-    sums = np.stack([_sums_of_squares(y, bounds) for y in (a, c, x)], axis=1)
+    # One compiled pass: C, then A from C, the squares of A, C and Z summed per block and of A per
+    # F-weighting step; no weighted signal is written out.
+    step, first, n_steps = _steps(lo=lo, hi=hi, offset=offset, sample_rate_hz=sample_rate_hz)
+    sums, step_sums = _weigh(
+        x, sample_rate_hz, bounds=np.append(edges, hi), step=step, first=first, n_steps=n_steps
+    )
+    fast_max, fast_min = _fast_extremes(
+        step_sums / step, edges, step=step, first=first, lo=lo, hi=hi, sample_rate_hz=sample_rate_hz
+    )
     band_sq = None
     sections = band_sos(bands, sample_rate_hz)
     if sections:
+        from scipy import signal
+
         band_sq = np.stack(
             [np.add.reduceat(signal.sosfilt(sos, x)[lo:hi] ** 2, edges - lo) for sos in sections], axis=1
         )
@@ -353,68 +396,28 @@ def unit_blocks(
     )
 
 
-def _sums_of_squares(y: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """Sum of ``y**2`` over each ``[bounds[i], bounds[i + 1])``; the equal-length runs between the
-    first and last ranges as dot products of the rows of one reshaped view."""
-    n = len(bounds) - 1
-    out = np.empty(n)
-    lengths = np.diff(bounds)
-    middle = lengths[1:-1]
-    if n >= 3 and middle.min() == middle.max():
-        length, start = int(middle[0]), int(bounds[1])
-        rows = y[start : start + (n - 2) * length].reshape(n - 2, length)
-        out[1:-1] = np.einsum("ij,ij->i", rows, rows)
-        ends = (0, n - 1)
-    else:
-        ends = range(n)
-    for i in ends:
-        part = y[bounds[i] : bounds[i + 1]]
-        out[i] = part @ part
-    return out
-
-
-def _cascade(which: str, sample_rate_hz: int, x: np.ndarray) -> np.ndarray:
-    """``x`` through the ``C`` weighting or the ``C>A`` section (:func:`c_to_a_sos`)."""
-    from scipy import signal
-
-    b, a = _transfer_function(which, sample_rate_hz)
-    if b is None:
-        sos = c_to_a_sos(sample_rate_hz) if which == "C>A" else weighting_sos(which, sample_rate_hz)
-        return signal.sosfilt(sos, x)
-    return signal.lfilter(b, a, x)
-
-
-@functools.lru_cache(maxsize=32)
-def _transfer_function(which: str, sample_rate_hz: int):
-    """``(b, a)`` of the sections as one transfer function: scipy runs that three times faster
-    than the sections. Used only where it gives the sections' output on noise to 1e-12 of the
-    energy (at 8-96 kHz it does: 1e-14 at worst); else ``(None, None)``."""
-    from scipy import signal
-
-    sos = c_to_a_sos(sample_rate_hz) if which == "C>A" else weighting_sos(which, sample_rate_hz)
-    b, a = signal.sos2tf(sos)
-    x = np.random.default_rng(0).standard_normal(2 * sample_rate_hz)
-    reference = signal.sosfilt(sos, x)
-    error = np.sum((signal.lfilter(b, a, x) - reference) ** 2) / np.sum(reference**2)
-    return (b, a) if error < 1e-12 else (None, None)
-
-
-def _fast_extremes(a: np.ndarray, edges: np.ndarray, *, lo: int, hi: int, offset: int, sample_rate_hz: int):
-    """Largest and smallest F-time-weighted A mean square within each block (``a``: the
-    A-weighted samples).
-
-    The exponential weighting runs on 1 ms means of the squared samples (steps aligned to the
-    recording's sample 0, so a unit and the whole file step alike): within a millisecond the 125 ms
-    weighting changes by under 1 %, and a twentieth of the steps makes it cheap. Each step's value
-    counts for the block holding its last sample.
-    """
+def _steps(*, lo: int, hi: int, offset: int, sample_rate_hz: int) -> tuple[int, int, int]:
+    """``(step, first, n_steps)``: the F weighting runs on 1 ms means of the squared A samples, in
+    steps aligned to the recording's sample 0 (so a unit and the whole file step alike); the first
+    step starts at local index ``first``. A unit too short for a step's end to fall in
+    ``[lo, hi)`` steps every sample."""
     step = max(1, sample_rate_hz // 1000)
     first = (-offset) % step
     n_steps = max(0, (hi - first) // step)
     if n_steps == 0 or (first + n_steps * step) <= lo:
         step, first, n_steps = 1, 0, hi
-    rows = a[first : first + n_steps * step].reshape(-1, step)
-    means = np.einsum("ij,ij->i", rows, rows) / step
+    return step, first, n_steps
+
+
+def _fast_extremes(
+    means: np.ndarray, edges: np.ndarray, *, step: int, first: int, lo: int, hi: int, sample_rate_hz: int
+):
+    """Largest and smallest F-time-weighted A mean square within each block, from the mean
+    squares of A over the steps of :func:`_steps`.
+
+    Within a millisecond the 125 ms weighting changes by under 1 %, and a twentieth of the steps
+    makes it cheap. Each step's value counts for the block holding its last sample.
+    """
     fast = time_weighted(means, sample_rate_hz=sample_rate_hz / step)
     ends = first + np.arange(1, len(fast) + 1) * step - 1  # last sample of each step
     owned = (ends >= lo) & (ends < hi)
