@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import dataclasses
 import hashlib
 import json
@@ -76,7 +77,7 @@ from soundshard.transforms.labels import annotations as ann
 from soundshard.transforms.levels import level_tables
 from soundshard.transforms.models import architectures as models
 from soundshard.transforms.models.architectures import check_fingerprint
-from soundshard.transforms.outputs import shards, tables
+from soundshard.transforms.outputs import shards, tables, totals
 from soundshard.transforms.tagging import classify as tagging
 from soundshard.transforms.tagging import plots
 from soundshard.transforms.tagging import snippets as snip
@@ -529,10 +530,11 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         if extra_dead
         else p | "NoOutputDeadLetters" >> beam.Create([])
     )
+    tallied = (front["summaries"], dead_letters) | "RunTotals" >> totals.RunTotals(run.listing.n_inputs)
     side.update(
         moves=beam.pvalue.AsList(moves),
         dead_letters=beam.pvalue.AsList(dead_letters),
-        summaries=beam.pvalue.AsList(front["summaries"]),
+        run_totals=beam.pvalue.AsSingleton(tallied["totals"]),
         hourly=beam.pvalue.AsList(hourly),
         output_dead_letters=beam.pvalue.AsList(output_dead),
     )
@@ -545,6 +547,7 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         )
     if run.run_date is not None:
         side["items"] = beam.pvalue.AsList(front["items"])
+        side["tallies"] = beam.pvalue.AsList(tallied["tallies"])
     manifest = p | "CommitTrigger" >> beam.Create([None]) | "Commit" >> beam.ParDo(_CommitFn(run), **side)
     return {
         "scored": scored["scored"],
@@ -569,9 +572,10 @@ class _CommitFn(beam.DoFn):
         _,
         moves,
         dead_letters,
-        summaries,
+        run_totals,
         hourly,
         items=(),
+        tallies=(),
         output_dead_letters=(),
         snippet_index=(),
         level_hours=(),
@@ -606,7 +610,7 @@ class _CommitFn(beam.DoFn):
         final_moves.append(
             self._temp_file(dead_name, shards.parquet_bytes(shards.dead_letter_table(every_dead)))
         )
-        summary = shards.summarize(summaries, dead_letters, n_inputs=run.listing.n_inputs)
+        summary = copy.deepcopy(run_totals)  # the side input is shared: never mutate it
         figures = summary["figures"]
         figures.update(
             {
@@ -652,8 +656,7 @@ class _CommitFn(beam.DoFn):
         if run.run_date:
             rows_table = ledger.ledger_table(
                 items,
-                summaries,
-                dead_letters,
+                {clip: (t.n_windows, t.reason) for clip, t in tallies},
                 fingerprint=run.fingerprint,
                 run_id=run.run_id,
                 run_date=run.run_date,

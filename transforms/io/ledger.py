@@ -21,13 +21,13 @@ import io
 import json
 import posixpath
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem
+from soundshard.schemas.records import SourceItem
 
 LEDGER_DIR = "ledger"
 RUNS_DIR = "runs"
@@ -73,8 +73,7 @@ def key_of(item: SourceItem, fingerprint: str) -> Key:
 
 def ledger_table(
     items: Iterable[SourceItem],
-    summaries: Iterable[FileSummary],
-    dead_letters: Iterable[DeadLetter],
+    outcomes: Mapping[str, tuple[int, str | None]],
     *,
     fingerprint: str,
     run_id: str,
@@ -82,24 +81,22 @@ def ledger_table(
 ) -> pa.Table:
     """One ledger row per input the run took on, with its outcome.
 
+    Args:
+        items: The run's inputs.
+        outcomes: Per clip id, the windows written for it and the reason of a dead letter of it
+            (``None`` when it had none); a clip id missing here wrote nothing and failed nothing.
+
     ``processed``: every unit succeeded; ``partial``: a long recording with a failed unit (its
     other units' windows are written, so it is not taken on again); ``dead_letter``: nothing of it
     was written.
     """
-    windows = collections.Counter()
-    for summary in summaries:
-        windows[summary.clip_id] += summary.n_windows
-    reasons: dict[str, str] = {}
-    for dead in dead_letters:
-        if dead.clip_id is not None:
-            reasons.setdefault(dead.clip_id, dead.reason)
     rows = []
     for item in sorted(items, key=lambda i: i.public_uri):
-        reason = reasons.get(item.clip_id)
+        windows, reason = outcomes.get(item.clip_id, (0, None))
         if reason is None:
             status = PROCESSED
         else:
-            status = PARTIAL if windows[item.clip_id] else DEAD_LETTER
+            status = PARTIAL if windows else DEAD_LETTER
         rows.append(
             {
                 "source_uri": item.public_uri,
@@ -110,7 +107,7 @@ def ledger_table(
                 "feature_fingerprint": fingerprint,
                 "status": status,
                 "reason": reason,
-                "windows": windows[item.clip_id],
+                "windows": windows,
                 "run_id": run_id,
                 "run_date": run_date,
             }

@@ -10,6 +10,7 @@ shards exist; ``dataset.json`` is written last and marks a complete dataset.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import io
 import json
@@ -36,11 +37,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 from soundshard.schemas import fields
 from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig, unit_source
-from soundshard.schemas.records import DeadLetter, FileSummary, LabelCount, SourceItem, WindowBatch
+from soundshard.schemas.records import DeadLetter, SourceItem, WindowBatch
 from soundshard.schemas.tfexample import tfrecord_frame
 from soundshard.schemas.uris import redact
 from soundshard.transforms.io import ledger
-from soundshard.transforms.labels import strong_labels
+from soundshard.transforms.outputs import totals
 
 FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
@@ -378,105 +379,6 @@ class ShardCount(beam.PTransform):
         )
 
 
-#: Stages that fail one work unit of a recording (other units of it may succeed).
-UNIT_STAGES = ("decode", "features", "embed", "tag")
-
-
-def summarize(
-    summaries: Sequence[FileSummary],
-    dead_letters: Sequence[DeadLetter],
-    *,
-    n_inputs: int,
-    label_counts: Sequence[LabelCount] = (),
-) -> dict:
-    """Counts per label, fold and split and the run's figures (files, windows, audio seconds).
-
-    Summaries come per work unit (embedding runs: per batch of a unit's windows, so
-    ``work_units`` counts distinct units). A recording counts as processed when none of its units
-    failed; one with a failed unit counts as dead-lettered (its other units' windows are still
-    written: ``partial_files``). So ``files_processed + dead_letter_inputs == inputs``.
-    Offline-augmented copies are not inputs: they are counted apart (``augmented_copies``,
-    ``augmented_copies_failed``) and their windows are in the counts per label and fold.
-
-    Strongly labelled recordings (those with ``label_counts``) count their windows per window
-    label instead of per clip label: ``windows_by_label`` counts a window under each of its
-    labels and ``<background>`` for windows without any; ``clips_by_label`` counts such a
-    recording once under each label its windows have (``<background>`` when none has one);
-    ``strong_labels`` gives the strongly labelled recordings (offline copies not included),
-    and their windows, background windows and windows with several labels (copies included, as
-    in the other window counts).
-    """
-    strong_windows: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    strong_multi = collections.Counter()
-    for c in label_counts:
-        strong_windows[c.clip_id].update(dict(c.by_label))
-        strong_multi[c.clip_id] += c.multi_label
-    copies = {s.clip_id for s in summaries if s.augmented}
-    failed_copies = {d.clip_id for d in dead_letters if d.augmentation is not None}
-    inputs_dead = [d for d in dead_letters if d.augmentation is None]
-    unit_failed = {d.clip_id for d in inputs_dead if d.stage in UNIT_STAGES}
-    other_dead = sum(1 for d in inputs_dead if d.stage not in UNIT_STAGES)
-    clips: dict[str, list[FileSummary]] = collections.defaultdict(list)
-    for s in summaries:
-        clips[s.clip_id].append(s)
-    windows_by_label = collections.Counter()
-    clips_by_label = collections.Counter()
-    windows_by_fold = collections.Counter()
-    clips_by_fold = collections.Counter()
-    clips_by_split = collections.Counter()
-    for clip_id, parts in clips.items():
-        first = parts[0]
-        label = first.label if first.label is not None else "<none>"
-        fold = str(first.fold) if first.fold is not None else "<none>"
-        n_windows = sum(p.n_windows for p in parts)
-        if clip_id in strong_windows:
-            windows_by_label.update(strong_windows[clip_id])
-            named = set(strong_windows[clip_id]) - {strong_labels.BACKGROUND}
-            clips_by_label.update(named or {strong_labels.BACKGROUND})
-        else:
-            windows_by_label[label] += n_windows
-            clips_by_label[label] += 1
-        windows_by_fold[fold] += n_windows
-        clips_by_fold[fold] += 1
-        if first.split is not None:
-            clips_by_split[first.split] += 1
-    processed = [c for c in clips if c not in unit_failed and c not in copies]
-    dead_inputs = other_dead + len(unit_failed)
-    by_reason = collections.Counter(d.reason for d in dead_letters)
-    return {
-        "counts": {
-            "clips_by_label": dict(sorted(clips_by_label.items())),
-            "windows_by_label": dict(sorted(windows_by_label.items())),
-            "clips_by_fold": dict(sorted(clips_by_fold.items())),
-            "windows_by_fold": dict(sorted(windows_by_fold.items())),
-            "clips_by_split": dict(sorted(clips_by_split.items())),
-            "strong_labels": {
-                "recordings": len({c.clip_id for c in label_counts if not c.augmented}),
-                "windows": sum(c.n_windows for c in label_counts),
-                "background_windows": sum(
-                    dict(c.by_label).get(strong_labels.BACKGROUND, 0) for c in label_counts
-                ),
-                "multi_label_windows": sum(strong_multi.values()),
-            },
-        },
-        "figures": {
-            "inputs": n_inputs,
-            "files_processed": len(processed),
-            "dead_letters": len(dead_letters),
-            "dead_letter_inputs": dead_inputs,
-            "partial_files": sum(1 for c in clips if c in unit_failed),
-            "augmented_copies": len(copies - failed_copies),
-            "augmented_copies_failed": len(failed_copies),
-            "dead_letters_by_reason": dict(sorted(by_reason.items())),
-            "accounted_for": len(processed) + dead_inputs == n_inputs,
-            "work_units": len({(s.clip_id, s.unit_index) for s in summaries}),
-            "windows": sum(s.n_windows for s in summaries),
-            "audio_s": round(sum(s.duration_s for s in summaries), 3),
-            "digital_silence_files": sum(1 for parts in clips.values() if all(p.silent for p in parts)),
-        },
-    }
-
-
 _DEAD_LETTER_SCHEMA = pa.schema(
     [
         pa.field(f.name, pa.string(), nullable=f.name in ("clip_id", "augmentation"))
@@ -514,20 +416,18 @@ class _CommitFn(beam.DoFn):
         _,
         written,
         dead_letters,
-        summaries,
+        run_totals,
         n_shards,
         items=(),
-        label_counts=(),
+        tallies=(),
         level_files=(),
         level_hours=(),
     ):
         spec = self._spec
         manifest = dict(self._manifest)
-        manifest.update(
-            summarize(summaries, dead_letters, n_inputs=self._n_inputs, label_counts=label_counts)
-        )
+        manifest.update(copy.deepcopy(run_totals))  # the side input is shared: never mutate it
         if spec.incremental:
-            moves = self._incremental_files(written, dead_letters, summaries, items, manifest)
+            moves = self._incremental_files(written, dead_letters, manifest)
         else:
             moves = self._replacing_files(written, dead_letters, n_shards, manifest)
         moves.extend(self._level_files(level_files, level_hours, manifest))
@@ -545,8 +445,7 @@ class _CommitFn(beam.DoFn):
             # place (see transforms/io/ledger.py).
             rows = ledger.ledger_table(
                 items,
-                summaries,
-                dead_letters,
+                {clip: (t.n_windows, t.reason) for clip, t in tallies},
                 fingerprint=self._config.fingerprint,
                 run_id=spec.run_id,
                 run_date=spec.run_date,
@@ -634,7 +533,7 @@ class _CommitFn(beam.DoFn):
         manifest["dead_letters_file"] = dead_name
         return moves
 
-    def _incremental_files(self, written, dead_letters, summaries, items, manifest) -> list[tuple[str, str]]:
+    def _incremental_files(self, written, dead_letters, manifest) -> list[tuple[str, str]]:
         """Moves of an incremental run: its own shards (non-empty only) and dead letters, all named
         after the run, into the run date's partition; nothing of earlier runs is touched."""
         spec = self._spec
@@ -685,9 +584,11 @@ def matching_paths(pattern: str) -> list[str]:
 class CommitDataset(beam.PTransform):
     """Moves shards and dead letters into place and writes ``dataset.json`` (runs once, last).
 
-    Applied to the pipeline root; takes the written shards, dead letters, summaries and shard
-    count as side inputs so that it runs only after all of them are complete. Returns a
-    PCollection with the path of ``dataset.json``.
+    Applied to the pipeline root; takes the written shards, dead letters, the run's totals and
+    the shard count as side inputs so that it runs only after all of them are complete. The
+    summaries and label counts reach it only as the totals a combine made of them
+    (:class:`totals.RunTotals`), and, in incremental runs, as one tally per recording for the
+    ledger. Returns a PCollection with the path of ``dataset.json``.
 
     Args:
         written: PCollection of :class:`WrittenShard`.
@@ -745,18 +646,21 @@ class CommitDataset(beam.PTransform):
         )
 
     def expand(self, root):
+        counted = (self._summaries, self._dead_letters)
+        if self._label_counts is not None:
+            counted += (self._label_counts,)
+        tallied = counted | "RunTotals" >> totals.RunTotals(self._args["n_inputs"])
         side_inputs = dict(
             written=beam.pvalue.AsList(self._written),
             dead_letters=beam.pvalue.AsList(self._dead_letters),
-            summaries=beam.pvalue.AsList(self._summaries),
+            run_totals=beam.pvalue.AsSingleton(tallied["totals"]),
             n_shards=beam.pvalue.AsSingleton(self._n_shards),
         )
         if self._args["spec"].incremental:
             if self._items is None:
                 raise ValueError("an incremental commit needs the run's items (for its ledger)")
             side_inputs["items"] = beam.pvalue.AsList(self._items)
-        if self._label_counts is not None:
-            side_inputs["label_counts"] = beam.pvalue.AsList(self._label_counts)
+            side_inputs["tallies"] = beam.pvalue.AsList(tallied["tallies"])
         if self._level_files is not None:
             side_inputs["level_files"] = beam.pvalue.AsList(self._level_files)
             side_inputs["level_hours"] = beam.pvalue.AsList(self._level_hours)
