@@ -63,7 +63,7 @@ from soundshard.transforms.features.compute import (
     SOURCE_RATES_HZ,
     AssignWindowLabels,
     ComputeLogMel,
-    PlanUnits,
+    DecodeAndCompute,
     fetched_objects,
 )
 from soundshard.transforms.io import ledger, listing, storage
@@ -330,11 +330,12 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
 
 
 def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTransform) -> dict:
-    """Sources → plan → ``compute`` on ``p``: the part every pipeline on audio shares.
+    """Sources → :class:`DecodeAndCompute` on ``p`` with the run's settings.
 
     Args:
         p: The pipeline.
-        run: The resolved run (listing, config, work-unit length, augmentations).
+        run: The resolved run (a FeatureRun or TagRun: listing, config, work-unit length,
+            augmentations, storage, levels).
         label: Stable step label of the compute stage.
         compute: WorkUnits → outputs ``windows`` (WindowBatch), ``dead_letters`` and ``summaries``.
 
@@ -345,8 +346,11 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
     """
     listed = run.listing
     items = p | "ListSources" >> beam.Create(listed.items) | "Distribute" >> beam.Reshuffle()
-    planned = items | "PlanUnits" >> PlanUnits(
+    computed = items | "DecodeAndCompute" >> DecodeAndCompute(
         run.config,
+        compute=compute,
+        label=label,
+        measures_levels=run.levels is not None,
         unit_s=run.unit_s,
         progress_dir=run.progress_dir,
         augmentations=run.augmentations,
@@ -354,24 +358,12 @@ def decode_and_compute(p: beam.Pipeline, run: FeatureRun, *, label: str, compute
         rates_hz=getattr(run, "source_rates_hz", SOURCE_RATES_HZ),
         storage=run.storage,
     )
-    # Units are redistributed after planning (a long recording becomes many units); the features
-    # pipeline knows its shard count before features exist, so shard assignment fuses with them.
-    units = planned.units | "DistributeUnits" >> beam.Reshuffle()
-    computed = units | label >> compute
     listing_dead = p | "ListingDeadLetters" >> beam.Create(listed.dead_letters)
-    dead_letters = (
-        listing_dead,
-        planned.dead_letters,
-        computed["dead_letters"],
-    ) | "AllDeadLetters" >> beam.Flatten()
-    return {
-        "items": items,
-        "units": planned.units,
-        "windows": computed["windows"],
-        "summaries": computed["summaries"],
-        "dead_letters": dead_letters,
-        **({"levels": computed["levels"]} if run.levels is not None else {}),
-    }
+    dead_letters = (listing_dead, computed.dead_letters) | "AllDeadLetters" >> beam.Flatten()
+    out = computed._asdict() | {"items": items, "dead_letters": dead_letters}
+    if computed.levels is None:
+        del out["levels"]
+    return out
 
 
 class RedactingFormatter(logging.Formatter):

@@ -16,7 +16,7 @@ import math
 import os
 import time
 import uuid
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import apache_beam as beam
 import numpy as np
@@ -883,6 +883,79 @@ class ComputeLogMel(beam.PTransform):
             _LogMelFn(self._config, self._progress_dir, levels=self._levels, storage=self._storage)
         ).with_outputs(DEAD_LETTERS, SUMMARIES, LEVELS, main="windows")
         return results
+
+
+class Computed(NamedTuple):
+    """The outputs of :class:`DecodeAndCompute`.
+
+    Attributes:
+        units: WorkUnits as planned (one per unit of every readable recording and copy).
+        windows: WindowBatches (log-mel windows, or embeddings).
+        summaries: FileSummary per processed unit.
+        dead_letters: DeadLetters of planning and computing.
+        levels: UnitLevels per unit, or ``None`` when the compute stage measures no levels.
+    """
+
+    units: beam.PCollection
+    windows: beam.PCollection
+    summaries: beam.PCollection
+    dead_letters: beam.PCollection
+    levels: beam.PCollection | None
+
+
+class DecodeAndCompute(beam.PTransform):
+    """SourceItems → planned work units → ``compute``: the front every pipeline on audio shares
+    (features, embed, tag).
+
+    Args:
+        config: Feature or embedding configuration (for the window grid).
+        compute: WorkUnits → ``windows``, ``dead_letters``, ``summaries`` (and ``levels``):
+            :class:`ComputeLogMel` or ``ComputeEmbeddings``.
+        label: Stable step label of the compute stage.
+        measures_levels: ``compute`` also gives ``levels``.
+        unit_s, progress_dir, augmentations, keep_fetched, rates_hz, storage: As for
+            :class:`PlanUnits`.
+    """
+
+    def __init__(
+        self,
+        config,
+        *,
+        compute: beam.PTransform,
+        label: str,
+        measures_levels: bool = False,
+        unit_s: float | None = 60.0,
+        progress_dir: str | None = None,
+        augmentations=(),
+        keep_fetched: bool = False,
+        rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
+        storage: StorageConfig | None = None,
+    ):
+        super().__init__()
+        self._compute, self._label, self._measures_levels = compute, label, measures_levels
+        self._plan = PlanUnits(
+            config,
+            unit_s=unit_s,
+            progress_dir=progress_dir,
+            augmentations=augmentations,
+            keep_fetched=keep_fetched,
+            rates_hz=rates_hz,
+            storage=storage,
+        )
+
+    def expand(self, items: beam.PCollection) -> Computed:
+        planned = items | "PlanUnits" >> self._plan
+        # Units are redistributed after planning (a long recording becomes many units).
+        units = planned.units | "DistributeUnits" >> beam.Reshuffle()
+        computed = units | self._label >> self._compute
+        dead_letters = (planned.dead_letters, computed["dead_letters"]) | "DeadLetters" >> beam.Flatten()
+        return Computed(
+            units=planned.units,
+            windows=computed["windows"],
+            summaries=computed["summaries"],
+            dead_letters=dead_letters,
+            levels=computed["levels"] if self._measures_levels else None,
+        )
 
 
 class _LabelWindowsFn(beam.DoFn):
