@@ -57,7 +57,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 import soundshard
-from soundshard.pipelines import arguments, features
+from soundshard.pipelines import arguments, runs
 from soundshard.pipelines import runner as runners
 from soundshard.pipelines.arguments import db_or_off  # noqa: F401 - named here for callers
 from soundshard.schemas import fields
@@ -125,7 +125,7 @@ def check_requested_config(args: argparse.Namespace, description: dict) -> None:
     )
     if not (args.config or given):
         return
-    requested = features.feature_config_from_args(args)
+    requested = runs.feature_config_from_args(args)
     check_fingerprint(
         description,
         {"feature_fingerprint": requested.fingerprint, "feature_config": requested.to_dict()},
@@ -352,9 +352,9 @@ def prepare(args: argparse.Namespace) -> TagRun:
         raise ConfigError(f"--unit-s={args.unit_s} must be 0 (never split) or positive")
     if args.max_batch_windows < 1:
         raise ConfigError(f"--max-batch-windows={args.max_batch_windows} must be at least 1")
-    features.check_failed_fraction(args)
-    storage_settings = features.storage_config(args)
-    rates_hz = features.source_rates(args)
+    runs.check_failed_fraction(args)
+    storage_settings = runs.storage_config(args)
+    rates_hz = runs.source_rates(args)
     model_uri = args.model.rstrip("/")
     description = models.verify_model_folder(model_uri)
     config = model_config(description, model_uri=model_uri)
@@ -366,12 +366,12 @@ def prepare(args: argparse.Namespace) -> TagRun:
                 f"embedding model {config.model_uri!r} changed since the classifier was trained"
             )
     tag = tag_config_from_args(args, description)
-    level_config = features.level_config_from_args(args)
+    level_config = runs.level_config_from_args(args)
     digest = model_digest(model_uri)
     fingerprint = hashlib.sha256(
         json.dumps([digest, config.fingerprint, tag.to_dict()], sort_keys=True).encode()
     ).hexdigest()[:16]
-    taken = features.take_sources(args, fingerprint=fingerprint)
+    taken = runs.take_sources(args, fingerprint=fingerprint)
     if level_config is not None:
         level_tables.check_offsets(taken.listing.items)
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
@@ -475,7 +475,7 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
             run.config, progress_dir=run.progress_dir, levels=run.levels, storage=run.storage
         )
         label = "ComputeLogMel"
-    front = features.decode_and_compute(p, run, label=label, compute=compute)
+    front = runs.decode_and_compute(p, run, label=label, compute=compute)
     handler = handler or tagging.ClassifierHandler(
         run.model_uri, min_windows=min(64, run.max_batch_windows), max_windows=run.max_batch_windows
     )
@@ -790,19 +790,19 @@ def run(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     output folder is in use by another run)."""
     parser = make_parser(prog)
     args, beam_args = parser.parse_known_args(argv)
-    features.setup_logging(verbose=args.verbose)
+    runs.setup_logging(verbose=args.verbose)
     try:
         runners.check_beam_args(beam_args)
         if args.watch:
             return watch(args, beam_args, prog=prog)
-        with features.locked_run(args, prog=prog):
+        with runs.locked_run(args, prog=prog):
             return _run(args, beam_args, prog=prog)
     except ConfigError as exc:
         print(f"{prog}: error: {redact(str(exc))}", file=sys.stderr)
-        return features.EXIT_CONFIG
+        return runs.EXIT_CONFIG
     except OutputLockedError as exc:
         print(f"{prog}: error: {redact(str(exc))}", file=sys.stderr)
-        return features.EXIT_LOCKED
+        return runs.EXIT_LOCKED
 
 
 def watch(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str, sleep=time.sleep) -> int:
@@ -827,12 +827,12 @@ def watch(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str, slee
     try:
         while True:
             began = time.monotonic()
-            with features.locked_run(args, prog=prog):
+            with runs.locked_run(args, prog=prog):
                 code = _run(args, beam_args, prog=prog)
             runs += 1
-            if code == features.EXIT_CONFIG:
+            if code == runs.EXIT_CONFIG:
                 return code
-            if code != features.EXIT_OK:
+            if code != runs.EXIT_OK:
                 print(f"{prog}: watch run {runs} ended with exit code {code}; watching on", file=sys.stderr)
             elapsed = time.monotonic() - started
             if args.watch_for_s is not None and elapsed + args.watch_interval_s > args.watch_for_s:
@@ -841,12 +841,12 @@ def watch(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str, slee
     except KeyboardInterrupt:
         pass
     print(f"[tag] watched for {time.monotonic() - started:.0f} s: {runs} run(s)", flush=True)
-    return features.EXIT_OK
+    return runs.EXIT_OK
 
 
 def _run(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str) -> int:
     tag_run = prepare(args)
-    outcome = features.launch(
+    outcome = runs.launch(
         tag_run,
         beam_args,
         label="tag",
@@ -854,14 +854,14 @@ def _run(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str) -> in
         output=tag_run.output,
         incremental=tag_run.run_date is not None,
     )
-    if outcome == features.NOTHING_NEW:
+    if outcome == runs.NOTHING_NEW:
         skipped = tag_run.manifest["incremental"]["unchanged_skipped"]
         print(f"nothing new: all {skipped} input(s) were tagged by earlier runs with this model")
-    if outcome != features.RAN:
-        return features.EXIT_OK
+    if outcome != runs.RAN:
+        return runs.EXIT_OK
     manifest = read_manifest(tag_run.output)
     print(summary_text(manifest, tag_run.output))
-    return features.exit_code(
+    return runs.exit_code(
         manifest["figures"],
         prog=prog,
         max_failed_fraction=args.max_failed_fraction,
