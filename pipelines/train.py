@@ -43,7 +43,7 @@ from soundshard.pipelines import arguments
 from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.errors import ConfigError  # noqa: E402
 from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
-from soundshard.schemas.training import TrainConfig, load_train_config, recipe_of  # noqa: E402
+from soundshard.schemas.training import SELECT_ON, TrainConfig, load_train_config, recipe_of  # noqa: E402
 from soundshard.transforms.features import melspec
 from soundshard.transforms.models import architectures as models
 from soundshard.transforms.models import distributed, training
@@ -174,6 +174,16 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         default=None,
         choices=training.AGGREGATIONS,
         help=f"Clip aggregation for early stopping. Default: {_default('aggregation')}.",
+    )
+    parser.add_argument(
+        "--select-on",
+        dest="select_on",
+        default=None,
+        choices=SELECT_ON,
+        help="What early stopping judges each epoch: the validation clips' accuracy (clips), the "
+        "mean average precision of the windows of the strongly labelled validation recordings "
+        "(recordings), or recordings when there are any (auto). "
+        f"Default: {_default('select_on')}.",
     )
     parser.add_argument(
         "--weight-average",
@@ -573,6 +583,7 @@ def train_split(
             validation,
             patience=config.patience,
             aggregation=config.aggregation,
+            select_on=config.select_on,
             average=_weight_average(config),
             n_classes=n_classes,
             epochs=config.epochs,
@@ -639,6 +650,7 @@ def train_split(
             epochs=config.epochs,
             patience=config.patience,
             aggregation=config.aggregation,
+            select_on=config.select_on,
             average=_weight_average(config),
             verbose=not args.quiet,
         )
@@ -689,7 +701,11 @@ def train_split(
         metrics["transfer_phases"] = phases
     metrics["epochs_run"] = len(history["loss"])
     metrics["best_epoch"] = best_epoch + 1
-    metrics["best_validation_clip_accuracy"] = round(best, 4)
+    # what early stopping judged (TrainConfig.select_on) and its best value
+    metrics["selected_on"] = config.select_on
+    metrics["best_validation_score"] = round(best, 4)
+    if config.select_on == "clips":
+        metrics["best_validation_clip_accuracy"] = round(best, 4)
     metrics["training_share"] = share
     if strategy is not None:
         metrics["distributed"] = {
@@ -1267,6 +1283,13 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                     windows, test_fold=args.test_fold, validation_fold=args.validation_fold
                 )
             }
+        if config.select_on == "recordings" and not all(
+            split.validation.strongly_labelled.any() for split in splits.values()
+        ):
+            raise ConfigError(
+                "--select-on recordings: the validation data has no strongly labelled recording "
+                "(give annotated recordings of the validation fold or split with --features)"
+            )
         if args.backbone_weights:  # weights that do not fit stop the run here, not after the first fold
             models.build_model(
                 config.model,

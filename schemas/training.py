@@ -32,6 +32,9 @@ MODEL_NAMES = (*CNN_NAMES, "mlp", "linear")
 #: saved model) or ``sigmoid`` (a probability per class; several may be present at once).
 HEADS = ("softmax", "sigmoid")
 LR_SCHEDULES = ("cosine", "constant")
+#: What early stopping judges: the validation clips' accuracy, the validation recordings' windows
+#: (strong labels; mean average precision over classes), or recordings when there are any.
+SELECT_ON = ("clips", "recordings", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,12 @@ class TrainConfig(ConfigSerialization):
         lr_schedule: ``cosine`` (decay to 5 % over the epochs) or ``constant``.
         seed: Seed of initial weights, shuffling and augmentation.
         aggregation: Clip aggregation for early stopping: ``mean``, ``max`` or ``majority``.
+        select_on: What early stopping judges each epoch on: ``clips`` (clip accuracy of the
+            validation clips; the mean average precision of all validation windows when there
+            are only strongly labelled recordings), ``recordings`` (the mean average precision
+            over classes of the windows of the strongly labelled validation recordings: how well
+            the model ranks sounds in recordings like those it will tag) or ``auto``
+            (``recordings`` when the validation data has any, else ``clips``).
         weight_average: Decay of the per-epoch moving average of the weights that early stopping
             judges and keeps (0: the raw weights).
         class_weights: Weight classes (and background) by inverse frequency.
@@ -82,6 +91,7 @@ class TrainConfig(ConfigSerialization):
     lr_schedule: str = "cosine"
     seed: int = 0
     aggregation: str = "mean"
+    select_on: str = "clips"
     weight_average: float = 0.8
     class_weights: bool = True
     augment: bool = True
@@ -124,6 +134,7 @@ def _check(c: TrainConfig) -> None:
         ("head", str),
         ("lr_schedule", str),
         ("aggregation", str),
+        ("select_on", str),
         ("class_weights", bool),
         ("augment", bool),
     ):
@@ -150,6 +161,7 @@ def _check(c: TrainConfig) -> None:
     need(c.head in HEADS, f"head={c.head!r} is not one of {HEADS}")
     need(c.lr_schedule in LR_SCHEDULES, f"lr_schedule={c.lr_schedule!r} is not one of {LR_SCHEDULES}")
     need(c.aggregation in AGGREGATIONS, f"aggregation={c.aggregation!r} is not one of {AGGREGATIONS}")
+    need(c.select_on in SELECT_ON, f"select_on={c.select_on!r} is not one of {SELECT_ON}")
     for name in ("epochs", "batch_size", "patience"):
         need(getattr(c, name) >= 1, f"{name}={getattr(c, name)} must be at least 1")
     need(c.learning_rate > 0, f"learning_rate={c.learning_rate} must be positive")

@@ -1,6 +1,7 @@
 """Background and negatives in training: targets, weights, splits, heads, mixing, thresholds."""
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -204,3 +205,41 @@ def test_conditioned_copies_change_level_and_add_background():
     np.testing.assert_allclose((10 ** (mixed / 10)).mean(axis=(1, 2)), 2 * power, rtol=1e-4)
     again = training.conditioned_copies(windows, bed, aug=level, seed=0)
     np.testing.assert_array_equal(mixed, again)
+
+
+def test_what_early_stopping_judges():
+    # two weak clips of two windows each (classes 0 and 1) and a strongly labelled recording of
+    # four windows: one of class 0, one of class 1, two background
+    windows = window_set(
+        [0, 0, 1, 1, -1, -1, -1, -1],
+        clips=["a", "a", "b", "b", "r", "r", "r", "r"],
+        targets=[[0, 0]] * 4 + [[1, 0], [0, 0], [0, 1], [0, 0]],
+        strong=[False] * 4 + [True] * 4,
+    )
+    probabilities = np.array(
+        [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]]  # clip b is called class 0: accuracy 1/2
+        + [[0.6, 0.1], [0.7, 0.2], [0.2, 0.8], [0.1, 0.1]],  # class 0: a background window ranks first
+        np.float32,
+    )
+    score = functools.partial(training.selection_score, probabilities, windows, aggregation="mean")
+    assert score(select_on="clips") == 0.5
+    # class 0: the true window ranks second of four (AP 1/2); class 1: first (AP 1)
+    assert score(select_on="recordings") == pytest.approx(0.75)
+    assert score(select_on="auto") == pytest.approx(0.75)
+    clips_only = windows.take(~windows.strongly_labelled)
+    assert (
+        training.selection_score(probabilities[:4], clips_only, aggregation="mean", select_on="auto") == 0.5
+    )
+    with pytest.raises(ValueError, match="strongly labelled validation recordings"):
+        training.selection_score(probabilities[:4], clips_only, aggregation="mean", select_on="recordings")
+
+
+def test_selecting_on_recordings_needs_validation_recordings(demo_features, tmp_path, capsys):
+    argv = ["--features", str(demo_features), "--test-fold", "1", "--output", str(tmp_path / "m")]
+    assert train.run([*argv, "--select-on", "recordings", "--epochs", "1", "--quiet"]) == 2
+    assert "--select-on recordings: the validation data has no strongly labelled recording" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as stopped:  # not a choice
+        train.run([*argv, "--select-on", "windows"])
+    assert stopped.value.code == 2 and "invalid choice: 'windows'" in capsys.readouterr().err

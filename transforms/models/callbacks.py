@@ -8,12 +8,12 @@ import time
 import keras
 
 from soundshard.transforms.models import training
-from soundshard.transforms.tagging import events
 
 
 class ClipEarlyStopping(keras.callbacks.Callback):
-    """Clip-level validation accuracy after each epoch; stops after ``patience`` epochs without
-    improvement and restores the best weights.
+    """The validation score after each epoch (clip accuracy, or the validation recordings' mean
+    average precision: ``select_on``, see :func:`training.selection_score`); stops after
+    ``patience`` epochs without improvement and restores the best weights.
 
     With ``average`` (a :class:`training.WeightAverage`) the averaged trainable weights (with the
     batch-norm statistics of the epoch) are judged and kept; training itself goes on from the raw
@@ -26,6 +26,7 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         *,
         patience: int,
         aggregation: str,
+        select_on: str = "clips",
         average: training.WeightAverage | None = None,
         n_classes: int | None = None,
         epochs: int | None = None,
@@ -38,6 +39,7 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         self.validation = validation
         self.patience = patience
         self.aggregation = aggregation
+        self.select_on = select_on
         self.average = average
         self.n_classes = n_classes  # a background output after the classes is left out
         self.best = -1.0
@@ -50,13 +52,9 @@ class ClipEarlyStopping(keras.callbacks.Callback):
             raw = self.model.get_weights()
             self.model.set_weights(self.average.update(raw, averaged=training.trainable_mask(self.model)))
         probs = training.predict(self.model, self.validation.features)[:, : self.n_classes]
-        if self.validation.weak.any():
-            weak = self.validation.weak
-            accuracy = training.clip_accuracy(
-                probs[weak], self.validation.take(weak), method=self.aggregation
-            )
-        else:  # strong labels only: the mean over classes of the windows' average precision
-            accuracy = events.mean_average_precision(probs, self.validation.truth(probs.shape[1]))
+        accuracy = training.selection_score(
+            probs, self.validation, aggregation=self.aggregation, select_on=self.select_on
+        )
         if logs is not None:
             logs["val_clip_accuracy"] = accuracy
         improved = accuracy > self.best
@@ -87,7 +85,8 @@ class ClipEarlyStopping(keras.callbacks.Callback):
             if key in logs:
                 parts.append(f"{name} {float(logs[key]):.3f}")
         best = "new best" if improved else f"best {self.best:.3f}, epoch {self.best_epoch + 1}"
-        parts.append(f"val clip {accuracy:.3f} ({best})")
+        judged = "val clip" if self.select_on == "clips" else "val score"
+        parts.append(f"{judged} {accuracy:.3f} ({best})")
         timing = f"{per_epoch:.0f} s per epoch"
         if self.epochs:
             left = self.epochs - done  # early stopping may end it sooner

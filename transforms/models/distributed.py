@@ -351,6 +351,7 @@ def fit(
     epochs: int,
     patience: int,
     aggregation: str,
+    select_on: str = "clips",
     average: training.WeightAverage | None = None,
     verbose: bool = True,
 ) -> FitResult:
@@ -370,6 +371,7 @@ def fit(
         epochs: Maximum epochs.
         patience: Early stopping patience in epochs.
         aggregation: Clip aggregation for the validation clip accuracy.
+        select_on: What early stopping judges (:func:`training.selection_score`).
         average: Per-epoch weight average that early stopping judges and keeps (as in
             ``soundshard train``'s single-worker loop), or ``None`` for the raw weights.
         verbose: One progress line per epoch.
@@ -465,7 +467,9 @@ def fit(
         probabilities = np.concatenate(
             [predict(validation.features[i : i + 256]).numpy() for i in range(0, len(validation), 256)]
         )
-        local = training.clip_accuracy(probabilities, validation, method=aggregation)
+        local = training.selection_score(  # the background output (if any) left out
+            probabilities[:, :n_classes], validation, aggregation=aggregation, select_on=select_on
+        )
         scores = gather(np.array([local], np.float64))[:, 0]
         spread = max(spread, float(np.abs(scores - scores[0]).max()))
         score = float(scores[0])  # the chief's, so that every worker takes the same decision

@@ -873,6 +873,33 @@ def clip_accuracy(probabilities: np.ndarray, windows: WindowSet, *, method: str 
     return float((clip_probs.argmax(axis=1) == truth).mean())
 
 
+def selection_score(
+    probabilities: np.ndarray, validation: WindowSet, *, aggregation: str, select_on: str = "clips"
+) -> float:
+    """What early stopping maximises (``TrainConfig.select_on``): the clip accuracy of the weakly
+    labelled validation clips, or the mean average precision over classes of the windows of the
+    strongly labelled validation recordings (background windows are their negatives).
+
+    ``clips`` falls back to the mean average precision of all windows when the validation data
+    has no weakly labelled clip; ``auto`` judges the recordings when there are any.
+
+    Raises:
+        ValueError: ``recordings`` without strongly labelled validation windows.
+    """
+    from soundshard.transforms.tagging import events
+
+    strong = validation.strongly_labelled
+    if select_on == "recordings" and not strong.any():
+        raise ValueError("select_on='recordings' needs strongly labelled validation recordings")
+    truth = validation.truth(probabilities.shape[1])
+    if select_on == "recordings" or (select_on == "auto" and strong.any()):
+        return events.mean_average_precision(probabilities[strong], truth[strong])
+    weak = validation.weak
+    if weak.any():
+        return clip_accuracy(probabilities[weak], validation.take(weak), method=aggregation)
+    return events.mean_average_precision(probabilities, truth)
+
+
 def clip_labels(labels: np.ndarray, clip_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(clips, labels)`` per clip (a clip's windows share its label)."""
     clips, first = np.unique(np.asarray(clip_ids, dtype=object).astype(str), return_index=True)
