@@ -179,3 +179,31 @@ def test_members_sharing_a_name_are_all_read(tmp_path):
     # each entry's own audio: 1 s, 1 s, 3 s in the tar, 2 s and 4 s in the zip
     assert sorted(ends) == ["t/a#1", "t/a#2", "t/b", "z/a#1", "z/a#2"]
     assert [round(ends[c]) for c in ("t/a#1", "t/a#2", "z/a#1", "z/a#2")] == [1, 3, 2, 4]
+
+
+def test_an_archive_stays_open_while_any_reading_stage_holds_it(tmp_path):
+    # planning and decoding DoFns share the process's open archives: one tearing down must not
+    # close an archive the other is still reading; the last to go forgets them all
+    path = tmp_path / "a.zip"
+    make_zip(path)
+    member = f"zip://dog/a.wav::{path.as_uri()}"
+    archives.close_archives()
+    archives.hold_archives()  # the planner
+    archives.hold_archives()  # the decoder
+    try:
+        first = archives._open_archive(path.as_uri())
+        assert soundfile.info(archives.open_source(member)).frames == 22050
+        archives.release_archives()  # the planner tears down
+        assert archives._ARCHIVES.open_uris == (path.as_uri(),)
+        assert archives._open_archive(path.as_uri()) is first  # not opened again
+    finally:
+        archives.release_archives()  # the decoder tears down: the last hold
+    assert archives._ARCHIVES.open_uris == ()
+    # at most four archives stay open; the least recently used goes first
+    uris = []
+    for k in range(5):
+        make_zip(tmp_path / f"{k}.zip")
+        uris.append((tmp_path / f"{k}.zip").as_uri())
+        archives._open_archive(uris[-1])
+    assert archives._ARCHIVES.open_uris == tuple(uris[1:])
+    archives.close_archives()

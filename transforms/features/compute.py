@@ -47,7 +47,7 @@ from soundshard.schemas.storage import StorageConfig
 from soundshard.transforms.audio import augment, units
 from soundshard.transforms.audio.decode import decode_audio
 from soundshard.transforms.features import melspec
-from soundshard.transforms.io.archives import close_archives, open_source
+from soundshard.transforms.io.archives import hold_archives, open_source, release_archives
 from soundshard.transforms.io.storage import FETCHED, FetchedObjects, fill_all, storage_error
 from soundshard.transforms.io.storage import active as active_storage
 from soundshard.transforms.io.storage import configure as configure_storage
@@ -460,6 +460,7 @@ class _ProbeFn(beam.DoFn):
     def setup(self):
         self._progress = ProgressReporter(self._progress_dir, role="plan")
         configure_storage(self._storage)
+        hold_archives()
         self._fetched = fetched_objects() if self._keep_reads else None
         self._read_ahead = active_storage().read_ahead
 
@@ -529,7 +530,7 @@ class _ProbeFn(beam.DoFn):
         self._progress.flush()
 
     def teardown(self):
-        close_archives()
+        release_archives()
 
 
 class PlanUnits(beam.PTransform):
@@ -711,9 +712,10 @@ class DecodeUnitFn(beam.DoFn):
         self._progress = ProgressReporter(self._progress_dir, role=self._role)
         configure_storage(self._storage)
         self._fetched = fetched_objects()
+        hold_archives()
 
     def teardown(self):
-        close_archives()
+        release_archives()
 
     def process(self, unit: WorkUnit):
         where = unit_where(unit)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import io
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -276,14 +275,76 @@ class _OpenArchive:
         return stream
 
 
-@functools.lru_cache(maxsize=_OPEN_ARCHIVES)
+class _ArchiveCache:
+    """The archives this process keeps open (the ``_OPEN_ARCHIVES`` used last), shared by every
+    DoFn that reads sources. Each such DoFn takes a hold in ``setup`` and lets go in
+    ``teardown``; the archives are forgotten when the last hold goes, so one DoFn's teardown
+    never closes an archive another one is reading."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._lock = threading.Lock()
+        self._open: collections.OrderedDict[str, _OpenArchive] = collections.OrderedDict()
+        self._holds = 0
+
+    def get(self, archive_uri: str) -> _OpenArchive:
+        with self._lock:
+            archive = self._open.get(archive_uri)
+            if archive is not None:
+                self._open.move_to_end(archive_uri)
+                return archive
+        archive = _OpenArchive(archive_uri)  # outside the lock: opening reads the member index
+        with self._lock:
+            archive = self._open.setdefault(archive_uri, archive)
+            self._open.move_to_end(archive_uri)
+            while len(self._open) > self._size:
+                self._open.popitem(last=False)
+            return archive
+
+    def forget(self, archive_uri: str) -> None:
+        with self._lock:
+            self._open.pop(archive_uri, None)
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holds += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds = max(0, self._holds - 1)
+            if self._holds == 0:
+                self._open.clear()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._open.clear()
+
+    @property
+    def open_uris(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._open)
+
+
+_ARCHIVES = _ArchiveCache(_OPEN_ARCHIVES)
+
+
 def _open_archive(archive_uri: str) -> _OpenArchive:
-    return _OpenArchive(archive_uri)
+    return _ARCHIVES.get(archive_uri)
+
+
+def hold_archives() -> None:
+    """Takes a hold on the archives this process keeps open (a reading DoFn's ``setup``)."""
+    _ARCHIVES.hold()
+
+
+def release_archives() -> None:
+    """Lets go of a hold (a reading DoFn's ``teardown``); the last one forgets the archives."""
+    _ARCHIVES.release()
 
 
 def close_archives() -> None:
-    """Forgets the archives this process keeps open (called when a worker's DoFns tear down)."""
-    _open_archive.cache_clear()
+    """Forgets every archive this process keeps open, whoever holds them."""
+    _ARCHIVES.clear()
 
 
 def open_source(
@@ -331,7 +392,7 @@ def open_source(
             failure = getattr(archive.file, "storage_error", None)
             if failure is None:
                 raise
-            close_archives()
+            _ARCHIVES.forget(archive_uri)  # opened afresh for the next member
             if failure is exc:
                 raise
             raise failure from failure.__cause__  # the store's error, not what tarfile made of it

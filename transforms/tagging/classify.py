@@ -659,14 +659,15 @@ class _WriteSnippetsFn(beam.DoFn):
         self._storage = storage
 
     def setup(self):
-        from soundshard.transforms.io import storage
+        from soundshard.transforms.io import archives, storage
 
         storage.configure(self._storage)
+        archives.hold_archives()
 
     def teardown(self):
-        from soundshard.transforms.io.archives import close_archives
+        from soundshard.transforms.io import archives
 
-        close_archives()
+        archives.release_archives()
 
     def process(self, tagged: TaggedRecording):
         item = tagged.source
