@@ -145,8 +145,12 @@ db_or_off.example = "6"
 
 
 def add_output_args(parser: argparse.ArgumentParser, *, feature_config: bool = True) -> None:
-    """Sources, output and shard flags of ``features`` and ``embed`` (:class:`FeaturesOptions`);
-    ``--config`` (a feature config file) only where ``feature_config``."""
+    """Sources, output and shard flags of ``features`` and ``embed``; ``--config`` (a feature
+    config file) only where ``feature_config``.
+
+    One options story: each command's flags live in its argparse parser (these helpers), the
+    rest of the command line goes to Beam's ``PipelineOptions`` untouched; the Flex Template
+    metadata is generated from the same parsers (``infra/templates.py``)."""
     add_source_args(parser)
     parser.add_argument("--output", help="Output folder (local or gs://, s3://...). Required.")
     parser.add_argument(
@@ -183,9 +187,9 @@ def add_output_args(parser: argparse.ArgumentParser, *, feature_config: bool = T
 def add_label_args(parser: argparse.ArgumentParser) -> None:
     """Flags of strong labels from annotation files (features and embed).
 
-    Added to the command's parser, not to :class:`FeaturesOptions`: Beam's GoogleCloudOptions
-    owns ``--labels`` (Dataflow job labels), and one PipelineOptions parser cannot hold both. On
-    Dataflow, give job labels with Beam's ``--label key=value``.
+    The command's parser owns ``--labels``; Beam's GoogleCloudOptions, which also has one
+    (Dataflow job labels), never sees it. On Dataflow, give job labels with Beam's ``--label
+    key=value``.
     """
     parser.add_argument(
         "--labels",

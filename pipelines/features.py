@@ -36,7 +36,6 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 import soundshard
 from soundshard.pipelines import arguments
@@ -95,14 +94,6 @@ from soundshard.transforms.outputs import shards
 from soundshard.transforms.outputs.tables import WriteTables
 
 _LOG = logging.getLogger(__name__)
-
-
-class FeaturesOptions(PipelineOptions):
-    """Options of ``soundshard features`` (also usable from a Flex Template)."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        arguments.add_output_args(parser)
 
 
 def make_parser(prog: str = "soundshard features") -> argparse.ArgumentParser:
