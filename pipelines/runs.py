@@ -30,7 +30,12 @@ from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.storage import StorageConfig
 from soundshard.schemas.uris import redact
-from soundshard.transforms.features.compute import SOURCE_RATES_HZ, DecodeAndCompute, fetched_objects
+from soundshard.transforms.features.compute import (
+    SOURCE_RATES_HZ,
+    DecodeAndCompute,
+    PlanUnits,
+    fetched_objects,
+)
 from soundshard.transforms.io import ledger, listing, storage
 from soundshard.transforms.labels import strong_labels
 
@@ -394,17 +399,17 @@ def decode_and_compute(p: beam.Pipeline, run, *, label: str, compute: beam.PTran
     """
     listed = run.listing
     items = p | "ListSources" >> beam.Create(listed.items) | "Distribute" >> beam.Reshuffle()
-    computed = items | "DecodeAndCompute" >> DecodeAndCompute(
+    plan = PlanUnits(
         run.config,
-        compute=compute,
-        label=label,
-        measures_levels=run.levels is not None,
         unit_s=run.unit_s,
         progress_dir=run.progress_dir,
         augmentations=run.augmentations,
         keep_fetched=run.keep_fetched,
         rates_hz=getattr(run, "source_rates_hz", SOURCE_RATES_HZ),
         storage=run.storage,
+    )
+    computed = items | "DecodeAndCompute" >> DecodeAndCompute(
+        plan, compute=compute, label=label, measures_levels=run.levels is not None
     )
     listing_dead = p | "ListingDeadLetters" >> beam.Create(listed.dead_letters)
     dead_letters = (listing_dead, computed.dead_letters) | "AllDeadLetters" >> beam.Flatten()

@@ -910,40 +910,18 @@ class DecodeAndCompute(beam.PTransform):
     (features, embed, tag).
 
     Args:
-        config: Feature or embedding configuration (for the window grid).
+        plan: The planning stage (:class:`PlanUnits`, with the run's settings).
         compute: WorkUnits → ``windows``, ``dead_letters``, ``summaries`` (and ``levels``):
             :class:`ComputeLogMel` or ``ComputeEmbeddings``.
         label: Stable step label of the compute stage.
         measures_levels: ``compute`` also gives ``levels``.
-        unit_s, progress_dir, augmentations, keep_fetched, rates_hz, storage: As for
-            :class:`PlanUnits`.
     """
 
     def __init__(
-        self,
-        config,
-        *,
-        compute: beam.PTransform,
-        label: str,
-        measures_levels: bool = False,
-        unit_s: float | None = 60.0,
-        progress_dir: str | None = None,
-        augmentations=(),
-        keep_fetched: bool = False,
-        rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
-        storage: StorageConfig | None = None,
+        self, plan: PlanUnits, *, compute: beam.PTransform, label: str, measures_levels: bool = False
     ):
         super().__init__()
-        self._compute, self._label, self._measures_levels = compute, label, measures_levels
-        self._plan = PlanUnits(
-            config,
-            unit_s=unit_s,
-            progress_dir=progress_dir,
-            augmentations=augmentations,
-            keep_fetched=keep_fetched,
-            rates_hz=rates_hz,
-            storage=storage,
-        )
+        self._plan, self._compute, self._label, self._measures_levels = plan, compute, label, measures_levels
 
     def expand(self, items: beam.PCollection) -> Computed:
         planned = items | "PlanUnits" >> self._plan

@@ -134,21 +134,25 @@ class ClipTally:
         return min(self.reasons) if self.reasons else None
 
 
-class TallyFn(beam.CombineFn):
+class _Merging(beam.CombineFn):
+    """A CombineFn whose accumulators add an input and merge another themselves."""
+
+    def add_input(self, accumulator, element):
+        return accumulator.add(element)
+
+    def merge_accumulators(self, accumulators):
+        accumulators = iter(accumulators)
+        out = next(accumulators)
+        for other in accumulators:
+            out.merge(other)
+        return out
+
+
+class TallyFn(_Merging):
     """Combines a recording's summaries, dead letters and label counts into its ClipTally."""
 
     def create_accumulator(self):
         return ClipTally()
-
-    def add_input(self, tally, element):
-        return tally.add(element)
-
-    def merge_accumulators(self, tallies):
-        tallies = iter(tallies)
-        out = next(tallies)
-        for tally in tallies:
-            out.merge(tally)
-        return out
 
     def extract_output(self, tally):
         return tally
@@ -244,7 +248,7 @@ class _Totals:
         }
 
 
-class TotalsFn(beam.CombineFn):
+class TotalsFn(_Merging):
     """Combines ClipTallies into the run's ``{"counts": ..., "figures": ...}`` (as ``dataset.json``
     and ``run.json`` carry them); with no input, the totals of an empty run."""
 
@@ -253,16 +257,6 @@ class TotalsFn(beam.CombineFn):
 
     def create_accumulator(self):
         return _Totals()
-
-    def add_input(self, totals, tally):
-        return totals.add(tally)
-
-    def merge_accumulators(self, accumulators):
-        accumulators = iter(accumulators)
-        out = next(accumulators)
-        for totals in accumulators:
-            out.merge(totals)
-        return out
 
     def extract_output(self, totals):
         return totals.result(self._n_inputs)
