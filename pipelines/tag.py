@@ -72,7 +72,7 @@ from soundshard.schemas.training import recipe_of
 from soundshard.schemas.uris import redact
 from soundshard.transforms.features.compute import SOURCE_RATES_HZ, ComputeLogMel
 from soundshard.transforms.features.embeddings import ComputeEmbeddings, check_model, model_digest
-from soundshard.transforms.io import ledger, listing
+from soundshard.transforms.io import listing
 from soundshard.transforms.labels import annotations as ann
 from soundshard.transforms.levels import level_tables
 from soundshard.transforms.models import architectures as models
@@ -629,10 +629,6 @@ class _CommitFn(beam.DoFn):
                 ),
             }
         )
-        wall_s = time.time() - manifest["run"]["started_unix_s"]
-        figures["wall_s"] = round(wall_s, 3)
-        figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
-        figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
         if run.levels is not None:
             figures["level_rows"] = {
                 t: rows[t] for t in (*level_tables.RECORDING_TABLES, *level_tables.COMBINED_TABLES)
@@ -647,25 +643,21 @@ class _CommitFn(beam.DoFn):
         stale = {} if run.run_date else self._stale({dst for _, dst in final_moves})
         if stale:
             manifest["replaced"] = {folder: len(paths) for folder, paths in stale.items()}
-        data = redact(json.dumps(manifest, indent=2)).encode()
-        if run.run_date:
-            final_moves.append(self._temp_file(f"{ledger.RUNS_DIR}/{run.run_id}.json", data))
-        elif stale:
-            FileSystems.delete([p for paths in stale.values() for p in paths])
-        shards.move_into_place(final_moves)
-        if run.run_date:
-            rows_table = ledger.ledger_table(
-                items,
-                {clip: (t.n_windows, t.reason) for clip, t in tallies},
-                fingerprint=run.fingerprint,
-                run_id=run.run_id,
-                run_date=run.run_date,
-            )
-            relative = f"{ledger.LEDGER_DIR}/{run.run_id}.parquet"
-            shards.move_into_place([self._temp_file(relative, ledger.table_bytes(rows_table))])
-        shards.move_into_place([self._temp_file("run.json", data)])  # last: marks a complete run
-        shards.remove_tree(run.temp_dir)
-        yield shards.join(run.output, "run.json")
+        yield shards.commit_run(
+            final_moves,
+            manifest,
+            output=run.output,
+            temp_dir=run.temp_dir,
+            manifest_name="run.json",  # last: marks a complete run
+            run_id=run.run_id,
+            run_date=run.run_date or None,
+            fingerprint=run.fingerprint,
+            items=items,
+            tallies=tallies,
+            before_moving=(lambda: FileSystems.delete([p for paths in stale.values() for p in paths]))
+            if stale
+            else None,
+        )
 
     def _extra_outputs(self, moves, snippet_index, final_moves: list[tuple[str, str]]) -> dict:
         """The plots and snippets of the run for run.json; writes the snippet index (one table,
@@ -714,9 +706,7 @@ class _CommitFn(beam.DoFn):
         return out, outputs
 
     def _temp_file(self, relative: str, data: bytes) -> tuple[str, str]:
-        temp = shards.join(self._run.temp_dir, "files", relative)
-        shards.write_bytes(temp, data)
-        return temp, shards.join(self._run.output, relative)
+        return shards.temp_file(relative, data, temp_dir=self._run.temp_dir, output=self._run.output)
 
     def _stale(self, finals: set[str]) -> dict[str, list[str]]:
         """Per output folder, the files an earlier run left there that this run does not write."""

@@ -431,31 +431,18 @@ class _CommitFn(beam.DoFn):
         else:
             moves = self._replacing_files(written, dead_letters, n_shards, manifest)
         moves.extend(self._level_files(level_files, level_hours, manifest))
-        figures = manifest["figures"]
-        wall_s = time.time() - manifest["run"]["started_unix_s"]
-        figures["wall_s"] = round(wall_s, 3)
-        figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
-        figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
-        manifest_bytes = redact(json.dumps(manifest, indent=2, sort_keys=False)).encode()
-        if spec.incremental:
-            moves.append(self._temp_file(join(ledger.RUNS_DIR, f"{spec.run_id}.json"), manifest_bytes))
-        move_into_place(moves)
-        if spec.incremental:
-            # The ledger file is the run's commit point: written once all its other files are in
-            # place (see transforms/io/ledger.py).
-            rows = ledger.ledger_table(
-                items,
-                {clip: (t.n_windows, t.reason) for clip, t in tallies},
-                fingerprint=self._config.fingerprint,
-                run_id=spec.run_id,
-                run_date=spec.run_date,
-            )
-            relative = join(ledger.LEDGER_DIR, f"{spec.run_id}.parquet")
-            move_into_place([self._temp_file(relative, ledger.table_bytes(rows))])
-        # dataset.json last: it marks a complete dataset (in incremental runs: the latest run).
-        move_into_place([self._temp_file("dataset.json", manifest_bytes)])
-        remove_tree(spec.temp_dir)
-        yield join(spec.output, "dataset.json")
+        yield commit_run(
+            moves,
+            manifest,
+            output=spec.output,
+            temp_dir=spec.temp_dir,
+            manifest_name="dataset.json",  # it marks a complete dataset (incremental: the latest run)
+            run_id=spec.run_id,
+            run_date=spec.run_date if spec.incremental else None,
+            fingerprint=self._config.fingerprint,
+            items=items,
+            tallies=tallies,
+        )
 
     def _level_files(self, level_files, level_hours, manifest) -> list[tuple[str, str]]:
         """Moves of the levels tables (``--levels``); a replacing run also deletes the levels
@@ -500,10 +487,7 @@ class _CommitFn(beam.DoFn):
         return moves
 
     def _temp_file(self, relative: str, data: bytes) -> tuple[str, str]:
-        """Writes ``data`` to the temporary folder; returns its move to ``<output>/<relative>``."""
-        temp = join(self._spec.temp_dir, "files", relative)
-        write_bytes(temp, data)
-        return temp, join(self._spec.output, relative)
+        return temp_file(relative, data, temp_dir=self._spec.temp_dir, output=self._spec.output)
 
     def _replacing_files(self, written, dead_letters, n_shards, manifest) -> list[tuple[str, str]]:
         """Moves of a run that replaces the dataset: shards 0..N-1 of N (empty ones included),
@@ -548,6 +532,79 @@ class _CommitFn(beam.DoFn):
         manifest["shards"] = dict(shard_files)
         manifest["dead_letters_file"] = dead_name
         return moves
+
+
+def temp_file(relative: str, data: bytes, *, temp_dir: str, output: str) -> tuple[str, str]:
+    """Writes ``data`` to a run's temporary folder; returns its move to ``<output>/<relative>``."""
+    temp = join(temp_dir, "files", relative)
+    write_bytes(temp, data)
+    return temp, join(output, relative)
+
+
+def commit_run(
+    moves: list[tuple[str, str]],
+    manifest: dict,
+    *,
+    output: str,
+    temp_dir: str,
+    manifest_name: str,
+    run_id: str,
+    run_date: str | None,
+    fingerprint: str,
+    items=(),
+    tallies=(),
+    before_moving=None,
+) -> str:
+    """The end of every run that writes files (features, embed, tag): its wall-time figures into
+    ``manifest``, its files moved into place, an incremental run's ledger (the run's commit
+    point: written once all its other files are in place, see ``transforms/io/ledger.py``) and
+    the manifest last (a folder with it is complete); the temporary folder removed.
+
+    Args:
+        moves: ``(temporary, final)`` paths of the run's files.
+        manifest: The run's manifest; ``manifest["figures"]`` gets ``wall_s``,
+            ``speed_x_realtime`` and ``real_time_factor`` (from ``run.started_unix_s``).
+        output: The output folder.
+        temp_dir: The run's temporary folder.
+        manifest_name: ``dataset.json`` or ``run.json``.
+        run_id: The run's id.
+        run_date: An incremental run's partition date, or ``None`` (a run that replaces).
+        fingerprint: What the ledger records the inputs as processed with.
+        items: An incremental run's inputs (SourceItem).
+        tallies: An incremental run's ``(clip_id, ClipTally)`` pairs (``totals.RunTotals``).
+        before_moving: Called just before the files move (a replacing tag run deletes what an
+            earlier run left).
+
+    Returns:
+        The path of the manifest.
+    """
+    figures = manifest["figures"]
+    wall_s = time.time() - manifest["run"]["started_unix_s"]
+    figures["wall_s"] = round(wall_s, 3)
+    figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
+    figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
+    data = redact(json.dumps(manifest, indent=2)).encode()
+
+    def placed(relative: str, content: bytes) -> tuple[str, str]:
+        return temp_file(relative, content, temp_dir=temp_dir, output=output)
+
+    if run_date is not None:
+        moves = [*moves, placed(join(ledger.RUNS_DIR, f"{run_id}.json"), data)]
+    if before_moving is not None:
+        before_moving()
+    move_into_place(moves)
+    if run_date is not None:
+        rows = ledger.ledger_table(
+            items,
+            {clip: (t.n_windows, t.reason) for clip, t in tallies},
+            fingerprint=fingerprint,
+            run_id=run_id,
+            run_date=run_date,
+        )
+        move_into_place([placed(join(ledger.LEDGER_DIR, f"{run_id}.parquet"), ledger.table_bytes(rows))])
+    move_into_place([placed(manifest_name, data)])
+    remove_tree(temp_dir)
+    return join(output, manifest_name)
 
 
 def move_into_place(moves: Sequence[tuple[str, str]]) -> None:
