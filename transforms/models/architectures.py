@@ -228,12 +228,7 @@ def _sbcnn_body(x, *, dropout: float, l2: float, pool: tuple[int, int] = (3, 3))
         x = layers.ReLU(name=f"conv{index}_relu")(x)
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)
-    # batch norm before the dense layer's ReLU: without it, on data dominated by one group (the
-    # background of annotated recordings) the layer's units could all die in the first epochs and
-    # the model never learn (its output constant whatever the input)
-    x = layers.Dense(64, use_bias=False, kernel_regularizer=keras.regularizers.L2(l2), name="fc")(x)
-    x = layers.BatchNormalization(momentum=0.9, name="fc_bn")(x)
-    x = layers.ReLU(name="fc_relu")(x)
+    x = layers.Dense(64, activation="relu", kernel_regularizer=keras.regularizers.L2(l2), name="fc")(x)
     return layers.Dropout(dropout)(x)
 
 
