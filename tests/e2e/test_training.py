@@ -19,6 +19,8 @@ def test_sbcnn_architecture_and_size():
     # 60×41 → pool (3, 3) 'same' → 20×14 → 7×5. conv 624 + 28,848 + 57,648; BN 4×(24+48+48);
     # dense 7·5·48·64+64 = 107,584; output 650
     assert model.count_params() == 624 + 28848 + 57648 + 4 * 120 + 107584 + 650
+    # the dense layer's ReLU leaks: its units cannot all die (they did on background-heavy data)
+    assert model.get_layer("fc_relu").negative_slope == pytest.approx(0.1)
     assert models.count_macs(model) == 60 * 41 * 24 * 25 + 20 * 14 * 48 * 24 * 25 + 7 * 5 * 48 * 48 * 25 + (
         7 * 5 * 48 * 64 + 64 * 10
     )

@@ -228,7 +228,11 @@ def _sbcnn_body(x, *, dropout: float, l2: float, pool: tuple[int, int] = (3, 3))
         x = layers.ReLU(name=f"conv{index}_relu")(x)
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)
-    x = layers.Dense(64, activation="relu", kernel_regularizer=keras.regularizers.L2(l2), name="fc")(x)
+    # a leaky ReLU on the dense layer: with a plain one, on data dominated by one group (the
+    # background of annotated recordings) nearly all its units could die in the first epochs and
+    # the model never learn (its output constant whatever the input)
+    x = layers.Dense(64, kernel_regularizer=keras.regularizers.L2(l2), name="fc")(x)
+    x = layers.LeakyReLU(negative_slope=0.1, name="fc_relu")(x)
     return layers.Dropout(dropout)(x)
 
 
