@@ -813,24 +813,24 @@ def watch(args: argparse.Namespace, beam_args: Sequence[str], *, prog: str, slee
         raise ConfigError(f"--watch-for-s={args.watch_for_s} must not be negative")
     args = argparse.Namespace(**{**vars(args), "incremental": True, "watch": False})
     started = time.monotonic()
-    runs = 0
+    n_runs = 0
     try:
         while True:
             began = time.monotonic()
             with runs.locked_run(args, prog=prog):
                 code = _run(args, beam_args, prog=prog)
-            runs += 1
+            n_runs += 1
             if code == runs.EXIT_CONFIG:
                 return code
             if code != runs.EXIT_OK:
-                print(f"{prog}: watch run {runs} ended with exit code {code}; watching on", file=sys.stderr)
+                print(f"{prog}: watch run {n_runs} ended with exit code {code}; watching on", file=sys.stderr)
             elapsed = time.monotonic() - started
             if args.watch_for_s is not None and elapsed + args.watch_interval_s > args.watch_for_s:
                 break
             sleep(max(0.0, args.watch_interval_s - (time.monotonic() - began)))
     except KeyboardInterrupt:
         pass
-    print(f"[tag] watched for {time.monotonic() - started:.0f} s: {runs} run(s)", flush=True)
+    print(f"[tag] watched for {time.monotonic() - started:.0f} s: {n_runs} run(s)", flush=True)
     return runs.EXIT_OK
 
 
