@@ -891,13 +891,13 @@ def selection_score(
     strong = validation.strongly_labelled
     if select_on == "recordings" and not strong.any():
         raise ValueError("select_on='recordings' needs strongly labelled validation recordings")
-    truth = validation.truth(probabilities.shape[1])
     if select_on == "recordings" or (select_on == "auto" and strong.any()):
-        return events.mean_average_precision(probabilities[strong], truth[strong])
+        truth = validation.take(strong).truth(probabilities.shape[1])
+        return events.mean_average_precision(probabilities[strong], truth)
     weak = validation.weak
     if weak.any():
         return clip_accuracy(probabilities[weak], validation.take(weak), method=aggregation)
-    return events.mean_average_precision(probabilities, truth)
+    return events.mean_average_precision(probabilities, validation.truth(probabilities.shape[1]))
 
 
 def clip_labels(labels: np.ndarray, clip_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
