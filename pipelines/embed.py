@@ -140,14 +140,13 @@ def build(p: beam.Pipeline, run: EmbedRun):
     """Composes the embed pipeline on ``p`` (does not run it).
 
     Returns:
-        dict of PCollections as ``features.build``, with ``windows`` of EmbeddingBatch.
+        As ``features.build``, with ``windows`` of EmbeddingBatch.
     """
     compute = ComputeEmbeddings(
         run.config,
         min_batch_size=run.min_batch_size,
         max_batch_size=run.max_batch_size,
         large_model=run.large_model,
-        progress_dir=run.progress_dir,
         storage=run.storage,
     )
     return features.compose(p, run, label="ComputeEmbeddings", compute=compute)

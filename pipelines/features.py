@@ -33,11 +33,11 @@ import time
 import typing
 import uuid
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-import soundshard
 from soundshard.pipelines import arguments
 from soundshard.pipelines import runner as runners
 from soundshard.pipelines.arguments import (  # noqa: F401 - the flags' helpers, named here for callers
@@ -61,6 +61,7 @@ from soundshard.pipelines.runs import (  # noqa: F401 - EXIT_LOCKED, EXIT_OK: na
     launch,
     level_config_from_args,
     locked_run,
+    manifest_blocks,
     setup_logging,
     source_rates,
     storage_config,
@@ -109,7 +110,6 @@ class FeatureRun:
     spec: shards.ShardSpec
     manifest: dict
     unit_s: float | None = 60.0
-    progress_dir: str | None = None
     committed_runs: frozenset[str] = frozenset()
     augmentations: tuple = ()
     keep_fetched: bool = False
@@ -119,43 +119,54 @@ class FeatureRun:
     storage: StorageConfig | None = None
 
 
-def build(p: beam.Pipeline, run: FeatureRun):
-    """Composes the features pipeline on ``p`` (does not run it).
+class DatasetOutputs(NamedTuple):
+    """What :func:`build` (and embed's) composed: PCollections of the run's stages.
 
-    Returns:
-        dict of PCollections: ``units`` (WorkUnit), ``windows`` (WindowBatch), ``dead_letters``
-        (DeadLetter), ``summaries`` (FileSummary), ``written`` (WrittenShard), ``dataset``
-        (dataset.json path) and, with levels, ``level_rows`` (TableRows).
+    Attributes:
+        units: WorkUnits as planned.
+        windows: WindowBatches (EmbeddingBatches for embed), with their strong labels.
+        dead_letters: DeadLetters of listing, planning and compute.
+        summaries: FileSummary per processed unit.
+        written: WrittenShard per shard file.
+        dataset: The path of ``dataset.json`` (one element, after the commit).
+        level_rows: TableRows of the level tables, or ``None`` without levels.
     """
-    compute = ComputeLogMel(run.config, progress_dir=run.progress_dir, levels=run.levels, storage=run.storage)
+
+    units: beam.PCollection
+    windows: beam.PCollection
+    dead_letters: beam.PCollection
+    summaries: beam.PCollection
+    written: beam.PCollection
+    dataset: beam.PCollection[str]
+    level_rows: beam.PCollection | None = None
+
+
+def build(p: beam.Pipeline, run: FeatureRun) -> DatasetOutputs:
+    """Composes the features pipeline on ``p`` (does not run it)."""
+    compute = ComputeLogMel(run.config, levels=run.levels, storage=run.storage)
     return compose(p, run, label="ComputeLogMel", compute=compute)
 
 
-def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTransform):
+def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTransform) -> DatasetOutputs:
     """Sources → plan → ``compute`` → shards → commit, on ``p`` (does not run it).
 
     Args:
         p: The pipeline.
         run: The resolved run.
         label: Stable step label of the compute stage (``ComputeLogMel``, ``ComputeEmbeddings``).
-        compute: WorkUnits → outputs ``windows`` (WindowBatch), ``dead_letters`` and ``summaries``.
-
-    Returns:
-        dict of PCollections as :func:`build`.
+        compute: WorkUnits → :class:`ComputedWindows` (``ComputeLogMel``, ``ComputeEmbeddings``).
     """
     front = decode_and_compute(p, run, label=label, compute=compute)
     # Every run passes its windows through (a no-op for recordings without annotations), so the
     # step graph does not depend on the inputs.
-    labelled = front["windows"] | "AssignWindowLabels" >> AssignWindowLabels(
-        min_overlap=run.min_label_overlap
-    )
+    labelled = front.windows | "AssignWindowLabels" >> AssignWindowLabels(min_overlap=run.min_label_overlap)
     n_shards = (
-        front["units"]
+        front.units
         | "ExpectedWindows" >> beam.Map(lambda unit: unit.n_windows)
         | "CountShards" >> shards.ShardCount(config=run.config, spec=run.spec)
     )
-    listed, items, windows = run.listing, front["items"], labelled.windows
-    summaries, dead_letters = front["summaries"], front["dead_letters"]
+    listed, items, windows = run.listing, front.items, labelled.windows
+    summaries, dead_letters = front.summaries, front.dead_letters
     written = windows | "WriteShards" >> shards.WriteWindowShards(
         config=run.config,
         spec=run.spec,
@@ -165,8 +176,8 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
     )
     level_files = level_rows = level_hours = None
     if run.levels is not None:
-        measured = front["levels"] | "RecordingLevels" >> level_tables.RecordingLevels(run.levels)
-        level_rows, level_hours = measured["rows"], measured["hours"]
+        measured = front.levels | "RecordingLevels" >> level_tables.RecordingLevels(run.levels)
+        level_rows, level_hours = measured.rows, measured.hours
         spec = run.spec
         level_files = level_rows | "WriteLevelTables" >> WriteTables(
             temp_dir=shards.join(spec.temp_dir, "levels"),
@@ -181,7 +192,6 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         summaries=summaries,
         config=run.config,
         spec=run.spec,
-        label_map=listed.label_map,
         extra_columns=listed.extra_columns,
         n_inputs=listed.n_inputs,
         manifest=run.manifest,
@@ -190,17 +200,15 @@ def compose(p: beam.Pipeline, run: FeatureRun, *, label: str, compute: beam.PTra
         level_hours=level_hours,
         levels=run.levels,
     )
-    out = {
-        "units": front["units"],
-        "windows": windows,
-        "dead_letters": dead_letters,
-        "summaries": summaries,
-        "written": written,
-        "dataset": dataset,
-    }
-    if level_rows is not None:
-        out["level_rows"] = level_rows
-    return out
+    return DatasetOutputs(
+        units=front.units,
+        windows=windows,
+        dead_letters=dead_letters,
+        summaries=summaries,
+        written=written,
+        dataset=dataset,
+        level_rows=level_rows,
+    )
 
 
 def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig | None = None) -> FeatureRun:
@@ -278,18 +286,7 @@ def prepare(args: argparse.Namespace, *, config: FeatureConfig | EmbeddingConfig
         ),
         "sources": {"input": args.input, "manifest": args.manifest},
         "storage": storage_settings.to_dict(),
-        "incremental": (
-            {"run_date": run_date, "unchanged_skipped": len(unchanged), "earlier_runs": len(committed)}
-            if run_date is not None
-            else None
-        ),
-        "run": {
-            "run_id": run_id,
-            "started_unix_s": time.time(),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "soundshard_version": soundshard.__version__,
-            "beam_version": beam.__version__,
-        },
+        **manifest_blocks(run_id, run_date=run_date, unchanged=len(unchanged), earlier_runs=len(committed)),
     }
     return FeatureRun(
         listing=listed,

@@ -34,6 +34,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from soundshard.schemas.errors import ConfigError, SoundshardError
+from soundshard.transforms import outcomes
 
 #: Inputs of this size or more run with one worker thread per core when no worker count is given
 #: (ESC-10, 38 MB: 2.1-2.7 s with 2 threads against 2.6-2.9 s with one; below a few MB the
@@ -337,7 +338,7 @@ def _clock(seconds: float) -> str:
 
 
 def progress_line(totals: dict, *, total_files: int, label: str, elapsed_s: float) -> str:
-    """One progress line from the workers' summed totals (``ProgressReporter.FIELDS``): files and
+    """One progress line from the workers' summed totals (``outcomes.PROGRESS_FIELDS``): files and
     work units done, audio done (hours), speed as audio seconds per second (x real time), and the
     time left once every file is planned (from the audio left at the speed so far)."""
     parts = [f"[{label}] files {totals.get('files', 0)}/{total_files}"]
@@ -401,8 +402,11 @@ class _TerminalProgress:
 
 @contextlib.contextmanager
 def progress(total_files: int, *, label: str, terminal: bool | None = None) -> Iterator[str]:
-    """Yields a folder the workers write progress files to, and shows their progress
-    (:func:`progress_line`).
+    """Shows the progress the run's stages report (``outcomes.progress``) while the block runs
+    (:func:`progress_line`); yields the folder their processes write it to.
+
+    The folder is named to the workers in ``outcomes.PROGRESS_DIR_ENV`` for the block's duration
+    (the threads of this process, and worker processes started in it, which inherit it).
 
     On a terminal (``terminal``; default: whether stderr is one) a rich progress bar of the audio
     done with those figures, redrawn twice a second; otherwise one plain line every 10 s and at
@@ -440,11 +444,18 @@ def progress(total_files: int, *, label: str, terminal: bool | None = None) -> I
                 last = time.monotonic()
 
     thread = threading.Thread(target=loop, daemon=True)
+    previous = os.environ.get(outcomes.PROGRESS_DIR_ENV)
+    os.environ[outcomes.PROGRESS_DIR_ENV] = directory
     with display or contextlib.nullcontext():
         thread.start()
         try:
             yield directory
         finally:
+            outcomes.flush_progress()  # what this process's stages did last
+            if previous is None:
+                del os.environ[outcomes.PROGRESS_DIR_ENV]
+            else:
+                os.environ[outcomes.PROGRESS_DIR_ENV] = previous
             stop.set()
             thread.join()
             sys.stdout.flush()

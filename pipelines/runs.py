@@ -16,22 +16,26 @@ import sys
 import time
 import typing
 from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import apache_beam as beam
 import threadpoolctl
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
+import soundshard
 from soundshard.pipelines import arguments
 from soundshard.pipelines import runner as runners
 from soundshard.pipelines.arguments import EXIT_TOO_MANY_FAILURES
 from soundshard.schemas.config import FeatureConfig, RecordingConfig, load_feature_config
+from soundshard.schemas.embedding import EmbeddingConfig
 from soundshard.schemas.errors import ConfigError
 from soundshard.schemas.levels import LevelConfig
+from soundshard.schemas.records import DeadLetter, FileSummary, SourceItem, UnitLevels, WindowBatch, WorkUnit
 from soundshard.schemas.storage import StorageConfig
 from soundshard.schemas.uris import redact
 from soundshard.transforms.features.compute import (
-    SOURCE_RATES_HZ,
+    ComputedWindows,
     DecodeAndCompute,
     PlanUnits,
     fetched_objects,
@@ -327,10 +331,66 @@ def _run_date(args: argparse.Namespace) -> str | None:
         raise ConfigError(f"--run-date={args.run_date!r} is not a date YYYY-MM-DD") from exc
 
 
+def manifest_blocks(run_id: str, *, run_date: str | None, unchanged: int, earlier_runs: int) -> dict:
+    """The ``run`` and ``incremental`` blocks of a run's manifest (dataset.json, run.json): the
+    run's id, start time and versions; an incremental run's date and what its ledger skipped."""
+    return {
+        "incremental": (
+            {"run_date": run_date, "unchanged_skipped": unchanged, "earlier_runs": earlier_runs}
+            if run_date is not None
+            else None
+        ),
+        "run": {
+            "run_id": run_id,
+            "started_unix_s": time.time(),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "soundshard_version": soundshard.__version__,
+            "beam_version": beam.__version__,
+        },
+    }
+
+
 RAN, NOTHING_NEW, JOB_WRITTEN = "ran", "nothing_new", "job_written"
 
 
-def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, incremental: bool) -> str:
+class SourceRun(Protocol):
+    """What :func:`launch` and :func:`decode_and_compute` read of a resolved run (``FeatureRun``
+    of features and embed, ``TagRun`` of tag): frozen dataclasses built on the launcher."""
+
+    listing: listing.SourceListing
+    config: FeatureConfig | EmbeddingConfig
+    committed_runs: frozenset[str]
+    unit_s: float | None
+    augmentations: tuple
+    keep_fetched: bool
+    source_rates_hz: tuple[int, int]
+    levels: LevelConfig | None
+    storage: StorageConfig | None
+
+
+class Front(NamedTuple):
+    """The outputs of :func:`decode_and_compute`.
+
+    Attributes:
+        items: The listed SourceItems, redistributed.
+        units: WorkUnits as planned.
+        windows: One WindowBatch (or EmbeddingBatch) per processed unit.
+        summaries: FileSummary per processed unit.
+        dead_letters: DeadLetters of listing, planning and compute.
+        levels: UnitLevels per unit, or ``None`` when the run measures no levels.
+    """
+
+    items: beam.PCollection[SourceItem]
+    units: beam.PCollection[WorkUnit]
+    windows: beam.PCollection[WindowBatch]
+    summaries: beam.PCollection[FileSummary]
+    dead_letters: beam.PCollection[DeadLetter]
+    levels: beam.PCollection[UnitLevels] | None
+
+
+def launch(
+    run: SourceRun, beam_args: Sequence[str], *, label: str, build, output: str, incremental: bool
+) -> str:
     """Runs ``build(p, run)`` where the options say: locally on the FnApiRunner (with a progress
     line) or on a remote runner (waiting for it).
 
@@ -338,7 +398,7 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
     do when the ledger says every input was processed.
 
     Args:
-        run: The resolved run (``listing``, ``committed_runs``, ``progress_dir``).
+        run: The resolved run (``listing``, ``committed_runs``).
         beam_args: Beam flags.
         label: Name on the progress line.
         build: Composes the pipeline on ``p``.
@@ -369,11 +429,11 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
         # setting at teardown would change the summation order under another one's feet.
         with (
             threadpoolctl.threadpool_limits(limits=1, user_api="blas"),
-            runners.progress(len(run.listing.items), label=label) as progress_dir,
+            runners.progress(len(run.listing.items), label=label),
         ):
             try:
                 with runners.make_pipeline(options, local=True) as p:
-                    build(p, dataclasses.replace(run, progress_dir=progress_dir, keep_fetched=in_process))
+                    build(p, dataclasses.replace(run, keep_fetched=in_process))
             finally:  # what a failed decode left kept must not outlive the run
                 fetched_objects().clear()  # what no unit of this run took
         return RAN
@@ -382,30 +442,29 @@ def launch(run, beam_args: Sequence[str], *, label: str, build, output: str, inc
     return RAN if runners.run_remote(p, options) else JOB_WRITTEN
 
 
-def decode_and_compute(p: beam.Pipeline, run, *, label: str, compute: beam.PTransform) -> dict:
+def decode_and_compute(
+    p: beam.Pipeline,
+    run: SourceRun,
+    *,
+    label: str,
+    compute: beam.PTransform[beam.PCollection[WorkUnit], ComputedWindows],
+) -> Front:
     """Sources → :class:`DecodeAndCompute` on ``p`` with the run's settings.
 
     Args:
         p: The pipeline.
-        run: The resolved run (a FeatureRun or TagRun: listing, config, work-unit length,
-            augmentations, storage, levels).
+        run: The resolved run.
         label: Stable step label of the compute stage.
-        compute: WorkUnits → outputs ``windows`` (WindowBatch), ``dead_letters`` and ``summaries``.
-
-    Returns:
-        dict of PCollections: ``items`` (SourceItem), ``units`` (WorkUnit), ``windows``,
-        ``summaries`` (FileSummary), ``dead_letters`` (of listing, planning and compute) and,
-        when ``run.levels`` is set, ``levels`` (UnitLevels).
+        compute: WorkUnits → :class:`ComputedWindows` (``ComputeLogMel``, ``ComputeEmbeddings``).
     """
     listed = run.listing
     items = p | "ListSources" >> beam.Create(listed.items) | "Distribute" >> beam.Reshuffle()
     plan = PlanUnits(
         run.config,
         unit_s=run.unit_s,
-        progress_dir=run.progress_dir,
         augmentations=run.augmentations,
         keep_fetched=run.keep_fetched,
-        rates_hz=getattr(run, "source_rates_hz", SOURCE_RATES_HZ),
+        rates_hz=run.source_rates_hz,
         storage=run.storage,
     )
     computed = items | "DecodeAndCompute" >> DecodeAndCompute(
@@ -413,7 +472,11 @@ def decode_and_compute(p: beam.Pipeline, run, *, label: str, compute: beam.PTran
     )
     listing_dead = p | "ListingDeadLetters" >> beam.Create(listed.dead_letters)
     dead_letters = (listing_dead, computed.dead_letters) | "AllDeadLetters" >> beam.Flatten()
-    out = computed._asdict() | {"items": items, "dead_letters": dead_letters}
-    if computed.levels is None:
-        del out["levels"]
-    return out
+    return Front(
+        items=items,
+        units=computed.units,
+        windows=computed.windows,
+        summaries=computed.summaries,
+        dead_letters=dead_letters,
+        levels=computed.levels,
+    )

@@ -487,12 +487,9 @@ def score_tags(
     """
     import sed_eval
 
-    if not segment_s > 0:
-        raise ConfigError(f"--segment-s={segment_s} must be positive (seconds)")
-    if not collar_s > 0:
-        raise ConfigError(f"--collar-s={collar_s} must be positive (seconds)")
-    if not 0.0 <= offset_fraction <= 1.0:
-        raise ConfigError(f"--offset-fraction={offset_fraction} must be in [0, 1]")
+    scoring.check_settings(
+        segment_s=segment_s, collar_s=collar_s, offset_fraction=offset_fraction, flags=True
+    )
     tag = read_tag_output(tags)
     labels = list(tag.labels)
     mapping = (

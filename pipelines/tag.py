@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import dataclasses
 import hashlib
 import json
@@ -51,12 +50,11 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import apache_beam as beam
-import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-import soundshard
 from soundshard.pipelines import arguments, runs
 from soundshard.pipelines import runner as runners
 from soundshard.pipelines.arguments import db_or_off  # noqa: F401 - named here for callers
@@ -77,10 +75,12 @@ from soundshard.transforms.labels import annotations as ann
 from soundshard.transforms.levels import level_tables
 from soundshard.transforms.models import architectures as models
 from soundshard.transforms.models.architectures import check_fingerprint
-from soundshard.transforms.outputs import shards, tables, totals
+from soundshard.transforms.outputs import shards, totals
+from soundshard.transforms.outputs.commit import CommitOutputs
 from soundshard.transforms.tagging import classify as tagging
 from soundshard.transforms.tagging import plots
 from soundshard.transforms.tagging import snippets as snip
+from soundshard.transforms.tagging.commit import TagFiles, TagOutputSettings
 
 PROG = "soundshard tag"
 _LOG = logging.getLogger(__name__)
@@ -308,7 +308,6 @@ class TagRun:
     run_date: str | None = None
     committed_runs: frozenset[str] = frozenset()
     unit_s: float | None = 60.0
-    progress_dir: str | None = None
     augmentations: tuple = ()
     keep_fetched: bool = False
     max_batch_windows: int = 2048
@@ -411,22 +410,12 @@ def prepare(args: argparse.Namespace) -> TagRun:
         "outputs_config": extras,
         "sources": {"input": args.input, "manifest": args.manifest},
         "storage": storage_settings.to_dict(),
-        "incremental": (
-            {
-                "run_date": taken.run_date,
-                "unchanged_skipped": len(taken.unchanged),
-                "earlier_runs": len(taken.committed_runs),
-            }
-            if taken.run_date is not None
-            else None
+        **runs.manifest_blocks(
+            run_id,
+            run_date=taken.run_date,
+            unchanged=len(taken.unchanged),
+            earlier_runs=len(taken.committed_runs),
         ),
-        "run": {
-            "run_id": run_id,
-            "started_unix_s": time.time(),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "soundshard_version": soundshard.__version__,
-            "beam_version": beam.__version__,
-        },
     }
     return TagRun(
         levels=level_config,
@@ -451,29 +440,43 @@ def prepare(args: argparse.Namespace) -> TagRun:
     )
 
 
-def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
+class TagOutputs(NamedTuple):
+    """What :func:`build` composed: PCollections of the run's stages.
+
+    Attributes:
+        scored: ScoredBatch per unit.
+        rows: TableRows of the per-recording tables.
+        moves: Move per file of the run.
+        dead_letters: DeadLetters of inputs.
+        output_dead_letters: DeadLetters of plots and snippets that failed.
+        tagged: TaggedRecording per recording (with ``--plot`` or ``--snippets``).
+        summaries: FileSummary per processed unit.
+        manifest: The path of ``run.json`` (one element, after the commit).
+    """
+
+    scored: beam.PCollection
+    rows: beam.PCollection
+    moves: beam.PCollection
+    dead_letters: beam.PCollection
+    output_dead_letters: beam.PCollection
+    tagged: beam.PCollection
+    summaries: beam.PCollection
+    manifest: beam.PCollection[str]
+
+
+def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> TagOutputs:
     """Composes the tag pipeline on ``p`` (does not run it).
 
     Args:
         p: The pipeline.
         run: The resolved run.
         handler: Replaces the RunInference model handler (tests).
-
-    Returns:
-        dict of PCollections: ``scored`` (ScoredBatch), ``rows`` (TableRows), ``moves`` (Move),
-        ``dead_letters`` (DeadLetter of inputs), ``output_dead_letters`` (DeadLetter of plots and
-        snippets that failed), ``tagged`` (TaggedRecording, with ``--plot`` or ``--snippets``),
-        ``summaries`` (FileSummary) and ``manifest`` (the path of ``run.json``).
     """
     if isinstance(run.config, EmbeddingConfig):
-        compute = ComputeEmbeddings(
-            run.config, progress_dir=run.progress_dir, levels=run.levels, storage=run.storage
-        )
+        compute = ComputeEmbeddings(run.config, levels=run.levels, storage=run.storage)
         label = "ComputeEmbeddings"
     else:
-        compute = ComputeLogMel(
-            run.config, progress_dir=run.progress_dir, levels=run.levels, storage=run.storage
-        )
+        compute = ComputeLogMel(run.config, levels=run.levels, storage=run.storage)
         label = "ComputeLogMel"
     front = runs.decode_and_compute(p, run, label=label, compute=compute)
     handler = handler or tagging.ClassifierHandler(
@@ -481,14 +484,14 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
     )
     dbs = isinstance(run.config, FeatureConfig) and run.config.log_compression == "db"
     level = run.config if dbs else None
-    scored = front["windows"] | "ScoreWindows" >> tagging.ScoreWindows(handler, level=level)
-    recordings = {"scored": scored["scored"], "summaries": front["summaries"]}
+    scored = front.windows | "ScoreWindows" >> tagging.ScoreWindows(handler, level=level)
+    recordings = {"scored": scored.scored, "summaries": front.summaries}
     if run.levels is not None:
-        recordings["levels"] = front["levels"]
+        recordings["levels"] = front.levels
     if run.plot is not None and run.plot.grid is not None:
         recordings["images"] = {
-            "windows": front["windows"],
-            "units": front["units"],
+            "windows": front.windows,
+            "units": front.units,
         } | "SpectrogramColumns" >> tagging.SpectrogramColumns(run.plot.grid)
     tagged = recordings | "TagRecordings" >> tagging.TagRecordings(
         run.tag,
@@ -499,30 +502,30 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         tagged=run.snippets is not None,
         levels=run.levels,
     )
-    table_moves = tagged["rows"] | "WriteTables" >> tagging.WriteTables(
+    table_moves = tagged.rows | "WriteTables" >> tagging.WriteTables(
         temp_dir=run.temp_dir, formats=run.formats, partition=run.partition
     )
     hourly = (
-        tagged["rows"]
+        tagged.rows
         | "HourlyParts" >> beam.FlatMap(tagging.hourly_keyed)
         | "HourlySums" >> beam.CombinePerKey(tagging.sum_triples)
     )
     extra_moves, extra_dead, side = [], [], {}
     if run.plot is not None:
-        drawn = tagged["tagged"] | "DrawPlots" >> tagging.DrawPlots(
+        drawn = tagged.tagged | "DrawPlots" >> tagging.DrawPlots(
             run.plot, temp_dir=run.temp_dir, partition=run.partition
         )
-        extra_moves.append(drawn["moves"])
-        extra_dead.append(drawn["dead_letters"])
+        extra_moves.append(drawn.moves)
+        extra_dead.append(drawn.dead_letters)
     if run.snippets is not None:
-        cut = tagged["tagged"] | "WriteSnippets" >> tagging.WriteSnippets(
+        cut = tagged.tagged | "WriteSnippets" >> tagging.WriteSnippets(
             run.snippets, temp_dir=run.temp_dir, partition=run.partition, storage=run.storage
         )
-        extra_moves.append(cut["moves"])
-        extra_dead.append(cut["dead_letters"])
-        side["snippet_index"] = beam.pvalue.AsList(cut["index"])
-    moves = (table_moves, tagged["moves"], *extra_moves) | "AllMoves" >> beam.Flatten()
-    dead_letters = (front["dead_letters"], scored["dead_letters"]) | "TagDeadLetters" >> beam.Flatten()
+        extra_moves.append(cut.moves)
+        extra_dead.append(cut.dead_letters)
+        side["snippet_index"] = beam.pvalue.AsList(cut.index)
+    moves = (table_moves, tagged.moves, *extra_moves) | "AllMoves" >> beam.Flatten()
+    dead_letters = (front.dead_letters, scored.dead_letters) | "TagDeadLetters" >> beam.Flatten()
     # Plots and snippets that failed are dead letters of outputs, not of inputs: written with the
     # others, but kept out of the input accounting and the ledger (the recording was tagged).
     output_dead = (
@@ -530,196 +533,49 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> dict:
         if extra_dead
         else p | "NoOutputDeadLetters" >> beam.Create([])
     )
-    tallied = (front["summaries"], dead_letters) | "RunTotals" >> totals.RunTotals(run.listing.n_inputs)
+    tallied = (front.summaries, dead_letters) | "RunTotals" >> totals.RunTotals(run.listing.n_inputs)
     side.update(
         moves=beam.pvalue.AsList(moves),
         dead_letters=beam.pvalue.AsList(dead_letters),
-        run_totals=beam.pvalue.AsSingleton(tallied["totals"]),
         hourly=beam.pvalue.AsList(hourly),
         output_dead_letters=beam.pvalue.AsList(output_dead),
     )
     if run.levels is not None:
         side["level_hours"] = beam.pvalue.AsList(
-            tagged["level_hours"] | "CombineLevelHours" >> beam.CombinePerKey(level_tables.combine_hours)
+            tagged.level_hours | "CombineLevelHours" >> beam.CombinePerKey(level_tables.combine_hours)
         )
         side["label_energy"] = beam.pvalue.AsList(
-            tagged["label_energy"] | "CombineLabelEnergy" >> beam.CombinePerKey(sum)
+            tagged.label_energy | "CombineLabelEnergy" >> beam.CombinePerKey(sum)
         )
-    if run.run_date is not None:
-        side["items"] = beam.pvalue.AsList(front["items"])
-        side["tallies"] = beam.pvalue.AsList(tallied["tallies"])
-    manifest = p | "CommitTrigger" >> beam.Create([None]) | "Commit" >> beam.ParDo(_CommitFn(run), **side)
-    return {
-        "scored": scored["scored"],
-        "rows": tagged["rows"],
-        "moves": moves,
-        "dead_letters": dead_letters,
-        "output_dead_letters": output_dead,
-        "tagged": tagged["tagged"],
-        "summaries": front["summaries"],
-        "manifest": manifest,
-    }
-
-
-class _CommitFn(beam.DoFn):
-    """Moves the run's files into place and writes ``run.json`` (runs once, after everything)."""
-
-    def __init__(self, run: TagRun):
-        self._run = run
-
-    def process(
-        self,
-        _,
-        moves,
-        dead_letters,
-        run_totals,
-        hourly,
-        items=(),
-        tallies=(),
-        output_dead_letters=(),
-        snippet_index=(),
-        level_hours=(),
-        label_energy=(),
-    ):
-        run = self._run
-        manifest = json.loads(json.dumps(run.manifest))
-        final_moves, outputs = self._table_moves(moves)
-        extras = self._extra_outputs(moves, snippet_index, final_moves)
-        rows = collections.Counter()
-        by_label = collections.Counter()
-        for move in moves:
-            if move.kind in tagging.TABLES and move.relative.endswith(f".{run.formats[0]}"):
-                rows[move.kind] += move.rows
-                by_label.update(dict(move.labels))
-        level_hours = list(level_hours)
-        shares = level_tables.energy_shares(label_energy, level_hours) if run.levels is not None else None
-        combined = {"hourly": tagging.hourly_table(hourly, shares=shares)}
-        if run.levels is not None:
-            combined["levels_hourly"] = level_tables.hourly_levels_table(level_hours)
-            combined["lden"] = level_tables.lden_table(level_hours, timezone=run.levels.timezone)
-        for table, content in combined.items():
-            rows[table] = content.num_rows
-            if content.num_rows:
-                for fmt, data in tagging.table_files(content, run.formats).items():
-                    relative = self._name(table, 0, fmt)
-                    final_moves.append(self._temp_file(relative, data))
-                    outputs[table].append(relative)
-        label_files = collections.Counter(m.kind for m in moves if m.kind in tagging.LABEL_FILES)
-        dead_name = shards.dead_letters_name(run_id=run.run_id, run_date=run.run_date)
-        every_dead = [*dead_letters, *output_dead_letters]
-        final_moves.append(
-            self._temp_file(dead_name, shards.parquet_bytes(shards.dead_letter_table(every_dead)))
-        )
-        summary = copy.deepcopy(run_totals)  # the side input is shared: never mutate it
-        figures = summary["figures"]
-        figures.update(
-            {
-                "recordings_tagged": rows["files"],
-                "windows_scored": rows["windows"],
-                "events": rows["events"],
-                "events_by_label": dict(sorted(by_label.items(), key=lambda kv: (-kv[1], kv[0]))),
-                "hourly_rows": rows["hourly"],
-                "label_files": dict(label_files),
-                "audio_hours": round(figures["audio_s"] / 3600, 4),
-                "plots": len(extras.get("plots", [])),
-                "snippets": extras.get("snippets", {}).get("files", 0),
-                "output_dead_letters": len(output_dead_letters),
-                "output_dead_letters_by_stage": dict(
-                    sorted(collections.Counter(d.stage for d in output_dead_letters).items())
-                ),
-            }
-        )
-        if run.levels is not None:
-            figures["level_rows"] = {
-                t: rows[t] for t in (*level_tables.RECORDING_TABLES, *level_tables.COMBINED_TABLES)
-            }
-        manifest["figures"] = figures
-        manifest["counts"] = summary["counts"]
-        manifest["tables"] = dict(outputs)
-        manifest.update(extras)
-        manifest["dead_letters_file"] = dead_name
-        # a replacing run owns the output folder: what an earlier run left in its folders goes,
-        # those this run does not write again included (e.g. raven/ without --raven this time)
-        stale = {} if run.run_date else self._stale({dst for _, dst in final_moves})
-        if stale:
-            manifest["replaced"] = {folder: len(paths) for folder, paths in stale.items()}
-        yield shards.commit_run(
-            final_moves,
-            manifest,
+    files = TagFiles(
+        TagOutputSettings(
             output=run.output,
             temp_dir=run.temp_dir,
-            manifest_name="run.json",  # last: marks a complete run
             run_id=run.run_id,
             run_date=run.run_date or None,
+            partition=run.partition,
+            formats=run.formats,
+            manifest=run.manifest,
             fingerprint=run.fingerprint,
-            items=items,
-            tallies=tallies,
-            before_moving=(lambda: FileSystems.delete([p for paths in stale.values() for p in paths]))
-            if stale
-            else None,
+            owned=OWNED,
+            levels=run.levels,
+            plots=run.plot is not None,
+            snippets=run.snippets is not None,
         )
-
-    def _extra_outputs(self, moves, snippet_index, final_moves: list[tuple[str, str]]) -> dict:
-        """The plots and snippets of the run for run.json; writes the snippet index (one table,
-        also when empty, so that readers find it) and adds it to ``final_moves``."""
-        run = self._run
-        out = {}
-        if run.plot is not None:
-            out["plots"] = sorted(m.relative for m in moves if m.kind == "plots")
-        if run.snippets is None:
-            return out
-        index = pa.concat_tables([snip.INDEX_SCHEMA.empty_table(), *snippet_index])
-        index = index.sort_by([("clip_id", "ascending"), ("start_s", "ascending"), ("label", "ascending")])
-        names = []
-        for fmt, data in tagging.table_files(index, run.formats).items():
-            if run.partition:
-                relative = posixpath.join("snippets", run.partition, f"index-{run.run_id}.{fmt}")
-            else:
-                relative = f"snippets/index.{fmt}"
-            final_moves.append(self._temp_file(relative, data))
-            names.append(relative)
-        labels = collections.Counter(index.column("label").to_pylist())
-        out["snippets"] = {
-            "index": names,
-            "files": index.num_rows,
-            "by_label": dict(sorted(labels.items())),
-            "audio_s": round(sum(index.column("snippet_duration_s").to_pylist()), 3),
-        }
-        return out
-
-    def _name(self, table: str, index: int, fmt: str) -> str:
-        run = self._run
-        return tables.table_name(table, index, fmt, run_id=run.run_id, partition=run.partition)
-
-    def _table_moves(self, moves) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-        """Final names: table files numbered per table (a part's Parquet and CSV share a number)."""
-        run = self._run
-        out, outputs = [], collections.defaultdict(list)
-        for move in moves:
-            if move.kind not in tagging.TABLES:
-                out.append((move.temp_path, shards.join(run.output, move.relative)))
-        for move, relative in tables.numbered(
-            moves, tables=tagging.TABLES, run_id=run.run_id, partition=run.partition
-        ):
-            out.append((move.temp_path, shards.join(run.output, relative)))
-            outputs[move.kind].append(relative)
-        return out, outputs
-
-    def _temp_file(self, relative: str, data: bytes) -> tuple[str, str]:
-        return shards.temp_file(relative, data, temp_dir=self._run.temp_dir, output=self._run.output)
-
-    def _stale(self, finals: set[str]) -> dict[str, list[str]]:
-        """Per output folder, the files an earlier run left there that this run does not write."""
-        stale = {}
-        for folder in OWNED:
-            paths = [
-                p
-                for p in shards.matching_paths(shards.join(self._run.output, folder, "**"))
-                if p not in finals
-            ]
-            if paths:
-                stale[folder] = paths
-        return stale
+    )
+    manifest = p | "Commit" >> CommitOutputs(
+        files, target=files.target(), tallied=tallied, items=front.items, side_inputs=side
+    )
+    return TagOutputs(
+        scored=scored.scored,
+        rows=tagged.rows,
+        moves=moves,
+        dead_letters=dead_letters,
+        output_dead_letters=output_dead,
+        tagged=tagged.tagged,
+        summaries=front.summaries,
+        manifest=manifest,
+    )
 
 
 # -- command ----------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def test_compute_embeddings_outputs_dead_letters_and_counters(tmp_path, beam_run
     planned = p | beam.Create(items) | PlanUnits(config, unit_s=1.0)
     out = planned.units | embeddings.ComputeEmbeddings(config, model_handler=handler)
     assert_that(
-        out["windows"]
+        out.windows
         | "Rows"
         >> beam.FlatMap(
             lambda b: [
@@ -327,7 +327,7 @@ def test_compute_embeddings_outputs_dead_letters_and_counters(tmp_path, beam_run
         label="windows",
     )
     assert_that(
-        out["dead_letters"] | "Why" >> beam.Map(lambda d: (d.clip_id, d.stage, d.reason)),
+        out.dead_letters | "Why" >> beam.Map(lambda d: (d.clip_id, d.stage, d.reason)),
         equal_to([("poisoned", "embed", "inference_error"), ("nan", "decode", "non_finite_audio")]),
         label="dead_letters",
     )
@@ -337,7 +337,7 @@ def test_compute_embeddings_outputs_dead_letters_and_counters(tmp_path, beam_run
         label="plan_dead_letters",
     )
     assert_that(
-        out["summaries"]
+        out.summaries
         | "Sum" >> beam.Map(lambda s: (s.clip_id, (s.n_windows, s.duration_s)))
         | "PerClip" >> beam.CombinePerKey(lambda parts: tuple(map(sum, zip(*parts, strict=True))))
         | "Round" >> beam.MapTuple(lambda clip, total: (clip, (total[0], round(total[1], 3)))),

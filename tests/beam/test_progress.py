@@ -1,5 +1,6 @@
 """Progress of local runs: files, work units, audio hours, speed and time left."""
 
+import json
 import re
 
 import numpy as np
@@ -58,3 +59,47 @@ def test_on_a_terminal_rich_draws_the_bar_and_the_figures(capsys):
     err = capsys.readouterr().err
     assert "tag" in err and "files 1/2  units 3/4  audio 0.03/0.03 h  windows 7" in err
     assert "[tag]" not in err  # the label is the bar's own column
+
+
+def test_stages_report_only_where_a_launcher_asked(tmp_path, monkeypatch):
+    import json
+
+    from soundshard.transforms import outcomes
+
+    monkeypatch.delenv(outcomes.PROGRESS_DIR_ENV, raising=False)
+    outcomes.progress(files=1)  # no launcher: nothing written anywhere
+    monkeypatch.setenv(outcomes.PROGRESS_DIR_ENV, str(tmp_path))
+    outcomes.progress(files=1, windows=40)
+    outcomes.progress(units=2, audio_s=1.5)
+    outcomes.flush_progress()
+    (written,) = tmp_path.glob("*.json")
+    assert json.loads(written.read_text()) == {
+        **dict.fromkeys(outcomes.PROGRESS_FIELDS, 0),
+        "files": 1,
+        "windows": 40,
+        "units": 2,
+        "audio_s": 1.5,
+    }
+    other = tmp_path / "next-run"
+    other.mkdir()
+    monkeypatch.setenv(outcomes.PROGRESS_DIR_ENV, str(other))
+    outcomes.progress(files=1)  # a new run's folder: its own totals from zero
+    outcomes.flush_progress()
+    (again,) = other.glob("*.json")
+    assert json.loads(again.read_text())["files"] == 1
+
+
+def test_worker_processes_report_to_the_launcher(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for k in range(3):
+        write_audio(
+            tmp_path / "in" / f"f{k}.wav", 0.1 * rng.standard_normal(16000 * 12).astype(np.float32), 16000
+        )
+    argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--unit-s", "5"]
+    workers = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
+    assert features.run([*argv, "--format", "parquet", *workers]) == 0
+    last = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[features]")][-1]
+    manifest_windows = json.loads((tmp_path / "out" / "dataset.json").read_text())["figures"]["windows"]
+    assert re.match(
+        rf"\[features\] files 3/3  units (\d+)/\1  audio 0\.01/0\.01 h  windows {manifest_windows} ", last
+    ), last

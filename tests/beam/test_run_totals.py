@@ -18,12 +18,12 @@ def test_run_totals_in_a_pipeline(beam_runner):
         labels = p | "L" >> beam.Create(LABELS)
         out = (summaries, dead, labels) | totals.RunTotals(6)
         assert_that(
-            out["totals"],
+            out.totals,
             equal_to([totals.summarize(SUMMARIES, DEAD, n_inputs=6, label_counts=LABELS)]),
             label="Totals",
         )
         assert_that(
-            out["tallies"] | beam.MapTuple(lambda clip, t: (clip, t.n_windows, t.reason)),
+            out.tallies | beam.MapTuple(lambda clip, t: (clip, t.n_windows, t.reason)),
             equal_to(
                 [
                     ("a", 10, None),
@@ -44,6 +44,6 @@ def test_an_empty_run_has_totals(beam_runner):
     with BeamTestPipeline(runner=beam_runner) as p:
         none = p | beam.Create([])
         out = (none,) | totals.RunTotals(0)
-        assert_that(out["totals"], equal_to([totals.summarize([], [], n_inputs=0)]))
+        assert_that(out.totals, equal_to([totals.summarize([], [], n_inputs=0)]))
     empty = totals.summarize([], [], n_inputs=0)
     assert empty["figures"]["accounted_for"] is True and empty["figures"]["windows"] == 0

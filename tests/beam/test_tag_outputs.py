@@ -324,7 +324,7 @@ def test_plot_of_a_twenty_minute_recording_is_capped(demo_model, tmp_path):
 
     with runners.make_pipeline(beam.options.pipeline_options.PipelineOptions([]), local=True) as p:
         out = tag.build(p, run)
-        assert_that(out["tagged"], capped)
+        assert_that(out.tagged, capped)
     manifest = json.loads((tmp_path / "t" / "run.json").read_text())
     assert manifest["figures"]["audio_s"] == pytest.approx(1200.0)
     width, height = png_size((tmp_path / "t" / "plots" / "long.png").read_bytes())

@@ -10,12 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import math
 import os
-import time
-import uuid
 from typing import NamedTuple, Protocol
 
 import apache_beam as beam
@@ -36,6 +33,7 @@ from soundshard.schemas.errors import (
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.outcomes import Stage
 from soundshard.schemas.records import (
+    DeadLetter,
     FileSummary,
     LabelCount,
     SourceItem,
@@ -53,51 +51,13 @@ from soundshard.transforms.io.storage import active as active_storage
 from soundshard.transforms.io.storage import configure as configure_storage
 from soundshard.transforms.labels import strong_labels
 from soundshard.transforms.levels import meter as level_maths
-from soundshard.transforms.outcomes import NAMESPACE, count, dead_letter  # noqa: F401 - named here for callers
+from soundshard.transforms.outcomes import NAMESPACE, count, dead_letter, progress  # noqa: F401 - NAMESPACE named here for callers
 
 DEAD_LETTERS = "dead_letters"
 SUMMARIES = "summaries"
 LEVELS = "levels"
 LABEL_COUNTS = "label_counts"
 _LOG = logging.getLogger(__name__)
-
-
-class ProgressReporter:
-    """Writes one DoFn instance's files/windows done to ``<dir>/<pid>-<instance>-<role>.json`` at
-    most twice a second.
-
-    The launcher of a local run sums these files for its progress line (one per instance: worker
-    threads of one process each have their own); remote runs pass no directory and this does
-    nothing.
-    """
-
-    #: What is counted: files finished, windows computed, work units planned and done, files
-    #: planned, and seconds of audio planned and done.
-    FIELDS = ("files", "windows", "units_planned", "units", "files_planned", "audio_s_planned", "audio_s")
-
-    def __init__(self, directory: str | None, role: str = "features"):
-        name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}-{role}.json"
-        self._path = os.path.join(directory, name) if directory else None
-        self._totals = dict.fromkeys(self.FIELDS, 0)
-        self._last = 0.0
-
-    def add(self, **done) -> None:
-        """Adds work done (keywords among :attr:`FIELDS`) and writes it out if the last write is
-        0.5 s old."""
-        for key, value in done.items():
-            self._totals[key] += value
-        if self._path and time.monotonic() - self._last > 0.5:
-            self.flush()
-
-    def flush(self) -> None:
-        """Writes the totals now (atomic replace, so readers never see half a file)."""
-        if not self._path:
-            return
-        tmp = self._path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self._totals, f)
-        os.replace(tmp, self._path)
-        self._last = time.monotonic()
 
 
 def unit_audio_s(unit: WorkUnit) -> float:
@@ -443,7 +403,6 @@ class _ProbeFn(beam.DoFn):
         self,
         config,
         unit_s: float | None,
-        progress_dir: str | None = None,
         augmentations=(),
         keep_fetched: bool = False,
         rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
@@ -451,14 +410,12 @@ class _ProbeFn(beam.DoFn):
     ):
         self._config = config
         self._unit_s = unit_s
-        self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
         self._keep_reads = 1 + len(self._augmentations) if keep_fetched else 0
         self._rates_hz = tuple(rates_hz)
         self._storage = storage
 
     def setup(self):
-        self._progress = ProgressReporter(self._progress_dir, role="plan")
         configure_storage(self._storage)
         hold_archives()
         self._fetched = fetched_objects() if self._keep_reads else None
@@ -502,7 +459,7 @@ class _ProbeFn(beam.DoFn):
     def _outputs(self, item: SourceItem, planned: list[WorkUnit] | None, error: BaseException | None):
         if error is not None:
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, Stage.PLAN, error))
-            self._progress.add(files=1, files_planned=1)
+            progress(files=1, files_planned=1)
             return
         whole = planned[0]
         copies = [  # copies of a readable recording, each decoded whole
@@ -518,7 +475,7 @@ class _ProbeFn(beam.DoFn):
             )
             for aug in self._augmentations
         ]
-        self._progress.add(
+        progress(
             files_planned=1,
             units_planned=len(planned) + len(copies),
             audio_s_planned=sum(unit_audio_s(u) for u in [*planned, *copies]),
@@ -526,22 +483,23 @@ class _ProbeFn(beam.DoFn):
         yield from planned
         yield from copies
 
-    def finish_bundle(self):
-        self._progress.flush()
-
     def teardown(self):
         release_archives()
 
 
-class PlanUnits(beam.PTransform):
-    """SourceItems → WorkUnits (header probed on the workers) and dead letters.
+class Planned(NamedTuple):
+    """The outputs of :class:`PlanUnits`."""
 
-    ``expand`` returns Beam's outputs tuple: ``.units`` (WorkUnit) and ``.dead_letters``.
+    units: beam.PCollection[WorkUnit]
+    dead_letters: beam.PCollection[DeadLetter]
+
+
+class PlanUnits(beam.PTransform[beam.PCollection[SourceItem], Planned]):
+    """SourceItems → WorkUnits (header probed on the workers) and dead letters (:class:`Planned`).
 
     Args:
         config: Feature or embedding configuration (for the window grid), or a WindowGrid.
         unit_s: Split recordings into units of about this many seconds; ``None`` never splits.
-        progress_dir: Local folder for progress files of local runs, or ``None``.
         augmentations: Offline augmentations (:mod:`transforms.augment`): each readable
             recording also gets one whole-recording unit per augmentation, for its copy.
         keep_fetched: Keep the small objects that header reads fetched whole in this process
@@ -556,7 +514,6 @@ class PlanUnits(beam.PTransform):
         config,
         *,
         unit_s: float | None = 60.0,
-        progress_dir: str | None = None,
         augmentations=(),
         keep_fetched: bool = False,
         rates_hz: tuple[int, int] = SOURCE_RATES_HZ,
@@ -566,16 +523,14 @@ class PlanUnits(beam.PTransform):
         self._storage = storage
         self._config = config
         self._unit_s = unit_s
-        self._progress_dir = progress_dir
         self._augmentations = tuple(augmentations)
         self._keep_fetched = keep_fetched
         self._rates_hz = tuple(rates_hz)
 
-    def expand(self, items):
+    def expand(self, items: beam.PCollection[SourceItem]):
         planner = _ProbeFn(
             self._config,
             self._unit_s,
-            self._progress_dir,
             self._augmentations,
             keep_fetched=self._keep_fetched,
             rates_hz=self._rates_hz,
@@ -584,7 +539,8 @@ class PlanUnits(beam.PTransform):
         batches = items | "BatchForReadAhead" >> beam.BatchElements(
             min_batch_size=PLAN_BATCH, max_batch_size=PLAN_BATCH
         )
-        return batches | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
+        out = batches | "ProbeHeaders" >> beam.ParDo(planner).with_outputs(DEAD_LETTERS, main="units")
+        return Planned(units=out.units, dead_letters=out[DEAD_LETTERS])
 
 
 def unit_where(unit: WorkUnit) -> str:
@@ -688,8 +644,6 @@ class DecodeUnitFn(beam.DoFn):
 
     Args:
         grid: The window grid units were planned on.
-        progress_dir: Local folder for progress files of local runs, or ``None``.
-        role: Name of this stage's progress file.
         levels: What the levels stage measures, or ``None`` for no levels.
         storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.
     """
@@ -697,19 +651,14 @@ class DecodeUnitFn(beam.DoFn):
     def __init__(
         self,
         grid: WindowGrid,
-        progress_dir: str | None = None,
-        role: str = "features",
         levels: LevelConfig | None = None,
         storage: StorageConfig | None = None,
     ):
         self._grid = grid
-        self._progress_dir = progress_dir
-        self._role = role
         self._levels = levels
         self._storage = storage
 
     def setup(self):
-        self._progress = ProgressReporter(self._progress_dir, role=self._role)
         configure_storage(self._storage)
         self._fetched = fetched_objects()
         hold_archives()
@@ -732,12 +681,12 @@ class DecodeUnitFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 DEAD_LETTERS, dead_letter(unit.source, Stage.DECODE, exc, where=where)
             )
-            self._progress.add(files=int(unit.unit_index == unit.n_units - 1))
+            progress(files=int(unit.unit_index == unit.n_units - 1))
         else:
             if measure:
                 yield beam.pvalue.TaggedOutput(LEVELS, self._unit_levels(unit, audio, span))
             yield from self.process_audio(unit, audio, span, where)
-        self._progress.add(units=1, audio_s=unit_audio_s(unit))
+        progress(units=1, audio_s=unit_audio_s(unit))
 
     def _unit_levels(self, unit: WorkUnit, audio, span: units.SourceRange | None) -> UnitLevels:
         """The unit's blocks: the samples from its first window's hop to the next unit's."""
@@ -762,9 +711,6 @@ class DecodeUnitFn(beam.DoFn):
         """Outputs of one decoded unit (``span`` is ``None`` for a whole recording)."""
         raise NotImplementedError
 
-    def finish_bundle(self):
-        self._progress.flush()
-
 
 class _LogMelFn(DecodeUnitFn):
     """Decodes one work unit and emits all its windows as one vectorised WindowBatch."""
@@ -772,11 +718,10 @@ class _LogMelFn(DecodeUnitFn):
     def __init__(
         self,
         config: FeatureConfig,
-        progress_dir: str | None = None,
         levels: LevelConfig | None = None,
         storage: StorageConfig | None = None,
     ):
-        super().__init__(LogMelGrid(config), progress_dir, role="features", levels=levels, storage=storage)
+        super().__init__(LogMelGrid(config), levels=levels, storage=storage)
         self._config = config
 
     def setup(self):
@@ -821,7 +766,7 @@ class _LogMelFn(DecodeUnitFn):
                 raise DataError(f"{where}: features contain non-finite values", reason="non_finite_features")
         except Exception as exc:  # noqa: BLE001
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(item, Stage.FEATURES, exc, where=where))
-            self._progress.add(files=int(last_unit))
+            progress(files=int(last_unit))
             return
         n_windows = features.shape[0]
         starts, ends = melspec.window_bounds_s(n_windows, config, first_window=unit.first_window)
@@ -835,7 +780,7 @@ class _LogMelFn(DecodeUnitFn):
         count("audio_ms", round(duration_s * 1000))
         if silent:
             count("digital_silence")
-        self._progress.add(files=int(last_unit), windows=n_windows)
+        progress(files=int(last_unit), windows=n_windows)
         yield WindowBatch(item, features, starts, ends, first_window_index=unit.first_window)
         yield beam.pvalue.TaggedOutput(
             SUMMARIES,
@@ -853,15 +798,28 @@ def unit_duration_s(unit: WorkUnit, config: FeatureConfig) -> float:
     return (unit.first_window + unit.n_windows) * config.window_hop_s - start
 
 
-class ComputeLogMel(beam.PTransform):
-    """WorkUnits → WindowBatches (one per unit), dead letters and per-file summaries.
+class ComputedWindows(NamedTuple):
+    """The outputs of a compute stage (:class:`ComputeLogMel`, ``ComputeEmbeddings``).
 
-    ``expand`` returns Beam's outputs tuple: ``.windows`` (WindowBatch), ``.dead_letters``
-    (DeadLetter), ``.summaries`` (FileSummary) and ``.levels`` (UnitLevels, with ``levels``).
+    Attributes:
+        windows: One WindowBatch (or EmbeddingBatch) per processed unit.
+        dead_letters: DeadLetters of units that failed.
+        summaries: FileSummary per processed unit.
+        levels: UnitLevels per unit (empty unless the stage measures levels).
+    """
+
+    windows: beam.PCollection[WindowBatch]
+    dead_letters: beam.PCollection[DeadLetter]
+    summaries: beam.PCollection[FileSummary]
+    levels: beam.PCollection[UnitLevels]
+
+
+class ComputeLogMel(beam.PTransform[beam.PCollection[WorkUnit], ComputedWindows]):
+    """WorkUnits → WindowBatches (one per unit), dead letters, per-file summaries and (with
+    ``levels``) sound levels: :class:`ComputedWindows`.
 
     Args:
         config: Feature configuration (validated).
-        progress_dir: Local folder for progress files of local runs, or ``None``.
         levels: What the levels stage measures, or ``None`` for no levels.
         storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.
     """
@@ -870,21 +828,21 @@ class ComputeLogMel(beam.PTransform):
         self,
         config: FeatureConfig,
         *,
-        progress_dir: str | None = None,
         levels: LevelConfig | None = None,
         storage: StorageConfig | None = None,
     ):
         super().__init__()
         self._config = config
-        self._progress_dir = progress_dir
         self._levels = levels
         self._storage = storage
 
-    def expand(self, items):
-        results = items | "DecodeAndFeaturize" >> beam.ParDo(
-            _LogMelFn(self._config, self._progress_dir, levels=self._levels, storage=self._storage)
+    def expand(self, units: beam.PCollection[WorkUnit]):
+        out = units | "DecodeAndFeaturize" >> beam.ParDo(
+            _LogMelFn(self._config, levels=self._levels, storage=self._storage)
         ).with_outputs(DEAD_LETTERS, SUMMARIES, LEVELS, main="windows")
-        return results
+        return ComputedWindows(
+            windows=out.windows, dead_letters=out[DEAD_LETTERS], summaries=out[SUMMARIES], levels=out[LEVELS]
+        )
 
 
 class Computed(NamedTuple):
@@ -898,21 +856,21 @@ class Computed(NamedTuple):
         levels: UnitLevels per unit, or ``None`` when the compute stage measures no levels.
     """
 
-    units: beam.PCollection
-    windows: beam.PCollection
-    summaries: beam.PCollection
-    dead_letters: beam.PCollection
-    levels: beam.PCollection | None
+    units: beam.PCollection[WorkUnit]
+    windows: beam.PCollection[WindowBatch]
+    summaries: beam.PCollection[FileSummary]
+    dead_letters: beam.PCollection[DeadLetter]
+    levels: beam.PCollection[UnitLevels] | None
 
 
-class DecodeAndCompute(beam.PTransform):
+class DecodeAndCompute(beam.PTransform[beam.PCollection[SourceItem], Computed]):
     """SourceItems → planned work units → ``compute``: the front every pipeline on audio shares
     (features, embed, tag).
 
     Args:
         plan: The planning stage (:class:`PlanUnits`, with the run's settings).
-        compute: WorkUnits → ``windows``, ``dead_letters``, ``summaries`` (and ``levels``):
-            :class:`ComputeLogMel` or ``ComputeEmbeddings``.
+        compute: WorkUnits → :class:`ComputedWindows`: :class:`ComputeLogMel` or
+            ``ComputeEmbeddings``.
         label: Stable step label of the compute stage.
         measures_levels: ``compute`` also gives ``levels``.
     """
@@ -923,18 +881,18 @@ class DecodeAndCompute(beam.PTransform):
         super().__init__()
         self._plan, self._compute, self._label, self._measures_levels = plan, compute, label, measures_levels
 
-    def expand(self, items: beam.PCollection) -> Computed:
+    def expand(self, items: beam.PCollection[SourceItem]):
         planned = items | "PlanUnits" >> self._plan
         # Units are redistributed after planning (a long recording becomes many units).
         units = planned.units | "DistributeUnits" >> beam.Reshuffle()
         computed = units | self._label >> self._compute
-        dead_letters = (planned.dead_letters, computed["dead_letters"]) | "DeadLetters" >> beam.Flatten()
+        dead_letters = (planned.dead_letters, computed.dead_letters) | "DeadLetters" >> beam.Flatten()
         return Computed(
             units=planned.units,
-            windows=computed["windows"],
-            summaries=computed["summaries"],
+            windows=computed.windows,
+            summaries=computed.summaries,
             dead_letters=dead_letters,
-            levels=computed["levels"] if self._measures_levels else None,
+            levels=computed.levels if self._measures_levels else None,
         )
 
 
@@ -975,11 +933,16 @@ class _LabelWindowsFn(beam.DoFn):
         )
 
 
-class AssignWindowLabels(beam.PTransform):
-    """WindowBatches → the same batches, those of annotated recordings with their windows' strong
-    labels (``WindowBatch.labels``), plus a :class:`LabelCount` per such batch.
+class Labelled(NamedTuple):
+    """The outputs of :class:`AssignWindowLabels`."""
 
-    ``expand`` returns Beam's outputs tuple: ``.windows`` (WindowBatch) and ``.label_counts``.
+    windows: beam.PCollection[WindowBatch]
+    label_counts: beam.PCollection[LabelCount]
+
+
+class AssignWindowLabels(beam.PTransform[beam.PCollection[WindowBatch], Labelled]):
+    """WindowBatches → the same batches, those of annotated recordings with their windows' strong
+    labels (``WindowBatch.labels``), plus a :class:`LabelCount` per such batch (:class:`Labelled`).
     Works on log-mel and embedding batches alike (labels depend only on window times).
 
     Args:
@@ -997,7 +960,8 @@ class AssignWindowLabels(beam.PTransform):
         except ValueError as exc:
             raise ConfigError(f"--min-label-overlap: {exc}") from None
 
-    def expand(self, batches):
-        return batches | "LabelWindows" >> beam.ParDo(_LabelWindowsFn(self._min_overlap)).with_outputs(
+    def expand(self, batches: beam.PCollection[WindowBatch]):
+        out = batches | "LabelWindows" >> beam.ParDo(_LabelWindowsFn(self._min_overlap)).with_outputs(
             LABEL_COUNTS, main="windows"
         )
+        return Labelled(windows=out.windows, label_counts=out[LABEL_COUNTS])

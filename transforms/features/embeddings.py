@@ -53,11 +53,12 @@ from soundshard.transforms.features.compute import (
     LEVELS,
     NAMESPACE,
     SUMMARIES,
+    ComputedWindows,
     DecodeUnitFn,
-    ProgressReporter,
     count,
     dead_letter,
 )
+from soundshard.transforms.outcomes import progress
 
 _LOG = logging.getLogger(__name__)
 #: Rows of one EmbeddingBatch at most (consecutive windows of one unit are gathered up to this).
@@ -1132,10 +1133,8 @@ class EmbeddingModelHandler(ModelHandler[EmbeddingInput, PredictionResult, Embed
 class _WindowsFn(DecodeUnitFn):
     """Decodes one work unit and emits its windows, one :class:`EmbeddingInput` each (streamed)."""
 
-    def __init__(self, config: EmbeddingConfig, progress_dir: str | None = None, levels=None, storage=None):
-        super().__init__(
-            FrameGrid.from_config(config), progress_dir, role="decode", levels=levels, storage=storage
-        )
+    def __init__(self, config: EmbeddingConfig, levels=None, storage=None):
+        super().__init__(FrameGrid.from_config(config), levels=levels, storage=storage)
 
     def process_audio(self, unit: WorkUnit, audio, span, where: str):
         grid: FrameGrid = self._grid
@@ -1169,13 +1168,9 @@ class _CollectFn(beam.DoFn):
     (stage ``embed``).
     """
 
-    def __init__(self, config: EmbeddingConfig, progress_dir: str | None = None):
+    def __init__(self, config: EmbeddingConfig):
         self._config = config
         self._grid = FrameGrid.from_config(config)
-        self._progress_dir = progress_dir
-
-    def setup(self):
-        self._progress = ProgressReporter(self._progress_dir, role="embed")
 
     def start_bundle(self):
         self._run: _Run | None = None
@@ -1207,7 +1202,6 @@ class _CollectFn(beam.DoFn):
                 )
             else:
                 yield WindowedValue(tag_value, MIN_TIMESTAMP, [GlobalWindow()])
-        self._progress.flush()
 
     def _flush(self):
         run, self._run = self._run, None
@@ -1225,7 +1219,7 @@ class _CollectFn(beam.DoFn):
             count("files_processed")
         count("windows", n)
         count("audio_ms", round(duration_s * 1000))
-        self._progress.add(files=int(last_of_file), windows=n)
+        progress(files=int(last_of_file), windows=n)
         yield EmbeddingBatch(
             item,
             np.stack(run.rows),
@@ -1276,17 +1270,14 @@ def error_parts(error) -> tuple[str, str]:
     return "Exception", str(error)
 
 
-class ComputeEmbeddings(beam.PTransform):
-    """WorkUnits → EmbeddingBatches, dead letters and per-unit summaries, through RunInference.
-
-    ``expand`` returns a dict: ``windows`` (:class:`EmbeddingBatch`), ``dead_letters``
-    (DeadLetter: ``decode`` and ``embed`` stages) and ``summaries`` (FileSummary).
+class ComputeEmbeddings(beam.PTransform[beam.PCollection[WorkUnit], ComputedWindows]):
+    """WorkUnits → EmbeddingBatches, dead letters (``decode`` and ``embed`` stages), per-unit
+    summaries and (with ``levels``) sound levels, through RunInference: :class:`ComputedWindows`.
 
     Args:
         config: Embedding configuration (validated; its model file checked by the launcher).
         min_batch_size, max_batch_size, large_model: See :class:`EmbeddingModelHandler`.
         model_handler: Replaces the handler built from the other arguments (tests).
-        progress_dir: Local folder for progress files of local runs, or ``None``.
         levels: What the levels stage measures (a ``levels`` output of UnitLevels), or ``None``.
         storage: The run's storage settings (resolved on the launcher), or ``None``: defaults.
     """
@@ -1299,7 +1290,6 @@ class ComputeEmbeddings(beam.PTransform):
         max_batch_size: int = 16,
         large_model: bool = False,
         model_handler: ModelHandler | None = None,
-        progress_dir: str | None = None,
         levels=None,
         storage=None,
     ):
@@ -1310,27 +1300,26 @@ class ComputeEmbeddings(beam.PTransform):
         self._handler = model_handler or EmbeddingModelHandler(
             config, min_batch_size=min_batch_size, max_batch_size=max_batch_size, large_model=large_model
         )
-        self._progress_dir = progress_dir
 
-    def expand(self, units):
+    def expand(self, units: beam.PCollection[WorkUnit]):
         framed = units | "DecodeAndFrame" >> beam.ParDo(
-            _WindowsFn(self._config, self._progress_dir, levels=self._levels, storage=self._storage)
+            _WindowsFn(self._config, levels=self._levels, storage=self._storage)
         ).with_outputs(DEAD_LETTERS, LEVELS, main="windows")
         inferred, failures = (
             framed.windows | "RunInference" >> RunInference(self._handler).with_exception_handling()
         )
-        collected = inferred | "CollectEmbeddings" >> beam.ParDo(
-            _CollectFn(self._config, self._progress_dir)
-        ).with_outputs(DEAD_LETTERS, SUMMARIES, main="windows")
+        collected = inferred | "CollectEmbeddings" >> beam.ParDo(_CollectFn(self._config)).with_outputs(
+            DEAD_LETTERS, SUMMARIES, main="windows"
+        )
         failed = failures.failed_inferences | "InferenceDeadLetters" >> beam.FlatMap(inference_dead_letters)
         dead_letters = (
             framed[DEAD_LETTERS],
             collected[DEAD_LETTERS],
             failed,
         ) | "EmbeddingDeadLetters" >> beam.Flatten()
-        return {
-            "windows": collected.windows,
-            "dead_letters": dead_letters,
-            "summaries": collected[SUMMARIES],
-            "levels": framed[LEVELS],
-        }
+        return ComputedWindows(
+            windows=collected.windows,
+            dead_letters=dead_letters,
+            summaries=collected[SUMMARIES],
+            levels=framed[LEVELS],
+        )

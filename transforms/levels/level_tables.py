@@ -25,6 +25,7 @@ import datetime
 import math
 import zoneinfo
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -388,9 +389,21 @@ class _RecordingLevelsFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("hours", part)
 
 
-class RecordingLevels(beam.PTransform):
-    """UnitLevels → per-recording level rows (``rows``: TableRows) and combined hours
-    (``hours``: ``((site, hour_us, level_unit), HourSums)``), for the features run.
+class RecordingLevelTables(NamedTuple):
+    """The outputs of :class:`RecordingLevels`.
+
+    Attributes:
+        rows: Per-recording level rows (TableRows of every level table).
+        hours: ``((site, hour_us, level_unit), HourSums)``, combined over the run's recordings.
+    """
+
+    rows: beam.PCollection[TableRows]
+    hours: beam.PCollection[tuple[tuple, HourSums]]
+
+
+class RecordingLevels(beam.PTransform[beam.PCollection[UnitLevels], RecordingLevelTables]):
+    """UnitLevels → per-recording level rows and combined hours (:class:`RecordingLevelTables`),
+    for the features run.
 
     Args:
         config: What the levels stage reports.
@@ -400,7 +413,7 @@ class RecordingLevels(beam.PTransform):
         super().__init__()
         self._config = config
 
-    def expand(self, unit_levels):
+    def expand(self, unit_levels: beam.PCollection[UnitLevels]):
         out = (
             unit_levels
             | "KeyLevels" >> beam.Map(lambda u: (u.source.clip_id, u))
@@ -411,7 +424,7 @@ class RecordingLevels(beam.PTransform):
             .with_outputs("hours", main="rows")
         )
         hours = out.hours | "CombineHours" >> beam.CombinePerKey(combine_hours)
-        return {"rows": out.rows, "hours": hours}
+        return RecordingLevelTables(rows=out.rows, hours=hours)
 
 
 def summary_line(rows: dict, levels: dict) -> str:

@@ -13,12 +13,10 @@ import collections
 import copy
 import dataclasses
 import io
-import json
 import math
 import os
 import shutil
 import tempfile
-import time
 import urllib.parse
 import uuid
 import zlib
@@ -39,9 +37,19 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.embedding import EmbeddingConfig, unit_source
 from soundshard.schemas.records import DeadLetter, SourceItem, WindowBatch
 from soundshard.schemas.tfexample import tfrecord_frame
-from soundshard.schemas.uris import redact
-from soundshard.transforms.io import ledger
 from soundshard.transforms.outputs import totals
+from soundshard.transforms.outputs.commit import (  # noqa: F401 - path helpers named here for callers
+    CommitOutputs,
+    RunFiles,
+    RunTarget,
+    commit_run,
+    join,
+    matching_paths,
+    move_into_place,
+    remove_tree,
+    temp_file,
+    write_bytes,
+)
 
 FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
@@ -105,11 +113,6 @@ class ShardSpec:
         return f"{fmt}/{partition}/windows-{self.run_id}-{index:05d}-of-{n_shards:05d}{_SUFFIX[fmt]}"
 
 
-def join(base: str, *parts: str) -> str:
-    """Joins path parts with ``/`` for local paths and URLs alike."""
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def shard_count(total_windows: int, *, config: FeatureConfig | EmbeddingConfig, spec: ShardSpec) -> int:
     """Number of shards: ``spec.num_shards``, or enough to keep shards near the target size."""
     if spec.num_shards:
@@ -127,19 +130,6 @@ def shard_of(clip_id: str, n_shards: int, *, first_window: int = 0) -> int:
     """
     key = clip_id if first_window == 0 else f"{clip_id}@{first_window}"
     return zlib.crc32(key.encode()) % n_shards
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through Beam's FileSystems (local, gs://, s3://...)."""
-    if not data and path.startswith("s3://"):
-        # Beam's S3 writer always completes a multipart upload, which S3 rejects without parts.
-        import fsspec
-
-        fs, key = fsspec.core.url_to_fs(path)
-        fs.pipe_file(key, b"")
-        return
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(data)
 
 
 def _parquet_options(schema: pa.Schema) -> dict:
@@ -315,7 +305,7 @@ class _WriteShardFn(beam.DoFn):
         yield from write_shard_files(self._spec, index, n_shards, self._schema, sorted_slices, partition)
 
 
-class WriteWindowShards(beam.PTransform):
+class WriteWindowShards(beam.PTransform[beam.PCollection[WindowBatch], beam.PCollection[WrittenShard]]):
     """WindowBatches → shards in the temporary folder.
 
     ``expand`` returns a PCollection of :class:`WrittenShard`.
@@ -345,7 +335,7 @@ class WriteWindowShards(beam.PTransform):
         self._label_map = dict(label_map)
         self._extra_columns = tuple(extra_columns)
 
-    def expand(self, batches):
+    def expand(self, batches: beam.PCollection[WindowBatch]):
         config, spec = self._config, self._spec
         n_side = beam.pvalue.AsSingleton(self._n_shards)
         spill = _SpillFn(
@@ -362,7 +352,7 @@ class WriteWindowShards(beam.PTransform):
         )
 
 
-class ShardCount(beam.PTransform):
+class ShardCount(beam.PTransform[beam.PCollection[int], beam.PCollection[int]]):
     """Expected windows per unit → one-element PCollection with the number of shards."""
 
     def __init__(self, *, config: FeatureConfig | EmbeddingConfig, spec: ShardSpec):
@@ -370,7 +360,7 @@ class ShardCount(beam.PTransform):
         self._config = config
         self._spec = spec
 
-    def expand(self, windows_per_unit):
+    def expand(self, windows_per_unit: beam.PCollection[int]):
         config, spec = self._config, self._spec
         return (
             windows_per_unit
@@ -401,28 +391,34 @@ def dead_letter_table(dead_letters: Sequence[DeadLetter]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_DEAD_LETTER_SCHEMA)
 
 
-class _CommitFn(beam.DoFn):
-    def __init__(self, *, config, spec, label_map, extra_columns, n_inputs, manifest, levels=None):
+class DatasetFiles:
+    """The files of a features or embed run (a :class:`commit.Gather`): its shards (a replacing
+    run's N of N, an incremental run's own), dead letters, levels tables, and ``dataset.json``'s
+    content. Runs once, on a worker, in :class:`commit.CommitOutputs`."""
+
+    def __init__(self, *, config, spec: ShardSpec, extra_columns, manifest: dict, levels=None):
         self._levels = levels
         self._config = config
         self._spec = spec
-        self._label_map = label_map
         self._extra_columns = tuple(extra_columns)
-        self._n_inputs = n_inputs
         self._manifest = manifest
 
-    def process(
-        self,
-        _,
-        written,
-        dead_letters,
-        run_totals,
-        n_shards,
-        items=(),
-        tallies=(),
-        level_files=(),
-        level_hours=(),
-    ):
+    def target(self) -> RunTarget:
+        """Where the run's files land; ``dataset.json`` marks a complete dataset (incremental:
+        the latest run)."""
+        spec = self._spec
+        return RunTarget(
+            output=spec.output,
+            temp_dir=spec.temp_dir,
+            run_id=spec.run_id,
+            run_date=spec.run_date if spec.incremental else None,
+            manifest_name="dataset.json",
+            fingerprint=self._config.fingerprint,
+        )
+
+    def __call__(
+        self, run_totals: dict, *, written, dead_letters, n_shards: int, level_files=(), level_hours=()
+    ) -> RunFiles:
         spec = self._spec
         manifest = dict(self._manifest)
         manifest.update(copy.deepcopy(run_totals))  # the side input is shared: never mutate it
@@ -431,18 +427,7 @@ class _CommitFn(beam.DoFn):
         else:
             moves = self._replacing_files(written, dead_letters, n_shards, manifest)
         moves.extend(self._level_files(level_files, level_hours, manifest))
-        yield commit_run(
-            moves,
-            manifest,
-            output=spec.output,
-            temp_dir=spec.temp_dir,
-            manifest_name="dataset.json",  # it marks a complete dataset (incremental: the latest run)
-            run_id=spec.run_id,
-            run_date=spec.run_date if spec.incremental else None,
-            fingerprint=self._config.fingerprint,
-            items=items,
-            tallies=tallies,
-        )
+        return RunFiles(moves, manifest)
 
     def _level_files(self, level_files, level_hours, manifest) -> list[tuple[str, str]]:
         """Moves of the levels tables (``--levels``); a replacing run also deletes the levels
@@ -534,111 +519,7 @@ class _CommitFn(beam.DoFn):
         return moves
 
 
-def temp_file(relative: str, data: bytes, *, temp_dir: str, output: str) -> tuple[str, str]:
-    """Writes ``data`` to a run's temporary folder; returns its move to ``<output>/<relative>``."""
-    temp = join(temp_dir, "files", relative)
-    write_bytes(temp, data)
-    return temp, join(output, relative)
-
-
-def commit_run(
-    moves: list[tuple[str, str]],
-    manifest: dict,
-    *,
-    output: str,
-    temp_dir: str,
-    manifest_name: str,
-    run_id: str,
-    run_date: str | None,
-    fingerprint: str,
-    items=(),
-    tallies=(),
-    before_moving=None,
-) -> str:
-    """The end of every run that writes files (features, embed, tag): its wall-time figures into
-    ``manifest``, its files moved into place, an incremental run's ledger (the run's commit
-    point: written once all its other files are in place, see ``transforms/io/ledger.py``) and
-    the manifest last (a folder with it is complete); the temporary folder removed.
-
-    Args:
-        moves: ``(temporary, final)`` paths of the run's files.
-        manifest: The run's manifest; ``manifest["figures"]`` gets ``wall_s``,
-            ``speed_x_realtime`` and ``real_time_factor`` (from ``run.started_unix_s``).
-        output: The output folder.
-        temp_dir: The run's temporary folder.
-        manifest_name: ``dataset.json`` or ``run.json``.
-        run_id: The run's id.
-        run_date: An incremental run's partition date, or ``None`` (a run that replaces).
-        fingerprint: What the ledger records the inputs as processed with.
-        items: An incremental run's inputs (SourceItem).
-        tallies: An incremental run's ``(clip_id, ClipTally)`` pairs (``totals.RunTotals``).
-        before_moving: Called just before the files move (a replacing tag run deletes what an
-            earlier run left).
-
-    Returns:
-        The path of the manifest.
-    """
-    figures = manifest["figures"]
-    wall_s = time.time() - manifest["run"]["started_unix_s"]
-    figures["wall_s"] = round(wall_s, 3)
-    figures["speed_x_realtime"] = round(figures["audio_s"] / wall_s, 2) if wall_s > 0 else None
-    figures["real_time_factor"] = round(wall_s / figures["audio_s"], 6) if figures["audio_s"] else None
-    data = redact(json.dumps(manifest, indent=2)).encode()
-
-    def placed(relative: str, content: bytes) -> tuple[str, str]:
-        return temp_file(relative, content, temp_dir=temp_dir, output=output)
-
-    if run_date is not None:
-        moves = [*moves, placed(join(ledger.RUNS_DIR, f"{run_id}.json"), data)]
-    if before_moving is not None:
-        before_moving()
-    move_into_place(moves)
-    if run_date is not None:
-        rows = ledger.ledger_table(
-            items,
-            {clip: (t.n_windows, t.reason) for clip, t in tallies},
-            fingerprint=fingerprint,
-            run_id=run_id,
-            run_date=run_date,
-        )
-        move_into_place([placed(join(ledger.LEDGER_DIR, f"{run_id}.parquet"), ledger.table_bytes(rows))])
-    move_into_place([placed(manifest_name, data)])
-    remove_tree(temp_dir)
-    return join(output, manifest_name)
-
-
-def move_into_place(moves: Sequence[tuple[str, str]]) -> None:
-    """Renames temporary files to their final paths (replacing files already there).
-
-    A retried commit finds some sources already moved: those are skipped.
-    """
-    pending = [(src, dst) for src, dst in moves if FileSystems.exists(src)]
-    for folder in {dst.rsplit("/", 1)[0] for _, dst in pending}:
-        if not FileSystems.exists(folder):
-            FileSystems.mkdirs(folder)
-    existing = [dst for _, dst in pending if FileSystems.exists(dst)]
-    if existing:
-        FileSystems.delete(existing)
-    if pending:
-        FileSystems.rename([src for src, _ in pending], [dst for _, dst in pending])
-
-
-def remove_tree(path: str) -> None:
-    """Deletes a folder and everything under it (a local tree, or every object under a prefix)."""
-    if "://" not in path or path.startswith("file://"):
-        shutil.rmtree(path.removeprefix("file://"), ignore_errors=True)
-        return
-    objects = matching_paths(join(path, "**"))
-    if objects:
-        FileSystems.delete(objects)
-
-
-def matching_paths(pattern: str) -> list[str]:
-    """Paths matching ``pattern`` through Beam's FileSystems (``**`` for whole trees)."""
-    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-
-
-class CommitDataset(beam.PTransform):
+class CommitDataset(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[str]]):
     """Moves shards and dead letters into place and writes ``dataset.json`` (runs once, last).
 
     Applied to the pipeline root; takes the written shards, dead letters, the run's totals and
@@ -652,7 +533,7 @@ class CommitDataset(beam.PTransform):
         n_shards: One-element PCollection with the shard count.
         dead_letters: PCollection of :class:`DeadLetter`.
         summaries: PCollection of :class:`FileSummary`.
-        config, spec, label_map, extra_columns: As for :class:`WriteWindowShards`.
+        config, spec, extra_columns: As for :class:`WriteWindowShards`.
         n_inputs: Inputs seen by the listing (for the accounting check).
         manifest: dataset.json fields known at launch (config, sources, run info); its
             ``run.started_unix_s`` is used for the wall time.
@@ -673,7 +554,6 @@ class CommitDataset(beam.PTransform):
         summaries,
         config,
         spec,
-        label_map,
         extra_columns,
         n_inputs,
         manifest,
@@ -692,37 +572,28 @@ class CommitDataset(beam.PTransform):
         self._dead_letters = dead_letters
         self._summaries = summaries
         self._items = items
-        self._args = dict(
-            config=config,
-            spec=spec,
-            label_map=dict(label_map),
-            extra_columns=tuple(extra_columns),
-            n_inputs=n_inputs,
-            manifest=manifest,
-            levels=levels,
+        self._n_inputs = n_inputs
+        self._files = DatasetFiles(
+            config=config, spec=spec, extra_columns=extra_columns, manifest=manifest, levels=levels
         )
 
-    def expand(self, root):
+    def expand(self, root: beam.pvalue.PBegin):
         counted = (self._summaries, self._dead_letters)
         if self._label_counts is not None:
             counted += (self._label_counts,)
-        tallied = counted | "RunTotals" >> totals.RunTotals(self._args["n_inputs"])
+        tallied = counted | "RunTotals" >> totals.RunTotals(self._n_inputs)
         side_inputs = dict(
             written=beam.pvalue.AsList(self._written),
             dead_letters=beam.pvalue.AsList(self._dead_letters),
-            run_totals=beam.pvalue.AsSingleton(tallied["totals"]),
             n_shards=beam.pvalue.AsSingleton(self._n_shards),
         )
-        if self._args["spec"].incremental:
-            if self._items is None:
-                raise ValueError("an incremental commit needs the run's items (for its ledger)")
-            side_inputs["items"] = beam.pvalue.AsList(self._items)
-            side_inputs["tallies"] = beam.pvalue.AsList(tallied["tallies"])
         if self._level_files is not None:
             side_inputs["level_files"] = beam.pvalue.AsList(self._level_files)
             side_inputs["level_hours"] = beam.pvalue.AsList(self._level_hours)
-        return (
-            root
-            | "CommitTrigger" >> beam.Create([None])
-            | "Commit" >> beam.ParDo(_CommitFn(**self._args), **side_inputs)
+        return root | CommitOutputs(
+            self._files,
+            target=self._files.target(),
+            tallied=tallied,
+            items=self._items,
+            side_inputs=side_inputs,
         )

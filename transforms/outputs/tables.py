@@ -129,7 +129,7 @@ class _WriteTablesFn(beam.DoFn):
             yield Move(table, temp, relative, merged.num_rows, labels)
 
 
-class WriteTables(beam.PTransform):
+class WriteTables(beam.PTransform[beam.PCollection[TableRows], beam.PCollection[Move]]):
     """TableRows → files in the run's temporary folder (one per table and format per bundle, at
     ``<format>/<table>/[<partition>/]``); returns their :class:`Move`s for the commit.
 
@@ -143,7 +143,7 @@ class WriteTables(beam.PTransform):
         super().__init__()
         self._fn = _WriteTablesFn(temp_dir=temp_dir, formats=tuple(formats), partition=partition)
 
-    def expand(self, rows):
+    def expand(self, rows: beam.PCollection[TableRows]):
         return rows | "WriteTableFiles" >> beam.ParDo(self._fn)
 
 

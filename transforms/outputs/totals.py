@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import apache_beam as beam
 
@@ -267,18 +268,30 @@ def clip_key(element: FileSummary | DeadLetter | LabelCount) -> str:
     return element.clip_id if element.clip_id is not None else NO_CLIP
 
 
-class RunTotals(beam.PTransform):
-    """Summaries, dead letters and (optionally) label counts → ``tallies`` (``(clip_id,
-    ClipTally)``, one per recording) and ``totals`` (one dict: the run's counts and figures).
+class Tallied(NamedTuple):
+    """The outputs of :class:`RunTotals`.
 
-    Applied to a tuple of PCollections (summaries, dead letters[, label counts]).
+    Attributes:
+        tallies: ``(clip_id, ClipTally)``, one per recording.
+        totals: One dict: the run's counts and figures (:func:`summarize`'s).
+    """
+
+    tallies: beam.PCollection[tuple[str, ClipTally]]
+    totals: beam.PCollection[dict]
+
+
+class RunTotals(beam.PTransform[tuple[beam.PCollection, ...], Tallied]):
+    """Summaries, dead letters and (optionally) label counts → per recording and whole-run totals
+    (:class:`Tallied`).
+
+    Applied to a tuple of PCollections (of FileSummary, DeadLetter[, LabelCount]).
     """
 
     def __init__(self, n_inputs: int):
         super().__init__()
         self._n_inputs = n_inputs
 
-    def expand(self, pcolls):
+    def expand(self, pcolls: tuple[beam.PCollection, ...]):
         tallies = (
             pcolls
             | "Flatten" >> beam.Flatten()
@@ -288,7 +301,7 @@ class RunTotals(beam.PTransform):
         totals = (
             tallies | "Tallies" >> beam.Values() | "Totals" >> beam.CombineGlobally(TotalsFn(self._n_inputs))
         )
-        return {"tallies": tallies, "totals": totals}
+        return Tallied(tallies=tallies, totals=totals)
 
 
 def tally(elements: Iterable[FileSummary | DeadLetter | LabelCount]) -> dict[str, ClipTally]:

@@ -1,7 +1,7 @@
 """From windows to what people read: the Beam stage that scores windows and builds a recording's
 results (``classify.py``), events, event rules set on validation recordings, plots, snippets,
-scoring against references and streaming (``soundshard listen``). May import every other
-neighbourhood of ``transforms``.
+a tag run's files for the commit (``commit.py``), scoring against references and streaming
+(``soundshard listen``). May import every other neighbourhood of ``transforms``.
 """
 
 

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import posixpath
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -34,7 +34,7 @@ from soundshard.schemas.config import FeatureConfig
 from soundshard.schemas.errors import DataError
 from soundshard.schemas.levels import LevelConfig
 from soundshard.schemas.outcomes import Stage
-from soundshard.schemas.records import FileSummary, LevelBlocks, SourceItem, WindowBatch
+from soundshard.schemas.records import DeadLetter, FileSummary, LevelBlocks, SourceItem, WindowBatch
 from soundshard.schemas.tagging import TagConfig
 from soundshard.transforms.features import melspec
 from soundshard.transforms.features.compute import DEAD_LETTERS, count, dead_letter
@@ -221,10 +221,16 @@ def _inference_dead_letters(failure) -> Iterable:
         yield dead_letter(element.source, Stage.TAG, exc)
 
 
-class ScoreWindows(beam.PTransform):
-    """WindowBatches → ScoredBatches through RunInference; failures become ``tag`` dead letters.
+class Scored(NamedTuple):
+    """The outputs of :class:`ScoreWindows`."""
 
-    ``expand`` returns a dict: ``scored`` (:class:`ScoredBatch`) and ``dead_letters``.
+    scored: beam.PCollection[ScoredBatch]
+    dead_letters: beam.PCollection[DeadLetter]
+
+
+class ScoreWindows(beam.PTransform[beam.PCollection[WindowBatch], Scored]):
+    """WindowBatches → ScoredBatches through RunInference; failures become ``tag`` dead letters
+    (:class:`Scored`).
 
     Args:
         handler: The model handler (:class:`ClassifierHandler`).
@@ -237,11 +243,11 @@ class ScoreWindows(beam.PTransform):
         self._handler = handler
         self._level = level
 
-    def expand(self, windows):
+    def expand(self, windows: beam.PCollection[WindowBatch]):
         inferred, failures = windows | "RunInference" >> RunInference(self._handler).with_exception_handling()
         scored = inferred | "KeepScores" >> beam.Map(_scored, level=self._level)
         dead = failures.failed_inferences | "InferenceDeadLetters" >> beam.FlatMap(_inference_dead_letters)
-        return {"scored": scored, "dead_letters": dead}
+        return Scored(scored=scored, dead_letters=dead)
 
 
 # -- per recording ------------------------------------------------------------------------------
@@ -491,13 +497,30 @@ class _TagRecordingFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("tagged", TaggedRecording(item, tuple(found), duration_s, picture))
 
 
-class TagRecordings(beam.PTransform):
-    """Scored units and per-unit summaries → table rows (and label files) per recording.
+class Tagged(NamedTuple):
+    """The outputs of :class:`TagRecordings`.
+
+    Attributes:
+        rows: :class:`TableRows` of the per-recording tables (windows, files, events, levels).
+        moves: :class:`Move`s of label files.
+        tagged: :class:`TaggedRecording` per recording (with ``plot`` or ``tagged`` set; else empty).
+        level_hours: ``((site, hour_us, level_unit), HourSums)`` parts (with levels; else empty).
+        label_energy: ``((site, hour_us, label), energy)`` parts (with levels; else empty).
+    """
+
+    rows: beam.PCollection[TableRows]
+    moves: beam.PCollection[Move]
+    tagged: beam.PCollection[TaggedRecording]
+    level_hours: beam.PCollection[tuple]
+    label_energy: beam.PCollection[tuple]
+
+
+class TagRecordings(beam.PTransform[dict[str, beam.PCollection], Tagged]):
+    """Scored units and per-unit summaries → table rows (and label files) per recording
+    (:class:`Tagged`).
 
     ``expand`` takes ``{"scored": ScoredBatch, "summaries": FileSummary}`` PCollections (and
-    ``"images"``: :class:`plots.UnitImage`, for ``plot``) and returns a dict: ``rows``
-    (:class:`TableRows`), ``moves`` (:class:`Move` of label files) and ``tagged``
-    (:class:`TaggedRecording`, with ``plot`` or ``tagged`` set; else empty).
+    ``"images"``: :class:`plots.UnitImage`, for ``plot``; ``"levels"``: UnitLevels, for ``levels``).
 
     Args:
         config: Thresholds and event rules.
@@ -532,7 +555,7 @@ class TagRecordings(beam.PTransform):
             levels=levels,
         )
 
-    def expand(self, inputs):
+    def expand(self, inputs: dict[str, beam.PCollection]):
         keyed_scores = inputs["scored"] | "KeyScores" >> beam.Map(lambda b: (b.source.clip_id, b))
         keyed_summaries = inputs["summaries"] | "KeySummaries" >> beam.Map(lambda s: (s.clip_id, s))
         keyed = {"scored": keyed_scores, "summaries": keyed_summaries}
@@ -544,13 +567,13 @@ class TagRecordings(beam.PTransform):
         out = grouped | "TagRecording" >> beam.ParDo(self._fn).with_outputs(
             "moves", "tagged", "level_hours", "label_energy", main="rows"
         )
-        return {
-            "rows": out.rows,
-            "moves": out.moves,
-            "tagged": out.tagged,
-            "level_hours": out.level_hours,
-            "label_energy": out.label_energy,
-        }
+        return Tagged(
+            rows=out.rows,
+            moves=out.moves,
+            tagged=out.tagged,
+            level_hours=out.level_hours,
+            label_energy=out.label_energy,
+        )
 
 
 # -- plots and snippets -------------------------------------------------------------------------
@@ -566,7 +589,7 @@ def _unit_image(batch: WindowBatch, *, grid: plots.SpectrogramGrid, totals: dict
     )
 
 
-class SpectrogramColumns(beam.PTransform):
+class SpectrogramColumns(beam.PTransform[dict[str, beam.PCollection], beam.PCollection[plots.UnitImage]]):
     """Log-mel WindowBatches → each unit's spectrogram columns (:class:`plots.UnitImage`).
 
     The frames of a unit's windows are max-pooled over time so that the whole recording's image
@@ -583,7 +606,7 @@ class SpectrogramColumns(beam.PTransform):
         super().__init__()
         self._grid = grid
 
-    def expand(self, inputs):
+    def expand(self, inputs: dict[str, beam.PCollection]):
         totals = (
             inputs["units"]
             | "FirstUnits" >> beam.Filter(lambda u: u.unit_index == 0)
@@ -629,12 +652,17 @@ class _DrawPlotFn(beam.DoFn):
         yield Move("plots", temp, relative, len(tagged.events))
 
 
-class DrawPlots(beam.PTransform):
-    """TaggedRecordings → one PNG per recording in the run's temporary folder
-    (``plots/[<partition>/]<clip>.png``).
+class Drawn(NamedTuple):
+    """The outputs of :class:`DrawPlots`: ``moves`` (kind ``plots``) and ``dead_letters`` (stage
+    ``plots``)."""
 
-    ``expand`` returns a dict: ``moves`` (:class:`Move`, kind ``plots``) and ``dead_letters``
-    (stage ``plots``).
+    moves: beam.PCollection[Move]
+    dead_letters: beam.PCollection[DeadLetter]
+
+
+class DrawPlots(beam.PTransform[beam.PCollection[TaggedRecording], Drawn]):
+    """TaggedRecordings → one PNG per recording in the run's temporary folder
+    (``plots/[<partition>/]<clip>.png``): :class:`Drawn`.
 
     Args:
         options: What to draw (reference annotations included).
@@ -646,9 +674,9 @@ class DrawPlots(beam.PTransform):
         super().__init__()
         self._fn = _DrawPlotFn(options, temp_dir=temp_dir, partition=partition)
 
-    def expand(self, tagged):
+    def expand(self, tagged: beam.PCollection[TaggedRecording]):
         out = tagged | "DrawPlot" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTERS, main="moves")
-        return {"moves": out.moves, "dead_letters": out[DEAD_LETTERS]}
+        return Drawn(moves=out.moves, dead_letters=out[DEAD_LETTERS])
 
 
 class _WriteSnippetsFn(beam.DoFn):
@@ -695,13 +723,24 @@ class _WriteSnippetsFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("index", snip.index_table(item, written))
 
 
-class WriteSnippets(beam.PTransform):
-    """TaggedRecordings → each event's audio as FLAC in the run's temporary folder
-    (``snippets/[<partition>/]<clip>/<start>_<end>_<label>.flac``), read from the source.
+class Snippets(NamedTuple):
+    """The outputs of :class:`WriteSnippets`.
 
-    ``expand`` returns a dict: ``moves`` (:class:`Move`, kind ``snippets``), ``index`` (a
-    ``pa.Table`` of index rows per recording, :data:`snippets.INDEX_SCHEMA`) and ``dead_letters``
-    (stage ``snippets``, one per event whose snippet failed).
+    Attributes:
+        moves: :class:`Move`s of kind ``snippets``.
+        index: A ``pa.Table`` of index rows per recording (:data:`snippets.INDEX_SCHEMA`).
+        dead_letters: Stage ``snippets``, one per event whose snippet failed.
+    """
+
+    moves: beam.PCollection[Move]
+    index: beam.PCollection[pa.Table]
+    dead_letters: beam.PCollection[DeadLetter]
+
+
+class WriteSnippets(beam.PTransform[beam.PCollection[TaggedRecording], Snippets]):
+    """TaggedRecordings → each event's audio as FLAC in the run's temporary folder
+    (``snippets/[<partition>/]<clip>/<start>_<end>_<label>.flac``), read from the source:
+    :class:`Snippets`.
 
     Args:
         options: Margin, most snippets per label, block size.
@@ -714,10 +753,10 @@ class WriteSnippets(beam.PTransform):
         super().__init__()
         self._fn = _WriteSnippetsFn(options, temp_dir=temp_dir, partition=partition, storage=storage)
 
-    def expand(self, tagged):
+    def expand(self, tagged: beam.PCollection[TaggedRecording]):
         # A recording's events are cut in one call: its source is opened once.
         out = tagged | "CutSnippets" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTERS, "index", main="moves")
-        return {"moves": out.moves, "index": out.index, "dead_letters": out[DEAD_LETTERS]}
+        return Snippets(moves=out.moves, index=out.index, dead_letters=out[DEAD_LETTERS])
 
 
 # -- writing ------------------------------------------------------------------------------------

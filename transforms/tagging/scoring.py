@@ -143,12 +143,7 @@ def sed_metrics(
     """
     import sed_eval
 
-    if not segment_s > 0:
-        raise ConfigError(f"segment_s={segment_s} must be positive (seconds)")
-    if not collar_s > 0:
-        raise ConfigError(f"collar_s={collar_s} must be positive (seconds)")
-    if not 0.0 <= offset_fraction <= 1.0:
-        raise ConfigError(f"offset_fraction={offset_fraction} must be in [0, 1]")
+    check_settings(segment_s=segment_s, collar_s=collar_s, offset_fraction=offset_fraction)
     labels = list(labels)
     known = set(labels)
     for rec in recordings:
@@ -178,6 +173,21 @@ def sed_metrics(
         "segment": _summary(segment, labels, kind="segment"),
         "event": _summary(event, labels, kind="event"),
     }
+
+
+def check_settings(*, segment_s: float, collar_s: float, offset_fraction: float, flags: bool = False) -> None:
+    """Raises ConfigError naming a non-positive segment length or collar, or an offset fraction
+    outside [0, 1] (as the command's flags, ``--segment-s``, with ``flags``)."""
+
+    def name(field: str) -> str:
+        return "--" + field.replace("_", "-") if flags else field
+
+    if not segment_s > 0:
+        raise ConfigError(f"{name('segment_s')}={segment_s} must be positive (seconds)")
+    if not collar_s > 0:
+        raise ConfigError(f"{name('collar_s')}={collar_s} must be positive (seconds)")
+    if not 0.0 <= offset_fraction <= 1.0:
+        raise ConfigError(f"{name('offset_fraction')}={offset_fraction} must be in [0, 1]")
 
 
 def n_segments(duration_s: float, *, segment_s: float) -> int:
