@@ -91,7 +91,7 @@ class TrainConfig(ConfigSerialization):
     lr_schedule: str = "cosine"
     seed: int = 0
     aggregation: str = "mean"
-    select_on: str = "clips"
+    select_on: str = "auto"
     weight_average: float = 0.8
     class_weights: bool = True
     augment: bool = True

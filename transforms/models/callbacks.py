@@ -26,7 +26,7 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         *,
         patience: int,
         aggregation: str,
-        select_on: str = "clips",
+        select_on: str = "auto",
         average: training.WeightAverage | None = None,
         n_classes: int | None = None,
         epochs: int | None = None,

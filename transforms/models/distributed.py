@@ -351,7 +351,7 @@ def fit(
     epochs: int,
     patience: int,
     aggregation: str,
-    select_on: str = "clips",
+    select_on: str = "auto",
     average: training.WeightAverage | None = None,
     verbose: bool = True,
 ) -> FitResult:

@@ -874,7 +874,7 @@ def clip_accuracy(probabilities: np.ndarray, windows: WindowSet, *, method: str 
 
 
 def selection_score(
-    probabilities: np.ndarray, validation: WindowSet, *, aggregation: str, select_on: str = "clips"
+    probabilities: np.ndarray, validation: WindowSet, *, aggregation: str, select_on: str = "auto"
 ) -> float:
     """What early stopping maximises (``TrainConfig.select_on``): the clip accuracy of the weakly
     labelled validation clips, or the mean average precision over classes of the windows of the
