@@ -701,10 +701,10 @@ def train_split(
         metrics["transfer_phases"] = phases
     metrics["epochs_run"] = len(history["loss"])
     metrics["best_epoch"] = best_epoch + 1
-    # what early stopping judged (TrainConfig.select_on) and its best value
-    metrics["selected_on"] = config.select_on
+    # what early stopping judged (TrainConfig.select_on, resolved on the data) and its best value
+    metrics["selected_on"] = training.judged(config.select_on, split.validation)
     metrics["best_validation_score"] = round(best, 4)
-    if config.select_on == "clips":
+    if metrics["selected_on"] == "clips":
         metrics["best_validation_clip_accuracy"] = round(best, 4)
     metrics["training_share"] = share
     if strategy is not None:

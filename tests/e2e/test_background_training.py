@@ -232,6 +232,12 @@ def test_what_early_stopping_judges():
     )
     with pytest.raises(ValueError, match="strongly labelled validation recordings"):
         training.selection_score(probabilities[:4], clips_only, aggregation="mean", select_on="recordings")
+    # what the default judges depends on the data (and so do the epoch line and metrics.json)
+    assert training.judged("auto", windows) == "recordings"
+    assert training.judged("auto", clips_only) == "clips"
+    assert training.judged("clips", windows) == "clips"
+    recordings_only = windows.take(windows.strongly_labelled)
+    assert training.judged("clips", recordings_only) == "windows"
 
 
 def test_selecting_on_recordings_needs_validation_recordings(demo_features, tmp_path, capsys):

@@ -318,7 +318,9 @@ def test_one_line_per_epoch_with_the_best_so_far(monkeypatch):
 
     clock = iter([100.0, 130.0, 160.0])
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
-    stopper = callbacks.ClipEarlyStopping(None, patience=10, aggregation="mean", epochs=60, report=True)
+    stopper = callbacks.ClipEarlyStopping(
+        None, patience=10, aggregation="mean", select_on="clips", epochs=60, report=True
+    )
     stopper.best, stopper.best_epoch = 0.825, 9
     line = stopper.epoch_line(11, {"loss": 1.39, "val_loss": 1.4491}, 0.8125, improved=False)
     # 12 epochs in 30 s: 2.5 s each; 48 epochs more at most (early stopping may end it sooner)

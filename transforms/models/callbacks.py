@@ -40,6 +40,8 @@ class ClipEarlyStopping(keras.callbacks.Callback):
         self.patience = patience
         self.aggregation = aggregation
         self.select_on = select_on
+        # what the epoch line calls the score: resolved on the data when there is some
+        self.judged = select_on if validation is None else training.judged(select_on, validation)
         self.average = average
         self.n_classes = n_classes  # a background output after the classes is left out
         self.best = -1.0
@@ -85,7 +87,7 @@ class ClipEarlyStopping(keras.callbacks.Callback):
             if key in logs:
                 parts.append(f"{name} {float(logs[key]):.3f}")
         best = "new best" if improved else f"best {self.best:.3f}, epoch {self.best_epoch + 1}"
-        judged = "val clip" if self.select_on == "clips" else "val score"
+        judged = "val clip" if self.judged == "clips" else "val score"
         parts.append(f"{judged} {accuracy:.3f} ({best})")
         timing = f"{per_epoch:.0f} s per epoch"
         if self.epochs:

@@ -873,6 +873,22 @@ def clip_accuracy(probabilities: np.ndarray, windows: WindowSet, *, method: str 
     return float((clip_probs.argmax(axis=1) == truth).mean())
 
 
+def judged(select_on: str, validation: WindowSet) -> str:
+    """What early stopping judges for ``select_on`` on this validation data: ``recordings`` (the
+    strongly labelled recordings' window ranking), ``clips`` (the weakly labelled clips' accuracy)
+    or ``windows`` (the ranking of all windows, when there are neither).
+
+    Raises:
+        ValueError: ``recordings`` without strongly labelled validation windows.
+    """
+    strong = validation.strongly_labelled.any()
+    if select_on == "recordings" and not strong:
+        raise ValueError("select_on='recordings' needs strongly labelled validation recordings")
+    if select_on == "recordings" or (select_on == "auto" and strong):
+        return "recordings"
+    return "clips" if validation.weak.any() else "windows"
+
+
 def selection_score(
     probabilities: np.ndarray, validation: WindowSet, *, aggregation: str, select_on: str = "auto"
 ) -> float:
@@ -888,14 +904,13 @@ def selection_score(
     """
     from soundshard.transforms.tagging import events
 
-    strong = validation.strongly_labelled
-    if select_on == "recordings" and not strong.any():
-        raise ValueError("select_on='recordings' needs strongly labelled validation recordings")
-    if select_on == "recordings" or (select_on == "auto" and strong.any()):
+    what = judged(select_on, validation)
+    if what == "recordings":
+        strong = validation.strongly_labelled
         truth = validation.take(strong).truth(probabilities.shape[1])
         return events.mean_average_precision(probabilities[strong], truth)
-    weak = validation.weak
-    if weak.any():
+    if what == "clips":
+        weak = validation.weak
         return clip_accuracy(probabilities[weak], validation.take(weak), method=aggregation)
     return events.mean_average_precision(probabilities, validation.truth(probabilities.shape[1]))
 
