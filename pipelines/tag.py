@@ -563,9 +563,7 @@ def build(p: beam.Pipeline, run: TagRun, *, handler=None) -> TagOutputs:
             snippets=run.snippets is not None,
         )
     )
-    manifest = p | "Commit" >> CommitOutputs(
-        files, target=files.target(), tallied=tallied, items=front.items, side_inputs=side
-    )
+    manifest = p | "Commit" >> CommitOutputs(files, tallied=tallied, items=front.items, side_inputs=side)
     return TagOutputs(
         scored=scored.scored,
         rows=tagged.rows,

@@ -71,7 +71,8 @@ PROGRESS_INTERVAL_S = 0.5
 
 class _ProgressFile:
     """One process's progress totals for one run, written to ``<folder>/<pid>-<id>.json`` (atomic
-    replace) at most every :data:`PROGRESS_INTERVAL_S` while they change, and at exit."""
+    replace) by a daemon thread every :data:`PROGRESS_INTERVAL_S` while they change, and at exit:
+    reporting work only adds to the totals (no I/O on the stages' path)."""
 
     def __init__(self, folder: str):
         self.folder, self.pid = folder, os.getpid()
@@ -79,22 +80,18 @@ class _ProgressFile:
         self._totals = dict.fromkeys(PROGRESS_FIELDS, 0)
         self._lock = threading.Lock()
         self._dirty = False
-        self._last = 0.0
 
     def add(self, done: dict) -> None:
         with self._lock:
             for key, value in done.items():
                 self._totals[key] += value
             self._dirty = True
-            due = time.monotonic() - self._last >= PROGRESS_INTERVAL_S
-        if due:
-            self.flush()
 
     def flush(self) -> None:
         with self._lock:
             if not self._dirty:
                 return
-            state, self._dirty, self._last = dict(self._totals), False, time.monotonic()
+            state, self._dirty = dict(self._totals), False
         tmp = f"{self._path}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "w") as f:
@@ -112,19 +109,20 @@ def _progress_sink() -> _ProgressFile | None:
     """This process's progress file for the folder the environment names now (``None``: none)."""
     global _progress_file
     folder = os.environ.get(PROGRESS_DIR_ENV)
-    sink = _progress_file
     if folder is None:
         return None
-    if sink is not None and sink.folder == folder and sink.pid == os.getpid():
-        return sink
+
+    def current(sink: _ProgressFile | None) -> bool:
+        return sink is not None and sink.folder == folder and sink.pid == os.getpid()
+
+    if current(_progress_file):
+        return _progress_file
     with _progress_lock:
-        sink = _progress_file
-        if sink is None or sink.folder != folder or sink.pid != os.getpid():
-            if sink is not None and sink.pid == os.getpid():
-                sink.flush()
-            sink = _progress_file = _ProgressFile(folder)
-            threading.Thread(target=_flush_while_current, args=(sink,), daemon=True).start()
-        return sink
+        if not current(_progress_file):
+            flush_progress()  # an earlier run's totals in this process, before they are dropped
+            _progress_file = _ProgressFile(folder)
+            threading.Thread(target=_flush_while_current, args=(_progress_file,), daemon=True).start()
+        return _progress_file
 
 
 def _flush_while_current(sink: _ProgressFile) -> None:

@@ -22,6 +22,9 @@ class _Gather:
     def __init__(self, target: commit.RunTarget):
         self._target = target
 
+    def target(self) -> commit.RunTarget:
+        return self._target
+
     def __call__(self, run_totals, *, names, marker):
         moves = [
             commit.temp_file(
@@ -58,7 +61,6 @@ def test_commit_outputs_moves_what_the_gather_says_and_writes_the_manifest_last(
         marker = p | "Marker" >> beam.Create(["m"])
         p | commit.CommitOutputs(
             _Gather(target),
-            target=target,
             tallied=tallied,
             side_inputs={"names": beam.pvalue.AsList(names), "marker": beam.pvalue.AsSingleton(marker)},
         )
@@ -75,7 +77,7 @@ def test_commit_outputs_moves_what_the_gather_says_and_writes_the_manifest_last(
 def test_an_incremental_commit_without_its_items_is_refused():
     target = commit.RunTarget("o", "o/_tmp", "r", "2026-12-07", "dataset.json", "f")
     with pytest.raises(ValueError, match="needs the run's items"):
-        commit.CommitOutputs(_Gather(target), target=target, tallied=None, side_inputs={})
+        commit.CommitOutputs(_Gather(target), tallied=None, side_inputs={})
 
 
 def test_a_composite_refuses_elements_of_the_wrong_type_when_the_pipeline_is_built():

@@ -189,7 +189,10 @@ class RunFiles:
 
 
 class Gather(Protocol):
-    """A command's files from the run's totals and its own side inputs (runs once, on a worker)."""
+    """A command's files from the run's totals and its own side inputs (runs once, on a worker),
+    and where they land."""
+
+    def target(self) -> RunTarget: ...
 
     def __call__(self, run_totals: dict, **side_inputs: Any) -> RunFiles: ...
 
@@ -223,8 +226,7 @@ class CommitOutputs(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[str]]):
     of the manifest.
 
     Args:
-        gather: What the command's files are (:class:`Gather`).
-        target: Where they land.
+        gather: What the command's files are and where they land (:class:`Gather`).
         tallied: The run's totals (:class:`totals.RunTotals`): ``gather`` gets ``totals`` as
             ``run_totals``; an incremental run's ledger gets the per-recording tallies.
         items: PCollection of the run's :class:`SourceItem` (needed by incremental runs, for
@@ -236,12 +238,12 @@ class CommitOutputs(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[str]]):
         self,
         gather: Gather,
         *,
-        target: RunTarget,
         tallied: Tallied,
         items: beam.PCollection[SourceItem] | None = None,
         side_inputs: dict[str, beam.pvalue.AsSideInput],
     ):
         super().__init__()
+        target = gather.target()
         if target.run_date is not None and items is None:
             raise ValueError("an incremental commit needs the run's items (for its ledger)")
         self._gather, self._target, self._tallied = gather, target, tallied

@@ -592,7 +592,6 @@ class CommitDataset(beam.PTransform[beam.pvalue.PBegin, beam.PCollection[str]]):
             side_inputs["level_hours"] = beam.pvalue.AsList(self._level_hours)
         return root | CommitOutputs(
             self._files,
-            target=self._files.target(),
             tallied=tallied,
             items=self._items,
             side_inputs=side_inputs,
