@@ -15,7 +15,9 @@ directly (local or through fsspec). What is computed, with the DCASE definitions
   within ``max(collar, 0.2 x reference length)``), overall (micro) and per class, with the
   counts of reference and estimated events (and TP/FP/FN);
 - segment average precision per class and its macro mean, from the window table's scores
-  (threshold-free: how well the scores rank, whatever the thresholds).
+  (threshold-free: how well the scores rank, whatever the thresholds), and the best segment F1
+  per class on that ranking with the micro F1 of all classes at their best thresholds (a ceiling
+  for threshold tuning: it is set on the scored data).
 
 Matching references to recordings: ``--reference`` is one annotation file or a folder of them
 (searched recursively; every ``*.txt`` in it is read as one). A reference file belongs to the
@@ -651,23 +653,22 @@ def table_text(result: dict) -> str:
     name_w = max([len("overall (micro)")] + [len(c) for c in result["classes"]]) + 2
     header = (
         f"{'class':<{name_w}}{'ref':>6}{'est':>6}{'seg P':>7}{'seg R':>7}{'seg F1':>7}"
-        f"{'evt P':>7}{'evt R':>7}{'evt F1':>7}{'seg AP':>8}"
+        f"{'evt P':>7}{'evt R':>7}{'evt F1':>7}{'seg AP':>8}{'best F1':>8}"
     )
     lines = [header, "-" * len(header)]
 
-    def row(name, s, e, ap_value):
+    def row(name, s, e, ap_value, best):
         return (
             f"{name:<{name_w}}{e['n_reference']:>6}{e['n_estimated']:>6}{_fmt(s['precision'])}"
             f"{_fmt(s['recall'])}{_fmt(s['f1'])}{_fmt(e['precision'])}{_fmt(e['recall'])}{_fmt(e['f1'])}"
-            f"{_fmt(ap_value, 8)}"
+            f"{_fmt(ap_value, 8)}{_fmt(best, 8)}"
         )
 
     for label in result["classes"]:
-        lines.append(
-            row(label, seg["per_class"][label], evt["per_class"][label], ap["per_class"][label]["ap"])
-        )
+        c = ap["per_class"][label]
+        lines.append(row(label, seg["per_class"][label], evt["per_class"][label], c["ap"], c["best_f1"]))
     lines.append("-" * len(header))
-    lines.append(row("overall (micro)", seg["overall"], evt["overall"], ap["macro"]))
+    lines.append(row("overall (micro)", seg["overall"], evt["overall"], ap["macro"], ap["best_f1"]["micro"]))
     s = result["settings"]
     offsets = (
         f"offsets within max(collar, {s['offset_fraction']:g} x length)"
@@ -680,6 +681,8 @@ def table_text(result: dict) -> str:
         f"segments {s['segment_s']:g} s; events: collar {s['collar_s']:g} s, {offsets}; "
         f"seg AP: macro over {ap['classes']} class(es) with reference segments (overall row); "
         f"ref/est: events",
+        "best F1: segment F1 at each class's best threshold on these scores (overall: micro), "
+        "what tuning thresholds alone could reach",
         f"error rate   segment {_fmt(seg['overall']['error_rate'], 0)}"
         f"  event {_fmt(evt['overall']['error_rate'], 0)}",
         f"recordings   scored {len(recs['scored'])}  without reference {len(recs['without_reference'])}"

@@ -195,6 +195,15 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         f"keeps (0: the raw weights). Default: {_default('weight_average')}.",
     )
     parser.add_argument(
+        "--refit",
+        action="store_const",
+        const=True,
+        default=None,
+        help="After early stopping has chosen its epoch on the validation data, train a new model "
+        "on the training and validation data together for that many epochs and keep it (the "
+        "thresholds and event rules stay those set on the validation data). Off by default.",
+    )
+    parser.add_argument(
         "--background",
         action="append",
         default=[],
@@ -454,6 +463,8 @@ def _check_args(args: argparse.Namespace, config: TrainConfig) -> None:
         raise ConfigError(
             "--background, --teacher and --head sigmoid train on one worker (no --workers/TF_CONFIG)"
         )
+    if config.refit and (multi_worker or args.teacher or args.backbone_weights):
+        raise ConfigError("--refit trains on one worker, without --teacher or --backbone-weights")
     if args.teacher_data and not args.teacher:
         raise ConfigError("--teacher-features names the inputs of a --teacher; give the teacher too")
 
@@ -518,13 +529,7 @@ def train_split(
             depth=config.depth_multiplier,
             backbone_weights=args.backbone_weights,
         )
-        if head == "sigmoid":
-            loss, accuracy = keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
-        else:
-            loss, accuracy = (
-                keras.losses.CategoricalCrossentropy(),
-                keras.metrics.CategoricalAccuracy(name="accuracy"),
-            )
+        loss, accuracy = _loss_and_accuracy(head)
         fitted = model
         if distill is not None:
             fitted = training.distillation_model(model, temperature=config.temperature, head=head)
@@ -656,10 +661,8 @@ def train_split(
         )
         history, best_epoch, best, share = result.history, result.best_epoch, result.best, result.share
         model = distributed.local_copy(model)
-    cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
     test = split.test.take(split.test.weak) if split.test.weak.any() else split.test
-    probabilities = training.predict(model, test.features)
-    metrics = training.evaluate_predictions(probabilities, test, label_names)
+    # thresholds and event rules are set on the validation data by the model that never saw it
     thresholds = validation_thresholds(
         model, calibration, aggregation=config.aggregation, n_classes=n_classes, aug=aug, seed=config.seed
     )
@@ -672,8 +675,37 @@ def train_split(
         config=config,
         level_config=level_config,
     )
+    refit = None
+    if config.refit:
+        first = training.evaluate_predictions(training.predict(model, test.features), test, label_names)
+        parts = [split.train, validation] + (
+            [] if background is None else [background.train, background.validation]
+        )
+        model, refitted = refit_model(
+            parts,
+            config=config,
+            dataset=dataset,
+            n_classes=n_classes,
+            epochs=best_epoch + 1,
+            quiet=args.quiet,
+        )
+        refit = {
+            "epochs": best_epoch + 1,
+            **refitted,
+            "data": "the training and validation windows (sounding ones; background too)",
+            "thresholds_and_event_rules": "set on the validation data by the first model",
+            "first_model_test": {
+                "window_accuracy": first["window"]["accuracy"],
+                **{f"clip_accuracy_{m}": first[f"clip_{m}"]["accuracy"] for m in training.AGGREGATIONS},
+            },
+        }
+    cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
+    probabilities = training.predict(model, test.features)
+    metrics = training.evaluate_predictions(probabilities, test, label_names)
     if calibrated is not None:
         metrics["event_rules"] = calibrated
+    if refit is not None:
+        metrics["refit"] = refit
     if split.test.strongly_labelled.any():
         strong = split.test.take(split.test.strongly_labelled)
         metrics["strong_test"] = events.window_f1(
@@ -758,7 +790,7 @@ def train_split(
             else None
         ),
         "augmentation": dataclasses.asdict(aug),
-        "normalization": {"mean": mean, "variance": variance},
+        "normalization": {"mean": mean, "variance": variance} if refit is None else refit["normalization"],
     }
     history = {k: [float(v) for v in vs] for k, vs in history.items()}
     if strategy is not None:
@@ -782,6 +814,78 @@ def train_split(
         postprocessing=postprocessing,
     )
     return metrics
+
+
+def refit_model(
+    parts: Sequence[training.WindowSet],
+    *,
+    config: TrainConfig,
+    dataset: dict,
+    n_classes: int,
+    epochs: int,
+    quiet: bool = False,
+):
+    """A new model of ``config``'s recipe trained on the sounding windows of ``parts`` together
+    (the training and validation windows, background ones too) for ``epochs``: the same seed,
+    augmentation, class balance and learning-rate schedule as the first training, which chose
+    ``epochs``, and the same moving average of the weights, kept at the end.
+
+    Returns:
+        ``(model, info)``: the model (without a background output), and the windows it trained
+        on and its input normalisation (``{"windows", "normalization"}``).
+    """
+    import keras
+
+    from soundshard.transforms.models.callbacks import AveragedWeights
+
+    keras.utils.set_random_seed(config.seed)
+    windows = training.concatenate([part.take(part.sounding) for part in parts])
+    negatives = windows.truth(n_classes).sum(axis=1) == 0
+    with_background_output = config.head == "softmax" and bool(negatives.any())
+    mean, variance = float(windows.features.mean()), float(windows.features.var())
+    model = models.build_model(
+        config.model,
+        input_shape=windows.features.shape[1:],
+        n_classes=n_classes,
+        normalization=(mean, variance),
+        head=config.head,
+        background_output=with_background_output,
+        width=config.width_multiplier,
+        depth=config.depth_multiplier,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(config, len(windows))),
+        loss=_loss_and_accuracy(config.head)[0],
+        metrics=[_loss_and_accuracy(config.head)[1]],
+    )
+    data = training.training_dataset(
+        windows,
+        n_classes=n_classes,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        aug=training.for_features(_augmentation(config), training.spectral_config(dataset)),
+        targets=training.training_targets(
+            windows, n_classes=n_classes, head=config.head, background=with_background_output
+        ),
+        sample_weights=training.balanced_sample_weights(windows.truth(n_classes))
+        if config.class_weights
+        else None,
+        background=windows.features[negatives] if negatives.any() else None,
+    )
+    averaged = AveragedWeights(_weight_average(config), epochs=epochs, report=not quiet)
+    model.fit(data, epochs=epochs, callbacks=[averaged], shuffle=False, verbose=0)
+    if with_background_output:
+        model = models.without_background(model, n_classes)
+    return model, {"windows": len(windows), "normalization": {"mean": mean, "variance": variance}}
+
+
+def _loss_and_accuracy(head: str):
+    """The loss and accuracy metric of a head (binary for sigmoid, categorical for softmax)."""
+    import keras
+
+    if head == "sigmoid":
+        return keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
+    return keras.losses.CategoricalCrossentropy(), keras.metrics.CategoricalAccuracy(name="accuracy")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ LR_SCHEDULES = ("cosine", "constant")
 #: What early stopping judges: the validation clips' accuracy, the validation recordings' windows
 #: (strong labels; mean average precision over classes), or recordings when there are any.
 SELECT_ON = ("clips", "recordings", "auto")
+#: Fields added after recipes were first fingerprinted, with the value that leaves a recipe as it
+#: was: at that value they are left out of the fingerprint.
+_LATER_FIELDS = {"refit": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +82,9 @@ class TrainConfig(ConfigSerialization):
         median_filter_windows: Event rule: running median over this many windows (odd); ``None``:
             chosen on annotated validation recordings, else 3.
         min_duration_s: Event rule: shortest event, seconds.
+        refit: After early stopping chose its epoch, train a new model from the same start on the
+            training and validation data together for that many epochs, and keep it (the
+            thresholds and event rules stay those the first model set on the validation data).
     """
 
     model: str = "sbcnn"
@@ -103,6 +110,7 @@ class TrainConfig(ConfigSerialization):
     temperature: float = 2.0
     median_filter_windows: int | None = None
     min_duration_s: float = 0.0
+    refit: bool = False
     _WHAT = "training"
 
     def __post_init__(self) -> None:
@@ -120,8 +128,10 @@ class TrainConfig(ConfigSerialization):
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Stable 16-hex-digit digest of every field."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Stable 16-hex-digit digest of every field (a field added later counts only when it
+        differs from its default, so recipes written before it keep their fingerprint)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in _LATER_FIELDS or _LATER_FIELDS[k] != v}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check(c: TrainConfig) -> None:
@@ -137,6 +147,7 @@ def _check(c: TrainConfig) -> None:
         ("select_on", str),
         ("class_weights", bool),
         ("augment", bool),
+        ("refit", bool),
     ):
         need(isinstance(getattr(c, name), kind), f"{name}={getattr(c, name)!r} must be {kind.__name__}")
     for name in ("epochs", "patience", "batch_size", "seed", "freeze_epochs"):

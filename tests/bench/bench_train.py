@@ -11,7 +11,8 @@ the test fold once, the next fold validates (early stopping), the other three tr
 model, the clip accuracy (mean aggregation; max and majority too) as mean ± std over the folds, the
 per-fold figures, parameters, MACs per window and the CPU seconds per fold; writes them as JSON.
 The train command's own defaults are used unless flags here say otherwise, so the printed
-command reproduces a row.
+command reproduces a row. With ``--extra=--refit`` the early-stopped model of each fold (what the
+run keeps without ``--refit``) is reported too: both sides of the comparison from one run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 ESC10 = Path(os.environ.get("SOUNDSHARD_SHARED_DATA", ROOT.parent / "shared" / "data")) / "esc10"
@@ -87,6 +90,20 @@ def main() -> int:
         summary["parameters"] = first["parameters"]
         summary["macs_per_window"] = first["macs_per_window"]
         summary["command"] = "soundshard train " + " ".join(flags)
+        # with --refit each fold's first model (early-stopped on the validation fold, the model
+        # the run keeps without --refit) is tested too: the matched pair in one run
+        folds = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("fold-*/metrics.json"))}
+        before = {
+            k: m["refit"]["first_model_test"]["clip_accuracy_mean"] for k, m in folds.items() if "refit" in m
+        }
+        if before:
+            values = list(before.values())
+            summary["before_refit"] = {
+                "clip_mean_per_fold": before,
+                "accuracy_mean": round(sum(values) / len(values), 4),
+                "accuracy_std": round(float(np.std(values)), 4),
+                "refit_epochs": {k: m["refit"]["epochs"] for k, m in folds.items()},
+            }
         results[model] = summary
     print()
     print(
@@ -106,6 +123,13 @@ def main() -> int:
             "  per fold (clip_mean): "
             + ", ".join(f"{k}: {v['clip_mean']:.3f}" for k, v in s["per_fold"].items())
         )
+        if "before_refit" in s:
+            b = s["before_refit"]
+            print(
+                f"  before the refit (the early-stopped models): "
+                f"{b['accuracy_mean']:.3f}±{b['accuracy_std']:.3f}; "
+                + ", ".join(f"{k}: {v:.3f}" for k, v in b["clip_mean_per_fold"].items())
+            )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

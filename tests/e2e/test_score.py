@@ -221,6 +221,35 @@ def test_segment_average_precision_known_answers(tmp_path):
     assert ap["per_class"]["rain"]["positives"] == 3 and ap["per_class"]["rain"]["segments"] == 10
     assert ap["macro"] == pytest.approx((1.0 + RAIN_AP) / 2)
     assert ap["curves"]["dog"]["precision"][0] == 1.0 and ap["curves"]["dog"]["recall"][-1] == 1.0
+    # Best F1: dog is separated at its lower reference score (DOG_SCORES[1] = 0.901): F1 1. Rain's
+    # reference segments rank 8-10: F1 with the top 8, 9, 10 segments is 2/11, 4/12 and 6/13, so the
+    # best is all ten (threshold 0.01: 3 TP, 7 FP). Micro: TP 2 + 3, FP 0 + 7, FN 0 -> 10/17.
+    assert ap["per_class"]["dog"]["best_f1"] == pytest.approx(1.0)
+    assert ap["per_class"]["dog"]["best_threshold"] == pytest.approx(DOG_SCORES[1])
+    assert ap["per_class"]["rain"]["best_f1"] == pytest.approx(6 / 13)
+    assert ap["per_class"]["rain"]["best_threshold"] == pytest.approx(0.01)
+    assert ap["best_f1"]["micro"] == pytest.approx(10 / 17)
+    assert ap["best_f1"]["macro"] == pytest.approx((1 + 6 / 13) / 2)
+
+
+def test_best_f1_is_the_maximum_over_thresholds_and_prefers_the_highest():
+    rng = np.random.default_rng(1)
+    truth = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) + truth * 0.4, 2)
+    f1, threshold, tp, fp, fn = scoring.best_f1(truth, scores)
+    brute = []
+    for t in np.unique(scores):
+        p = scores >= t
+        brute.append((2 * np.sum(p & truth) / (np.sum(p) + np.sum(truth)), t))
+    best = max(b for b, _ in brute)
+    assert f1 == pytest.approx(best)
+    assert threshold == max(t for b, t in brute if b == pytest.approx(best))
+    assert (tp, fp, fn) == (
+        np.sum((scores >= threshold) & truth),
+        np.sum((scores >= threshold) & ~truth),
+        np.sum((scores < threshold) & truth),
+    )
+    assert math.isnan(scoring.best_f1(np.zeros(4, bool), np.arange(4.0))[0])
 
 
 def test_average_precision_matches_scikit_learn_with_ties():
@@ -359,7 +388,19 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "overall (micro)" in out and "bird 1" in out
     dog_row = next(line for line in out.splitlines() if line.startswith("dog "))
-    assert dog_row.split() == ["dog", "2", "3", "0.250", "0.500", "0.333", "0.333", "0.500", "0.400", "1.000"]
+    assert dog_row.split() == [
+        "dog",
+        "2",
+        "3",
+        "0.250",
+        "0.500",
+        "0.333",
+        "0.333",
+        "0.500",
+        "0.400",
+        "1.000",
+        "1.000",
+    ]
     written = json.loads((tags / "score" / "score.json").read_text())
     assert written["event"]["overall"]["f1"] == pytest.approx(0.5)
     assert written["segment"]["overall"]["f1"] == pytest.approx(6 / 11)

@@ -358,6 +358,62 @@ def test_early_stopping_leaves_the_best_epochs_weights_in_the_model():
     np.testing.assert_array_equal(model.get_weights()[0], right[0])
 
 
+def test_averaged_weights_leave_the_average_of_the_epochs_in_the_model(capsys):
+    """A refit's callback: the model ends with the moving average of its epochs' trainable weights,
+    the same average early stopping judges (WeightAverage), and prints a line per epoch."""
+    from soundshard.transforms.models.callbacks import AveragedWeights
+
+    model = models.build_model("linear", input_shape=(2,), n_classes=2)
+    callback = AveragedWeights(training.WeightAverage(0.8), epochs=3, report=True)
+    callback.set_model(model)
+    expected = training.WeightAverage(0.8)
+    for epoch in range(3):
+        weights = [np.full(w.shape, epoch + 1.0, np.float32) for w in model.get_weights()]
+        model.set_weights(weights)
+        callback.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1)})
+        want = expected.update(weights)
+        np.testing.assert_array_equal(model.get_weights()[0], weights[0])  # training goes on raw
+    callback.on_train_end()
+    # 1, then 1·(2/3) + 2·(1/3) = 4/3, then (4/3)·(3/4) + 3·(1/4) = 1.75 (decay min(0.8, (1+t)/(2+t)))
+    np.testing.assert_allclose(model.get_weights()[0], np.full((2, 2), 1.75), rtol=1e-6)
+    np.testing.assert_allclose(model.get_weights()[0], want[0], rtol=1e-6)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        "refit epoch 1/3",
+        "refit epoch 2/3",
+        "refit epoch 3/3",
+    ]
+    assert "loss 0.500" in lines[1]
+
+
+@pytest.mark.slow
+def test_refit_trains_on_training_and_validation_folds_for_the_chosen_epochs(demo_features, tmp_path, capsys):
+    out = tmp_path / "refit"
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--output", out]
+    argv += ["--epochs", 8, "--patience", 8, "--batch-size", 16, "--refit", "--quiet"]
+    assert train.run([str(a) for a in argv]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    refit = metrics["refit"]
+    assert refit["epochs"] == metrics["best_epoch"] >= 1
+    # folds 2 (validation), 3 and 4 (training): 24 clips; every sounding window of them
+    _, windows = training.load_datasets([str(demo_features)])
+    folds = np.isin(windows.folds, [2, 3, 4])
+    assert refit["windows"] == int((folds & windows.sounding).sum()) > 0
+    assert set(refit["first_model_test"]) >= {"window_accuracy", "clip_accuracy_mean"}
+    description = json.loads((out / "model.json").read_text())
+    assert description["training"]["recipe"]["refit"] is True
+    assert description["training"]["normalization"] == refit["normalization"]
+    # the folder holds the refit model: evaluating it gives the figures metrics.json reports
+    report = tmp_path / "eval.json"
+    evaluate = ["--model-dir", str(out), "--features", str(demo_features), "--test-fold", "1"]
+    assert train.run_evaluate([*evaluate, "--output", str(report)]) == 0
+    assert json.loads(report.read_text())["clip_mean"] == metrics["clip_mean"]
+    capsys.readouterr()
+    base = ["--features", str(demo_features), "--test-fold", "1", "--output", str(tmp_path / "m"), "--refit"]
+    assert train.run([*base, "--teacher", str(out)]) == 2
+    assert "--refit trains on one worker, without --teacher or --backbone-weights" in capsys.readouterr().err
+
+
 def test_image_backbone_loads_pretrained_weights_freezes_then_fine_tunes(demo_features, tmp_path, capsys):
     """MobileNetV2 (alpha 0.35) on the log-mel image with weights from a file made here: frozen
     for --freeze-epochs (the saved backbone is then exactly the file's), fine-tuned after."""

@@ -103,3 +103,34 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+class AveragedWeights(keras.callbacks.Callback):
+    """Takes the moving average of the trainable weights once per epoch, as
+    :class:`ClipEarlyStopping` does, and leaves the model with it (with the batch-norm statistics of
+    the last epoch) when training ends: a fixed number of epochs, nothing judged (a refit).
+
+    Without an ``average`` the model keeps its raw weights. ``report`` prints one line per epoch.
+    """
+
+    def __init__(self, average: training.WeightAverage | None, *, epochs: int, report: bool = False):
+        super().__init__()
+        self.average = average
+        self.epochs = epochs
+        self.report = report
+        self._started = time.monotonic()
+        self._weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.average is not None:
+            self._weights = self.average.update(
+                self.model.get_weights(), averaged=training.trainable_mask(self.model)
+            )
+        if self.report:
+            per_epoch = (time.monotonic() - self._started) / (epoch + 1)
+            loss = f"  loss {float(logs['loss']):.3f}" if logs and "loss" in logs else ""
+            print(f"refit epoch {epoch + 1}/{self.epochs}{loss}  {per_epoch:.0f} s per epoch", flush=True)
+
+    def on_train_end(self, logs=None):
+        if self._weights is not None:
+            self.model.set_weights(self._weights)

@@ -16,6 +16,10 @@ Pure numpy and sed_eval (no Beam, no TF, no I/O). ``pipelines/score.py`` reads t
   ``average_precision_score``). A window covers the stretch nearer its centre than its
   neighbours' (its *cell*, as events are built in ``transforms/tagging/events.py``), so overlapping windows
   do not smear a score over half a window more.
+- **Best segment F1** (threshold-free too): per class, the segment F1 at the threshold of that
+  ranking which maximises it (the ``best_fscore`` of the DCASE threshold-free toolboxes), and the
+  micro F1 over classes when each class sits at its own best threshold. Set on the scored data
+  itself, it is what threshold tuning alone could reach with these scores: a ceiling, not a result.
 """
 
 from __future__ import annotations
@@ -282,8 +286,32 @@ def average_precision(truth: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def best_f1(truth: np.ndarray, scores: np.ndarray) -> tuple[float, float, int, int, int]:
+    """The highest F1 over the thresholds of a ranking, and where it is reached.
+
+    Args:
+        truth: bool ``[n]``.
+        scores: ``[n]``.
+
+    Returns:
+        ``(f1, threshold, tp, fp, fn)``: the best F1 and the threshold (score >= it is positive;
+        the highest such threshold where several tie), with the counts there; ``(nan, nan, 0, 0,
+        0)`` when ``truth`` has no positive.
+    """
+    truth = np.asarray(truth, dtype=bool)
+    if not truth.any():
+        return float("nan"), float("nan"), 0, 0, 0
+    precision, recall, thresholds = precision_recall(truth, scores)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+    best = int(np.argmax(f1))  # the first maximum: the highest threshold reaching it
+    predicted = np.asarray(scores, dtype=np.float64) >= thresholds[best]
+    tp = int(np.sum(predicted & truth))
+    return float(f1[best]), float(thresholds[best]), tp, int(np.sum(predicted)) - tp, int(truth.sum()) - tp
+
+
 def segment_average_precision(truth: np.ndarray, scores: np.ndarray, *, labels: Sequence[str]) -> dict:
-    """Per-class and macro segment average precision.
+    """Per-class and macro segment average precision, and the best segment F1.
 
     Args:
         truth: bool ``[n_segments, n_classes]`` segment activity (all recordings stacked).
@@ -291,20 +319,34 @@ def segment_average_precision(truth: np.ndarray, scores: np.ndarray, *, labels: 
         labels: Class names.
 
     Returns:
-        ``{"per_class": {label: {"ap", "positives", "segments"}}, "macro": mean AP over classes
-        with positive segments (``None`` if none), "classes": how many}``.
+        ``{"per_class": {label: {"ap", "best_f1", "best_threshold", "positives", "segments"}},
+        "macro": mean AP over classes with positive segments (``None`` if none), "classes": how
+        many, "best_f1": {"micro", "macro"}}``: the best F1 per class (:func:`best_f1`), its
+        macro mean, and the micro F1 with every class at its best threshold (a class without
+        positive segments reports nothing there).
     """
     per_class = {}
+    counts = np.zeros(3, dtype=np.int64)
     for c, label in enumerate(labels):
         ap = average_precision(truth[:, c], scores[:, c])
+        f1, threshold, *tp_fp_fn = best_f1(truth[:, c], scores[:, c])
+        counts += tp_fp_fn
         per_class[label] = {
             "ap": _finite(ap),
+            "best_f1": _finite(f1),
+            "best_threshold": _finite(threshold),
             "positives": int(truth[:, c].sum()),
             "segments": int(truth.shape[0]),
         }
     values = [v["ap"] for v in per_class.values() if v["ap"] is not None]
+    bests = [v["best_f1"] for v in per_class.values() if v["best_f1"] is not None]
+    tp, fp, fn = (int(x) for x in counts)
     return {
         "per_class": per_class,
         "macro": float(np.mean(values)) if values else None,
         "classes": len(values),
+        "best_f1": {
+            "micro": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+            "macro": float(np.mean(bests)) if bests else None,
+        },
     }
