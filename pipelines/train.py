@@ -195,6 +195,14 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         f"keeps (0: the raw weights). Default: {_default('weight_average')}.",
     )
     parser.add_argument(
+        "--label-smoothing",
+        dest="label_smoothing",
+        type=float,
+        default=None,
+        help="Share of each training target spread over the classes in the loss (0 is off). "
+        f"Default: {_default('label_smoothing')}.",
+    )
+    parser.add_argument(
         "--refit",
         action="store_const",
         const=True,
@@ -529,12 +537,16 @@ def train_split(
             depth=config.depth_multiplier,
             backbone_weights=args.backbone_weights,
         )
-        loss, accuracy = _loss_and_accuracy(head)
+        loss, accuracy = _loss_and_accuracy(head, config.label_smoothing)
         fitted = model
         if distill is not None:
             fitted = training.distillation_model(model, temperature=config.temperature, head=head)
             loss = training.distillation_loss(
-                width, weight=config.distill_weight, temperature=config.temperature, head=head
+                width,
+                weight=config.distill_weight,
+                temperature=config.temperature,
+                head=head,
+                label_smoothing=config.label_smoothing,
             )
         # accuracy of the joined output (labels and soft targets) would mean nothing
         fitted_metrics = [accuracy] if distill is None else []
@@ -855,7 +867,7 @@ def refit_model(
     )
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(config, len(windows))),
-        loss=_loss_and_accuracy(config.head)[0],
+        loss=_loss_and_accuracy(config.head, config.label_smoothing)[0],
         metrics=[_loss_and_accuracy(config.head)[1]],
     )
     data = training.training_dataset(
@@ -879,13 +891,19 @@ def refit_model(
     return model, {"windows": len(windows), "normalization": {"mean": mean, "variance": variance}}
 
 
-def _loss_and_accuracy(head: str):
+def _loss_and_accuracy(head: str, label_smoothing: float = 0.0):
     """The loss and accuracy metric of a head (binary for sigmoid, categorical for softmax)."""
     import keras
 
     if head == "sigmoid":
-        return keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
-    return keras.losses.CategoricalCrossentropy(), keras.metrics.CategoricalAccuracy(name="accuracy")
+        return (
+            keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+        )
+    return (
+        keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        keras.metrics.CategoricalAccuracy(name="accuracy"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ LR_SCHEDULES = ("cosine", "constant")
 SELECT_ON = ("clips", "recordings", "auto")
 #: Fields added after recipes were first fingerprinted, with the value that leaves a recipe as it
 #: was: at that value they are left out of the fingerprint.
-_LATER_FIELDS = {"refit": False}
+_LATER_FIELDS = {"label_smoothing": 0.0, "refit": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,8 @@ class TrainConfig(ConfigSerialization):
         median_filter_windows: Event rule: running median over this many windows (odd); ``None``:
             chosen on annotated validation recordings, else 3.
         min_duration_s: Event rule: shortest event, seconds.
+        label_smoothing: Share of each target spread evenly over the classes (softmax) or pulled
+            toward 0.5 (sigmoid) in the loss (Szegedy et al. 2016); 0 is off.
         refit: After early stopping chose its epoch, train a new model from the same start on the
             training and validation data together for that many epochs, and keep it (the
             thresholds and event rules stay those the first model set on the validation data).
@@ -110,6 +112,7 @@ class TrainConfig(ConfigSerialization):
     temperature: float = 2.0
     median_filter_windows: int | None = None
     min_duration_s: float = 0.0
+    label_smoothing: float = 0.0
     refit: bool = False
     _WHAT = "training"
 
@@ -162,6 +165,7 @@ def _check(c: TrainConfig) -> None:
         "distill_weight",
         "temperature",
         "min_duration_s",
+        "label_smoothing",
     ):
         value = getattr(c, name)
         need(
@@ -203,6 +207,7 @@ def _check(c: TrainConfig) -> None:
     need(c.freeze_epochs >= 0, f"freeze_epochs={c.freeze_epochs} must not be negative")
     need(0.0 < c.distill_weight <= 1.0, f"distill_weight={c.distill_weight} must lie in (0, 1]")
     need(c.temperature > 0, f"temperature={c.temperature} must be positive")
+    need(0.0 <= c.label_smoothing < 1.0, f"label_smoothing={c.label_smoothing} must be in [0, 1) (0 is off)")
     need(
         c.median_filter_windows is None
         or (

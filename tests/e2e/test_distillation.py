@@ -57,6 +57,29 @@ def test_distillation_loss_on_hand_made_outputs():
     )
     by_hand = -np.mean([0.8 * np.log(0.7) + 0.2 * np.log(0.3), 0.4 * np.log(0.5) + 0.6 * np.log(0.5)])
     np.testing.assert_allclose(value, [by_hand], rtol=1e-5)
+    # label smoothing smooths the hard part only: labels (1, 0, 0) become (0.9, 0.05, 0.05) at 0.15
+    smoothed = training.distillation_loss(
+        width, weight=weight, temperature=temperature, head="softmax", label_smoothing=0.15
+    )
+    got = keras.ops.convert_to_numpy(
+        smoothed(np.concatenate([labels, soft], axis=1), np.concatenate([student, student_t], axis=1))
+    )
+    targets = labels * 0.85 + 0.05
+    hard = -(targets * np.log(student)).sum(axis=1)
+    np.testing.assert_allclose(got, (1 - weight) * hard + weight * temperature**2 * soft_ce, rtol=1e-5)
+
+
+def test_label_smoothing_reaches_the_training_loss():
+    import keras
+
+    loss, _ = train._loss_and_accuracy("softmax", 0.2)
+    value = keras.ops.convert_to_numpy(
+        loss(np.array([[0.0, 1.0]], np.float32), np.array([[0.25, 0.75]], np.float32))
+    )
+    np.testing.assert_allclose(value, -(0.1 * np.log(0.25) + 0.9 * np.log(0.75)), rtol=1e-5)
+    binary, _ = train._loss_and_accuracy("sigmoid", 0.2)
+    value = keras.ops.convert_to_numpy(binary(np.array([[1.0]], np.float32), np.array([[0.8]], np.float32)))
+    np.testing.assert_allclose(value, -(0.9 * np.log(0.8) + 0.1 * np.log(0.2)), rtol=1e-5)
 
 
 def _windows(clips, starts, ends):

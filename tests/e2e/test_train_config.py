@@ -30,6 +30,8 @@ from soundshard.transforms.models import architectures as models
         ({"model": "mobilenetv2", "depth_multiplier": 2.0}, "depth_multiplier scales the dscnn family"),
         ({"distill_weight": 0.0}, "distill_weight=0.0 must lie in (0, 1]"),
         ({"augment": "yes"}, "augment='yes' must be bool"),
+        ({"label_smoothing": 1.0}, "label_smoothing=1.0 must be in [0, 1)"),
+        ({"refit": 1}, "refit=1 must be bool"),
     ],
 )
 def test_invalid_recipes_are_named(changes, fragment):
@@ -48,6 +50,14 @@ def test_round_trip_fingerprint_and_model_names():
     assert models.MODEL_NAMES == MODEL_NAMES and tuple(models.DSCNN_SIZES) == ("xs", "s", "m", "l")
     with pytest.raises(ConfigError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
         TrainConfig.from_dict({"epoch": 5})
+    # fields added later leave the fingerprints of recipes without them as they were (the digest
+    # of the recipe's JSON without those keys) and count once they differ from their default
+    import hashlib
+
+    old = {k: v for k, v in config.to_dict().items() if k not in ("label_smoothing", "refit")}
+    assert config.fingerprint == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert TrainConfig(refit=True).fingerprint != TrainConfig().fingerprint
+    assert TrainConfig(label_smoothing=0.1).fingerprint != TrainConfig().fingerprint
 
 
 def test_recipe_file_and_flags(tmp_path):

@@ -1060,17 +1060,20 @@ def distillation_model(student, *, temperature: float, head: str):
     return keras.Model(student.input, joined, name=f"{student.name}_distillation")
 
 
-def distillation_loss(width: int, *, weight: float, temperature: float, head: str):
+def distillation_loss(
+    width: int, *, weight: float, temperature: float, head: str, label_smoothing: float = 0.0
+):
     """Loss of :func:`distillation_model`: targets are ``[labels (width), teacher's tempered
     soft targets (width)]``; ``(1 - weight) * CE(labels, p) + weight * T^2 * CE(soft, p_T)`` with
     categorical (softmax head) or per-class binary (sigmoid head) cross-entropy. ``T^2`` keeps the
-    soft part's gradients at the scale of the hard part's (Hinton et al. 2015)."""
+    soft part's gradients at the scale of the hard part's (Hinton et al. 2015). ``label_smoothing``
+    smooths the labels of the hard part (the soft targets are soft already)."""
     import keras
 
     entropy = keras.losses.categorical_crossentropy if head == "softmax" else keras.losses.binary_crossentropy
 
     def loss(y_true, y_pred):
-        hard = entropy(y_true[:, :width], y_pred[:, :width])
+        hard = entropy(y_true[:, :width], y_pred[:, :width], label_smoothing=label_smoothing)
         soft = entropy(y_true[:, width:], y_pred[:, width:])
         return (1.0 - weight) * hard + weight * temperature**2 * soft
 
