@@ -688,6 +688,16 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
         "that lasts most of a recording is its background) (default: the model's, else "
         f"{RULE_DEFAULTS['min_level_above_floor_db']}).",
     )
+    rules.add_argument(
+        "--onset-rise-db",
+        dest="onset_rise_db",
+        type=db_or_off,
+        default=None,
+        help="Place each event's start where the sound rises: within 1 s before and 0.7 s after the "
+        "start its windows give, the frame where the level climbs most in 0.3 s, if by at least this "
+        "many dB; 'off' keeps starts on the window grid (default: the model's, else "
+        f"{RULE_DEFAULTS['onset_rise_db']}).",
+    )
     batching = parser.add_argument_group("inference")
     batching.add_argument(
         "--max-batch-windows",

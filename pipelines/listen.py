@@ -361,8 +361,9 @@ class Listener:
             else None
         )
         silent = self._streaming.silent_of(windows.features, self.config)
+        frames = melspec.frame_levels_db(windows.features, self.config) if level is not None else None
         self.windows_scored += len(windows)
-        return scores, (windows, scores, level, silent)
+        return scores, (windows, scores, level, silent, frames)
 
     def push(self, block: np.ndarray):
         """``(windows, scores, events)`` of one block ``[n, channels]``; samples that are not

@@ -41,6 +41,12 @@ class TagConfig(ConfigSerialization):
         median_filter_windows: Each class's scores are smoothed over this many consecutive windows
             (a running median, as the DCASE baselines do) before events are found; ``1`` is off.
             Odd.
+        onset_rise_db: Each event's start moves to where the sound rises: within
+            ``ONSET_SEARCH_BEFORE_S`` before and ``ONSET_SEARCH_AFTER_S`` after the start its
+            windows give, the frame where the recording's broadband level climbs most within
+            ``ONSET_RISE_SPAN_S``, if it climbs by at least this many dB (else the start stays);
+            ``None``: starts stay on the window grid. Needs the windows' frame levels (log-mel or
+            MFCC models).
     """
 
     _WHAT = "tag"
@@ -56,6 +62,7 @@ class TagConfig(ConfigSerialization):
     min_level_above_floor_db: float | None = 6.0
     top_k: int = 0
     median_filter_windows: int = 1
+    onset_rise_db: float | None = 6.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_names", tuple(self.label_names))
@@ -86,6 +93,9 @@ class TagConfig(ConfigSerialization):
         floor = self.min_level_above_floor_db
         if floor is not None and not (math.isfinite(floor) and floor >= 0):
             raise ConfigError(f"min_level_above_floor_db={floor} must be a finite number >= 0 (or off)")
+        rise = self.onset_rise_db
+        if rise is not None and not (math.isfinite(rise) and rise > 0):
+            raise ConfigError(f"onset_rise_db={rise} must be a positive number (or off)")
         if not 0 <= self.top_k <= n:
             raise ConfigError(f"top_k={self.top_k} must be between 0 (all classes) and {n}")
         if self.median_filter_windows < 1 or self.median_filter_windows % 2 == 0:
@@ -131,7 +141,21 @@ EVENT_RULES = (
     "max_gap_s",
     "median_filter_windows",
     "min_level_above_floor_db",
+    "onset_rise_db",
 )
+#: Where an event's start is looked for (``onset_rise_db``): this long before the start its
+#: windows give (a window scores high once enough of a sound is in it, so the sound may have begun
+#: up to a window earlier) and after it (a window that starts on the background scores high if its
+#: end holds the sound); chosen on annotated validation recordings (docs/benchmarks.md).
+ONSET_SEARCH_BEFORE_S = 1.0
+ONSET_SEARCH_AFTER_S = 0.7
+#: A rise is the level of a frame over the lowest level of the frames this long before it.
+ONSET_RISE_SPAN_S = 0.3
+#: The start is the last of those frames within this many dB of the lowest: where the climb
+#: begins, not wherever a flat background happens to dip lowest.
+ONSET_BASE_DB = 1.0
+#: Frame levels are smoothed over this many frames (a running mean) before rises are measured.
+ONSET_SMOOTH_FRAMES = 3
 #: A recording's floor (``min_level_above_floor_db``) is its windows' level at this percentile.
 FLOOR_PERCENTILE = 10.0
 #: Recordings with fewer sounding windows than this (about 30 s at the default hop) have no floor.

@@ -531,3 +531,78 @@ def test_floor_gate_keeps_what_stands_above_the_recordings_background():
         level_db=level[:63],
     )
     assert len(short) == 2
+
+
+def _onset_recording(onset_s: float = 10.30, *, rise_db: float = 30.0, n: int = 60):
+    """1 s windows every 0.5 s of 50 frames of 20 ms over a bed at -40 dB that rises by
+    ``rise_db`` at ``onset_s``; label a scores 0.9 on windows 21-24 (from 10.5 s), late for
+    that onset, as a window that needs enough of a sound in it is."""
+    frame_s, per_window, hop = 0.02, 50, 25
+    times = np.arange((n - 1) * hop + per_window) * frame_s
+    track = np.where(times >= onset_s - 1e-9, -40.0 + rise_db, -40.0)
+    frames = np.stack([track[k * hop : k * hop + per_window] for k in range(n)])
+    start = np.arange(n) * 0.5
+    scores = np.zeros((n, 2), np.float32)
+    scores[21:25, 0] = 0.9
+    return scores, start, start + 1.0, frames
+
+
+def test_frame_track_puts_windows_frames_back_on_the_recordings_grid():
+    start, end = np.array([0.0, 0.5, 2.0]), np.array([1.0, 1.5, 3.0])  # 4 frames of 0.25 s each
+    frames = np.array([[0, 1, 2, 3], [2, 3, 4, 5], [8, 9, 10, 11]], float)
+    frames[1, 0] = 7.0  # a frame a window's top_db clamp raised: the other window's value holds
+    times, levels = ev.frame_track(frames, start_s=start, end_s=end)
+    np.testing.assert_allclose(times, np.arange(12) * 0.25)
+    np.testing.assert_array_equal(levels[:6], [0, 1, 2, 3, 4, 5])
+    assert np.isnan(levels[6:8]).all()  # no window holds 1.5-2.0 s
+    np.testing.assert_array_equal(levels[8:], [8, 9, 10, 11])
+
+
+def test_event_starts_move_to_where_the_sound_rises():
+    scores, start, end, frames = _onset_recording()
+    found = partial(ev.find_events, scores, start_s=start, end_s=end, window_index=np.arange(len(start)))
+    on_grid = found(config=config(onset_rise_db=None, min_level_above_floor_db=None))
+    assert [(e.label, e.start_s, e.end_s) for e in on_grid] == [("a", 10.75, 12.75)]
+    # Smoothed over 3 frames, the level is -40 to 10.26 s, -30 at 10.28, -20 at 10.30 and -10 from
+    # 10.32 s, the frame of the largest rise over the 0.3 s before it (30 dB); the last frame before
+    # it within 1 dB of the lowest is 10.26 s: the start moves there, the end stays.
+    placed = found(config=config(min_level_above_floor_db=None), frame_db=frames)
+    assert [(e.label, e.start_s, e.end_s) for e in placed] == [("a", pytest.approx(10.26), 12.75)]
+    assert placed[0].peak == on_grid[0].peak and placed[0].n_windows == on_grid[0].n_windows
+    # a rise under onset_rise_db, or one outside the span searched, leaves the start on the grid
+    small = _onset_recording(rise_db=4.0)[3]
+    assert found(config=config(min_level_above_floor_db=None), frame_db=small)[0].start_s == 10.75
+    early = _onset_recording(onset_s=9.0)[3]
+    assert found(config=config(min_level_above_floor_db=None), frame_db=early)[0].start_s == 10.75
+    # never into the label's previous event
+    event = ev.Event("a", 10.75, 12.75, 0.9, 0.9, 4)
+    times, levels = ev.frame_track(frames, start_s=start, end_s=end)
+    moved = ev.refine_onsets([event], times=times, levels=levels, rise_db=6.0, previous_end={"a": 10.5})
+    assert moved[0].start_s == 10.5
+    with pytest.raises(ConfigError, match="onset_rise_db=0.0 must be a positive number"):
+        config(onset_rise_db=0.0)
+
+
+def test_frame_levels_are_the_power_sum_of_the_bands():
+    from soundshard.schemas.config import FeatureConfig
+    from soundshard.transforms.features import melspec
+
+    features = np.full((1, 60, 41), -100.0, np.float32)
+    features[0, :2, 5] = -10.0  # two bands at -10 dB: 10 log10(2 x 0.1) = -6.99 dB
+    levels = melspec.frame_levels_db(features, FeatureConfig())
+    assert levels.shape == (1, 41)
+    assert levels[0, 5] == pytest.approx(10 * np.log10(2 * 0.1 + 58 * 1e-10), abs=1e-4)
+    assert levels[0, 0] == pytest.approx(-100 + 10 * np.log10(60), abs=1e-4)
+    mfcc = FeatureConfig(feature_type="mfcc", n_mfcc=13)
+    c0 = np.full((1, 13, 41), 0.0, np.float32)
+    c0[0, 0, :] = -40.0 * np.sqrt(60)  # c0 of frames whose 60 bands are all at -40 dB
+    np.testing.assert_allclose(melspec.frame_levels_db(c0, mfcc), -40.0, rtol=1e-6)
+
+
+def test_onset_rule_from_the_model_a_flag_or_off():
+    parse = tag.make_parser().parse_args
+    base = ["--input", "x", "--model-dir", "m", "--output", "o"]
+    old_model = {"label_names": list(LABELS)}
+    assert tag.tag_config_from_args(parse(base), old_model).onset_rise_db == 6.0
+    assert tag.tag_config_from_args(parse([*base, "--onset-rise-db", "off"]), old_model).onset_rise_db is None
+    assert tag.tag_config_from_args(parse([*base, "--onset-rise-db", "10"]), old_model).onset_rise_db == 10.0

@@ -75,9 +75,25 @@ def test_events_settled_online_are_the_events_of_the_whole_recording():
     )
     start = np.arange(n) * hop
     index = np.arange(n)
+    # frame levels (50 frames of 20 ms a window): a bed with a rise 0.3 s into each sound, whose
+    # starts move there (as far back as a cut's kept windows must reach)
+    track = rng.normal(-40, 1, (n - 1) * 25 + 50)
+    for begin in (40, 45, 300, 310, 520):
+        track[begin * 25 + 15 : begin * 25 + 200] += 20
+    frames = np.stack([track[k * 25 : k * 25 + 50] for k in range(n)])
     batch = ev.find_events(
+        scores,
+        start_s=start,
+        end_s=start + 1.0,
+        window_index=index,
+        config=config,
+        level_db=level,
+        frame_db=frames,
+    )
+    grid = ev.find_events(
         scores, start_s=start, end_s=start + 1.0, window_index=index, config=config, level_db=level
     )
+    assert sum(a.start_s != b.start_s for a, b in zip(batch, grid, strict=True)) >= 3
     online = streaming.StreamingEvents(config, window_hop_s=hop)
     found, k, settled_before_end = [], 0, 0
     while k < n:
@@ -89,6 +105,7 @@ def test_events_settled_online_are_the_events_of_the_whole_recording():
             start[k : k + m] + 1.0,
             level[k : k + m],
             np.zeros(min(m, n - k), bool),
+            frames[k : k + m],
         )
         k += m
         settled_before_end = len(found)

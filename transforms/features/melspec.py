@@ -179,6 +179,17 @@ def window_level_db(features: np.ndarray, config: FeatureConfig) -> np.ndarray:
     return features.reshape(n, -1).max(axis=1) if n else np.zeros(0, np.float32)
 
 
+def frame_levels_db(features: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    """float32 ``[n, window_frames]``: the broadband level of each window's frames in dB, for
+    placing event onsets: the power sum of a log-mel frame's bands, or for MFCC the frame's mean
+    band level (``c0 / sqrt(n_mels)``)."""
+    if config.feature_type == "mfcc":
+        return (features[:, 0, :] / np.float32(np.sqrt(config.n_mels))).astype(np.float32)
+    peak = features.max(axis=1, keepdims=True)  # log-sum-exp in dB, without overflow
+    power = np.sum(10.0 ** ((features - peak) / np.float32(10.0)), axis=1)
+    return (peak[:, 0, :] + 10.0 * np.log10(power)).astype(np.float32)
+
+
 def log_mel_windows(
     y: np.ndarray,
     config: FeatureConfig,

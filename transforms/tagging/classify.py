@@ -75,6 +75,8 @@ class ScoredBatch:
         level_db: float32 ``[n]`` loudest log-mel value of each window (log-mel models), or ``None``.
         silent: bool ``[n]`` digitally silent windows (left out of the file scores, as of clip
             scores in training), or ``None`` for none.
+        frame_db: float32 ``[n, window_frames]`` broadband level of each window's frames (where
+            events start, ``TagConfig.onset_rise_db``), or ``None`` (no levels).
     """
 
     source: SourceItem
@@ -84,6 +86,7 @@ class ScoredBatch:
     scores: np.ndarray
     level_db: np.ndarray | None = None
     silent: np.ndarray | None = None
+    frame_db: np.ndarray | None = None
 
     @property
     def n_windows(self) -> int:
@@ -208,6 +211,7 @@ def _scored(result: PredictionResult, *, level: FeatureConfig | None) -> ScoredB
         np.asarray(result.inference, np.float32),
         level_db,
         training.silent_windows(batch.features, rule=training.silence_rule(level)),
+        melspec.frame_levels_db(batch.features, level) if level is not None else None,
     )
 
 
@@ -428,6 +432,7 @@ class _TagRecordingFn(beam.DoFn):
         )
         level = None if batches[0].level_db is None else np.concatenate([b.level_db for b in batches])
         silent = None if batches[0].silent is None else np.concatenate([b.silent for b in batches])
+        frames = None if batches[0].frame_db is None else np.concatenate([b.frame_db for b in batches])
         n_units = summaries[0].n_units if summaries else 1
         complete = len(summaries) == n_units and sum(s.n_windows for s in summaries) == len(scores)
         duration_s = sum(s.duration_s for s in summaries) if summaries else float(end_s[-1])
@@ -440,6 +445,7 @@ class _TagRecordingFn(beam.DoFn):
             level_db=level,
             duration_s=duration_s if complete else None,
             silent=silent,
+            frame_db=frames,
         )
         merged = ScoredBatch(item, int(window_index[0]), start_s, end_s, scores, level, silent)
         yield TableRows("windows", window_table(item, merged, config, window_index))

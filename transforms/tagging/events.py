@@ -24,7 +24,16 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from soundshard.schemas.tagging import FLOOR_MIN_WINDOWS, FLOOR_PERCENTILE, TagConfig
+from soundshard.schemas.tagging import (
+    FLOOR_MIN_WINDOWS,
+    FLOOR_PERCENTILE,
+    ONSET_BASE_DB,
+    ONSET_RISE_SPAN_S,
+    ONSET_SEARCH_AFTER_S,
+    ONSET_SEARCH_BEFORE_S,
+    ONSET_SMOOTH_FRAMES,
+    TagConfig,
+)
 from soundshard.transforms.models import training
 
 HOUR_US = 3_600_000_000
@@ -106,6 +115,7 @@ def find_events(
     duration_s: float | None = None,
     silent: np.ndarray | None = None,
     floor_db: float | None = None,
+    frame_db: np.ndarray | None = None,
 ) -> list[Event]:
     """Events of every label in one recording, sorted by start then label.
 
@@ -117,7 +127,8 @@ def find_events(
     ``config.min_level_db`` set,
     windows quieter than it (``level_db``) take no part in events; with
     ``config.min_level_above_floor_db`` set, neither do windows less than that above the
-    recording's floor (:func:`level_floor`).
+    recording's floor (:func:`level_floor`). With ``config.onset_rise_db`` and ``frame_db``, each
+    event's start then moves to where the sound rises (:func:`refine_onsets`).
 
     Args:
         scores: ``[n, n_classes]`` window scores, windows sorted by index.
@@ -131,6 +142,8 @@ def find_events(
         silent: ``[n]`` digitally silent windows, left out of the recording's floor.
         floor_db: The floor to gate on, when the recording's windows are not all given (a stream:
             the floor of what was heard so far; ``-inf`` for none yet); ``None``: from ``level_db``.
+        frame_db: ``[n, window_frames]`` broadband level of each window's frames
+            (``melspec.frame_levels_db``), for placing onsets; ``None``: starts stay on the grid.
 
     Returns:
         The events.
@@ -190,7 +203,125 @@ def find_events(
                 Event(label, begin, end, float(values.mean()), float(values.max()), int(members.sum()))
             )
     events.sort(key=lambda e: (e.start_s, e.label))
+    if frame_db is not None and config.onset_rise_db is not None:
+        times, levels = frame_track(frame_db, start_s=start_s, end_s=end_s)
+        events = refine_onsets(events, times=times, levels=levels, rise_db=config.onset_rise_db)
     return events
+
+
+def frame_track(
+    frame_db: np.ndarray, *, start_s: np.ndarray, end_s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A recording's frame levels on its frame grid, from its windows' frames.
+
+    Window ``k``'s frame ``j`` is centred at ``start_s[k] + j * (end_s[k] - start_s[k]) /
+    window_frames``; overlapping windows hold the same frames (where their ``top_db`` clamps differ,
+    the lowest value is the unclamped one). Frames no window holds (missing windows) are absent.
+
+    Args:
+        frame_db: ``[n, window_frames]`` levels of each window's frames, dB.
+        start_s: ``[n]`` window starts.
+        end_s: ``[n]`` window ends.
+
+    Returns:
+        ``(times_s, levels_db)``, each ``[n_frames]``, sorted by time, NaN levels where no window
+        covers a frame between covered ones.
+    """
+    frame_db = np.asarray(frame_db, np.float64)
+    if frame_db.size == 0:
+        return np.zeros(0), np.zeros(0)
+    n_frames = frame_db.shape[1]
+    frame_s = float(end_s[0] - start_s[0]) / n_frames
+    first = np.rint(np.asarray(start_s, np.float64) / frame_s).astype(np.int64)
+    index = (first[:, None] + np.arange(n_frames)[None, :]).ravel()
+    low = int(index.min())
+    levels = np.full(int(index.max()) - low + 1, np.inf)
+    np.minimum.at(levels, index - low, frame_db.ravel())
+    levels[np.isinf(levels)] = np.nan
+    return (np.arange(len(levels)) + low) * frame_s, levels
+
+
+def refine_onsets(
+    events: Sequence[Event],
+    *,
+    times: np.ndarray,
+    levels: np.ndarray,
+    rise_db: float,
+    previous_end: dict[str, float] | None = None,
+) -> list[Event]:
+    """Each event's start moved to where the sound rises, when it rises clearly.
+
+    The frame levels are smoothed (a running mean of ``ONSET_SMOOTH_FRAMES``); a frame's rise is
+    its level over the lowest level of the frames in the ``ONSET_RISE_SPAN_S`` before it. Among
+    the frames from ``ONSET_SEARCH_BEFORE_S`` before an event's start to ``ONSET_SEARCH_AFTER_S``
+    after it (and before its end), the one with the largest rise marks the onset if that rise is
+    at least ``rise_db``: the start moves to the lowest frame before it, where the climb begins
+    (never before 0 or before the end of the label's previous event). Otherwise it stays.
+
+    Args:
+        events: Events sorted by start (:func:`find_events`).
+        times: ``[m]`` frame centres, seconds, evenly spaced (:func:`frame_track`).
+        levels: ``[m]`` frame levels, dB (NaN where unknown).
+        rise_db: Smallest rise that moves a start.
+        previous_end: Per label, the end of its last event before these (a stream's events
+            emitted earlier); updated with these events' ends.
+
+    Returns:
+        The events, with starts moved, sorted by start then label.
+    """
+    previous_end = {} if previous_end is None else previous_end
+    if len(times) < 2 or not events:
+        for event in events:
+            previous_end[event.label] = event.end_s
+        return list(events)
+    frame_s = float(times[1] - times[0])
+    smooth = _running_mean(np.asarray(levels, np.float64), ONSET_SMOOTH_FRAMES)
+    span = max(1, int(round(ONSET_RISE_SPAN_S / frame_s)))
+    # lowest level (and where) among the `span` frames before each frame k >= span
+    before = np.lib.stride_tricks.sliding_window_view(smooth, span)[:-1]
+    filled = np.where(np.isnan(before), np.inf, before)
+    lowest_at = np.argmin(filled, axis=1)
+    lowest = filled[np.arange(len(filled)), lowest_at]
+    rise = smooth[span:] - lowest  # rise[k - span] is frame k's
+    out = []
+    for event in events:
+        a = int(np.searchsorted(times, event.start_s - ONSET_SEARCH_BEFORE_S, side="left"))
+        b = int(np.searchsorted(times, min(event.start_s + ONSET_SEARCH_AFTER_S, event.end_s), side="right"))
+        a, b = max(a, span), min(b, len(times))
+        start = event.start_s
+        if b > a:
+            window = rise[a - span : b - span]
+            if np.isfinite(window).any():
+                k = int(np.nanargmax(np.where(np.isfinite(window), window, -np.inf)))
+                if window[k] >= rise_db:
+                    # where the climb begins: the last frame before it still near the lowest level
+                    f = a + k  # the frame of the largest rise
+                    base = smooth[f - span : f]
+                    near = np.flatnonzero(base <= lowest[f - span] + ONSET_BASE_DB)
+                    onset = float(times[f - span + (near[-1] if len(near) else lowest_at[f - span])])
+                    floor = max(0.0, previous_end.get(event.label, 0.0))
+                    start = min(max(onset, floor), event.end_s)
+        moved = dataclasses.replace(event, start_s=start) if start != event.start_s else event
+        previous_end[event.label] = moved.end_s
+        out.append(moved)
+    out.sort(key=lambda e: (e.start_s, e.label))
+    return out
+
+
+def _running_mean(values: np.ndarray, size: int) -> np.ndarray:
+    """Running mean over ``size`` values (odd), the ends averaging what they have; NaN stays NaN."""
+    if size <= 1:
+        return values
+    half = size // 2
+    known = np.isfinite(values)
+    padded = np.pad(np.where(known, values, 0.0), half)
+    counts = np.pad(known.astype(np.float64), half)
+    kernel = np.ones(size)
+    total = np.convolve(padded, kernel, mode="valid")
+    n = np.convolve(counts, kernel, mode="valid")
+    out = np.divide(total, n, out=np.full(len(values), np.nan), where=n > 0)
+    out[~known] = np.nan
+    return out
 
 
 def level_floor(level_db: np.ndarray, *, silent: np.ndarray | None = None) -> float | None:

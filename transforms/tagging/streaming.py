@@ -35,7 +35,7 @@ import soxr
 
 from soundshard.schemas import melscale
 from soundshard.schemas.config import FeatureConfig
-from soundshard.schemas.tagging import TagConfig
+from soundshard.schemas.tagging import ONSET_RISE_SPAN_S, ONSET_SEARCH_BEFORE_S, TagConfig
 from soundshard.transforms.features import melspec
 from soundshard.transforms.levels import meter
 from soundshard.transforms.models import training
@@ -342,7 +342,14 @@ class StreamingEvents:
         self.config = config
         self._hop_s = window_hop_s
         self._half = max(0, config.median_filter_windows // 2)
-        self._tail: dict[str, list] = {k: [] for k in ("index", "start", "end", "scores", "level", "silent")}
+        self._tail: dict[str, list] = {
+            k: [] for k in ("index", "start", "end", "scores", "level", "silent", "frames")
+        }
+        # windows kept before a cut: the running median's context, and the frames an onset after
+        # the cut may be looked for in (as far back as tag looks on the whole recording)
+        onset = ONSET_SEARCH_BEFORE_S + ONSET_RISE_SPAN_S
+        self._keep = max(self._half, int(np.ceil(onset / window_hop_s)) + 2)
+        self._ends: dict[str, float] = {}  # per label, the end of its last event emitted
         self._levels = np.zeros(0)  # every sounding window's level, for the running floor
         self._context = 0  # windows at the tail's start kept only as smoothing context
         self.n_emitted = 0  # events emitted so far (not kept: a stream may run for days)
@@ -355,8 +362,10 @@ class StreamingEvents:
         end_s: np.ndarray,
         level_db: np.ndarray | None,
         silent: np.ndarray,
+        frame_db: np.ndarray | None = None,
     ) -> list[ev.Event]:
-        """Adds scored windows; returns the events that became final."""
+        """Adds scored windows (with their frame levels, for the onsets); returns the events that
+        became final."""
         n = len(scores)
         tail = self._tail
         tail["index"].extend(range(first_index, first_index + n))
@@ -366,6 +375,7 @@ class StreamingEvents:
         levels = np.full(n, np.nan) if level_db is None else np.asarray(level_db, np.float64)
         tail["level"].extend(levels.tolist())
         tail["silent"].extend(np.asarray(silent, bool).tolist())
+        tail["frames"].extend([None] * n if frame_db is None else list(np.asarray(frame_db, np.float32)))
         self._levels = np.concatenate([self._levels, levels[~np.asarray(silent, bool)]])
         return self._settle(final=False)
 
@@ -400,13 +410,27 @@ class StreamingEvents:
             found = [e for e in found if e.start_s >= begin]
         return found
 
+    def _onsets(self, found: list[ev.Event], upto: int) -> list[ev.Event]:
+        """The events to emit with their starts placed as tag places them (``onset_rise_db``), on
+        the frames of the tail's first ``upto`` windows."""
+        t = self._tail
+        frames = t["frames"][:upto]
+        if self.config.onset_rise_db is None or not frames or frames[0] is None:
+            return found
+        times, levels = ev.frame_track(
+            np.stack(frames), start_s=np.asarray(t["start"][:upto]), end_s=np.asarray(t["end"][:upto])
+        )
+        return ev.refine_onsets(
+            found, times=times, levels=levels, rise_db=self.config.onset_rise_db, previous_end=self._ends
+        )
+
     def _settle(self, *, final: bool, duration_s: float | None = None) -> list[ev.Event]:
         t = self._tail
         n = len(t["index"])
         if n == 0:
             return []
         if final:
-            found = self._find(n, duration_s=duration_s)
+            found = self._onsets(self._find(n, duration_s=duration_s), n)
             for key in t:
                 t[key].clear()
         else:
@@ -417,11 +441,12 @@ class StreamingEvents:
             # that their smoothed scores depend on, end before the quiet stretch that ends at `cut`
             upto = min(n, cut + self._half + 1)
             cut_time = t["start"][cut]
-            found = [e for e in self._find(upto) if e.start_s < cut_time]
-            keep_from = cut - self._half  # left context for smoothing the windows after the cut
+            found = self._onsets([e for e in self._find(upto) if e.start_s < cut_time], upto)
+            # left context: for smoothing the windows after the cut, and for their onsets
+            keep_from = max(0, cut - self._keep)
             for key in t:
                 del t[key][:keep_from]
-            self._context = self._half
+            self._context = cut - keep_from
         self.n_emitted += len(found)
         return found
 
