@@ -64,8 +64,9 @@ FORMAT = "soundshard-score/1"
 CURVE_POINTS = 200
 #: Why the threshold-free figure is segment AP rather than PSDS (recorded in score.json).
 THRESHOLD_FREE_NOTE = (
-    "segment-based average precision from the window scores; PSDS (sed_scores_eval) is not used: "
-    "its package lists the obsolete PyPI 'pathlib' backport (and Cython) as install requirements"
+    "segment-based average precision from the window scores; PSDS is not used: sed_scores_eval lists "
+    "the obsolete PyPI 'pathlib' backport (and Cython) as install requirements, and psds_eval 0.5.3 "
+    "calls DataFrame.fillna(method=...), which pandas 3 removed"
 )
 # Text columns of the tag tables: read as strings from CSV whatever they look like (a clip id
 # '0001' must not become the number 1).
