@@ -690,6 +690,7 @@ def tag_parser(prog: str = "soundshard tag") -> argparse.ArgumentParser:
     )
     rules.add_argument(
         "--onset-rise-db",
+        "--onset_rise_db",
         dest="onset_rise_db",
         type=db_or_off,
         default=None,

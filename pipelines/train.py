@@ -196,6 +196,7 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--label-smoothing",
+        "--label_smoothing",
         dest="label_smoothing",
         type=float,
         default=None,
