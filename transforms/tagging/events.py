@@ -255,8 +255,9 @@ def refine_onsets(
     its level over the lowest level of the frames in the ``ONSET_RISE_SPAN_S`` before it. Among
     the frames from ``ONSET_SEARCH_BEFORE_S`` before an event's start to ``ONSET_SEARCH_AFTER_S``
     after it (and before its end), the one with the largest rise marks the onset if that rise is
-    at least ``rise_db``: the start moves to the lowest frame before it, where the climb begins
-    (never before 0 or before the end of the label's previous event). Otherwise it stays.
+    at least ``rise_db``: the start moves to where the climb begins, the last of the frames before
+    it within ``ONSET_BASE_DB`` of their lowest level (never before 0 or before the end of the
+    label's previous event). Otherwise it stays.
 
     Args:
         events: Events sorted by start (:func:`find_events`).
@@ -275,8 +276,12 @@ def refine_onsets(
             previous_end[event.label] = event.end_s
         return list(events)
     frame_s = float(times[1] - times[0])
-    smooth = _running_mean(np.asarray(levels, np.float64), ONSET_SMOOTH_FRAMES)
     span = max(1, int(round(ONSET_RISE_SPAN_S / frame_s)))
+    if len(times) <= span:  # too short to hold a rise and the frames before it
+        for event in events:
+            previous_end[event.label] = event.end_s
+        return list(events)
+    smooth = _running_mean(np.asarray(levels, np.float64), ONSET_SMOOTH_FRAMES)
     # lowest level (and where) among the `span` frames before each frame k >= span
     before = np.lib.stride_tricks.sliding_window_view(smooth, span)[:-1]
     filled = np.where(np.isnan(before), np.inf, before)

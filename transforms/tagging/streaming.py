@@ -351,7 +351,7 @@ class StreamingEvents:
         self._keep = max(self._half, int(np.ceil(onset / window_hop_s)) + 2)
         self._ends: dict[str, float] = {}  # per label, the end of its last event emitted
         self._levels = np.zeros(0)  # every sounding window's level, for the running floor
-        self._context = 0  # windows at the tail's start kept only as smoothing context
+        self._context = 0  # windows at the tail's start kept only as context (smoothing, onsets)
         self.n_emitted = 0  # events emitted so far (not kept: a stream may run for days)
 
     def push(
