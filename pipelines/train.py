@@ -512,11 +512,7 @@ def train_split(
         background = training.split_background(background_data, split.description)
         background_train = background.train.take(background.train.sounding)
         train = training.concatenate([train, background_train])
-    # windows of none of the classes: background data, and the background of strong labels (the
-    # split keeps only windows with a truth, so every window here without a class is one of them)
-    negatives = train.truth(n_classes).sum(axis=1) == 0
-    with_background_output = head == "softmax" and bool(negatives.any())
-    mean, variance = float(train.features.mean()), float(train.features.var())
+    negatives, with_background_output = _negatives(train, n_classes=n_classes, head=head)
     width = n_classes + int(with_background_output)
     distill = (
         teacher_soft_targets(
@@ -527,15 +523,11 @@ def train_split(
     )
     # under a multi-worker strategy, variables are mirrored on every worker and kept in step
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = models.build_model(
-            config.model,
-            input_shape=train.features.shape[1:],
+        model, (mean, variance) = _new_model(
+            config,
+            train,
             n_classes=n_classes,
-            normalization=(mean, variance),
-            head=head,
             background_output=with_background_output,
-            width=config.width_multiplier,
-            depth=config.depth_multiplier,
             backbone_weights=args.backbone_weights,
         )
         loss, accuracy = _loss_and_accuracy(head, config.label_smoothing)
@@ -585,17 +577,13 @@ def train_split(
             # the validation loss of a distilled model weighs the labels on both parts
             return np.concatenate([hard, hard if soft is None else soft], axis=1)
 
-        data = training.training_dataset(
+        data = _training_data(
             train,
-            n_classes=n_classes,
-            batch_size=config.batch_size,
-            seed=config.seed,
+            config=config,
             aug=aug,
+            n_classes=n_classes,
+            negatives=negatives,
             targets=targets_of(train, None if distill is None else distill.targets),
-            sample_weights=training.balanced_sample_weights(train.truth(n_classes))
-            if config.class_weights
-            else None,
-            background=train.features[negatives] if negatives.any() else None,
         )
         stopper = ClipEarlyStopping(
             validation,
@@ -853,43 +841,89 @@ def refit_model(
 
     keras.utils.set_random_seed(config.seed)
     windows = training.concatenate([part.take(part.sounding) for part in parts])
-    negatives = windows.truth(n_classes).sum(axis=1) == 0
-    with_background_output = config.head == "softmax" and bool(negatives.any())
-    mean, variance = float(windows.features.mean()), float(windows.features.var())
-    model = models.build_model(
-        config.model,
-        input_shape=windows.features.shape[1:],
-        n_classes=n_classes,
-        normalization=(mean, variance),
-        head=config.head,
-        background_output=with_background_output,
-        width=config.width_multiplier,
-        depth=config.depth_multiplier,
+    negatives, with_background_output = _negatives(windows, n_classes=n_classes, head=config.head)
+    model, (mean, variance) = _new_model(
+        config, windows, n_classes=n_classes, background_output=with_background_output
     )
+    loss, accuracy = _loss_and_accuracy(config.head, config.label_smoothing)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(config, len(windows))),
-        loss=_loss_and_accuracy(config.head, config.label_smoothing)[0],
-        metrics=[_loss_and_accuracy(config.head)[1]],
+        loss=loss,
+        metrics=[accuracy],
     )
-    data = training.training_dataset(
+    data = _training_data(
         windows,
-        n_classes=n_classes,
-        batch_size=config.batch_size,
-        seed=config.seed,
+        config=config,
         aug=training.for_features(_augmentation(config), training.spectral_config(dataset)),
+        n_classes=n_classes,
+        negatives=negatives,
         targets=training.training_targets(
             windows, n_classes=n_classes, head=config.head, background=with_background_output
         ),
-        sample_weights=training.balanced_sample_weights(windows.truth(n_classes))
-        if config.class_weights
-        else None,
-        background=windows.features[negatives] if negatives.any() else None,
     )
     averaged = AveragedWeights(_weight_average(config), epochs=epochs, report=not quiet)
     model.fit(data, epochs=epochs, callbacks=[averaged], shuffle=False, verbose=0)
     if with_background_output:
         model = models.without_background(model, n_classes)
     return model, {"windows": len(windows), "normalization": {"mean": mean, "variance": variance}}
+
+
+def _negatives(windows: training.WindowSet, *, n_classes: int, head: str) -> tuple[np.ndarray, bool]:
+    """The training windows of none of the classes (background data, and the background of strong
+    labels: a split keeps only windows with a truth, so every window without a class is one of
+    them), and whether a softmax model gets a background output for them."""
+    negatives = windows.truth(n_classes).sum(axis=1) == 0
+    return negatives, head == "softmax" and bool(negatives.any())
+
+
+def _new_model(
+    config: TrainConfig,
+    windows: training.WindowSet,
+    *,
+    n_classes: int,
+    background_output: bool,
+    backbone_weights: str | None = None,
+):
+    """``(model, (mean, variance))``: a new model of the recipe's architecture whose input
+    normalisation is fitted to the training ``windows``."""
+    normalization = float(windows.features.mean()), float(windows.features.var())
+    model = models.build_model(
+        config.model,
+        input_shape=windows.features.shape[1:],
+        n_classes=n_classes,
+        normalization=normalization,
+        head=config.head,
+        background_output=background_output,
+        width=config.width_multiplier,
+        depth=config.depth_multiplier,
+        backbone_weights=backbone_weights,
+    )
+    return model, normalization
+
+
+def _training_data(
+    windows: training.WindowSet,
+    *,
+    config: TrainConfig,
+    aug: training.Augmentation,
+    n_classes: int,
+    negatives: np.ndarray,
+    targets: np.ndarray,
+):
+    """The shuffled, augmented batches of one training (class-balanced as the recipe says, the
+    negatives also mixed under other windows)."""
+    return training.training_dataset(
+        windows,
+        n_classes=n_classes,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        aug=aug,
+        targets=targets,
+        sample_weights=training.balanced_sample_weights(windows.truth(n_classes))
+        if config.class_weights
+        else None,
+        background=windows.features[negatives] if negatives.any() else None,
+    )
 
 
 def _loss_and_accuracy(head: str, label_smoothing: float = 0.0):

@@ -271,13 +271,8 @@ def refine_onsets(
         The events, with starts moved, sorted by start then label.
     """
     previous_end = {} if previous_end is None else previous_end
-    if len(times) < 2 or not events:
-        for event in events:
-            previous_end[event.label] = event.end_s
-        return list(events)
-    frame_s = float(times[1] - times[0])
-    span = max(1, int(round(ONSET_RISE_SPAN_S / frame_s)))
-    if len(times) <= span:  # too short to hold a rise and the frames before it
+    span = max(1, int(round(ONSET_RISE_SPAN_S / float(times[1] - times[0])))) if len(times) > 1 else 1
+    if len(times) <= span or not events:  # too short to hold a rise and the frames before it
         for event in events:
             previous_end[event.label] = event.end_s
         return list(events)
