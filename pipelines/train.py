@@ -32,7 +32,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) is noise for a CLI user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
@@ -472,8 +472,8 @@ def _check_args(args: argparse.Namespace, config: TrainConfig) -> None:
         raise ConfigError(
             "--background, --teacher and --head sigmoid train on one worker (no --workers/TF_CONFIG)"
         )
-    if config.refit and (multi_worker or args.teacher or args.backbone_weights):
-        raise ConfigError("--refit trains on one worker, without --teacher or --backbone-weights")
+    if config.refit and (multi_worker or args.backbone_weights):
+        raise ConfigError("--refit trains on one worker, without --backbone-weights")
     if args.teacher_data and not args.teacher:
         raise ConfigError("--teacher-features names the inputs of a --teacher; give the teacher too")
 
@@ -689,6 +689,11 @@ def train_split(
             n_classes=n_classes,
             epochs=best_epoch + 1,
             quiet=args.quiet,
+            teacher=functools.partial(
+                teacher_soft_targets, args, config, split, dataset=dataset, label_names=label_names, head=head
+            )
+            if args.teacher
+            else None,
         )
         refit = {
             "epochs": best_epoch + 1,
@@ -825,15 +830,19 @@ def refit_model(
     n_classes: int,
     epochs: int,
     quiet: bool = False,
+    teacher: Callable[..., Distillation] | None = None,
 ):
     """A new model of ``config``'s recipe trained on the sounding windows of ``parts`` together
     (the training and validation windows, background ones too) for ``epochs``: the same seed,
     augmentation, class balance and learning-rate schedule as the first training, which chose
-    ``epochs``, and the same moving average of the weights, kept at the end.
+    ``epochs``, and the same moving average of the weights, kept at the end. With ``teacher``
+    (``teacher(windows, width=...)`` gives a :class:`Distillation`), it learns from the teacher's
+    soft targets of those windows as the first training did.
 
     Returns:
         ``(model, info)``: the model (without a background output), and the windows it trained
-        on and its input normalisation (``{"windows", "normalization"}``).
+        on, its input normalisation and, with a teacher, what the distillation used
+        (``{"windows", "normalization", "distillation"}``).
     """
     import keras
 
@@ -846,10 +855,27 @@ def refit_model(
         config, windows, n_classes=n_classes, background_output=with_background_output
     )
     loss, accuracy = _loss_and_accuracy(config.head, config.label_smoothing)
-    model.compile(
+    targets = training.training_targets(
+        windows, n_classes=n_classes, head=config.head, background=with_background_output
+    )
+    fitted, metrics = model, [accuracy]
+    if teacher is not None:
+        width = n_classes + int(with_background_output)
+        distilled = teacher(windows, width=width)
+        targets = np.concatenate([targets, distilled.targets], axis=1)
+        fitted = training.distillation_model(model, temperature=config.temperature, head=config.head)
+        metrics = []
+        loss = training.distillation_loss(
+            width,
+            weight=config.distill_weight,
+            temperature=config.temperature,
+            head=config.head,
+            label_smoothing=config.label_smoothing,
+        )
+    fitted.compile(
         optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(config, len(windows))),
         loss=loss,
-        metrics=[accuracy],
+        metrics=metrics,
     )
     data = _training_data(
         windows,
@@ -857,15 +883,17 @@ def refit_model(
         aug=training.for_features(_augmentation(config), training.spectral_config(dataset)),
         n_classes=n_classes,
         negatives=negatives,
-        targets=training.training_targets(
-            windows, n_classes=n_classes, head=config.head, background=with_background_output
-        ),
+        targets=targets,
     )
+    # the average is of the model's weights, which the distillation model shares
     averaged = AveragedWeights(_weight_average(config), epochs=epochs, report=not quiet)
-    model.fit(data, epochs=epochs, callbacks=[averaged], shuffle=False, verbose=0)
+    fitted.fit(data, epochs=epochs, callbacks=[averaged], shuffle=False, verbose=0)
     if with_background_output:
         model = models.without_background(model, n_classes)
-    return model, {"windows": len(windows), "normalization": {"mean": mean, "variance": variance}}
+    info = {"windows": len(windows), "normalization": {"mean": mean, "variance": variance}}
+    if teacher is not None:
+        info["distillation"] = distilled.info
+    return model, info
 
 
 def _negatives(windows: training.WindowSet, *, n_classes: int, head: str) -> tuple[np.ndarray, bool]:
