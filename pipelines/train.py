@@ -43,7 +43,13 @@ from soundshard.pipelines import arguments
 from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.errors import ConfigError  # noqa: E402
 from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
-from soundshard.schemas.training import SELECT_ON, TrainConfig, load_train_config, recipe_of  # noqa: E402
+from soundshard.schemas.training import (  # noqa: E402
+    REFIT_SCHEDULES,
+    SELECT_ON,
+    TrainConfig,
+    load_train_config,
+    recipe_of,
+)
 from soundshard.transforms.features import melspec
 from soundshard.transforms.models import architectures as models
 from soundshard.transforms.models import distributed, training
@@ -213,6 +219,16 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         "thresholds and event rules stay those set on the validation data). Off by default.",
     )
     parser.add_argument(
+        "--refit-schedule",
+        "--refit_schedule",
+        dest="refit_schedule",
+        default=None,
+        choices=REFIT_SCHEDULES,
+        help="The refit's learning rate: same: the first training's schedule, stopped at the chosen "
+        "epoch; full: the schedule's whole decay within the chosen epochs. "
+        f"Default: {_default('refit_schedule')}.",
+    )
+    parser.add_argument(
         "--background",
         action="append",
         default=[],
@@ -380,12 +396,15 @@ def _augmentation(config: TrainConfig) -> training.Augmentation:
     return aug
 
 
-def _learning_rate(config: TrainConfig, n_train: int, *, scale: float = 1.0, start: int = 0):
+def _learning_rate(
+    config: TrainConfig, n_train: int, *, scale: float = 1.0, start: int = 0, epochs: int | None = None
+):
     """Constant, or cosine decay from the learning rate (times ``scale``) to 5 % of it over the
-    epochs from ``start`` to the last."""
+    epochs from ``start`` to the last (to ``epochs`` when given)."""
     if config.lr_schedule == "constant":
         return config.learning_rate * scale
-    steps = max(1, (config.epochs - start) * max(1, n_train // config.batch_size))
+    last = config.epochs if epochs is None else epochs
+    steps = max(1, (last - start) * max(1, n_train // config.batch_size))
     import keras
 
     return keras.optimizers.schedules.CosineDecay(config.learning_rate * scale, decay_steps=steps, alpha=0.05)
@@ -873,7 +892,11 @@ def refit_model(
             label_smoothing=config.label_smoothing,
         )
     fitted.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=_learning_rate(config, len(windows))),
+        optimizer=keras.optimizers.Adam(
+            learning_rate=_learning_rate(
+                config, len(windows), epochs=epochs if config.refit_schedule == "full" else None
+            )
+        ),
         loss=loss,
         metrics=metrics,
     )

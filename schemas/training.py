@@ -38,7 +38,10 @@ LR_SCHEDULES = ("cosine", "constant")
 SELECT_ON = ("clips", "recordings", "auto")
 #: Fields added after recipes were first fingerprinted, with the value that leaves a recipe as it
 #: was: at that value they are left out of the fingerprint.
-_LATER_FIELDS = {"label_smoothing": 0.0, "refit": False}
+_LATER_FIELDS = {"label_smoothing": 0.0, "refit": False, "refit_schedule": "same"}
+#: A refit's learning rate: the first training's schedule, stopped at the chosen epoch (``same``),
+#: or the whole schedule's decay compressed into the chosen epochs (``full``).
+REFIT_SCHEDULES = ("same", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,9 @@ class TrainConfig(ConfigSerialization):
         refit: After early stopping chose its epoch, train a new model from the same start on the
             training and validation data together for that many epochs, and keep it (the
             thresholds and event rules stay those the first model set on the validation data).
+        refit_schedule: The refit's learning rate (:data:`REFIT_SCHEDULES`): ``same`` follows the
+            first training's schedule and stops at the chosen epoch; ``full`` decays over the chosen
+            epochs as the first training's schedule does over all of them.
     """
 
     model: str = "sbcnn"
@@ -114,6 +120,7 @@ class TrainConfig(ConfigSerialization):
     min_duration_s: float = 0.0
     label_smoothing: float = 0.0
     refit: bool = False
+    refit_schedule: str = "same"
     _WHAT = "training"
 
     def __post_init__(self) -> None:
@@ -148,6 +155,7 @@ def _check(c: TrainConfig) -> None:
         ("lr_schedule", str),
         ("aggregation", str),
         ("select_on", str),
+        ("refit_schedule", str),
         ("class_weights", bool),
         ("augment", bool),
         ("refit", bool),
@@ -177,6 +185,11 @@ def _check(c: TrainConfig) -> None:
     need(c.lr_schedule in LR_SCHEDULES, f"lr_schedule={c.lr_schedule!r} is not one of {LR_SCHEDULES}")
     need(c.aggregation in AGGREGATIONS, f"aggregation={c.aggregation!r} is not one of {AGGREGATIONS}")
     need(c.select_on in SELECT_ON, f"select_on={c.select_on!r} is not one of {SELECT_ON}")
+    need(
+        c.refit_schedule in REFIT_SCHEDULES,
+        f"refit_schedule={c.refit_schedule!r} is not one of {REFIT_SCHEDULES}",
+    )
+    need(c.refit or c.refit_schedule == "same", f"refit_schedule={c.refit_schedule!r} is for a refit (refit)")
     for name in ("epochs", "batch_size", "patience"):
         need(getattr(c, name) >= 1, f"{name}={getattr(c, name)} must be at least 1")
     need(c.learning_rate > 0, f"learning_rate={c.learning_rate} must be positive")

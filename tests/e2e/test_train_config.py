@@ -3,6 +3,7 @@ fingerprint, recipe files (train --config) and flags that override them."""
 
 import json
 
+import numpy as np
 import pytest
 
 from soundshard.pipelines import train
@@ -32,6 +33,8 @@ from soundshard.transforms.models import architectures as models
         ({"augment": "yes"}, "augment='yes' must be bool"),
         ({"label_smoothing": 1.0}, "label_smoothing=1.0 must be in [0, 1)"),
         ({"refit": 1}, "refit=1 must be bool"),
+        ({"refit": True, "refit_schedule": "half"}, "refit_schedule='half' is not one of ('same', 'full')"),
+        ({"refit_schedule": "full"}, "refit_schedule='full' is for a refit"),
     ],
 )
 def test_invalid_recipes_are_named(changes, fragment):
@@ -54,9 +57,11 @@ def test_round_trip_fingerprint_and_model_names():
     # of the recipe's JSON without those keys) and count once they differ from their default
     import hashlib
 
-    old = {k: v for k, v in config.to_dict().items() if k not in ("label_smoothing", "refit")}
+    later = ("label_smoothing", "refit", "refit_schedule")
+    old = {k: v for k, v in config.to_dict().items() if k not in later}
     assert config.fingerprint == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert TrainConfig(refit=True).fingerprint != TrainConfig().fingerprint
+    assert TrainConfig(refit=True, refit_schedule="full").fingerprint != TrainConfig(refit=True).fingerprint
     assert TrainConfig(label_smoothing=0.1).fingerprint != TrainConfig().fingerprint
 
 
@@ -110,3 +115,18 @@ def test_recipe_of_a_model_folder_old_and_new():
     }
     assert recipe_of(old) == TrainConfig(model="edgecnn", epochs=60)
     assert recipe_of({}) == TrainConfig()
+
+
+def test_refit_schedule_decays_over_the_chosen_epochs_or_stops_in_the_first_schedule():
+    """``same``: the first training's cosine schedule (over --epochs), cut at the chosen epoch;
+    ``full``: the same decay, from the learning rate to 5 % of it, within the chosen epochs."""
+    config = TrainConfig(epochs=100, batch_size=10, learning_rate=1e-3, refit=True)
+    steps_per_epoch = 100 // 10
+    same = train._learning_rate(config, 100)
+    full = train._learning_rate(config, 100, epochs=20)
+    end = 20 * steps_per_epoch
+    assert float(same(0)) == pytest.approx(1e-3) and float(full(0)) == pytest.approx(1e-3)
+    # cosine from 1 to 0.05: at a fifth of the way 0.05 + 0.95 * (1 + cos(pi / 5)) / 2 of the rate
+    assert float(same(end)) == pytest.approx(1e-3 * (0.05 + 0.95 * (1 + np.cos(np.pi / 5)) / 2), rel=1e-5)
+    assert float(full(end)) == pytest.approx(5e-5, rel=1e-5)
+    assert float(full(end // 2)) == pytest.approx(1e-3 * 0.525, rel=1e-5)

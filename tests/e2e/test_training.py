@@ -408,16 +408,18 @@ def test_refit_trains_on_training_and_validation_folds_for_the_chosen_epochs(dem
     evaluate = ["--model-dir", str(out), "--features", str(demo_features), "--test-fold", "1"]
     assert train.run_evaluate([*evaluate, "--output", str(report)]) == 0
     assert json.loads(report.read_text())["clip_mean"] == metrics["clip_mean"]
-    # with a teacher the refit learns from its soft targets of the refit's windows too
+    # with a teacher the refit learns from its soft targets of the refit's windows too (and its
+    # learning rate decays fully within the chosen epochs)
     distilled = tmp_path / "distilled"
     argv = [str(a) for a in argv]
     argv[argv.index(str(out))] = str(distilled)
-    assert train.run([*argv, "--teacher", str(out), "--epochs", "4"]) == 0
+    assert train.run([*argv, "--teacher", str(out), "--epochs", "4", "--refit-schedule", "full"]) == 0
     refit = json.loads((distilled / "metrics.json").read_text())["refit"]
     assert refit["distillation"]["teacher"] == str(out)
     assert refit["distillation"]["windows_with_teacher_targets"] == refit["windows"]
     description = json.loads((distilled / "model.json").read_text())
     assert description["training"]["distillation"]["windows_with_teacher_targets"] < refit["windows"]
+    assert description["training"]["recipe"]["refit_schedule"] == "full"
 
 
 def test_image_backbone_loads_pretrained_weights_freezes_then_fine_tunes(demo_features, tmp_path, capsys):
