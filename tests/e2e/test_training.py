@@ -78,6 +78,20 @@ def test_mlp_and_linear_on_embeddings_and_bad_names():
         models.build_model("sbcnn", input_shape=(512,), n_classes=5)
 
 
+def test_predict_pads_the_last_slice_and_traces_once():
+    model = models.build_model("mlp", input_shape=(6,), n_classes=3, normalization=(0.0, 1.0))
+    features = np.random.default_rng(0).standard_normal((23, 6)).astype(np.float32)
+    # 23 windows in slices of 8: the last slice of 7 is padded, its padding's outputs dropped
+    got = training.predict(model, features, batch_size=8)
+    np.testing.assert_allclose(got, np.asarray(model(features)), rtol=1e-5, atol=1e-6)
+    assert training.predict(model, features[:0]).shape == (0, 3)
+    for n in (1, 5, 17):  # other counts of windows: the same input shape, no new trace
+        np.testing.assert_allclose(
+            training.predict(model, features[:n], batch_size=8), got[:n], rtol=1e-5, atol=1e-6
+        )
+    assert len(model.predict_function._list_all_concrete_functions()) == 1
+
+
 def test_aggregation_mean_max_majority():
     probs = np.array([[0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.9, 0.1]])
     clips = ["b", "b", "b", "a"]

@@ -785,12 +785,20 @@ def predict(model, features: np.ndarray, *, batch_size: int = 256) -> np.ndarray
 
     ``predict_on_batch`` on slices rather than ``model.predict``: Keras feeds ``predict`` through a
     tf.data pipeline whose parallel map, with op determinism on (as in training), makes TensorFlow
-    log an error line about an attribute its own runtime does not know, once per call.
+    log an error line about an attribute its own runtime does not know, once per call. Every slice
+    is ``batch_size`` windows (the last padded with zeros, its padding's outputs dropped), so a
+    model's predict function is traced once, whatever the number of windows of each call.
     """
-    if len(features) == 0:
+    n = len(features)
+    if n == 0:
         return np.zeros((0, *model.output_shape[1:]), np.float32)
-    starts = range(0, len(features), batch_size)
-    return np.concatenate([np.asarray(model.predict_on_batch(features[i : i + batch_size])) for i in starts])
+    outputs = []
+    for i in range(0, n, batch_size):
+        part = features[i : i + batch_size]
+        if len(part) < batch_size:
+            part = np.concatenate([part, np.zeros((batch_size - len(part), *part.shape[1:]), part.dtype)])
+        outputs.append(np.asarray(model.predict_on_batch(part))[: min(batch_size, n - i)])
+    return np.concatenate(outputs)
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
