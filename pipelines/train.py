@@ -549,19 +549,7 @@ def train_split(
             background_output=with_background_output,
             backbone_weights=args.backbone_weights,
         )
-        loss, accuracy = _loss_and_accuracy(head, config.label_smoothing)
-        fitted = model
-        if distill is not None:
-            fitted = training.distillation_model(model, temperature=config.temperature, head=head)
-            loss = training.distillation_loss(
-                width,
-                weight=config.distill_weight,
-                temperature=config.temperature,
-                head=head,
-                label_smoothing=config.label_smoothing,
-            )
-        # accuracy of the joined output (labels and soft targets) would mean nothing
-        fitted_metrics = [accuracy] if distill is None else []
+        fitted, loss, fitted_metrics = _fitted(model, config, width=width, distilled=distill is not None)
         # transfer learning: the new head learns on the pretrained features first (the backbone
         # frozen for --freeze-epochs), then every layer is fine-tuned at a tenth of the rate
         frozen = models.backbone_layers(model) if args.backbone_weights and config.freeze_epochs > 0 else []
@@ -873,24 +861,14 @@ def refit_model(
     model, (mean, variance) = _new_model(
         config, windows, n_classes=n_classes, background_output=with_background_output
     )
-    loss, accuracy = _loss_and_accuracy(config.head, config.label_smoothing)
+    width = n_classes + int(with_background_output)
+    fitted, loss, metrics = _fitted(model, config, width=width, distilled=teacher is not None)
     targets = training.training_targets(
         windows, n_classes=n_classes, head=config.head, background=with_background_output
     )
-    fitted, metrics = model, [accuracy]
     if teacher is not None:
-        width = n_classes + int(with_background_output)
         distilled = teacher(windows, width=width)
         targets = np.concatenate([targets, distilled.targets], axis=1)
-        fitted = training.distillation_model(model, temperature=config.temperature, head=config.head)
-        metrics = []
-        loss = training.distillation_loss(
-            width,
-            weight=config.distill_weight,
-            temperature=config.temperature,
-            head=config.head,
-            label_smoothing=config.label_smoothing,
-        )
     fitted.compile(
         optimizer=keras.optimizers.Adam(
             learning_rate=_learning_rate(
@@ -975,6 +953,25 @@ def _training_data(
         else None,
         background=windows.features[negatives] if negatives.any() else None,
     )
+
+
+def _fitted(model, config: TrainConfig, *, width: int, distilled: bool):
+    """``(fitted, loss, metrics)`` for ``compile``: ``model`` with its head's loss and accuracy, or
+    with a teacher the distillation model (sharing ``model``'s weights) and the distillation loss
+    over ``width`` outputs, without a metric (accuracy of the joined labels and soft targets would
+    mean nothing)."""
+    loss, accuracy = _loss_and_accuracy(config.head, config.label_smoothing)
+    if not distilled:
+        return model, loss, [accuracy]
+    fitted = training.distillation_model(model, temperature=config.temperature, head=config.head)
+    loss = training.distillation_loss(
+        width,
+        weight=config.distill_weight,
+        temperature=config.temperature,
+        head=config.head,
+        label_smoothing=config.label_smoothing,
+    )
+    return fitted, loss, []
 
 
 def _loss_and_accuracy(head: str, label_smoothing: float = 0.0):
