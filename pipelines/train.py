@@ -44,6 +44,7 @@ from soundshard.schemas.config import FeatureConfig  # noqa: E402
 from soundshard.schemas.errors import ConfigError  # noqa: E402
 from soundshard.schemas.tagging import EVENT_RULES, TagConfig  # noqa: E402
 from soundshard.schemas.training import (  # noqa: E402
+    PRECISIONS,
     REFIT_SCHEDULES,
     SELECT_ON,
     TrainConfig,
@@ -227,6 +228,14 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         help="The refit's learning rate: same: the first training's schedule, stopped at the chosen "
         "epoch; full: the schedule's whole decay within the chosen epochs. "
         f"Default: {_default('refit_schedule')}.",
+    )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="Numeric precision of training: mixed (float16 computations, float32 weights) on a "
+        "GPU and float32 elsewhere (auto), or either; the saved model is float32. XLA compiles "
+        f"the training step where a GPU trains (Keras' choice). Default: {_default('precision')}.",
     )
     parser.add_argument(
         "--background",
@@ -540,8 +549,10 @@ def train_split(
         if args.teacher
         else None
     )
+    policy = training.resolve_precision(config.precision, gpus=_gpus(), distributed=strategy is not None)
     # under a multi-worker strategy, variables are mirrored on every worker and kept in step
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope, training.dtype_policy(policy):
         model, (mean, variance) = _new_model(
             config,
             train,
@@ -644,6 +655,7 @@ def train_split(
         else:
             history = fit().history
         best_epoch, best = stopper.best_epoch, stopper.best
+        model = models.as_float32(model)
         if with_background_output:
             model = models.without_background(model, n_classes)
         share = distributed.share_summary(train, np.arange(len(train)), worker_index=0, n_workers=1)
@@ -765,6 +777,8 @@ def train_split(
         }
     metrics["train_cpu_s"] = round(cpu_s, 1)
     metrics["train_wall_s"] = round(wall_s, 1)
+    # what trained: the precision policy (TrainConfig.precision, resolved) and whether XLA compiled
+    metrics["precision"] = {"policy": policy, "xla": bool(getattr(fitted, "jit_compile", False))}
     metrics["parameters"] = int(model.count_params())
     metrics["macs_per_window"] = models.count_macs(model)
     training_config = {
@@ -792,6 +806,7 @@ def train_split(
         # the whole recipe as given (train --config takes it back) and its fingerprint
         "recipe": config.to_dict(),
         "recipe_fingerprint": config.fingerprint,
+        "precision": metrics["precision"],
         "parameters": metrics["parameters"],
         "macs_per_window": metrics["macs_per_window"],
         "silent_training_windows_left_out": int((~split.train.sounding).sum()) if len(split.train) else 0,
@@ -858,11 +873,12 @@ def refit_model(
     keras.utils.set_random_seed(config.seed)
     windows = training.concatenate([part.take(part.sounding) for part in parts])
     negatives, with_background_output = _negatives(windows, n_classes=n_classes, head=config.head)
-    model, (mean, variance) = _new_model(
-        config, windows, n_classes=n_classes, background_output=with_background_output
-    )
     width = n_classes + int(with_background_output)
-    fitted, loss, metrics = _fitted(model, config, width=width, distilled=teacher is not None)
+    with training.dtype_policy(training.resolve_precision(config.precision, gpus=_gpus())):
+        model, (mean, variance) = _new_model(
+            config, windows, n_classes=n_classes, background_output=with_background_output
+        )
+        fitted, loss, metrics = _fitted(model, config, width=width, distilled=teacher is not None)
     targets = training.training_targets(
         windows, n_classes=n_classes, head=config.head, background=with_background_output
     )
@@ -889,12 +905,20 @@ def refit_model(
     # the average is of the model's weights, which the distillation model shares
     averaged = AveragedWeights(_weight_average(config), epochs=epochs, report=not quiet)
     fitted.fit(data, epochs=epochs, callbacks=[averaged], shuffle=False, verbose=0)
+    model = models.as_float32(model)
     if with_background_output:
         model = models.without_background(model, n_classes)
     info = {"windows": len(windows), "normalization": {"mean": mean, "variance": variance}}
     if teacher is not None:
         info["distillation"] = distilled.info
     return model, info
+
+
+def _gpus() -> int:
+    """GPUs TensorFlow sees on this machine."""
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
 
 
 def _negatives(windows: training.WindowSet, *, n_classes: int, head: str) -> tuple[np.ndarray, bool]:

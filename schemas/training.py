@@ -38,10 +38,13 @@ LR_SCHEDULES = ("cosine", "constant")
 SELECT_ON = ("clips", "recordings", "auto")
 #: Fields added after recipes were first fingerprinted, with the value that leaves a recipe as it
 #: was: at that value they are left out of the fingerprint.
-_LATER_FIELDS = {"label_smoothing": 0.0, "refit": False, "refit_schedule": "same"}
+_LATER_FIELDS = {"label_smoothing": 0.0, "refit": False, "refit_schedule": "same", "precision": "auto"}
 #: A refit's learning rate: the first training's schedule, stopped at the chosen epoch (``same``),
 #: or the whole schedule's decay compressed into the chosen epochs (``full``).
 REFIT_SCHEDULES = ("same", "full")
+#: Numeric precision of training: ``mixed`` (float16 computations, float32 weights; Keras'
+#: ``mixed_float16``) where a GPU trains, else ``float32`` (``auto``), or either as asked.
+PRECISIONS = ("auto", "float32", "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,9 @@ class TrainConfig(ConfigSerialization):
         refit_schedule: The refit's learning rate (:data:`REFIT_SCHEDULES`): ``same`` follows the
             first training's schedule and stops at the chosen epoch; ``full`` decays over the chosen
             epochs as the first training's schedule does over all of them.
+        precision: :data:`PRECISIONS`: ``auto`` trains in mixed precision on a GPU (its tensor
+            cores run float16; the loss is scaled against underflow) and in float32 elsewhere
+            (CPUs gain nothing from float16). The saved model is float32 either way.
     """
 
     model: str = "sbcnn"
@@ -121,6 +127,7 @@ class TrainConfig(ConfigSerialization):
     label_smoothing: float = 0.0
     refit: bool = False
     refit_schedule: str = "same"
+    precision: str = "auto"
     _WHAT = "training"
 
     def __post_init__(self) -> None:
@@ -156,6 +163,7 @@ def _check(c: TrainConfig) -> None:
         ("aggregation", str),
         ("select_on", str),
         ("refit_schedule", str),
+        ("precision", str),
         ("class_weights", bool),
         ("augment", bool),
         ("refit", bool),
@@ -189,6 +197,7 @@ def _check(c: TrainConfig) -> None:
         c.refit_schedule in REFIT_SCHEDULES,
         f"refit_schedule={c.refit_schedule!r} is not one of {REFIT_SCHEDULES}",
     )
+    need(c.precision in PRECISIONS, f"precision={c.precision!r} is not one of {PRECISIONS}")
     need(c.refit or c.refit_schedule == "same", f"refit_schedule={c.refit_schedule!r} is for a refit (refit)")
     for name in ("epochs", "batch_size", "patience"):
         need(getattr(c, name) >= 1, f"{name}={getattr(c, name)} must be at least 1")

@@ -1,7 +1,7 @@
 """Benchmark: training speed on this machine's cores: the input pipeline against the training step.
 
     .venv/bin/python tests/bench/bench_train_speed.py [--features bench-results/train/esc10-features]
-        [--models sbcnn,edgecnn] [--steps 60] [--json bench-results/train-speed.json]
+        [--models sbcnn,edgecnn] [--precisions auto] [--steps 60] [--json bench-results/train-speed.json]
 
 For each model, on ESC-10's windows of folds 1-3 (what a ``--test-fold 4`` run trains on) with the
 default recipe's batches (batch 64, class-balanced weights, time shift, noise, SpecAugment masks,
@@ -12,6 +12,10 @@ mixup), in one process:
 - **training**: steps per second of ``fit`` on that dataset, and CPU use;
 - **input / training**: how many times faster batches are made than a step consumes them (above 1,
   the input pipeline is not what limits training; prefetching overlaps the two).
+
+``--precisions`` lists the ``train --precision`` values to time each model with (e.g.
+``float32,mixed`` on a GPU: the policy each resolves to, and whether Keras compiled the step with
+XLA, are printed and recorded).
 
 Each part runs after a warm-up (the graph traced, the shuffle buffer filled). The features are
 computed with the defaults (``soundshard features``) when the folder does not hold them yet.
@@ -47,6 +51,7 @@ def main() -> int:
     parser.add_argument("--features", default=str(ROOT / "bench-results" / "train" / "esc10-features"))
     parser.add_argument("--models", default="sbcnn,edgecnn")
     parser.add_argument("--steps", type=int, default=60, help="Batches (and training steps) timed.")
+    parser.add_argument("--precisions", default="auto", help="train --precision values, comma-separated.")
     parser.add_argument("--json", default=str(ROOT / "bench-results" / "train-speed.json"))
     args = parser.parse_args()
     features = Path(args.features)
@@ -66,6 +71,7 @@ def main() -> int:
         subprocess.run(command, check=True)
 
     import keras
+    import tensorflow as tf
 
     from soundshard.transforms.models import architectures as models
     from soundshard.transforms.models import training
@@ -92,14 +98,20 @@ def main() -> int:
     wall, cpu = timed(lambda: [next(it) for _ in range(args.steps)])
     results["input"] = {"batches_per_s": round(args.steps / wall, 1), "cpu_per_wall": round(cpu / wall, 2)}
     print(f"input pipeline: {args.steps / wall:.1f} batches/s, CPU {cpu / wall:.2f} s per s", flush=True)
-    for name in args.models.split(","):
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    results["gpus"] = gpus
+    runs = [(m, p) for m in args.models.split(",") for p in args.precisions.split(",")]
+    for model_name, precision in runs:
+        policy = training.resolve_precision(precision, gpus=gpus)
+        name = model_name if len(args.precisions.split(",")) == 1 else f"{model_name}/{precision}"
         keras.utils.set_random_seed(0)
-        model = models.build_model(
-            name,
-            input_shape=train.features.shape[1:],
-            n_classes=n_classes,
-            normalization=(float(train.features.mean()), float(train.features.var())),
-        )
+        with training.dtype_policy(policy):
+            model = models.build_model(
+                model_name,
+                input_shape=train.features.shape[1:],
+                n_classes=n_classes,
+                normalization=(float(train.features.mean()), float(train.features.var())),
+            )
         model.compile(optimizer=keras.optimizers.Adam(2e-3), loss=keras.losses.CategoricalCrossentropy())
         data = batches()
         model.fit(
@@ -114,9 +126,12 @@ def main() -> int:
             "cpu_per_wall": round(cpu / wall, 2),
             "windows_per_s": round(steps * 64, 1),
             "input_over_training": round(results["input"]["batches_per_s"] / steps, 1),
+            "policy": policy,
+            "xla": bool(model.jit_compile),
         }
         print(
-            f"{name}: {steps:.2f} steps/s ({steps * 64:.0f} windows/s), CPU {cpu / wall:.2f} s per s, "
+            f"{name} ({policy}, XLA {'on' if model.jit_compile else 'off'}): {steps:.2f} steps/s "
+            f"({steps * 64:.0f} windows/s), CPU {cpu / wall:.2f} s per s, "
             f"input {results[name]['input_over_training']}x faster than training",
             flush=True,
         )

@@ -79,6 +79,11 @@ def test_mixing_adds_powers():
     np.testing.assert_allclose(mixed, -20.0 + 10 * np.log10(2.0), atol=1e-4)  # equal powers: +3 dB
     quieter = training.mix_background(tf.constant(x), tf.constant(x), snr_db=10.0).numpy()
     np.testing.assert_allclose(quieter, -20.0 + 10 * np.log10(1.1), atol=1e-4)
+    batch = np.stack([x, x - 10.0])  # a batch, each pair at its own ratio
+    snr = tf.constant([0.0, 10.0])[:, None, None]
+    mixed = training.mix_background(tf.constant(batch), tf.constant(batch - 30.0), snr_db=snr).numpy()
+    np.testing.assert_allclose(mixed[0], -20.0 + 10 * np.log10(2.0), atol=1e-4)
+    np.testing.assert_allclose(mixed[1], -30.0 + 10 * np.log10(1.1), atol=1e-4)
 
 
 def test_saved_model_leaves_the_background_output_out():

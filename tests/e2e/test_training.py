@@ -1,5 +1,6 @@
 """Training: model builders, fold splits, augmentation, aggregation, metrics, train/evaluate CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -196,18 +197,46 @@ def test_fold_split_keeps_clips_apart_and_names_bad_folds():
         training.split_by_name(windows)
 
 
-def test_augmentation_is_seeded_and_keeps_shape():
+def augmented(x, aug, seed=(1, 2)):
     import tensorflow as tf
 
+    return training.augment_batch(tf.constant(x), aug=aug, seed=tf.constant(seed, tf.int64)).numpy()
+
+
+def test_batch_augmentation_is_seeded_and_draws_per_window():
+    off = training.Augmentation.none()
+    ramp = np.broadcast_to(np.arange(41, dtype=np.float32), (512, 6, 41)).copy()
+    shifted = augmented(ramp, dataclasses.replace(off, time_shift_frames=4))
+    shifts = ramp[:, 0, 20] - shifted[:, 0, 20]  # frame 20 shows frame 20 - shift
+    assert set(shifts.tolist()) == set(range(-4, 5))  # every shift, drawn per window
+    for row, shift in zip(shifted, shifts.astype(int), strict=True):
+        np.testing.assert_array_equal(row, np.broadcast_to(np.clip(np.arange(41) - shift, 0, 40), (6, 41)))
+
     x = np.linspace(-80, 0, 60 * 41, dtype=np.float32).reshape(60, 41)
-    aug = training.Augmentation(noise_prob=1.0)
-    a = training.augment_window(tf.constant(x), aug=aug, seed=tf.constant([1, 2], tf.int64)).numpy()
-    b = training.augment_window(tf.constant(x), aug=aug, seed=tf.constant([1, 2], tf.int64)).numpy()
-    c = training.augment_window(tf.constant(x), aug=aug, seed=tf.constant([3, 4], tf.int64)).numpy()
-    assert a.shape == x.shape and np.array_equal(a, b) and not np.array_equal(a, c)
-    assert np.isfinite(a).all() and a.max() <= x.max() + 1.0  # noise at >= 10 dB SNR adds < 0.5 dB
-    none = training.augment_window(tf.constant(x), aug=training.Augmentation.none(), seed=tf.constant([1, 2]))
-    assert np.array_equal(none.numpy(), x)
+    batch = np.broadcast_to(x, (1000, 60, 41)).copy()
+    noisy = augmented(batch, dataclasses.replace(off, noise_prob=0.3))
+    changed = np.any(noisy != x, axis=(1, 2))
+    assert 0.25 < changed.mean() < 0.35  # binomial(1000, 0.3): 0.30 +- 0.015
+    assert (noisy >= x - 1e-4).all()  # noise adds power
+    quiet = noisy[changed].reshape(changed.sum(), -1)
+    # 10-40 dB under the peak: the peak bin gains little, the quietest (-80 dB) bins a lot
+    assert np.median(quiet[:, -1]) < 0.5 and np.median(quiet[:, 0]) > -50.0
+
+    masked = augmented(
+        batch[:200], dataclasses.replace(off, spec_augment_masks=1, freq_mask_bands=8, time_mask_frames=6)
+    )
+    fill = np.float32(x.mean())
+    bands = np.all(np.isclose(masked, fill), axis=2).sum(axis=1)  # whole bands set to the mean
+    frames = np.all(np.isclose(masked, fill), axis=1).sum(axis=1)
+    assert bands.max() <= 8 and frames.max() <= 6 and len(set(bands.tolist())) > 3
+    outside = ~np.isclose(masked, fill)
+    np.testing.assert_array_equal(masked[outside], batch[:200][outside])
+
+    full = training.Augmentation(noise_prob=1.0)
+    a, b, c = augmented(batch[:8], full), augmented(batch[:8], full), augmented(batch[:8], full, seed=(3, 4))
+    assert a.shape == (8, 60, 41) and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert not np.array_equal(a[0], a[1])  # windows of one batch draw apart
+    assert np.array_equal(augmented(batch[:8], off), batch[:8])
 
 
 def test_training_dataset_mixup_and_weights():
@@ -489,3 +518,58 @@ def test_image_backbone_loads_pretrained_weights_freezes_then_fine_tunes(demo_fe
     ]
     assert train.run([*edge, "--backbone-weights", str(weights)]) == 2
     assert "--backbone-weights are for the image backbones" in capsys.readouterr().err
+
+
+def test_precision_resolves_by_machine():
+    assert training.resolve_precision("auto", gpus=1) == "mixed_float16"
+    assert training.resolve_precision("auto", gpus=0) == "float32"
+    assert training.resolve_precision("auto", gpus=2, distributed=True) == "float32"
+    assert training.resolve_precision("mixed", gpus=0) == "mixed_float16"
+    assert training.resolve_precision("float32", gpus=4) == "float32"
+    with pytest.raises(ConfigError, match="--precision mixed is for training on one worker"):
+        training.resolve_precision("mixed", gpus=1, distributed=True)
+
+
+def test_a_mixed_precision_model_is_kept_as_float32():
+    import keras
+
+    x = np.random.default_rng(3).normal(-50, 15, size=(16, 60, 41)).astype(np.float32)
+    for name in ("sbcnn", "mobilenetv3-small"):
+        keras.utils.set_random_seed(0)
+        with training.dtype_policy("mixed_float16"):
+            mixed = models.build_model(name, input_shape=(60, 41), n_classes=4, normalization=(-50.0, 225.0))
+        assert keras.config.dtype_policy().name == "float32"  # restored
+        # the head computes in float32 whatever the policy; the body in float16
+        assert mixed.get_layer("logits").compute_dtype == "float32" and mixed.output.dtype == "float32"
+        assert any(layer.compute_dtype == "float16" for layer in mixed.layers)
+        kept = models.as_float32(mixed)
+        assert {layer.dtype_policy.name for layer in models._all_layers(kept)} == {"float32"}
+        for a, b in zip(kept.get_weights(), mixed.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        # the same function, computed in float32 instead of float16
+        np.testing.assert_allclose(kept.predict_on_batch(x), mixed.predict_on_batch(x), atol=5e-3)
+        assert models.as_float32(kept) is kept
+
+
+@pytest.mark.slow
+def test_train_in_mixed_precision_saves_a_float32_model(demo_features, tmp_path):
+    import keras
+
+    out = tmp_path / "mixed"
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--output", out, "--quiet"]
+    argv += ["--epochs", 3, "--batch-size", 16, "--precision", "mixed"]
+    assert train.run([str(a) for a in argv]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["precision"] == {"policy": "mixed_float16", "xla": False}  # no GPU here: no XLA
+    description = json.loads((out / "model.json").read_text())
+    assert description["training"]["recipe"]["precision"] == "mixed"
+    assert description["training"]["precision"] == metrics["precision"]
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    # the saved float32 model is the model that was evaluated
+    report = tmp_path / "eval.json"
+    argv = ["--model-dir", out, "--features", demo_features, "--test-fold", 1, "--output", report]
+    assert train.run_evaluate([str(a) for a in argv]) == 0
+    evaluated = json.loads(report.read_text())
+    assert evaluated["clip_mean"]["accuracy"] == metrics["clip_mean"]["accuracy"]
+    assert evaluated["window"]["accuracy"] == pytest.approx(metrics["window"]["accuracy"])

@@ -196,12 +196,46 @@ def build_model(
     if head not in ("softmax", "sigmoid"):
         raise ConfigError(f"head={head!r} is not softmax or sigmoid")
     width = n_classes + (1 if background_output and head == "softmax" else 0)
-    outputs = layers.Dense(width, kernel_regularizer=keras.regularizers.L2(l2), name="logits")(x)
+    # the head computes in float32 under any policy: a softmax in float16 loses small probabilities
+    # (mixed precision, :func:`as_float32`)
+    outputs = layers.Dense(
+        width, kernel_regularizer=keras.regularizers.L2(l2), name="logits", dtype="float32"
+    )(x)
     if head == "softmax":
-        outputs = layers.Softmax(name="probabilities")(outputs)
+        outputs = layers.Softmax(name="probabilities", dtype="float32")(outputs)
     else:
-        outputs = layers.Activation("sigmoid", name="probabilities")(outputs)
+        outputs = layers.Activation("sigmoid", name="probabilities", dtype="float32")(outputs)
     return keras.Model(inputs, outputs, name=name)
+
+
+def as_float32(model):
+    """``model`` as a float32 model with the same weights: every layer (nested models' too) made
+    again with the float32 policy. A model trained under mixed precision computes in float16 and
+    keeps float32 weights; it is saved as float32, so that tagging, evaluation and the int8
+    conversion see one kind of model whatever trained it."""
+    keras = _keras()
+    if all(layer.dtype_policy.name == "float32" for layer in _all_layers(model)):
+        return model
+
+    def made_float32(layer):
+        config = layer.get_config()
+        if "dtype" in config:  # a layer; plain operations (ops.add, say) have no policy
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=made_float32, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _all_layers(model) -> list:
+    """Every layer of ``model``, those of nested models included."""
+    layers = []
+    for layer in model.layers:
+        layers.append(layer)
+        if hasattr(layer, "layers"):
+            layers.extend(_all_layers(layer))
+    return layers
 
 
 def without_background(model, n_classes: int):
