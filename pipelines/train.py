@@ -502,6 +502,8 @@ def _check_args(args: argparse.Namespace, config: TrainConfig) -> None:
         )
     if config.refit and (multi_worker or args.backbone_weights):
         raise ConfigError("--refit trains on one worker, without --backbone-weights")
+    if multi_worker:
+        training.resolve_precision(config.precision, gpus=0, distributed=True)  # refuses mixed
     if args.teacher_data and not args.teacher:
         raise ConfigError("--teacher-features names the inputs of a --teacher; give the teacher too")
 

@@ -134,6 +134,8 @@ def test_train_refuses_flags_and_tf_config_together(demo_features, tmp_path, cap
     two = ["--workers", "127.0.0.1:1,127.0.0.1:2", "--worker-index", "1"]
     assert train.run([*base, "--batch-size", "15", *two]) == 2
     assert "--batch-size 15 must be a multiple of the 2 workers" in capsys.readouterr().err
+    assert train.run([*base, "--precision", "mixed", *two]) == 2
+    assert "--precision mixed is for training on one worker" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and not (tmp_path / "m-worker-1").exists()
 
 
