@@ -709,6 +709,7 @@ def train_split(
             dataset=dataset,
             n_classes=n_classes,
             epochs=best_epoch + 1,
+            policy=policy,
             quiet=args.quiet,
             teacher=functools.partial(
                 teacher_soft_targets, args, config, split, dataset=dataset, label_names=label_names, head=head
@@ -780,7 +781,7 @@ def train_split(
     metrics["train_cpu_s"] = round(cpu_s, 1)
     metrics["train_wall_s"] = round(wall_s, 1)
     # what trained: the precision policy (TrainConfig.precision, resolved) and whether XLA compiled
-    metrics["precision"] = {"policy": policy, "xla": bool(getattr(fitted, "jit_compile", False))}
+    metrics["precision"] = {"policy": policy, "xla": bool(fitted.jit_compile)}
     metrics["parameters"] = int(model.count_params())
     metrics["macs_per_window"] = models.count_macs(model)
     training_config = {
@@ -853,6 +854,7 @@ def refit_model(
     dataset: dict,
     n_classes: int,
     epochs: int,
+    policy: str = "float32",
     quiet: bool = False,
     teacher: Callable[..., Distillation] | None = None,
 ):
@@ -861,7 +863,8 @@ def refit_model(
     augmentation, class balance and learning-rate schedule as the first training, which chose
     ``epochs``, and the same moving average of the weights, kept at the end. With ``teacher``
     (``teacher(windows, width=...)`` gives a :class:`Distillation`), it learns from the teacher's
-    soft targets of those windows as the first training did.
+    soft targets of those windows as the first training did. ``policy`` is the Keras dtype policy
+    the first training resolved (``training.resolve_precision``); the model kept is float32.
 
     Returns:
         ``(model, info)``: the model (without a background output), and the windows it trained
@@ -876,7 +879,7 @@ def refit_model(
     windows = training.concatenate([part.take(part.sounding) for part in parts])
     negatives, with_background_output = _negatives(windows, n_classes=n_classes, head=config.head)
     width = n_classes + int(with_background_output)
-    with training.dtype_policy(training.resolve_precision(config.precision, gpus=_gpus())):
+    with training.dtype_policy(policy):
         model, (mean, variance) = _new_model(
             config, windows, n_classes=n_classes, background_output=with_background_output
         )
