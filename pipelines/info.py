@@ -132,6 +132,7 @@ def _model(model: dict, folder: str) -> dict:
         **_pick(model, "input", "feature_fingerprint", "feature_config", "split"),
         "trained_on": model.get("data", {}).get("path"),
         "background": ((model.get("training") or {}).get("background") or {}).get("data"),
+        "ensemble_seeds": ((model.get("training") or {}).get("ensemble") or {}).get("seeds"),
         "window_thresholds": dict(zip(names, window, strict=False)) if window else None,
         "thresholds_from": thresholds.get("from"),
         "event_rules": model.get("postprocessing"),
@@ -243,7 +244,11 @@ def summary_text(info: dict) -> str:
             size.append(f"{info['parameters']:,} parameters")
         if info.get("macs_per_window") is not None:
             size.append(f"{info['macs_per_window']:,} MACs per window")
-        add("architecture", f"{info['architecture']} ({info['head']} head)  " + ", ".join(size))
+        seeds = info.get("ensemble_seeds")
+        what = f"mean of {len(seeds)} {info['architecture']} models" if seeds else info["architecture"]
+        add("architecture", f"{what} ({info['head']} head)  " + ", ".join(size))
+        if seeds:
+            add("ensemble", "seeds " + ", ".join(str(seed) for seed in seeds))
         add("classes", ", ".join(info["classes"]))
         shape = info.get("input") or {}
         add("input", f"{shape.get('kind')} {shape.get('shape')} {shape.get('dtype')}" if shape else None)
@@ -252,7 +257,10 @@ def summary_text(info: dict) -> str:
         add("split", _split(info.get("split") or {}))
         if info.get("test_clip_accuracy") is not None:
             add("test", f"clip accuracy {info['test_clip_accuracy']:.3f} on {info['test_clips']} clips")
-        if info.get("epochs_run"):
+        if info.get("epochs_run") and seeds:
+            runs = zip(info["epochs_run"], info["best_epoch"], strict=False)
+            add("epochs", ", ".join(f"{run} run (best {best})" for run, best in runs))
+        elif info.get("epochs_run"):
             add("epochs", f"{info['epochs_run']} run, best {info['best_epoch']}")
         if info.get("window_thresholds"):
             add("thresholds", ", ".join(f"{k} {v:g}" for k, v in info["window_thresholds"].items()))

@@ -230,6 +230,26 @@ def make_parser(prog: str = "soundshard train") -> argparse.ArgumentParser:
         f"Default: {_default('refit_schedule')}.",
     )
     parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Train N models of the recipe (seeds --seed, --seed + 1, ...; each kept in "
+        "OUTPUT/members/) and keep the model that outputs the mean of theirs; its thresholds and "
+        f"event rules are set on the validation data as one model's are. Default: {_default('ensemble')}.",
+    )
+    parser.add_argument(
+        "--ensemble-members",
+        "--ensemble_members",
+        dest="ensemble_members",
+        action="append",
+        default=[],
+        metavar="MODEL_DIR",
+        help="Instead of training, combine models already trained (e.g. in parallel, one seed each) "
+        "into one that outputs the mean of theirs: model folders (or --cv outputs, fold-N/ for each "
+        "test fold) of the same --features, split and recipe as this run; repeatable.",
+    )
+    parser.add_argument(
         "--precision",
         default=None,
         choices=PRECISIONS,
@@ -504,6 +524,25 @@ def _check_args(args: argparse.Namespace, config: TrainConfig) -> None:
         raise ConfigError("--refit trains on one worker, without --backbone-weights")
     if multi_worker:
         training.resolve_precision(config.precision, gpus=0, distributed=True)  # refuses mixed
+    if (config.ensemble > 1 or args.ensemble_members) and multi_worker:
+        raise ConfigError("--ensemble and --ensemble-members train on one worker (no --workers/TF_CONFIG)")
+    if args.ensemble_members:
+        given = [
+            flag
+            for flag, on in (
+                ("--ensemble", config.ensemble > 1),
+                ("--refit", config.refit),
+                ("--teacher", bool(args.teacher)),
+                ("--backbone-weights", bool(args.backbone_weights)),
+            )
+            if on
+        ]
+        if given:
+            raise ConfigError(
+                f"--ensemble-members combines models already trained; {', '.join(given)} would train"
+            )
+        if len(args.ensemble_members) < 2:
+            raise ConfigError("--ensemble-members needs two or more model folders")
     if args.teacher_data and not args.teacher:
         raise ConfigError("--teacher-features names the inputs of a --teacher; give the teacher too")
 
@@ -683,22 +722,12 @@ def train_split(
         )
         history, best_epoch, best, share = result.history, result.best_epoch, result.best, result.share
         model = distributed.local_copy(model)
-    test = split.test.take(split.test.weak) if split.test.weak.any() else split.test
-    # thresholds and event rules are set on the validation data by the model that never saw it
-    thresholds = validation_thresholds(
-        model, calibration, aggregation=config.aggregation, n_classes=n_classes, aug=aug, seed=config.seed
-    )
-    level_config = training.spectral_config(dataset)
-    postprocessing, calibrated = event_rules(
-        model,
-        validation,
-        thresholds=thresholds,
-        label_names=label_names,
-        config=config,
-        level_config=level_config,
+    thresholds, postprocessing, calibrated = calibrate(
+        model, split, background, config=config, dataset=dataset, label_names=label_names
     )
     refit = None
     if config.refit:
+        test = _clip_test(split)
         first = training.evaluate_predictions(training.predict(model, test.features), test, label_names)
         parts = [split.train, validation] + (
             [] if background is None else [background.train, background.validation]
@@ -728,34 +757,19 @@ def train_split(
             },
         }
     cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
-    probabilities = training.predict(model, test.features)
-    metrics = training.evaluate_predictions(probabilities, test, label_names)
+    metrics = held_out_metrics(
+        model,
+        split,
+        background,
+        thresholds=thresholds,
+        postprocessing=postprocessing,
+        label_names=label_names,
+        dataset=dataset,
+    )
     if calibrated is not None:
         metrics["event_rules"] = calibrated
     if refit is not None:
         metrics["refit"] = refit
-    if split.test.strongly_labelled.any():
-        strong = split.test.take(split.test.strongly_labelled)
-        metrics["strong_test"] = events.window_f1(
-            training.predict(model, strong.features),
-            strong.truth(n_classes),
-            thresholds["window"],
-            label_names,
-        )
-        metrics["strong_test_events"] = recording_scores(
-            model,
-            strong,
-            thresholds=thresholds,
-            label_names=label_names,
-            rules=postprocessing,
-            level_config=level_config,
-        )
-    if background is not None and len(background.test):
-        metrics["background_test"] = background_false_alarms(
-            training.predict(model, background.test.features),
-            background.test,
-            thresholds=thresholds["window"],
-        )
     metrics["split"] = split.description
     if strategy is None and phases:
         metrics["transfer_phases"] = phases
@@ -845,6 +859,266 @@ def train_split(
         postprocessing=postprocessing,
     )
     return metrics
+
+
+def _clip_test(split: training.Split) -> training.WindowSet:
+    """The test windows clip accuracy is measured on: the weakly labelled ones when there are any
+    (strongly labelled recordings are scored as recordings)."""
+    return split.test.take(split.test.weak) if split.test.weak.any() else split.test
+
+
+def calibrate(
+    model,
+    split: training.Split,
+    background: training.Split | None,
+    *,
+    config: TrainConfig,
+    dataset: dict,
+    label_names: Sequence[str],
+) -> tuple[dict, dict, dict | None]:
+    """``(thresholds, postprocessing, calibrated)``: the window thresholds and event rules of
+    ``model``, set on the validation data (and the background's validation windows), which it
+    never trained on, and what choosing the rules measured (``None`` without annotated validation
+    recordings)."""
+    aug = training.for_features(_augmentation(config), training.spectral_config(dataset))
+    held_out = (
+        split.validation
+        if background is None
+        else training.concatenate([split.validation, background.validation])
+    )
+    thresholds = validation_thresholds(
+        model, held_out, aggregation=config.aggregation, n_classes=len(label_names), aug=aug, seed=config.seed
+    )
+    postprocessing, calibrated = event_rules(
+        model,
+        split.validation,
+        thresholds=thresholds,
+        label_names=label_names,
+        config=config,
+        level_config=training.spectral_config(dataset),
+    )
+    return thresholds, postprocessing, calibrated
+
+
+def held_out_metrics(
+    model,
+    split: training.Split,
+    background: training.Split | None,
+    *,
+    thresholds: dict,
+    postprocessing: dict,
+    label_names: Sequence[str],
+    dataset: dict,
+) -> dict:
+    """``model``'s figures on the test data: window and clip metrics of the clips; with annotated
+    test recordings their window F1 and event scores under ``postprocessing``; with background
+    data its false alarms on the test background windows."""
+    test = _clip_test(split)
+    metrics = training.evaluate_predictions(training.predict(model, test.features), test, label_names)
+    if split.test.strongly_labelled.any():
+        strong = split.test.take(split.test.strongly_labelled)
+        metrics["strong_test"] = events.window_f1(
+            training.predict(model, strong.features),
+            strong.truth(len(label_names)),
+            thresholds["window"],
+            label_names,
+        )
+        metrics["strong_test_events"] = recording_scores(
+            model,
+            strong,
+            thresholds=thresholds,
+            label_names=label_names,
+            rules=postprocessing,
+            level_config=training.spectral_config(dataset),
+        )
+    if background is not None and len(background.test):
+        metrics["background_test"] = background_false_alarms(
+            training.predict(model, background.test.features),
+            background.test,
+            thresholds=thresholds["window"],
+        )
+    return metrics
+
+
+def ensemble_split(
+    split: training.Split,
+    *,
+    dataset: dict,
+    config: TrainConfig,
+    args: argparse.Namespace,
+    output: str,
+    background_data: training.WindowSet | None = None,
+) -> dict:
+    """An ensemble on ``split``: trains ``config.ensemble`` models of the recipe with seeds
+    ``config.seed`` onwards (each a model folder of its own, ``output/members/seed-<seed>/``), or
+    takes ``--ensemble-members``' models of the same data, split and recipe, and writes at
+    ``output`` the model that outputs the mean of theirs. Its thresholds and event rules are set
+    on the validation data by that mean, as a single model's are by it. Returns its test metrics.
+    """
+    label_names = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
+    started = time.process_time(), time.monotonic()
+    if args.ensemble_members:
+        folders = [member_folder(path, split.description) for path in args.ensemble_members]
+    else:
+        folders = []
+        for index in range(config.ensemble):
+            member = dataclasses.replace(config, seed=config.seed + index, ensemble=1)
+            folder = os.path.join(output, "members", f"seed-{member.seed}")
+            if not args.quiet:
+                print(
+                    f"[train] ensemble member {index + 1} of {config.ensemble}, seed {member.seed}: {folder}",
+                    flush=True,
+                )
+            train_split(
+                split,
+                dataset=dataset,
+                config=member,
+                args=args,
+                output=folder,
+                background_data=background_data,
+            )
+            folders.append(folder)
+    members, seeds, member_metrics = [], [], []
+    for folder in folders:
+        model, description = models.load_classifier(folder)
+        seeds.append(
+            check_member(folder, description, split.description, config=config, dataset=dataset).seed
+        )
+        members.append(model)
+        with open(os.path.join(folder, "metrics.json")) as f:
+            member_metrics.append(json.load(f))
+    model = models.average_of(members)
+    background = (
+        training.split_background(background_data, split.description) if background_data is not None else None
+    )
+    thresholds, postprocessing, calibrated = calibrate(
+        model, split, background, config=config, dataset=dataset, label_names=label_names
+    )
+    metrics = held_out_metrics(
+        model,
+        split,
+        background,
+        thresholds=thresholds,
+        postprocessing=postprocessing,
+        label_names=label_names,
+        dataset=dataset,
+    )
+    if calibrated is not None:
+        metrics["event_rules"] = calibrated
+    metrics["split"] = split.description
+    metrics["ensemble"] = {
+        "members": [
+            {
+                "folder": folder,
+                "seed": seed,
+                "clip_accuracy_mean": member["clip_mean"]["accuracy"],
+                "window_accuracy": member["window"]["accuracy"],
+                "best_epoch": member.get("best_epoch"),
+                **(
+                    {"strong_test_events": member["strong_test_events"]}
+                    if "strong_test_events" in member
+                    else {}
+                ),
+            }
+            for folder, seed, member in zip(folders, seeds, member_metrics, strict=True)
+        ],
+        "output": "the mean of the members' outputs",
+    }
+    metrics["epochs_run"] = [member.get("epochs_run") for member in member_metrics]
+    metrics["best_epoch"] = [member.get("best_epoch") for member in member_metrics]
+    # the members' training (trained here or earlier) and the ensemble's own calibration
+    cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
+    trained_here = not args.ensemble_members
+    metrics["train_cpu_s"] = round(
+        cpu_s if trained_here else cpu_s + sum(m.get("train_cpu_s", 0.0) for m in member_metrics), 1
+    )
+    metrics["train_wall_s"] = round(
+        wall_s if trained_here else wall_s + sum(m.get("train_wall_s", 0.0) for m in member_metrics), 1
+    )
+    metrics["parameters"] = int(model.count_params())
+    metrics["macs_per_window"] = models.count_macs(model)
+    config = dataclasses.replace(config, ensemble=len(members))
+    training_config = {
+        "model": config.model,
+        **architecture(config),
+        "head": config.head,
+        "ensemble": {
+            "members": len(members),
+            "seeds": seeds,
+            "folders": folders,
+            "output": "the mean of the members' outputs",
+        },
+        "background": None
+        if background is None
+        else {"data": list(args.background), "split": background.description},
+        "seed": config.seed,
+        "aggregation": config.aggregation,
+        "recipe": config.to_dict(),
+        "recipe_fingerprint": config.fingerprint,
+        "parameters": metrics["parameters"],
+        "macs_per_window": metrics["macs_per_window"],
+    }
+    write_model_folder(
+        output,
+        model=model,
+        dataset=dataset,
+        data_dir=args.data[0] if len(args.data) == 1 else args.data,
+        label_names=label_names,
+        training_config=training_config,
+        split=split.description,
+        metrics=metrics,
+        history={},
+        thresholds=thresholds,
+        postprocessing=postprocessing,
+    )
+    return metrics
+
+
+def member_folder(path: str, split_description: dict) -> str:
+    """The ensemble member's model folder for a split: ``path`` itself, or for a ``--cv`` output its
+    ``fold-<test fold>/``."""
+    return teacher_folder(path, split_description, flag="--ensemble-members")
+
+
+def check_member(
+    folder: str, description: dict, split_description: dict, *, config: TrainConfig, dataset: dict
+) -> TrainConfig:
+    """Refuses an ensemble member of other features, labels or split (it could have seen this
+    split's validation or test data), or of another recipe than ``config`` (its seed aside).
+    Returns the member's recipe.
+
+    Raises:
+        ConfigError: naming what differs.
+    """
+    where = f"--ensemble-members {folder!r}"
+    if description["feature_fingerprint"] != dataset["feature_fingerprint"]:
+        raise ConfigError(
+            f"{where} reads features {description['feature_fingerprint']}, --features has "
+            f"{dataset['feature_fingerprint']}"
+        )
+    labels = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
+    if list(description["label_names"]) != labels:
+        raise ConfigError(f"{where} has labels {description['label_names']}, the data {labels}")
+    if (description.get("split") or {}) != split_description:
+        raise ConfigError(
+            f"{where} was trained on split {description.get('split')}, this ensemble on "
+            f"{split_description}: members share the split, so that none saw its validation or test data"
+        )
+    member = recipe_of(description)
+    expected = dataclasses.replace(config, seed=member.seed, ensemble=1)
+    differing = [
+        field.name
+        for field in dataclasses.fields(TrainConfig)
+        if getattr(member, field.name) != getattr(expected, field.name)
+    ]
+    if differing:
+        theirs = ", ".join(f"{name}={getattr(member, name)!r}" for name in differing)
+        ours = ", ".join(f"{name}={getattr(expected, name)!r}" for name in differing)
+        raise ConfigError(
+            f"{where} was trained with another recipe ({theirs}; this run: {ours}): give the members' "
+            "training flags"
+        )
+    return member
 
 
 def refit_model(
@@ -1026,9 +1300,9 @@ class Distillation:
     info: dict
 
 
-def teacher_folder(teacher: str, split_description: dict) -> str:
+def teacher_folder(teacher: str, split_description: dict, *, flag: str = "--teacher") -> str:
     """The teacher model folder for a split: ``teacher`` itself, or for a ``--cv`` output its
-    ``fold-<test fold>/``.
+    ``fold-<test fold>/`` (``flag`` names the option in the error).
 
     Raises:
         ConfigError: no model folder there.
@@ -1040,7 +1314,7 @@ def teacher_folder(teacher: str, split_description: dict) -> str:
     if fold is not None and os.path.isfile(os.path.join(candidate, models.MODEL_JSON)):
         return candidate
     raise ConfigError(
-        f"--teacher {teacher!r} is neither a model folder nor a cross-validation output with "
+        f"{flag} {teacher!r} is neither a model folder nor a cross-validation output with "
         f"fold-{fold}/ for test fold {fold}"
     )
 
@@ -1381,6 +1655,8 @@ def write_model_folder(
     plot_confusion(
         metrics["clip_mean"]["confusion_matrix"], label_names, os.path.join(output, "confusion_matrix.png")
     )
+    if not history:  # an ensemble: its members' folders hold their learning curves
+        return
     plot_history(
         history,
         os.path.join(output, "learning_curves.png"),
@@ -1545,6 +1821,12 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                     dataset=dataset,
                     teacher_data=args.teacher_data,
                 )
+        for split in splits.values() if args.ensemble_members else ():  # every member, before any work
+            for path in args.ensemble_members:
+                folder = member_folder(path, split.description)
+                check_member(
+                    folder, models.read_description(folder), split.description, config=config, dataset=dataset
+                )
         strategy = None
         if cluster is not None and cluster.n_workers > 1:
             for split in splits.values():
@@ -1574,21 +1856,37 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                 f"{len(split.train)} training windows",
                 flush=True,
             )
-        metrics = train_split(
-            split,
-            dataset=dataset,
-            config=config,
-            args=args,
-            output=folder,
-            cluster=cluster,
-            strategy=strategy,
-            background_data=background_data,
-        )
+        if config.ensemble > 1 or args.ensemble_members:
+            metrics = ensemble_split(
+                split,
+                dataset=dataset,
+                config=config,
+                args=args,
+                output=folder,
+                background_data=background_data,
+            )
+            epochs = ", ".join(
+                f"{run} (best {best})"
+                for run, best in zip(metrics["epochs_run"], metrics["best_epoch"], strict=True)
+            )
+            epochs = f"{len(metrics['epochs_run'])} members: {epochs} epochs"
+        else:
+            metrics = train_split(
+                split,
+                dataset=dataset,
+                config=config,
+                args=args,
+                output=folder,
+                cluster=cluster,
+                strategy=strategy,
+                background_data=background_data,
+            )
+            epochs = f"{metrics['epochs_run']} epochs (best {metrics['best_epoch']})"
         per_fold[fold] = metrics
         print(
             f"[train] test {training.held_out_name(split.description)}: clip accuracy (mean) "
             f"{metrics['clip_mean']['accuracy']:.3f}, window accuracy {metrics['window']['accuracy']:.3f}, "
-            f"{metrics['epochs_run']} epochs (best {metrics['best_epoch']}), "
+            f"{epochs}, "
             f"{metrics['train_wall_s']:.0f} s ({metrics['train_cpu_s']:.0f} CPU s) -> {folder}",
             flush=True,
         )

@@ -38,7 +38,13 @@ LR_SCHEDULES = ("cosine", "constant")
 SELECT_ON = ("clips", "recordings", "auto")
 #: Fields added after recipes were first fingerprinted, with the value that leaves a recipe as it
 #: was: at that value they are left out of the fingerprint.
-_LATER_FIELDS = {"label_smoothing": 0.0, "refit": False, "refit_schedule": "same", "precision": "auto"}
+_LATER_FIELDS = {
+    "label_smoothing": 0.0,
+    "refit": False,
+    "refit_schedule": "same",
+    "precision": "auto",
+    "ensemble": 1,
+}
 #: A refit's learning rate: the first training's schedule, stopped at the chosen epoch (``same``),
 #: or the whole schedule's decay compressed into the chosen epochs (``full``).
 REFIT_SCHEDULES = ("same", "full")
@@ -99,6 +105,8 @@ class TrainConfig(ConfigSerialization):
         precision: :data:`PRECISIONS`: ``auto`` trains in mixed precision on a GPU (its tensor
             cores run float16; the loss is scaled against underflow) and in float32 elsewhere
             (CPUs gain nothing from float16). The saved model is float32 either way.
+        ensemble: Models of this recipe to train, with seeds ``seed``, ``seed + 1``, ...; the
+            model kept outputs the mean of their outputs (1: one model).
     """
 
     model: str = "sbcnn"
@@ -128,6 +136,7 @@ class TrainConfig(ConfigSerialization):
     refit: bool = False
     refit_schedule: str = "same"
     precision: str = "auto"
+    ensemble: int = 1
     _WHAT = "training"
 
     def __post_init__(self) -> None:
@@ -169,7 +178,7 @@ def _check(c: TrainConfig) -> None:
         ("refit", bool),
     ):
         need(isinstance(getattr(c, name), kind), f"{name}={getattr(c, name)!r} must be {kind.__name__}")
-    for name in ("epochs", "patience", "batch_size", "seed", "freeze_epochs"):
+    for name in ("epochs", "patience", "batch_size", "seed", "freeze_epochs", "ensemble"):
         value = getattr(c, name)
         need(isinstance(value, int) and not isinstance(value, bool), f"{name}={value!r} must be int")
     for name in (
@@ -198,8 +207,10 @@ def _check(c: TrainConfig) -> None:
         f"refit_schedule={c.refit_schedule!r} is not one of {REFIT_SCHEDULES}",
     )
     need(c.precision in PRECISIONS, f"precision={c.precision!r} is not one of {PRECISIONS}")
+    # a refit's thresholds come from its first model; an ensemble's from its members' first models
+    need(not (c.refit and c.ensemble > 1), f"ensemble={c.ensemble} with refit: an ensemble keeps no refits")
     need(c.refit or c.refit_schedule == "same", f"refit_schedule={c.refit_schedule!r} is for a refit (refit)")
-    for name in ("epochs", "batch_size", "patience"):
+    for name in ("epochs", "batch_size", "patience", "ensemble"):
         need(getattr(c, name) >= 1, f"{name}={getattr(c, name)} must be at least 1")
     need(c.learning_rate > 0, f"learning_rate={c.learning_rate} must be positive")
     need(0.0 <= c.weight_average < 1.0, f"weight_average={c.weight_average} must be in [0, 1) (0 is off)")

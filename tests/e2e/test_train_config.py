@@ -36,6 +36,8 @@ from soundshard.transforms.models import architectures as models
         ({"refit": True, "refit_schedule": "half"}, "refit_schedule='half' is not one of ('same', 'full')"),
         ({"refit_schedule": "full"}, "refit_schedule='full' is for a refit"),
         ({"precision": "float16"}, "precision='float16' is not one of ('auto', 'float32', 'mixed')"),
+        ({"ensemble": 0}, "ensemble=0 must be at least 1"),
+        ({"ensemble": 2, "refit": True}, "ensemble=2 with refit: an ensemble keeps no refits"),
     ],
 )
 def test_invalid_recipes_are_named(changes, fragment):
@@ -58,13 +60,14 @@ def test_round_trip_fingerprint_and_model_names():
     # of the recipe's JSON without those keys) and count once they differ from their default
     import hashlib
 
-    later = ("label_smoothing", "refit", "refit_schedule", "precision")
+    later = ("label_smoothing", "refit", "refit_schedule", "precision", "ensemble")
     old = {k: v for k, v in config.to_dict().items() if k not in later}
     assert config.fingerprint == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert TrainConfig(refit=True).fingerprint != TrainConfig().fingerprint
     assert TrainConfig(refit=True, refit_schedule="full").fingerprint != TrainConfig(refit=True).fingerprint
     assert TrainConfig(label_smoothing=0.1).fingerprint != TrainConfig().fingerprint
     assert TrainConfig(precision="mixed").fingerprint != TrainConfig(precision="float32").fingerprint
+    assert TrainConfig(ensemble=3).fingerprint != TrainConfig().fingerprint
 
 
 def test_recipe_file_and_flags(tmp_path):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from soundshard.pipelines import train
+from soundshard.pipelines import info, train
 from soundshard.schemas.errors import ConfigError
 from soundshard.transforms.models import architectures as models
 from soundshard.transforms.models import training
@@ -573,3 +573,84 @@ def test_train_in_mixed_precision_saves_a_float32_model(demo_features, tmp_path)
     evaluated = json.loads(report.read_text())
     assert evaluated["clip_mean"]["accuracy"] == metrics["clip_mean"]["accuracy"]
     assert evaluated["window"]["accuracy"] == pytest.approx(metrics["window"]["accuracy"])
+
+
+def test_an_ensemble_keeps_the_mean_of_its_members(demo_features, tmp_path, capsys):
+    """--ensemble 2 trains two seeds, each a model folder of its own, and keeps one flat model whose
+    output is the mean of theirs, calibrated and evaluated as one model; --ensemble-members
+    combines folders trained before into the same model, and refuses members of another recipe."""
+    out = tmp_path / "ensemble"
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1]
+    argv = [str(a) for a in [*argv, "--epochs", 3, "--patience", 3, "--batch-size", 16, "--quiet"]]
+    assert train.run([*argv, "--ensemble", "2", "--output", str(out)]) == 0
+    assert "2 members: 3 (best" in capsys.readouterr().out
+    folders = [out / "members" / f"seed-{seed}" for seed in (0, 1)]
+    members = [models.load_classifier(str(folder))[0] for folder in folders]
+    ensemble, description = models.load_classifier(str(out))
+    _, windows = training.load_datasets([str(demo_features)])
+    x = windows.features[:40]
+    mean = np.mean([member.predict(x, verbose=0) for member in members], axis=0)
+    np.testing.assert_allclose(ensemble.predict(x, verbose=0), mean, atol=1e-6)
+    assert not np.allclose(members[0].predict(x, verbose=0), members[1].predict(x, verbose=0), atol=1e-3)
+    metrics = json.loads((out / "metrics.json").read_text())
+    member_metrics = [json.loads((folder / "metrics.json").read_text()) for folder in folders]
+    assert [m["seed"] for m in metrics["ensemble"]["members"]] == [0, 1]
+    assert metrics["epochs_run"] == [m["epochs_run"] for m in member_metrics]
+    assert metrics["parameters"] == 2 * member_metrics[0]["parameters"]
+    assert metrics["macs_per_window"] == 2 * member_metrics[0]["macs_per_window"]
+    assert description["training"]["recipe"]["ensemble"] == 2
+    assert description["training"]["ensemble"]["seeds"] == [0, 1]
+    assert description["thresholds"] is not None and description["postprocessing"] is not None
+    # evaluated as one model, it gives the figures training wrote
+    report = tmp_path / "eval.json"
+    evaluate = ["--model-dir", str(out), "--features", str(demo_features), "--test-fold", "1"]
+    assert train.run_evaluate([*evaluate, "--output", str(report)]) == 0
+    assert json.loads(report.read_text())["clip_mean"] == metrics["clip_mean"]
+    capsys.readouterr()
+    assert info.run([str(out)]) == 0
+    described = capsys.readouterr().out
+    assert "architecture     mean of 2 edgecnn models (softmax head)" in described
+    assert "ensemble         seeds 0, 1" in described
+
+    combined = tmp_path / "combined"
+    given = [f"--ensemble-members={folder}" for folder in folders]
+    assert train.run([*argv, *given, "--output", str(combined)]) == 0
+    again, again_description = models.load_classifier(str(combined))
+    np.testing.assert_allclose(again.predict(x, verbose=0), mean, atol=1e-6)
+    assert again_description["thresholds"] == description["thresholds"]
+    assert json.loads((combined / "metrics.json").read_text())["clip_mean"] == metrics["clip_mean"]
+    capsys.readouterr()
+    # members of another recipe, a lone member, or members with a flag that would train: exit 2
+    assert train.run([*argv, *given, "--epochs", "4", "--output", str(tmp_path / "x")]) == 2
+    assert "another recipe (epochs=3; this run: epochs=4)" in capsys.readouterr().err
+    assert train.run([*argv, given[0], "--output", str(tmp_path / "x")]) == 2
+    assert "needs two or more model folders" in capsys.readouterr().err
+    assert train.run([*argv, *given, "--ensemble", "2", "--output", str(tmp_path / "x")]) == 2
+    assert "--ensemble would train" in capsys.readouterr().err
+    assert train.run([*argv, "--ensemble", "2", "--refit", "--output", str(tmp_path / "x")]) == 2
+    assert "--ensemble=2 with refit: an ensemble keeps no refits" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_average_of_copies_members_into_one_flat_model(tmp_path):
+    """Members with residual branches (dscnn) copied side by side: the mean of their outputs, one
+    level of layers, saved and loaded back in safe mode with the same outputs."""
+    import keras
+
+    members = []
+    for seed in (0, 1, 2):
+        keras.utils.set_random_seed(seed)
+        members.append(models.build_model("dscnn-xs", input_shape=(60, 41), n_classes=5))
+    ensemble = models.average_of(members)
+    x = np.random.default_rng(0).normal(size=(6, 60, 41)).astype(np.float32)
+    mean = np.mean([m.predict(x, verbose=0) for m in members], axis=0)
+    np.testing.assert_allclose(ensemble.predict(x, verbose=0), mean, atol=1e-6)
+    assert not any(hasattr(layer, "layers") for layer in ensemble.layers)
+    assert ensemble.count_params() == 3 * members[0].count_params()
+    assert models.count_macs(ensemble) == 3 * models.count_macs(members[0])
+    path = tmp_path / "ensemble.keras"
+    ensemble.save(path)
+    np.testing.assert_allclose(models.load_keras_file(str(path)).predict(x, verbose=0), mean, atol=1e-6)
+    other = models.build_model("dscnn-xs", input_shape=(60, 41), n_classes=4)
+    with pytest.raises(ConfigError, match="differ in input or output shape"):
+        models.average_of([members[0], other])

@@ -251,6 +251,33 @@ def without_background(model, n_classes: int):
     return keras.Model(model.input, outputs, name=model.name)
 
 
+def average_of(members: Sequence, *, name: str = "ensemble"):
+    """One model whose output is the mean of ``members``' outputs (models of one input and output
+    shape): each member's layers copied with their weights, renamed ``member<i>_<layer>``, into
+    one flat graph on a shared input. Flat, it loads in safe mode and converts to TFLite as any
+    single model does (a model nested in another would not round-trip through a .keras file)."""
+    keras = _keras()
+    first = members[0]
+    shapes = {(tuple(m.input_shape[1:]), tuple(m.output_shape[1:])) for m in members}
+    if len(shapes) != 1:
+        raise ConfigError(f"ensemble members differ in input or output shape: {sorted(shapes)}")
+    inputs = keras.Input(shape=first.input_shape[1:], name=first.inputs[0].name.split(":")[0])
+    outputs = []
+    for index, member in enumerate(members):
+
+        def renamed(layer, index=index):
+            config = layer.get_config()
+            config["name"] = f"member{index}_{layer.name}"
+            return layer.__class__.from_config(config)
+
+        copy = keras.models.clone_model(member, input_tensors=inputs, clone_function=renamed)
+        copy.set_weights(member.get_weights())
+        outputs.append(copy.output)
+    if len(outputs) == 1:
+        return keras.Model(inputs, outputs[0], name=name)
+    return keras.Model(inputs, keras.layers.Average(name="mean_of_members")(outputs), name=name)
+
+
 def _sbcnn_body(x, *, dropout: float, l2: float, pool: tuple[int, int] = (3, 3)):
     keras = _keras()
     layers = keras.layers
