@@ -982,7 +982,15 @@ def ensemble_split(
     for folder in folders:
         model, description = models.load_classifier(folder)
         seeds.append(
-            check_member(folder, description, split.description, config=config, dataset=dataset).seed
+            check_member(
+                folder,
+                description,
+                split.description,
+                config=config,
+                dataset=dataset,
+                data=args.data,
+                background=args.background,
+            ).seed
         )
         members.append(model)
         with open(os.path.join(folder, "metrics.json")) as f:
@@ -1080,12 +1088,25 @@ def member_folder(path: str, split_description: dict) -> str:
     return teacher_folder(path, split_description, flag="--ensemble-members")
 
 
+def _paths(value) -> list[str]:
+    """Data folders as recorded (one path or a list), local ones made absolute, for comparison."""
+    values = [value] if isinstance(value, str) else list(value or [])
+    return [v.rstrip("/") if "://" in v else os.path.normpath(os.path.abspath(v)) for v in values]
+
+
 def check_member(
-    folder: str, description: dict, split_description: dict, *, config: TrainConfig, dataset: dict
+    folder: str,
+    description: dict,
+    split_description: dict,
+    *,
+    config: TrainConfig,
+    dataset: dict,
+    data: Sequence[str],
+    background: Sequence[str],
 ) -> TrainConfig:
-    """Refuses an ensemble member of other features, labels or split (it could have seen this
-    split's validation or test data), or of another recipe than ``config`` (its seed aside).
-    Returns the member's recipe.
+    """Refuses an ensemble member of other features, labels, data (``--features`` and
+    ``--background`` folders) or split (it could have seen this split's validation or test data),
+    or of another recipe than ``config`` (its seed aside). Returns the member's recipe.
 
     Raises:
         ConfigError: naming what differs.
@@ -1104,6 +1125,13 @@ def check_member(
             f"{where} was trained on split {description.get('split')}, this ensemble on "
             f"{split_description}: members share the split, so that none saw its validation or test data"
         )
+    trained_on = {
+        "--features": _paths((description.get("data") or {}).get("path")),
+        "--background": _paths(((description.get("training") or {}).get("background") or {}).get("data")),
+    }
+    for flag, given in (("--features", _paths(data)), ("--background", _paths(background))):
+        if trained_on[flag] != given:
+            raise ConfigError(f"{where} was trained on {flag} {trained_on[flag]}, this run gives {given}")
     member = recipe_of(description)
     expected = dataclasses.replace(config, seed=member.seed, ensemble=1)
     differing = [
@@ -1825,7 +1853,13 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
             for path in args.ensemble_members:
                 folder = member_folder(path, split.description)
                 check_member(
-                    folder, models.read_description(folder), split.description, config=config, dataset=dataset
+                    folder,
+                    models.read_description(folder),
+                    split.description,
+                    config=config,
+                    dataset=dataset,
+                    data=args.data,
+                    background=args.background,
                 )
         strategy = None
         if cluster is not None and cluster.n_workers > 1:

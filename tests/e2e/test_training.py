@@ -630,6 +630,15 @@ def test_an_ensemble_keeps_the_mean_of_its_members(demo_features, tmp_path, caps
     assert train.run([*argv, "--ensemble", "2", "--refit", "--output", str(tmp_path / "x")]) == 2
     assert "--ensemble=2 with refit: an ensemble keeps no refits" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # a member that learnt from other data (its model.json says so) is refused, naming it
+    member = json.loads((folders[0] / "model.json").read_text())
+    dataset = json.loads((demo_features / "dataset.json").read_text())
+    check = dict(config=train.recipe_of(member), dataset=dataset, data=[f"{demo_features}/"], background=[])
+    assert train.check_member("m", member, member["split"], **check).seed == 0
+    with pytest.raises(ConfigError, match=r"trained on --background \[\], this run gives \['/negatives'\]"):
+        train.check_member("m", member, member["split"], **{**check, "background": ["/negatives"]})
+    with pytest.raises(ConfigError, match="members share the split"):
+        train.check_member("m", member, dict(member["split"], test_fold=2), **check)
 
 
 def test_average_of_copies_members_into_one_flat_model(tmp_path):
