@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/bench/bench_soundscape.py \\
         --models bench-results/m-edge-base,bench-results/m-edge-bg-gain \\
-        [--work bench-results/soundscape] [--json bench-results/soundscape.json]
+        [--work bench-results/soundscape] [--json bench-results/soundscape.json] [--no-ablations]
 
 Each model (trained with ``--test-fold 4``: the recordings are made of fold-4 clips) tags
 ``../shared/data/soundscape_dev`` (20 min, 16 kHz: ESC-10 fold-4 targets among other everyday
@@ -70,7 +70,7 @@ def figures(result: dict) -> dict:
     }
 
 
-def bench_model(model: Path, work: Path) -> dict:
+def bench_model(model: Path, work: Path, *, ablations: bool = True) -> dict:
     from soundshard.pipelines.score import score_tags
 
     description = json.loads((model / "model.json").read_text())
@@ -85,7 +85,7 @@ def bench_model(model: Path, work: Path) -> dict:
     }
     for name, (recording, reference) in RECORDINGS.items():
         results = {}
-        for variant, flags in {"default": [], **ABLATIONS}.items():
+        for variant, flags in {"default": [], **(ABLATIONS if ablations else {})}.items():
             out = work / f"{model.name}-{name}-{variant.replace(' ', '_')}"
             tag(model, recording, out, *flags)
             scored = score_tags(str(reference), str(out))
@@ -108,10 +108,16 @@ def main() -> int:
     parser.add_argument("--models", required=True, help="Comma-separated model folders (fold 4 held out).")
     parser.add_argument("--work", default=str(ROOT / "bench-results" / "soundscape"))
     parser.add_argument("--json", default=str(ROOT / "bench-results" / "soundscape.json"))
+    parser.add_argument(
+        "--ablations",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also tag with each rule of ABLATIONS changed (--no-ablations: the defaults only).",
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = [bench_model(Path(m), work) for m in args.models.split(",")]
+    rows = [bench_model(Path(m), work, ablations=args.ablations) for m in args.models.split(",")]
     print(
         f"\n{'model':<34}{'recording':<16}{'rules':<24}{'seg F1':>8}{'evt F1':>8}{'seg AP':>8}{'events':>8}"
     )
