@@ -969,7 +969,7 @@ def ensemble_split(
                     f"[train] ensemble member {index + 1} of {config.ensemble}, seed {member.seed}: {folder}",
                     flush=True,
                 )
-            train_split(
+            done = train_split(
                 split,
                 dataset=dataset,
                 config=member,
@@ -977,6 +977,13 @@ def ensemble_split(
                 output=folder,
                 background_data=background_data,
             )
+            if not args.quiet:
+                accuracy = done["clip_mean"]["accuracy"]
+                print(
+                    f"[train] member seed {member.seed}: clip accuracy (mean) {accuracy:.3f}, "
+                    f"{done['epochs_run']} epochs (best {done['best_epoch']})",
+                    flush=True,
+                )
             folders.append(folder)
     members, seeds, member_metrics = [], [], []
     for folder in folders:
