@@ -10,7 +10,9 @@ A model folder holds ``model.keras`` (Keras 3 format; loads in safe mode), ``sav
 SavedModel for serving), ``model.json`` (labels, feature config and fingerprint, training config,
 split, and an integrity digest over all of it and the bytes of ``model.keras``: commands that load
 the folder refuse it once either was edited), ``metrics.json`` (window and clip metrics on the test
-fold), ``history.json``, and the plots ``confusion_matrix.png`` and ``learning_curves.png``. With
+fold), ``history.json``, and the plots ``confusion_matrix.png`` and ``learning_curves.png``; with
+``--refit`` also ``first-model.keras``, the early-stopped model that set the thresholds. With
+``--ensemble N`` the folder holds the mean of N models, each a folder of its own in ``members/``. With
 ``--cv`` there is one such folder per fold (``fold-1/``...) and a ``metrics.json`` with the mean and
 standard deviation over folds.
 
@@ -57,6 +59,9 @@ from soundshard.transforms.models import distributed, training
 from soundshard.transforms.tagging import calibration, events  # noqa: E402
 
 MODEL_FILE = "model.keras"
+#: With ``--refit``: the early-stopped model whose outputs set the thresholds and event rules
+#: (an ensemble of refits sets its own on the mean of its members' first models).
+FIRST_MODEL_FILE = "first-model.keras"
 MODEL_JSON = "model.json"
 #: Event rules a model folder carries (``model.json`` → ``postprocessing``) when its validation data
 #: holds no annotated recordings to set them on (transforms/tagging/calibration.py), chosen on development
@@ -531,7 +536,6 @@ def _check_args(args: argparse.Namespace, config: TrainConfig) -> None:
             flag
             for flag, on in (
                 ("--ensemble", config.ensemble > 1),
-                ("--refit", config.refit),
                 ("--teacher", bool(args.teacher)),
                 ("--backbone-weights", bool(args.backbone_weights)),
             )
@@ -725,10 +729,11 @@ def train_split(
     thresholds, postprocessing, calibrated = calibrate(
         model, split, background, config=config, dataset=dataset, label_names=label_names
     )
-    refit = None
+    refit = first_model = None
     if config.refit:
         test = _clip_test(split)
         first = training.evaluate_predictions(training.predict(model, test.features), test, label_names)
+        first_model = model
         parts = [split.train, validation] + (
             [] if background is None else [background.train, background.validation]
         )
@@ -751,10 +756,7 @@ def train_split(
             **refitted,
             "data": "the training and validation windows (sounding ones; background too)",
             "thresholds_and_event_rules": "set on the validation data by the first model",
-            "first_model_test": {
-                "window_accuracy": first["window"]["accuracy"],
-                **{f"clip_accuracy_{m}": first[f"clip_{m}"]["accuracy"] for m in training.AGGREGATIONS},
-            },
+            "first_model_test": _accuracies(first),
         }
     cpu_s, wall_s = time.process_time() - started[0], time.monotonic() - started[1]
     metrics = held_out_metrics(
@@ -858,7 +860,17 @@ def train_split(
         thresholds=thresholds,
         postprocessing=postprocessing,
     )
+    if first_model is not None:
+        first_model.save(os.path.join(output, FIRST_MODEL_FILE))
     return metrics
+
+
+def _accuracies(metrics: dict) -> dict:
+    """The window and clip accuracies of :func:`training.evaluate_predictions`' figures."""
+    return {
+        "window_accuracy": metrics["window"]["accuracy"],
+        **{f"clip_accuracy_{m}": metrics[f"clip_{m}"]["accuracy"] for m in training.AGGREGATIONS},
+    }
 
 
 def _clip_test(split: training.Split) -> training.WindowSet:
@@ -1006,8 +1018,10 @@ def ensemble_split(
     background = (
         training.split_background(background_data, split.description) if background_data is not None else None
     )
+    # refits have seen the validation data: the mean of the members' first models sets the rules
+    first = models.average_of([_first_model(folder) for folder in folders]) if config.refit else model
     thresholds, postprocessing, calibrated = calibrate(
-        model, split, background, config=config, dataset=dataset, label_names=label_names
+        first, split, background, config=config, dataset=dataset, label_names=label_names
     )
     metrics = held_out_metrics(
         model,
@@ -1020,6 +1034,13 @@ def ensemble_split(
     )
     if calibrated is not None:
         metrics["event_rules"] = calibrated
+    if config.refit:
+        test = _clip_test(split)
+        first_test = training.evaluate_predictions(training.predict(first, test.features), test, label_names)
+        metrics["refit"] = {
+            "thresholds_and_event_rules": "set on the validation data by the members' first models' mean",
+            "first_model_test": _accuracies(first_test),
+        }
     metrics["split"] = split.description
     metrics["ensemble"] = {
         "members": [
@@ -1087,6 +1108,20 @@ def ensemble_split(
         postprocessing=postprocessing,
     )
     return metrics
+
+
+def _first_model(folder: str):
+    """A refit member's first (early-stopped) model, loaded in safe mode.
+
+    Raises:
+        ConfigError: the member folder has none (not trained with ``--refit``).
+    """
+    path = os.path.join(folder, FIRST_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"--ensemble-members {folder!r} has no {FIRST_MODEL_FILE} (trained without --refit)"
+        )
+    return models.load_keras_file(path)
 
 
 def member_folder(path: str, split_description: dict) -> str:

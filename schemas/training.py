@@ -207,8 +207,6 @@ def _check(c: TrainConfig) -> None:
         f"refit_schedule={c.refit_schedule!r} is not one of {REFIT_SCHEDULES}",
     )
     need(c.precision in PRECISIONS, f"precision={c.precision!r} is not one of {PRECISIONS}")
-    # a refit's thresholds come from its first model; an ensemble's from its members' first models
-    need(not (c.refit and c.ensemble > 1), f"ensemble={c.ensemble} with refit: an ensemble keeps no refits")
     need(c.refit or c.refit_schedule == "same", f"refit_schedule={c.refit_schedule!r} is for a refit (refit)")
     for name in ("epochs", "batch_size", "patience", "ensemble"):
         need(getattr(c, name) >= 1, f"{name}={getattr(c, name)} must be at least 1")

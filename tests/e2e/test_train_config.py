@@ -37,7 +37,6 @@ from soundshard.transforms.models import architectures as models
         ({"refit_schedule": "full"}, "refit_schedule='full' is for a refit"),
         ({"precision": "float16"}, "precision='float16' is not one of ('auto', 'float32', 'mixed')"),
         ({"ensemble": 0}, "ensemble=0 must be at least 1"),
-        ({"ensemble": 2, "refit": True}, "ensemble=2 with refit: an ensemble keeps no refits"),
     ],
 )
 def test_invalid_recipes_are_named(changes, fragment):

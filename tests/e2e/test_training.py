@@ -627,8 +627,8 @@ def test_an_ensemble_keeps_the_mean_of_its_members(demo_features, tmp_path, caps
     assert "needs two or more model folders" in capsys.readouterr().err
     assert train.run([*argv, *given, "--ensemble", "2", "--output", str(tmp_path / "x")]) == 2
     assert "--ensemble would train" in capsys.readouterr().err
-    assert train.run([*argv, "--ensemble", "2", "--refit", "--output", str(tmp_path / "x")]) == 2
-    assert "--ensemble=2 with refit: an ensemble keeps no refits" in capsys.readouterr().err
+    assert train.run([*argv, *given, "--refit", "--output", str(tmp_path / "x")]) == 2
+    assert "another recipe (refit=False; this run: refit=True)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     # a member that learnt from other data (its model.json says so) is refused, naming it
     member = json.loads((folders[0] / "model.json").read_text())
@@ -663,3 +663,33 @@ def test_average_of_copies_members_into_one_flat_model(tmp_path):
     other = models.build_model("dscnn-xs", input_shape=(60, 41), n_classes=4)
     with pytest.raises(ConfigError, match="differ in input or output shape"):
         models.average_of([members[0], other])
+
+
+def test_an_ensemble_of_refits_is_calibrated_by_its_members_first_models(demo_features, tmp_path):
+    """--ensemble with --refit: the members keep their refits (the ensemble's outputs) and their
+    early-stopped first models, whose mean sets the thresholds (it never saw the validation fold)."""
+    out = tmp_path / "ensemble"
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--output", out]
+    argv += ["--epochs", 3, "--patience", 3, "--batch-size", 16, "--refit", "--ensemble", 2, "--quiet"]
+    assert train.run([str(a) for a in argv]) == 0
+    folders = [out / "members" / f"seed-{seed}" for seed in (0, 1)]
+    refits = [models.load_classifier(str(folder))[0] for folder in folders]
+    firsts = [models.load_keras_file(str(folder / train.FIRST_MODEL_FILE)) for folder in folders]
+    _, windows = training.load_datasets([str(demo_features)])
+    x = windows.features[:40]
+    ensemble, description = models.load_classifier(str(out))
+    mean = np.mean([m.predict(x, verbose=0) for m in refits], axis=0)
+    np.testing.assert_allclose(ensemble.predict(x, verbose=0), mean, atol=1e-6)
+    assert not np.allclose(firsts[0].predict(x, verbose=0), refits[0].predict(x, verbose=0), atol=1e-3)
+    # the thresholds are those the first models' mean sets on the validation fold
+    split = training.split_by_fold(windows, test_fold=1)
+    labels = description["label_names"]
+    config = train.recipe_of(description)
+    dataset = json.loads((demo_features / "dataset.json").read_text())
+    thresholds, _, _ = train.calibrate(
+        models.average_of(firsts), split, None, config=config, dataset=dataset, label_names=labels
+    )
+    assert description["thresholds"] == json.loads(json.dumps(thresholds))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "first models' mean" in metrics["refit"]["thresholds_and_event_rules"]
+    assert set(metrics["refit"]["first_model_test"]) >= {"window_accuracy", "clip_accuracy_mean"}
