@@ -12,7 +12,8 @@ model, the clip accuracy (mean aggregation; max and majority too) as mean ± std
 per-fold figures, parameters, MACs per window and the CPU seconds per fold; writes them as JSON.
 The train command's own defaults are used unless flags here say otherwise, so the printed
 command reproduces a row. With ``--extra=--refit`` the early-stopped model of each fold (what the
-run keeps without ``--refit``) is reported too: both sides of the comparison from one run.
+run keeps without ``--refit``) is reported too: both sides of the comparison from one run; with
+``--extra='--ensemble N'`` each member (one seed) is reported alone beside the ensemble.
 """
 
 from __future__ import annotations
@@ -104,6 +105,20 @@ def main() -> int:
                 "accuracy_std": round(float(np.std(values)), 4),
                 "refit_epochs": {k: m["refit"]["epochs"] for k, m in folds.items()},
             }
+        # with --ensemble each member (one seed) is a model of its own: the matched single models
+        seeds: dict[int, dict] = {}
+        for fold, m in folds.items():
+            for member in m.get("ensemble", {}).get("members", []):
+                seeds.setdefault(member["seed"], {})[fold] = member["clip_accuracy_mean"]
+        if seeds:
+            summary["members"] = {
+                str(seed): {
+                    "clip_mean_per_fold": per_fold,
+                    "accuracy_mean": round(float(np.mean(list(per_fold.values()))), 4),
+                    "accuracy_std": round(float(np.std(list(per_fold.values()))), 4),
+                }
+                for seed, per_fold in seeds.items()
+            }
         results[model] = summary
     print()
     print(
@@ -129,6 +144,11 @@ def main() -> int:
                 f"  before the refit (the early-stopped models): "
                 f"{b['accuracy_mean']:.3f}±{b['accuracy_std']:.3f}; "
                 + ", ".join(f"{k}: {v:.3f}" for k, v in b["clip_mean_per_fold"].items())
+            )
+        for seed, member in s.get("members", {}).items():
+            print(
+                f"  member seed {seed} alone: {member['accuracy_mean']:.3f}±{member['accuracy_std']:.3f}; "
+                + ", ".join(f"{k}: {v:.3f}" for k, v in member["clip_mean_per_fold"].items())
             )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
