@@ -577,21 +577,36 @@ def test_train_in_mixed_precision_saves_a_float32_model(demo_features, tmp_path)
 
 def test_an_ensemble_keeps_the_mean_of_its_members(demo_features, tmp_path, capsys):
     """--ensemble 2 trains two seeds, each a model folder of its own, and keeps one flat model whose
-    output is the mean of theirs, calibrated and evaluated as one model; --ensemble-members
-    combines folders trained before into the same model, and refuses members of another recipe."""
+    output is the mean of theirs, evaluated as one model. With --refit the members keep their
+    refits (the ensemble's outputs) and their early-stopped first models, whose mean sets the
+    thresholds (it never saw the validation fold). --ensemble-members combines folders trained
+    before into the same model, and refuses members of another recipe or data."""
     out = tmp_path / "ensemble"
-    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1]
+    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--refit"]
     argv = [str(a) for a in [*argv, "--epochs", 3, "--patience", 3, "--batch-size", 16, "--quiet"]]
     assert train.run([*argv, "--ensemble", "2", "--output", str(out)]) == 0
     assert "2 members: 3 (best" in capsys.readouterr().out
     folders = [out / "members" / f"seed-{seed}" for seed in (0, 1)]
     members = [models.load_classifier(str(folder))[0] for folder in folders]
+    firsts = [models.load_keras_file(str(folder / train.FIRST_MODEL_FILE)) for folder in folders]
     ensemble, description = models.load_classifier(str(out))
     _, windows = training.load_datasets([str(demo_features)])
     x = windows.features[:40]
     mean = np.mean([member.predict(x, verbose=0) for member in members], axis=0)
     np.testing.assert_allclose(ensemble.predict(x, verbose=0), mean, atol=1e-6)
     assert not np.allclose(members[0].predict(x, verbose=0), members[1].predict(x, verbose=0), atol=1e-3)
+    assert not np.allclose(firsts[0].predict(x, verbose=0), members[0].predict(x, verbose=0), atol=1e-3)
+    # the thresholds are those the first models' mean sets on the validation fold
+    dataset = json.loads((demo_features / "dataset.json").read_text())
+    thresholds, _, _ = train.calibrate(
+        models.average_of(firsts),
+        training.split_by_fold(windows, test_fold=1),
+        None,
+        config=train.recipe_of(description),
+        dataset=dataset,
+        label_names=description["label_names"],
+    )
+    assert description["thresholds"] == json.loads(json.dumps(thresholds))
     metrics = json.loads((out / "metrics.json").read_text())
     member_metrics = [json.loads((folder / "metrics.json").read_text()) for folder in folders]
     assert [m["seed"] for m in metrics["ensemble"]["members"]] == [0, 1]
@@ -600,7 +615,8 @@ def test_an_ensemble_keeps_the_mean_of_its_members(demo_features, tmp_path, caps
     assert metrics["macs_per_window"] == 2 * member_metrics[0]["macs_per_window"]
     assert description["training"]["recipe"]["ensemble"] == 2
     assert description["training"]["ensemble"]["seeds"] == [0, 1]
-    assert description["thresholds"] is not None and description["postprocessing"] is not None
+    assert "first models' mean" in metrics["refit"]["thresholds_and_event_rules"]
+    assert set(metrics["refit"]["first_model_test"]) >= {"window_accuracy", "clip_accuracy_mean"}
     # evaluated as one model, it gives the figures training wrote
     report = tmp_path / "eval.json"
     evaluate = ["--model-dir", str(out), "--features", str(demo_features), "--test-fold", "1"]
@@ -627,12 +643,12 @@ def test_an_ensemble_keeps_the_mean_of_its_members(demo_features, tmp_path, caps
     assert "needs two or more model folders" in capsys.readouterr().err
     assert train.run([*argv, *given, "--ensemble", "2", "--output", str(tmp_path / "x")]) == 2
     assert "--ensemble would train" in capsys.readouterr().err
-    assert train.run([*argv, *given, "--refit", "--output", str(tmp_path / "x")]) == 2
-    assert "another recipe (refit=False; this run: refit=True)" in capsys.readouterr().err
+    plain = [a for a in argv if a != "--refit"]
+    assert train.run([*plain, *given, "--output", str(tmp_path / "x")]) == 2
+    assert "another recipe (refit=True; this run: refit=False)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     # a member that learnt from other data (its model.json says so) is refused, naming it
     member = json.loads((folders[0] / "model.json").read_text())
-    dataset = json.loads((demo_features / "dataset.json").read_text())
     check = dict(config=train.recipe_of(member), dataset=dataset, data=[f"{demo_features}/"], background=[])
     assert train.check_member("m", member, member["split"], **check).seed == 0
     with pytest.raises(ConfigError, match=r"trained on --background \[\], this run gives \['/negatives'\]"):
@@ -663,33 +679,3 @@ def test_average_of_copies_members_into_one_flat_model(tmp_path):
     other = models.build_model("dscnn-xs", input_shape=(60, 41), n_classes=4)
     with pytest.raises(ConfigError, match="differ in input or output shape"):
         models.average_of([members[0], other])
-
-
-def test_an_ensemble_of_refits_is_calibrated_by_its_members_first_models(demo_features, tmp_path):
-    """--ensemble with --refit: the members keep their refits (the ensemble's outputs) and their
-    early-stopped first models, whose mean sets the thresholds (it never saw the validation fold)."""
-    out = tmp_path / "ensemble"
-    argv = ["--features", demo_features, "--arch", "edgecnn", "--test-fold", 1, "--output", out]
-    argv += ["--epochs", 3, "--patience", 3, "--batch-size", 16, "--refit", "--ensemble", 2, "--quiet"]
-    assert train.run([str(a) for a in argv]) == 0
-    folders = [out / "members" / f"seed-{seed}" for seed in (0, 1)]
-    refits = [models.load_classifier(str(folder))[0] for folder in folders]
-    firsts = [models.load_keras_file(str(folder / train.FIRST_MODEL_FILE)) for folder in folders]
-    _, windows = training.load_datasets([str(demo_features)])
-    x = windows.features[:40]
-    ensemble, description = models.load_classifier(str(out))
-    mean = np.mean([m.predict(x, verbose=0) for m in refits], axis=0)
-    np.testing.assert_allclose(ensemble.predict(x, verbose=0), mean, atol=1e-6)
-    assert not np.allclose(firsts[0].predict(x, verbose=0), refits[0].predict(x, verbose=0), atol=1e-3)
-    # the thresholds are those the first models' mean sets on the validation fold
-    split = training.split_by_fold(windows, test_fold=1)
-    labels = description["label_names"]
-    config = train.recipe_of(description)
-    dataset = json.loads((demo_features / "dataset.json").read_text())
-    thresholds, _, _ = train.calibrate(
-        models.average_of(firsts), split, None, config=config, dataset=dataset, label_names=labels
-    )
-    assert description["thresholds"] == json.loads(json.dumps(thresholds))
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert "first models' mean" in metrics["refit"]["thresholds_and_event_rules"]
-    assert set(metrics["refit"]["first_model_test"]) >= {"window_accuracy", "clip_accuracy_mean"}
