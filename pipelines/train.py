@@ -575,7 +575,7 @@ def train_split(
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    label_names = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
+    label_names = _label_names(dataset)
     n_classes = len(label_names)
     # digitally silent windows (zero padding of short clips) carry their clip's label but no sound
     train = split.train.take(split.train.sounding)
@@ -731,8 +731,7 @@ def train_split(
     )
     refit = first_model = None
     if config.refit:
-        test = _clip_test(split)
-        first = training.evaluate_predictions(training.predict(model, test.features), test, label_names)
+        first = _clip_figures(model, split, label_names)
         first_model = model
         parts = [split.train, validation] + (
             [] if background is None else [background.train, background.validation]
@@ -865,6 +864,11 @@ def train_split(
     return metrics
 
 
+def _label_names(dataset: dict) -> list[str]:
+    """The dataset's labels in the order of their indices (the models' outputs)."""
+    return sorted(dataset["label_map"], key=dataset["label_map"].get)
+
+
 def _accuracies(metrics: dict) -> dict:
     """The window and clip accuracies of :func:`training.evaluate_predictions`' figures."""
     return {
@@ -873,10 +877,11 @@ def _accuracies(metrics: dict) -> dict:
     }
 
 
-def _clip_test(split: training.Split) -> training.WindowSet:
-    """The test windows clip accuracy is measured on: the weakly labelled ones when there are any
-    (strongly labelled recordings are scored as recordings)."""
-    return split.test.take(split.test.weak) if split.test.weak.any() else split.test
+def _clip_figures(model, split: training.Split, label_names: Sequence[str]) -> dict:
+    """``model``'s window and clip metrics on the test clips: the weakly labelled test windows when
+    there are any (strongly labelled recordings are scored as recordings)."""
+    test = split.test.take(split.test.weak) if split.test.weak.any() else split.test
+    return training.evaluate_predictions(training.predict(model, test.features), test, label_names)
 
 
 def calibrate(
@@ -925,8 +930,7 @@ def held_out_metrics(
     """``model``'s figures on the test data: window and clip metrics of the clips; with annotated
     test recordings their window F1 and event scores under ``postprocessing``; with background
     data its false alarms on the test background windows."""
-    test = _clip_test(split)
-    metrics = training.evaluate_predictions(training.predict(model, test.features), test, label_names)
+    metrics = _clip_figures(model, split, label_names)
     if split.test.strongly_labelled.any():
         strong = split.test.take(split.test.strongly_labelled)
         metrics["strong_test"] = events.window_f1(
@@ -967,7 +971,7 @@ def ensemble_split(
     ``output`` the model that outputs the mean of theirs. Its thresholds and event rules are set
     on the validation data by that mean, as a single model's are by it. Returns its test metrics.
     """
-    label_names = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
+    label_names = _label_names(dataset)
     started = time.process_time(), time.monotonic()
     if args.ensemble_members:
         folders = [member_folder(path, split.description) for path in args.ensemble_members]
@@ -997,20 +1001,12 @@ def ensemble_split(
                     flush=True,
                 )
             folders.append(folder)
+    # --ensemble-members were checked (check_member) before any work; members trained here are
+    # of the recipe by construction
     members, seeds, member_metrics = [], [], []
     for folder in folders:
         model, description = models.load_classifier(folder)
-        seeds.append(
-            check_member(
-                folder,
-                description,
-                split.description,
-                config=config,
-                dataset=dataset,
-                data=args.data,
-                background=args.background,
-            ).seed
-        )
+        seeds.append(recipe_of(description).seed)
         members.append(model)
         with open(os.path.join(folder, "metrics.json")) as f:
             member_metrics.append(json.load(f))
@@ -1035,11 +1031,9 @@ def ensemble_split(
     if calibrated is not None:
         metrics["event_rules"] = calibrated
     if config.refit:
-        test = _clip_test(split)
-        first_test = training.evaluate_predictions(training.predict(first, test.features), test, label_names)
         metrics["refit"] = {
             "thresholds_and_event_rules": "set on the validation data by the members' first models' mean",
-            "first_model_test": _accuracies(first_test),
+            "first_model_test": _accuracies(_clip_figures(first, split, label_names)),
         }
     metrics["split"] = split.description
     metrics["ensemble"] = {
@@ -1159,7 +1153,7 @@ def check_member(
             f"{where} reads features {description['feature_fingerprint']}, --features has "
             f"{dataset['feature_fingerprint']}"
         )
-    labels = [name for name, _ in sorted(dataset["label_map"].items(), key=lambda kv: kv[1])]
+    labels = _label_names(dataset)
     if list(description["label_names"]) != labels:
         raise ConfigError(f"{where} has labels {description['label_names']}, the data {labels}")
     if (description.get("split") or {}) != split_description:
@@ -1879,7 +1873,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "soundshard train") ->
                 backbone_weights=args.backbone_weights,
             )
         if args.teacher:  # every split's teacher, before any training
-            label_names = sorted(dataset["label_map"], key=dataset["label_map"].get)
+            label_names = _label_names(dataset)
             for split in splits.values():
                 folder = teacher_folder(args.teacher, split.description)
                 check_teacher(
